@@ -1,0 +1,16 @@
+"""ptune-rt: fused Triton kernels and a module-swap runtime for parameter-efficient fine-tuning."""
+from ptune_rt.methods.lora import LoRAConfig, LoRALinear
+from ptune_rt.swap import report, restore
+from ptune_rt.swap import apply_lora as _apply_lora
+
+__version__ = "0.1.0"
+
+
+def apply(model, config):
+    """Swap the target modules of ``model`` (in place) for fused ones, freeze the base, return the model."""
+    if isinstance(config, LoRAConfig):
+        return _apply_lora(model, config)
+    raise TypeError(f"config must be a ptune_rt config (LoRAConfig), got {type(config).__name__}")
+
+
+__all__ = ["LoRAConfig", "LoRALinear", "apply", "report", "restore", "__version__"]

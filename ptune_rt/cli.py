@@ -1,0 +1,19 @@
+"""The ``ptune-rt`` command line: bench (the main job), check, compile-report."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ptune-rt", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check", help="numerical-equality report of every kernel vs its eager reference")
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "check":
+        from ptune_rt.check import main as run
+    return int(run(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

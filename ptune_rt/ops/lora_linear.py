@@ -1,0 +1,233 @@
+"""The fused LoRA linear op: ``y = x W^T + b + scale * (dropout(x) A^T) B^T``.
+
+Registered as the torch custom ops ``ptune_rt::lora_linear_fwd`` / ``ptune_rt::lora_linear_bwd``
+with fake implementations and an autograd formula, so eager mode, ``torch.compile`` and CUDA
+graphs all see one op per LoRA linear. Each op runs one of two backends:
+
+* ``triton``: the fused kernels of ``ptune_rt.kernels.lora`` (CUDA tensors; CPU tensors only
+  under ``TRITON_INTERPRET=1`` and only when asked for explicitly);
+* ``torch``: a short chain of BLAS calls that writes the low-rank term into the base output in
+  place (``addmm_``), folds the scale into B and never keeps a dropout copy of x.
+
+Either way backward saves x and the M x r shrink S only: no M x N tensor, no dropout mask
+(it is regenerated from a per-call seed).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a hard dependency; guards broken installs
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """Pick the backend for tensors on ``device``: returns ``(backend, reason)``.
+
+    ``auto`` takes Triton on CUDA and the torch path elsewhere. ``triton`` on a CPU device is
+    allowed only under the Triton interpreter; anything else is an error, never a silent fallback.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch", "backend='torch' requested"
+    if requested == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton", "CUDA tensors"
+        return "torch", f"{device.type} tensors (Triton kernels run on CUDA; ask for backend='triton' "\
+            "under TRITON_INTERPRET=1 to interpret them on CPU)"
+    # requested == "triton"
+    if not triton_available():
+        raise RuntimeError("backend='triton' requested but triton cannot be imported")
+    if device.type == "cuda":
+        return "triton", "backend='triton' requested, CUDA tensors"
+    if _interpreting():
+        return "triton", "backend='triton' requested, CPU tensors under TRITON_INTERPRET=1 (interpreter)"
+    raise RuntimeError(
+        f"backend='triton' needs CUDA tensors, got {device.type}; set TRITON_INTERPRET=1 to run the "
+        "kernels in Triton's CPU interpreter, or use backend='torch'")
+
+
+# ----------------------------------------------------------------------------------------
+# torch path
+# ----------------------------------------------------------------------------------------
+
+
+def _torch_keep(shape, p: float, seed: int, device, dtype) -> Tensor:
+    """The torch path's dropout mask, regenerated bit-identically from ``seed`` in backward."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+
+
+def _torch_forward(x, weight, bias, lora_a, lora_b, scale, p, seed):
+    xa = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
+    if p > 0:
+        xa = xa * _torch_keep(x.shape, p, seed, x.device, xa.dtype).mul_(1.0 / (1.0 - p))
+    S = xa @ lora_a.t()  # [M, r]
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    if y.dtype == lora_b.dtype:
+        y.addmm_(S, lora_b.t(), alpha=scale)  # low-rank term straight into the base output
+    else:  # half base with fp32 adapter (PEFT's default): add in the adapter dtype, like PEFT
+        y = torch.addmm(y.to(lora_b.dtype), S, lora_b.t(), alpha=scale).to(x.dtype)
+    return y, S.float()
+
+
+def _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, p, seed, need_dx):
+    dya = dy if dy.dtype == lora_b.dtype else dy.to(lora_b.dtype)
+    G = dya @ lora_b  # [M, r]
+    S = S.to(lora_b.dtype)
+    db = dya.t() @ S
+    db.mul_(scale)
+    xa = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
+    keep = None
+    if p > 0:
+        keep = _torch_keep(x.shape, p, seed, x.device, xa.dtype)
+        xa = xa * keep
+    da = G.t() @ xa
+    da.mul_(scale / (1.0 - p))
+    dx = None
+    if need_dx:
+        dx = dy @ weight
+        if keep is None and dx.dtype == lora_a.dtype:
+            dx.addmm_(G, lora_a, alpha=scale)
+        else:
+            lr = (G @ lora_a).mul_(scale / (1.0 - p))
+            if keep is not None:
+                lr.mul_(keep)
+            dx = (dx.to(lr.dtype) + lr).to(dy.dtype) if dx.dtype != lr.dtype else dx.add_(lr)
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ptune_rt::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                    scale: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+    """2D forward: returns (y [M, N], S [M, r] fp32)."""
+    if backend == "triton":
+        from ptune_rt.kernels import lora as K
+        return K.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    return _torch_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]),
+                                                                   dtype=torch.float32)
+
+
+@torch.library.custom_op("ptune_rt::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: Tensor, x: Tensor, S: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                    scale: float, dropout_p: float, seed: int, backend: str,
+                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx [M, K] or an empty tensor when not needed, dA [r, K], dB [N, r])."""
+    if backend == "triton":
+        from ptune_rt.kernels import lora as K
+        dx, da, db = K.lora_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed,
+                                     need_dx=need_dx)
+    else:
+        dx, da, db = _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx)
+    if dx is None:
+        dx = x.new_empty((0,))
+    return dx, da.to(lora_a.dtype), db.to(lora_b.dtype)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, backend, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend = inputs
+    _, S = output
+    ctx.save_for_backward(x, S, weight, lora_a, lora_b)
+    ctx.args = (scale, dropout_p, seed, backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dS):
+    x, S, weight, lora_a, lora_b = ctx.saved_tensors
+    scale, dropout_p, seed, backend = ctx.args
+    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    dx, da, db = lora_linear_bwd(dy.contiguous(), x, S, weight, lora_a, lora_b, scale, dropout_p, seed,
+                                 backend, need_x)
+    dbias = dy.sum(0) if (ctx.has_bias and need_bias) else None
+    return (dx if need_x else None, None, dbias, da if need_a else None, db if need_b else None,
+            None, None, None, None)
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2D [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have last dimension in_features={K}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the frozen weight has {weight.dtype}: cast the input "
+                        "to the model's dtype")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_a), ("lora_B", lora_b)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}: move the input to the "
+                             "model's device")
+    r = lora_a.shape[0]
+    if lora_a.dim() != 2 or lora_a.shape[1] != K:
+        raise ValueError(f"lora_A must be [r, in_features={K}], got {tuple(lora_a.shape)}")
+    if lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
+        raise ValueError(f"lora_B must be [out_features={N}, r={r}], got {tuple(lora_b.shape)}")
+    if lora_a.dtype != lora_b.dtype or not lora_a.is_floating_point():
+        raise TypeError(f"lora_A and lora_B must share one floating dtype, got {lora_a.dtype} and "
+                        f"{lora_b.dtype}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [out_features={N}], got {tuple(bias.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scale: float, dropout_p: float = 0.0, backend: str = "auto",
+                seed: Optional[int] = None) -> Tensor:
+    """Fused LoRA linear on x [..., K] with a frozen weight [N, K] (any strides: pass
+    ``conv1d.weight.t()`` for GPT-2's Conv1D). Dropout (rate ``dropout_p``, pass 0 in eval) is
+    inverted dropout on the low-rank input only, as in PEFT; its mask comes from ``seed``
+    (drawn from torch's RNG when None)."""
+    _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    chosen, _ = resolve_backend(backend, x.device)
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
+                           int(seed or 0), chosen)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,33 @@
+"""ptune-rt: fused Triton kernels and a module-swap runtime for PEFT methods.
+
+The Triton kernels live in the top-level ``kernels/`` folder and are installed as
+``ptune_rt.kernels`` only: no top-level ``kernels`` module is installed, since that
+name belongs to Hugging Face's own ``kernels`` package, which transformers probes.
+"""
+from setuptools import find_packages, setup
+
+runtime_packages = [p for p in find_packages(include=["ptune_rt", "ptune_rt.*"])]
+
+setup(
+    name="ptune-rt",
+    version="0.1.0",
+    description="Kernel-optimized runtime for parameter-efficient fine-tuning (LoRA, prefix/P-tuning, prompt tuning)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=runtime_packages + ["ptune_rt.kernels"],
+    package_dir={"ptune_rt.kernels": "kernels"},
+    install_requires=[
+        # 2.13.0 is the CPU build used in CI; any 2.5+ with torch.library.custom_op works.
+        "torch>=2.5,<2.15",
+        "triton>=3.1",
+        "transformers>=4.56",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17"],
+        "bench": ["pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["ptune-rt=ptune_rt.cli:main"]},
+)

@@ -1,0 +1,135 @@
+"""Fused LoRA kernels (Triton interpreter) and op (both backends) vs the eager reference vs float64."""
+import pytest
+import torch
+
+from ptune_rt.kernels import lora as K
+from ptune_rt.kernels._triton_utils import dropout_mask
+from ptune_rt.ops.lora_linear import lora_linear
+from ptune_rt.reference import lora_linear_reference
+from ptune_rt.testing import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, K, N, r): odd sizes that are not block multiples, rank 1, large rank, decode-sized M.
+SHAPES = [(37, 45, 53, 5), (64, 64, 96, 16), (1, 40, 72, 1), (19, 130, 33, 32), (70, 96, 80, 72)]
+
+
+def make_case(M, K, N, r, dtype, adapter_dtype=torch.float32, bias=True, conv1d=False, strided=False):
+    g = torch.Generator().manual_seed(M * 1000 + K * 10 + N + r)
+    x = torch.randn(M, 2 * K if strided else K, generator=g).to(dtype)
+    if strided:
+        x = x[:, ::2]  # a strided view, as a slice of a larger activation
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    if conv1d:  # GPT-2 Conv1D stores [K, N]; the op takes the [N, K] transposed view
+        w = w.t().contiguous().t()
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    a = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
+    bb = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
+    return x, w, b, a, bb
+
+
+def reference_and_gold(x, w, b, a, bb, scale, keep, p, dy):
+    outs = {}
+    for tag, cast in (("ref", lambda t: t), ("gold", lambda t: t.double())):
+        xs = cast(x.detach()).requires_grad_()
+        As = cast(a.detach()).requires_grad_()
+        Bs = cast(bb.detach()).requires_grad_()
+        y = lora_linear_reference(xs, cast(w), None if b is None else cast(b), As, Bs, scale, keep, p)
+        y.backward(cast(dy))
+        outs[tag] = (y.detach(), xs.grad, As.grad, Bs.grad)
+    return outs["ref"], outs["gold"]
+
+
+def check_all(name, dtype, got, ref, gold):
+    for what, o, r_, g_ in zip(("y", "dx", "dA", "dB"), got, ref, gold):
+        # dA / dB live in the adapter's dtype (fp32 here): judged by the activation dtype's rule,
+        # since their inputs (x, dy) carry that dtype's rounding.
+        assert_close_to_reference(o, r_, g_, dtype, f"{name}:{what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_forward_backward(dtype, shape):
+    M, K_, N, r = shape
+    x, w, b, a, bb = make_case(M, K_, N, r, dtype)
+    scale = 2.0
+    dy = torch.randn(M, N).to(dtype)
+    y, S = K.lora_forward(x, w, b, a, bb, scale)
+    dx, da, db = K.lora_backward(dy, x, S, w, a, bb, scale)
+    ref, gold = reference_and_gold(x, w, b, a, bb, scale, None, 0.0, dy)
+    assert y.dtype == dtype and S.dtype == torch.float32 and S.shape == (M, r)
+    check_all("kernel", dtype, (y, dx, da, db), ref, gold)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["dropout", "conv1d_strided_nobias", "half_adapter"])
+def test_kernel_variants(dtype, variant):
+    M, K_, N, r = 45, 70, 50, 8
+    p = 0.3 if variant == "dropout" else 0.0
+    adapter_dtype = dtype if variant == "half_adapter" else torch.float32
+    nobias = variant == "conv1d_strided_nobias"
+    x, w, b, a, bb = make_case(M, K_, N, r, dtype, adapter_dtype, bias=not nobias, conv1d=nobias, strided=nobias)
+    if nobias:
+        assert not x.is_contiguous() and not w.is_contiguous()
+    dy = torch.randn(M, N).to(dtype)
+    seed = 1234
+    y, S = K.lora_forward(x, w, b, a, bb, 0.5, p, seed)
+    dx, da, db = K.lora_backward(dy, x, S, w, a, bb, 0.5, p, seed)
+    keep = dropout_mask((M, K_), p, seed, x.device) if p > 0 else None
+    if keep is not None:  # the mask is a real dropout mask of about the requested rate
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+    ref, gold = reference_and_gold(x, w, b, a, bb, 0.5, keep, p, dy)
+    check_all(f"kernel[{variant}]", dtype, (y, dx, da.to(adapter_dtype), db.to(adapter_dtype)), ref, gold)
+
+
+def test_dropout_mask_depends_on_seed_only():
+    m1 = dropout_mask((33, 47), 0.5, 7, "cpu")
+    m2 = dropout_mask((33, 47), 0.5, 7, "cpu")
+    m3 = dropout_mask((33, 47), 0.5, 8, "cpu")
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_autograd_matches_reference(backend, dtype):
+    """The public op (3D input, autograd, bias gradient) on both backends."""
+    Bt, T, K_, N, r = 3, 11, 40, 56, 4
+    x, w, b, a, bb = make_case(Bt * T, K_, N, r, dtype)
+    x = x.reshape(Bt, T, K_)
+    dy = torch.randn(Bt, T, N).to(dtype)
+    xs, As, Bs, bs = (t.detach().clone().requires_grad_() for t in (x, a, bb, b))
+    y = lora_linear(xs, w, bs, As, Bs, 1.5, 0.0, backend=backend)
+    y.backward(dy)
+    ref, gold = reference_and_gold(x, w, b, a, bb, 1.5, None, 0.0, dy)
+    check_all(f"op[{backend}]", dtype, (y, xs.grad, As.grad, Bs.grad), ref, gold)
+    gb = dy.double().sum((0, 1))
+    assert_close_to_reference(bs.grad, dy.sum((0, 1)), gb, dtype, "dbias")
+
+
+def test_op_dropout_torch_path_regenerates_mask():
+    """With dropout the torch path's gradients equal the reference under the very mask forward used."""
+    from ptune_rt.ops.lora_linear import _torch_keep
+    M, K_, N, r, p, seed = 30, 24, 20, 4, 0.25, 99
+    x, w, b, a, bb = make_case(M, K_, N, r, torch.float32)
+    dy = torch.randn(M, N)
+    xs, As, Bs = (t.detach().clone().requires_grad_() for t in (x, a, bb))
+    y = lora_linear(xs, w, b, As, Bs, 2.0, p, backend="torch", seed=seed)
+    y.backward(dy)
+    keep = _torch_keep((M, K_), p, seed, "cpu", torch.float32).bool()
+    ref, gold = reference_and_gold(x, w, b, a, bb, 2.0, keep, p, dy)
+    check_all("op[torch,dropout]", torch.float32, (y, xs.grad, As.grad, Bs.grad), ref, gold)
+
+
+def test_op_rejects_bad_input():
+    x, w, b, a, bb = make_case(4, 8, 6, 2, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        lora_linear(x.half(), w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="in_features=8"):
+        lora_linear(x[:, :5], w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear(x, w, b, a, bb[:, :1], 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="backend"):
+        lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="meta"):
+        lora_linear(x, w.to("meta"), None, a, bb, 1.0)
