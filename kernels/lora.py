@@ -63,7 +63,7 @@ def _skinny_matmul_kernel(
             keep = dropout_keep(seed, offs_m, k0 + offs_k, mask_stride_m, mask_stride_k, p)
             a = tl.where(keep, a, 0.0)
         b = tl.load(w_ptrs, mask=k_in[:, None] & r_in, other=0.0)
-        if a.dtype != b.dtype:  # e.g. fp16 activations with fp32 adapter weights: fp32 dot
+        if a.dtype != b.dtype:  # half activations with fp32 adapter weights: an fp32-accurate dot
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = mma(a, b, acc, INPUT_PRECISION)
@@ -82,6 +82,7 @@ def _fused_lowrank_matmul_kernel(
     stride_sm, stride_sr, stride_bn, stride_br, stride_om, stride_on,
     scale, seed, p, mask_stride_m, mask_stride_n,
     HAS_BIAS: tl.constexpr, LR_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LR_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -116,7 +117,9 @@ def _fused_lowrank_matmul_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     # Epilogue: the low-rank term S [BM, r] @ Bt^T [r, BN] in chunks of BLOCK_R, added to the
-    # same accumulator (operands in the activation dtype, so half inputs stay on tensor cores).
+    # same accumulator. S is fp32 and so are PEFT-style adapters: the dot keeps them in fp32 with
+    # LR_PRECISION (3xTF32 on tensor cores beside half activations, like PEFT's fp32 low-rank path;
+    # it costs r/K of the main loop's tensor-core work).
     offs_r = tl.arange(0, BLOCK_R)
     s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
@@ -125,7 +128,7 @@ def _fused_lowrank_matmul_kernel(
         r_in = offs_r < R - r0
         s = tl.load(s_ptrs, mask=m_in & r_in[None, :], other=0.0)
         bt = tl.load(b_ptrs, mask=r_in[:, None] & n_in, other=0.0)
-        lowrank = mma(s.to(x_ptr.dtype.element_ty), bt.to(x_ptr.dtype.element_ty), lowrank, INPUT_PRECISION)
+        lowrank = mma(s.to(tl.float32), bt.to(tl.float32), lowrank, LR_PRECISION)
         s_ptrs += BLOCK_R * stride_sr
         b_ptrs += BLOCK_R * stride_br
     lowrank = lowrank * scale
@@ -183,6 +186,18 @@ def _autotuned(kernel_name: str):
     return triton.autotune(configs=[c.to_triton() for c in configs], key=keys)(kernel)
 
 
+def _fp32_dot_precision(act_dtype: torch.dtype, other_dtype: torch.dtype) -> str:
+    """Precision of a dot whose operands are (upcast to) fp32.
+
+    All-fp32 problems follow torch's own matmul setting (IEEE fp32 unless TF32 is allowed). Beside
+    half-precision activations the fp32 operands are adapter-side values (S, G, fp32 LoRA weights):
+    3xTF32 keeps them about as exact as PEFT's fp32 low-rank path while staying on tensor cores.
+    """
+    if act_dtype == torch.float32 and other_dtype == torch.float32:
+        return fp32_input_precision()
+    return "tf32x3"
+
+
 def _check_backend(*tensors):
     dev = tensors[0].device
     if dev.type != "cuda" and not INTERPRET:
@@ -219,7 +234,8 @@ def skinny_matmul(x: torch.Tensor, wt: torch.Tensor, *, scale: float = 1.0, drop
     BLOCK_R = skinny_block_r(R)
     args = (x, wt, out, M, R, K, x.stride(0), x.stride(1), wt.stride(0), wt.stride(1),
             out.stride(0), out.stride(1), float(scale), int(seed), float(dropout_p), ms[0], ms[1])
-    flags = dict(HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=fp32_input_precision(), BLOCK_R=BLOCK_R)
+    flags = dict(HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=_fp32_dot_precision(x.dtype, wt.dtype),
+                 BLOCK_R=BLOCK_R)
     if config is None and x.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
         _autotuned("_skinny_matmul_kernel")[grid](*args, **flags)
@@ -252,7 +268,8 @@ def fused_lowrank_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: 
             bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
             float(scale), int(seed), float(dropout_p), N, 1)
     flags = dict(HAS_BIAS=bias is not None, LR_DROPOUT=dropout_p > 0,
-                 INPUT_PRECISION=fp32_input_precision(), BLOCK_R=BLOCK_R)
+                 INPUT_PRECISION=fp32_input_precision(), LR_PRECISION=_fp32_dot_precision(x.dtype, s.dtype),
+                 BLOCK_R=BLOCK_R)
     if config is None and x.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _autotuned("_fused_lowrank_matmul_kernel")[grid](*args, **flags)

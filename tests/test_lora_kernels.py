@@ -5,45 +5,15 @@ import torch
 from ptune_rt.kernels import lora as K
 from ptune_rt.kernels._triton_utils import dropout_mask
 from ptune_rt.ops.lora_linear import lora_linear
-from ptune_rt.reference import lora_linear_reference
 from ptune_rt.testing import assert_close_to_reference
+from ptune_rt.testing.lora_cases import DTYPES, SHAPES, make_case, reference_and_gold
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (M, K, N, r): odd sizes that are not block multiples, rank 1, large rank, decode-sized M.
-SHAPES = [(37, 45, 53, 5), (64, 64, 96, 16), (1, 40, 72, 1), (19, 130, 33, 32), (70, 96, 80, 72)]
-
-
-def make_case(M, K, N, r, dtype, adapter_dtype=torch.float32, bias=True, conv1d=False, strided=False):
-    g = torch.Generator().manual_seed(M * 1000 + K * 10 + N + r)
-    x = torch.randn(M, 2 * K if strided else K, generator=g).to(dtype)
-    if strided:
-        x = x[:, ::2]  # a strided view, as a slice of a larger activation
-    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
-    if conv1d:  # GPT-2 Conv1D stores [K, N]; the op takes the [N, K] transposed view
-        w = w.t().contiguous().t()
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    a = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
-    bb = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
-    return x, w, b, a, bb
-
-
-def reference_and_gold(x, w, b, a, bb, scale, keep, p, dy):
-    outs = {}
-    for tag, cast in (("ref", lambda t: t), ("gold", lambda t: t.double())):
-        xs = cast(x.detach()).requires_grad_()
-        As = cast(a.detach()).requires_grad_()
-        Bs = cast(bb.detach()).requires_grad_()
-        y = lora_linear_reference(xs, cast(w), None if b is None else cast(b), As, Bs, scale, keep, p)
-        y.backward(cast(dy))
-        outs[tag] = (y.detach(), xs.grad, As.grad, Bs.grad)
-    return outs["ref"], outs["gold"]
-
-
-def check_all(name, dtype, got, ref, gold):
+def check_all(name, dtype, got, ref, gold, adapter_dtype=torch.float32):
+    """y and dx by the activation dtype's rule; dA and dB by the adapter dtype's (their arithmetic
+    is done in that dtype on the same, already rounded, inputs)."""
     for what, o, r_, g_ in zip(("y", "dx", "dA", "dB"), got, ref, gold):
-        # dA / dB live in the adapter's dtype (fp32 here): judged by the activation dtype's rule,
-        # since their inputs (x, dy) carry that dtype's rounding.
-        assert_close_to_reference(o, r_, g_, dtype, f"{name}:{what}")
+        rule = dtype if what in ("y", "dx") else adapter_dtype
+        assert_close_to_reference(o, r_, g_, rule, f"{name}:{what}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,7 +48,8 @@ def test_kernel_variants(dtype, variant):
     if keep is not None:  # the mask is a real dropout mask of about the requested rate
         assert abs(keep.float().mean().item() - (1 - p)) < 0.05
     ref, gold = reference_and_gold(x, w, b, a, bb, 0.5, keep, p, dy)
-    check_all(f"kernel[{variant}]", dtype, (y, dx, da.to(adapter_dtype), db.to(adapter_dtype)), ref, gold)
+    check_all(f"kernel[{variant}]", dtype, (y, dx, da.to(adapter_dtype), db.to(adapter_dtype)), ref, gold,
+              adapter_dtype)
 
 
 def test_dropout_mask_depends_on_seed_only():
