@@ -1,4 +1,5 @@
 """Eager PyTorch references: the executable specification of every fused op."""
 from .lora import lora_linear_reference
+from .prefix_attention import prefix_attention_mask, prefix_attention_reference
 
-__all__ = ["lora_linear_reference"]
+__all__ = ["lora_linear_reference", "prefix_attention_mask", "prefix_attention_reference"]

@@ -1,0 +1,260 @@
+"""Prefix-fused attention op: attention over [prefix ; sequence] keys without concatenating them.
+
+Registered as the torch custom ops ``ptune_rt::prefix_attention_fwd`` / ``_bwd`` (fake impls and
+an autograd formula, so ``torch.compile`` sees one op). Two backends:
+
+* ``triton``: ``ptune_rt.kernels.prefix_attention`` (one online-softmax pass over prefix and
+  sequence blocks; backward reduces the prefix gradient over rows and the GQA group in-kernel;
+  single-token decode computes the shared prefix part once for the whole batch);
+* ``torch``: the sequence part through PyTorch's fused CPU flash-attention kernel (its causal fast
+  path, no [L, P+L] mask, native GQA), the prefix part as one broadcast matmul against the single
+  [Hkv, P, D] prefix (never replicated per row), merged by log-sum-exp. Backward reuses the fused
+  kernel's backward with the merged output and LSE, which is exactly the gradient of the joint
+  softmax, and handles the prefix part with matmuls.
+
+Both save only q, k, v, the prefix, the output and the LSE for backward: no attention matrix, no
+mask, no concatenated K/V.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ptune_rt.ops.lora_linear import resolve_backend
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# ----------------------------------------------------------------------------------------
+# torch path
+# ----------------------------------------------------------------------------------------
+
+
+def _seq_mask(B, L, S, kv_mask, causal, dtype, device):
+    """(additive mask or None, is_causal flag) for the fused kernel over the sequence keys only."""
+    square_causal = causal and L == S
+    if kv_mask is None and (square_causal or not causal or L == 1):
+        return None, square_causal
+    if square_causal:  # padding only: a broadcast [B, 1, 1, S] mask beside the causal fast path
+        m = torch.zeros((B, 1, 1, S), dtype=dtype, device=device)
+        return m.masked_fill_(~kv_mask.bool()[:, None, None, :], float("-inf")), True
+    vis = torch.ones((L, S), dtype=torch.bool, device=device)
+    if causal and L > 1:
+        vis = torch.arange(S, device=device)[None, :] <= (S - L) + torch.arange(L, device=device)[:, None]
+    vis = vis[None, None]
+    if kv_mask is not None:
+        vis = vis & kv_mask.bool()[:, None, None, :]
+    return torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, float("-inf")), False
+
+
+def _rows_without_keys(B, L, S, kv_mask, causal, device):
+    """[B, 1, L] True where a query sees no sequence key (e.g. left-padding queries)."""
+    if kv_mask is None:
+        if causal and S < L:
+            return (torch.arange(L, device=device) + (S - L) < 0).expand(B, L)[:, None]
+        return None
+    real = kv_mask.to(torch.int32)
+    if causal:
+        seen = real.cumsum(1)  # keys 0..t that are real
+        idx = (torch.arange(L, device=device) + (S - L)).clamp(min=-1)
+        counts = torch.where(idx[None, :] >= 0, seen[:, idx.clamp(min=0)], torch.zeros_like(seen[:, :1]))
+        return (counts == 0)[:, None]
+    return (real.sum(1) == 0)[:, None, None].expand(B, 1, L)
+
+
+def _prefix_rows(prefix, task_ids, B):
+    """[Hkv, P, D] -> [1, Hkv, 1, P, D] (broadcast, no copy); with tasks [T, ...] -> [B, Hkv, 1, P, D]."""
+    if task_ids is not None:
+        return prefix[task_ids.long()].unsqueeze(2)
+    return prefix[None, :, None]
+
+
+def _torch_forward(q, k, v, pk, pv, kv_mask, task_ids, causal, scale):
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    mask, is_causal = _seq_mask(B, L, S, kv_mask, causal, q.dtype, q.device)
+    o_s, lse_s = _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    empty = _rows_without_keys(B, L, S, kv_mask, causal, q.device)
+    if empty is not None:
+        lse_s = lse_s.masked_fill(empty, float("-inf"))
+    q5 = q.view(B, Hkv, G, L, D)
+    scores = (q5 @ _prefix_rows(pk, task_ids, B).transpose(-1, -2)).float() * scale  # [B, Hkv, G, L, P]
+    lse_p = torch.logsumexp(scores, dim=-1)
+    lse = torch.logaddexp(lse_p, lse_s.view(B, Hkv, G, L))
+    probs = torch.exp(scores - lse[..., None]).to(q.dtype)
+    o = probs @ _prefix_rows(pv, task_ids, B)  # prefix share, already weighted by the joint softmax
+    o = o.view(B, Hq, L, D) + o_s * torch.exp(lse_s - lse.view(B, Hq, L))[..., None].to(q.dtype)
+    return o, lse.view(B, Hq, L)
+
+
+def _torch_backward(do, q, k, v, pk, pv, o, lse, kv_mask, task_ids, causal, scale, num_tasks):
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    mask, is_causal = _seq_mask(B, L, S, kv_mask, causal, q.dtype, q.device)
+    # With the merged output and the joint LSE the fused backward yields exactly the joint
+    # softmax's gradient restricted to the sequence keys.
+    dq, dk, dv = _flash_cpu_bwd(do, q, k, v, o, lse.to(torch.float32), 0.0, is_causal, attn_mask=mask,
+                                scale=scale)
+    q5, do5 = q.view(B, Hkv, G, L, D), do.view(B, Hkv, G, L, D)
+    pk_r, pv_r = _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B)
+    scores = (q5 @ pk_r.transpose(-1, -2)).float() * scale
+    probs = torch.exp(scores - lse.view(B, Hkv, G, L)[..., None])
+    delta = (do.float() * o.float()).sum(-1).view(B, Hkv, G, L)
+    dp = (do5 @ pv_r.transpose(-1, -2)).float()
+    ds = (probs * (dp - delta[..., None])).to(q.dtype)
+    dq = dq + (ds @ pk_r.to(q.dtype)).view(B, Hq, L, D) * scale
+    probs = probs.to(q.dtype)
+    if task_ids is None:
+        dpk = torch.einsum("bhglp,bhgld->hpd", ds, q5) * scale
+        dpv = torch.einsum("bhglp,bhgld->hpd", probs, do5)
+    else:
+        per_row_k = torch.einsum("bhglp,bhgld->bhpd", ds, q5).float() * scale
+        per_row_v = torch.einsum("bhglp,bhgld->bhpd", probs, do5).float()
+        shape = (num_tasks,) + tuple(per_row_k.shape[1:])
+        dpk = per_row_k.new_zeros(shape).index_add_(0, task_ids.long(), per_row_k)
+        dpv = per_row_v.new_zeros(shape).index_add_(0, task_ids.long(), per_row_v)
+    return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton path
+# ----------------------------------------------------------------------------------------
+
+
+def _triton_forward(q, k, v, pk, pv, kv_mask, task_ids, causal, scale):
+    from ptune_rt.kernels import prefix_attention as K
+    if q.shape[2] == 1 and task_ids is None:
+        return K.prefix_attention_decode(q, k, v, pk, pv, kv_mask, sm_scale=scale)
+    return K.prefix_attention_forward(q, k, v, pk, pv, kv_mask, task_ids, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ptune_rt::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                         kv_mask: Optional[Tensor], task_ids: Optional[Tensor], causal: bool, scale: float,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        o, lse = _triton_forward(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, scale)
+    else:
+        o, lse = _torch_forward(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, scale)
+    return o.contiguous(), lse.contiguous()
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ptune_rt::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                         o: Tensor, lse: Tensor, kv_mask: Optional[Tensor], task_ids: Optional[Tensor],
+                         causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    num_tasks = prefix_k.shape[0] if task_ids is not None else 1
+    if backend == "triton":
+        from ptune_rt.kernels import prefix_attention as K
+        return K.prefix_attention_backward(do, q, k, v, prefix_k, prefix_v, o, lse, kv_mask, task_ids, causal,
+                                           scale, num_tasks=num_tasks)
+    return _torch_backward(do, q, k, v, prefix_k, prefix_v, o, lse, kv_mask, task_ids, causal, scale, num_tasks)
+
+
+@prefix_attention_bwd.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, o, lse, kv_mask, task_ids, causal, scale, backend):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prefix_k),
+            torch.empty_like(prefix_v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pk, pv, kv_mask, task_ids, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, pk, pv, o, lse, kv_mask, task_ids)
+    ctx.args = (causal, scale, backend)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, pk, pv, o, lse, kv_mask, task_ids = ctx.saved_tensors
+    causal, scale, backend = ctx.args
+    grads = prefix_attention_bwd(do.contiguous(), q, k, v, pk, pv, o, lse, kv_mask, task_ids, causal, scale,
+                                 backend)
+    return (*grads, None, None, None, None, None)
+
+
+prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4D tensor [batch, heads, seq, head_dim], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    B, Hq, L, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k and v must be [batch={B}, kv_heads, keys, head_dim={D}], got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one of float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    want = (Hkv, None, D)
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dim() not in (3, 4) or t.shape[-3] != Hkv or t.shape[-1] != D or t.shape[-2] < 1:
+            raise ValueError(f"{name} must be [kv_heads={Hkv}, P>=1, head_dim={D}] (or [tasks, ...] with "
+                             f"task_ids), got {tuple(t.shape)}")
+        if (t.dim() == 4) != (task_ids is not None):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: pass a [tasks, kv_heads, P, head_dim] "
+                             "prefix together with task_ids, or a 3D prefix without them")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} differ")
+    del want
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v), ("kv_mask", kv_mask),
+                    ("task_ids", task_ids)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
+    if kv_mask is not None and tuple(kv_mask.shape) != (B, k.shape[2]):
+        raise ValueError(f"kv_mask must be [batch={B}, keys={k.shape[2]}], got {tuple(kv_mask.shape)}")
+    if task_ids is not None:
+        if tuple(task_ids.shape) != (B,) or task_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"task_ids must be an integer tensor [batch={B}], got {tuple(task_ids.shape)} "
+                             f"{task_ids.dtype}")
+        T = prefix_k.shape[0]
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= T):
+            raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(task_ids.min())}, "
+                             f"{int(task_ids.max())}]")
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                     kv_mask: Optional[Tensor] = None, task_ids: Optional[Tensor] = None, causal: bool = True,
+                     sm_scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+    """Attention of q [B, Hq, L, D] over [prefix ; k/v [B, Hkv, S, D]] with one softmax.
+
+    prefix_k/v: [Hkv, P, D] shared by every row (cast to q's dtype here, so gradients flow into
+    fp32 parameters), or [T, Hkv, P, D] with ``task_ids`` [B]. ``kv_mask`` [B, S]: 1 for real keys,
+    0 for padding. Causal masking is bottom-right aligned (query i sees key t iff t <= S - L + i);
+    every query sees the whole prefix.
+    """
+    _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids)
+    chosen, _ = resolve_backend(backend, q.device)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if task_ids is not None:
+        task_ids = task_ids.to(torch.int32)
+    if kv_mask is not None:
+        kv_mask = kv_mask.to(torch.bool)
+    o, _ = prefix_attention_fwd(q, k, v, prefix_k.to(q.dtype), prefix_v.to(q.dtype), kv_mask, task_ids,
+                                bool(causal), scale, chosen)
+    return o
