@@ -9,9 +9,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ptune-rt", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="numerical-equality report of every kernel vs its eager reference")
+    sub.add_parser("bench", add_help=False,
+                   help="LoRA benchmark + equality report, HF PEFT vs ptune-rt (ptune-rt bench --help)")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "check":
         from ptune_rt.check import main as run
+    if args.cmd == "bench":
+        from ptune_rt.bench.runner import main as run
     return int(run(rest) or 0)
 
 

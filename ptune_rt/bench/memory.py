@@ -1,0 +1,88 @@
+"""Bytes saved for backward by one training step.
+
+Every tensor autograd saves passes through ``torch.autograd.graph.saved_tensors_hooks``. We count
+unique storages (a tensor saved twice, or two views of one buffer, cost one storage) and split them:
+
+* ``parameters``: storages of the model's parameters and buffers. Autograd saves them by
+  reference, so they cost nothing beyond the model itself; reported, never added to the cost.
+* ``activations``: everything else, the memory a training step really holds until backward.
+  Split further by where it was saved: inside a LoRA linear (PEFT's ``lora.Linear`` or
+  ptune-rt's ``LoRALinear``) or in the rest of the model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptune_rt.bench.workload import is_lora_module
+
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
+
+
+class _Where:
+    """Tracks whether execution is currently inside a LoRA linear (forward hooks)."""
+
+    def __init__(self, model: nn.Module):
+        self.depth = 0
+        self.handles = []
+        for m in model.modules():
+            if is_lora_module(m):
+                self.handles.append(m.register_forward_pre_hook(self._enter))
+                self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, *_):
+        self.depth += 1
+
+    def _leave(self, *_):
+        self.depth -= 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def saved_for_backward(model: nn.Module, step) -> dict:
+    """Run ``step()`` (forward + loss + backward) and account what autograd saved in between."""
+    param_keys = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
+    seen: dict = {}
+    counts = {"saved_tensors": 0}
+
+    where = _Where(model)
+
+    def pack(t):
+        counts["saved_tensors"] += 1
+        if t.device.type == "meta":
+            return t
+        key = _storage_key(t)
+        if key not in seen:
+            if key in param_keys:
+                cat = "parameters"
+            else:
+                cat = "activations_lora" if where.depth > 0 else "activations_rest"
+            seen[key] = (cat, key[3])
+        return t
+
+    def unpack(t):
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            step()
+    finally:
+        where.remove()
+    by_cat = {"parameters": 0, "activations_lora": 0, "activations_rest": 0}
+    n_by_cat = dict.fromkeys(by_cat, 0)
+    for cat, nbytes in seen.values():
+        by_cat[cat] += nbytes
+        n_by_cat[cat] += 1
+    return {
+        "activation_bytes": by_cat["activations_lora"] + by_cat["activations_rest"],
+        "activation_bytes_in_lora_linears": by_cat["activations_lora"],
+        "activation_bytes_rest_of_model": by_cat["activations_rest"],
+        "parameter_bytes_by_reference": by_cat["parameters"],
+        "unique_storages": {k: v for k, v in n_by_cat.items()},
+        "saved_tensor_count": counts["saved_tensors"],
+    }

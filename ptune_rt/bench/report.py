@@ -1,0 +1,448 @@
+"""Turn the benchmark results into JSON, a markdown report and a PNG plot."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+MiB = 2**20
+
+
+def _ms(s) -> str:
+    return "–" if s is None else f"{s * 1e3:.1f}"
+
+
+def _mib(b) -> str:
+    return "–" if b is None else f"{b / MiB:.1f}"
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def _num(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:.2f}"
+    return f"{int(v)}"
+
+
+def _sci(v) -> str:
+    return "–" if v is None else f"{v:.2e}"
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def file_stem(results: dict) -> str:
+    dev = results["provenance"]["device"].split(":")[0]
+    stem = f"lora_{dev}"
+    return stem + "_quick" if results.get("mode") == "quick" else stem
+
+
+# ----------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------
+
+
+def _target_cell(results, name_start):
+    for t in results.get("targets", []):
+        if t["target"].startswith(name_start):
+            return t["goal"], "PASS" if t["pass"] else "MISS"
+    return "", ""
+
+
+def summary_table(results: dict) -> list[str]:
+    sp = results.get("speed", {})
+    mem = results.get("memory", {})
+    ops = results.get("ops", {})
+    fl = results.get("flops", {})
+    lines = ["| Measure | base (no adapter) | HF PEFT | ptune-rt | ptune-rt vs PEFT | Target | Result |",
+             "|---|---:|---:|---:|---:|---|---|"]
+
+    def speed_row(key, label, target_name):
+        d = sp.get(key)
+        if not d:
+            return
+        v = d["variants"]
+        goal, res = _target_cell(results, target_name)
+        lines.append(f"| {label} | {_ms(_get(v, 'base', 'median_s'))} | {_ms(v['peft']['median_s'])} | "
+                     f"{_ms(v['ptune-rt']['median_s'])} | {_x(d['speedup'])} faster | {goal} | {res} |")
+
+    speed_row("train_dropout0", "Training step, dropout 0 (median ms)", "training step, dropout 0:")
+    speed_row("train_dropout0.1", "Training step, dropout 0.1 (median ms)", "training step, dropout 0.1:")
+    speed_row("forward_nograd", "No-grad forward (median ms)", "no-grad forward")
+    speed_row("generate_per_token", "Greedy generate, per new token (median ms)", "greedy generate")
+
+    for p in ("0", "0.1"):
+        d = mem.get(f"dropout{p}")
+        if not d:
+            continue
+        goal, res = _target_cell(results, "activation bytes saved for backward, dropout 0.1") if p == "0.1" else ("", "")
+        lines.append(f"| Activations saved for backward, dropout {p} (MiB) | – | "
+                     f"{_mib(d['peft']['activation_bytes'])} | {_mib(d['ptune-rt']['activation_bytes'])} | "
+                     f"{_x(d['ratio_ptune_over_peft'])} of PEFT | {goal} | {res} |")
+        lines.append(f"| &nbsp;&nbsp;of which saved inside LoRA linears, dropout {p} (MiB) | – | "
+                     f"{_mib(d['peft']['activation_bytes_in_lora_linears'])} | "
+                     f"{_mib(d['ptune-rt']['activation_bytes_in_lora_linears'])} | "
+                     f"{_x(d['ratio_in_lora_linears'])} of PEFT |  |  |")
+    d = mem.get("dropout0.1") or mem.get("dropout0")
+    if d:
+        lines.append(f"| Parameters saved by reference (MiB, no extra memory) | – | "
+                     f"{_mib(d['peft']['parameter_bytes_by_reference'])} | "
+                     f"{_mib(d['ptune-rt']['parameter_bytes_by_reference'])} |  |  |  |")
+
+    f = ops.get("forward", {})
+    if f:
+        goal, res = _target_cell(results, "dispatched ops per LoRA linear")
+        pt = f.get("ptune-rt", {})
+        lines.append(f"| Compute ops per LoRA linear per forward, top level (custom op = 1) | – | "
+                     f"{_num(_get(f, 'peft', 'per_lora_linear_compute'))} | {_num(pt.get('per_lora_linear_compute'))} | "
+                     f" | {goal} | {res} |")
+        lines.append(f"| Compute ops per LoRA linear per forward, ops inside the custom op counted instead (torch path) "
+                     f"| – | {_num(_get(f, 'peft', 'per_lora_linear_compute'))} | "
+                     f"{_num(pt.get('per_lora_linear_compute_expanded'))} |  |  |  |")
+        lines.append(f"| Compute ops per forward, whole model (top level / custom op expanded) | "
+                     f"{_num(_get(f, 'base', 'compute'))} | {_num(_get(f, 'peft', 'compute'))} | "
+                     f"{_num(pt.get('compute'))} / {_num(pt.get('compute_expanded'))} |  |  |  |")
+        lines.append(f"| All dispatched ops per forward, views included (top level) | "
+                     f"{_num(_get(f, 'base', 'all'))} | {_num(_get(f, 'peft', 'all'))} | {_num(pt.get('all'))} |  |  |  |")
+    d = ops.get("decode_step", {})
+    if d:
+        pt = d.get("ptune-rt", {})
+        lines.append(f"| Compute ops per decode step, whole model (top level / custom op expanded) | "
+                     f"{_num(_get(d, 'base', 'compute'))} | {_num(_get(d, 'peft', 'compute'))} | "
+                     f"{_num(pt.get('compute'))} / {_num(pt.get('compute_expanded'))} |  |  |  |")
+    for key, label in (("train_step", "FLOPs per training step, dropout 0 (measured, GFLOP)"),
+                       ("forward", "FLOPs per no-grad forward (measured, GFLOP)")):
+        d = fl.get(key)
+        if d:
+            g = {n: f"{v['total'] / 1e9:.2f}" for n, v in d.items()}
+            lines.append(f"| {label} | {g.get('base', '–')} | {g['peft']} | {g['ptune-rt']} |  |  |  |")
+    return lines
+
+
+def _speed_detail(results) -> list[str]:
+    sp = results.get("speed", {})
+    if not sp:
+        return []
+    lines = ["| Case | Variant | median ms | min ms | max ms | runs (ms) |", "|---|---|---:|---:|---:|---|"]
+    for key, d in sp.items():
+        for n, v in d["variants"].items():
+            runs = ", ".join(f"{t * 1e3:.1f}" for t in v["runs_s"])
+            lines.append(f"| {key} | {n} | {_ms(v['median_s'])} | {_ms(v['min_s'])} | {_ms(v['max_s'])} | {runs} |")
+    lines.append("")
+    lines.append("| Case | ratio of medians | median of paired ratios | paired min | paired max |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for key, d in sp.items():
+        lines.append(f"| {key} | {_x(d['speedup'])} | {_x(d['speedup_paired_median'])} | "
+                     f"{_x(d['speedup_paired_min'])} | {_x(d['speedup_paired_max'])} |")
+    g = sp.get("generate_per_token", {})
+    if "same_tokens_ptune_vs_peft" in g:
+        lines.append("")
+        lines.append(f"Generated tokens identical (ptune-rt vs PEFT): {g['same_tokens_ptune_vs_peft']}; "
+                     f"new tokens per variant: {g.get('new_tokens')}.")
+    return lines
+
+
+def _equality(results) -> list[str]:
+    e = results.get("equality")
+    if not e:
+        return []
+    return [
+        "| Quantity (benchmark model, dropout 0, same weights and inputs) | Value |", "|---|---:|",
+        f"| max abs diff of logits, ptune-rt vs PEFT | {_sci(e['logits_max_abs_diff_ptune_vs_peft'])} |",
+        f"| max abs logit (scale) | {e['logits_max_abs']:.3f} |",
+        f"| max abs change of the logits by the LoRA term (PEFT vs base; the adapter is not a no-op) | "
+        f"{_sci(e['lora_effect_max_abs_logit_change'])} |",
+        f"| logits: error to float64 PEFT, ptune-rt / PEFT fp32 / allowed bound | {_sci(e['logits_ptune_err_to_fp64'])} / "
+        f"{_sci(e['logits_peft_err_to_fp64'])} / {_sci(e['logits_bound'])} |",
+        f"| logits within the project's tolerance rule | {e['logits_within_tolerance_rule']} |",
+        f"| argmax agreement over all positions | {e['argmax_agreement']:.4f} |",
+        f"| loss, PEFT / ptune-rt | {e['loss_peft']:.6f} / {e['loss_ptune']:.6f} |",
+        f"| abs loss difference | {_sci(e['loss_abs_diff'])} (within rule: {e['loss_within_tolerance_rule']}) |",
+        f"| adapter gradients ({e['adapter_tensors_compared']} tensors): max abs diff ptune-rt vs PEFT / max abs grad | "
+        f"{_sci(e['adapter_grad_max_abs_diff_ptune_vs_peft'])} / {_sci(e['adapter_grad_max_abs'])} |",
+        f"| adapter gradients: error to float64, ptune-rt / PEFT fp32 / bound (within rule: "
+        f"{e['adapter_grads_within_tolerance_rule']}) | {_sci(e['adapter_grad_ptune_err_to_fp64'])} / "
+        f"{_sci(e['adapter_grad_peft_err_to_fp64'])} / {_sci(e['adapter_grad_bound'])} |",
+    ]
+
+
+def _ops_detail(results) -> list[str]:
+    ops = results.get("ops")
+    if not ops:
+        return []
+    lines = ["| Step | Variant | all ops | compute ops | ops in LoRA linears (all / compute) | custom ops | "
+             "compute ops inside the custom op | compute, custom op expanded |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for step in ("forward", "decode_step"):
+        for n, d in ops.get(step, {}).items():
+            lines.append(f"| {step} | {n} | {d['all']} | {d['compute']} | {d['in_lora_all']} / {d['in_lora_compute']} | "
+                         f"{d['custom']} | {d['inside_custom_compute']} | {d['compute_expanded']} |")
+    lines += ["",
+              f"{ops['n_lora_linears']} LoRA linears; ptune-rt backend in this run: {ops.get('ptune_backend')}. "
+              "Counted with a `TorchDispatchMode`, i.e. after autograd and after composite ops such as `aten::linear` "
+              "are decomposed. *all*: every dispatched op; *compute*: all minus metadata-only ops (views, `detach`, "
+              "`_unsafe_view`, a `.to` that returns its input), i.e. ops that launch a kernel in eager mode; "
+              "*in LoRA linears*: dispatched while a LoRA module's forward runs (its frozen base linear included); "
+              "*custom ops*: `ptune_rt::lora_linear_fwd`, counted once each in the top-level columns; "
+              "*inside the custom op*: what its torch-path implementation dispatches (measured by entering it); "
+              "*expanded*: the custom op replaced by its contents. On the Triton path the custom op is "
+              "2 kernel launches per forward instead (see the Triton section)."]
+    return lines
+
+
+def _triton(results) -> list[str]:
+    t = results.get("triton")
+    if not t:
+        return []
+    if "skipped" in t:
+        return [f"Skipped: {t['skipped']}."]
+    if "error" in t:
+        return [f"The Triton-interpreter probe failed: `{' '.join(t['error'])}`."]
+    e = t["equality"]
+    w = t["workload"]
+    return [
+        f"Tiny model run by the Triton kernels in Triton's CPU interpreter (`TRITON_INTERPRET=1`, backend "
+        f"{t['backends']}): {w['layers']} layer, hidden {w['hidden']}, {w['tokens_per_step']} tokens, r={w['r']}. "
+        "Op counts do not depend on the shapes; speed does not mean anything here.",
+        "",
+        "| Quantity | Value |", "|---|---:|",
+        f"| dispatched compute ops per LoRA linear per forward | {_num(t['compute_ops_per_lora_linear_forward'])} |",
+        f"| all dispatched ops per LoRA linear per forward (incl. the 2 reshapes around the op) | "
+        f"{_num(t['all_ops_per_lora_linear_forward'])} |",
+        f"| Triton kernel launches per LoRA linear, forward | {_num(t['kernel_launches_per_lora_linear_forward'])} |",
+        f"| Triton kernel launches per LoRA linear, backward (average; 4, or 3 where the input needs no "
+        f"gradient) | {_num(t['kernel_launches_per_lora_linear_backward'])} |",
+        f"| logits max abs diff vs PEFT (max abs logit) | {_sci(e['logits_max_abs_diff'])} ({e['logits_max_abs']:.3f}) |",
+        f"| loss abs diff vs PEFT | {_sci(e['loss_abs_diff'])} |",
+        f"| adapter gradient max abs diff vs PEFT (max abs grad) | {_sci(e['adapter_grad_max_abs_diff'])} "
+        f"({_sci(e['adapter_grad_max_abs'])}) |",
+    ]
+
+
+def _analytic(results) -> list[str]:
+    a = results.get("analytic")
+    if not a:
+        return []
+    sb = a["seven_b"]
+    hw = sb["hardware"]
+    lines = [f"**Model, not a measurement.** One LoRA linear at 7B-class shapes, {sb['dtype']}, r={sb['r']}, "
+             f"on an {hw['name']} ({hw['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16, {hw['hbm_bytes_per_s'] / 1e12:.2f} "
+             "TB/s HBM3). Bytes = reads + writes of every kernel with ideal tiling; time bound = sum over the "
+             "kernels of max(FLOPs / peak, bytes / bandwidth). *Unfused* = HF PEFT's eager chain (base GEMM, "
+             "dropout copy + mask, A GEMM, B GEMM, scale, add; backward: the autograd chain plus the dX "
+             "accumulation); *fused* = ptune-rt's Triton kernels (shrink + GEMM with low-rank epilogue; backward "
+             "G, dX GEMM with epilogue, dB, dA; dropout mask regenerated).",
+             "",
+             "| Shape (M x K -> N) | dropout | pass | kernels unfused / fused | HBM MB unfused | HBM MB fused | "
+             "fused / unfused bytes | GFLOP (fused) | bound us unfused | bound us fused | bound speedup | frozen GEMM alone us |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sb["rows"]:
+        for pass_ in ("forward", "backward"):
+            d = r[pass_]
+            u, f = d["unfused"], d["fused"]
+            lines.append(f"| {r['shape']} (M={r['M']}) | {r['dropout']:g} | {pass_} | {u['kernels']} / {f['kernels']} | "
+                         f"{u['bytes'] / 1e6:.1f} | {f['bytes'] / 1e6:.1f} | {d['bytes_ratio_fused_over_unfused']:.2f} | "
+                         f"{f['flops'] / 1e9:.1f} | {u['bound_s'] * 1e6:.1f} | {f['bound_s'] * 1e6:.1f} | "
+                         f"{d['bound_speedup_unfused_over_fused']:.2f}x | {d['frozen_gemm_alone_bound_s'] * 1e6:.1f} |")
+    bm = a.get("bench_model_fp32")
+    if bm:
+        n_lin = results["workload"]["n_lora_linears"]
+        lines += ["", f"Same model on the benchmark's own {n_lin} linears (fp32, one step, MB): " + "; ".join(
+            f"dropout {k.removeprefix('dropout')}: forward {v['forward']['unfused'] / 1e6:.0f} unfused vs "
+            f"{v['forward']['fused'] / 1e6:.0f} fused, backward {v['backward']['unfused'] / 1e6:.0f} vs "
+            f"{v['backward']['fused'] / 1e6:.0f}" for k, v in bm.items()) + "."]
+    return lines
+
+
+def _flops_detail(results) -> list[str]:
+    fl = results.get("flops")
+    if not fl:
+        return []
+    an = fl["analytic_matmul_flops"]
+    lines = ["FLOPs measured with `torch.utils.flop_counter.FlopCounterMode`, entering ptune-rt's custom op (its "
+             "contents are aten ops) and adding in-place `addmm_` FLOPs, for which FlopCounterMode has no formula: "]
+    for key in ("forward", "train_step"):
+        for n, v in fl[key].items():
+            lines.append(f"- {key}, {n}: {v['total'] / 1e9:.3f} GFLOP (FlopCounterMode {v['flop_counter_mode'] / 1e9:.3f} "
+                         f"+ in-place addmm_ {v['extra_inplace_addmm'] / 1e9:.3f})")
+    lines.append(f"- analytic: LoRA linears {an['lora_linears_forward'] / 1e9:.3f} GFLOP forward, "
+                 f"{an['lora_linears_backward'] / 1e9:.3f} backward; LM head {an['lm_head_forward'] / 1e9:.3f} forward, "
+                 f"{an['lm_head_backward_dx'] / 1e9:.3f} backward (dX). {an['note']}.")
+    return lines
+
+
+def markdown(results: dict, title: bool = True) -> str:
+    pv = results["provenance"]
+    wl = results["workload"]
+    v = pv["versions"]
+    out = []
+    if title:
+        out += [f"# ptune-rt LoRA benchmark + equality report ({pv['device']}, {wl['dtype']})", ""]
+    commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
+    load = pv.get("load_average_at_start")
+    out += [
+        f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, load "
+        f"average {load[0]:.2f} at start, {pv['load_average_at_end'][0]:.2f} at end); torch {v['torch']}, triton "
+        f"{v['triton']}, transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode {results['mode']}, "
+        f"{results['repeats']} interleaved runs per variant after {results['warmup']} warm-up."
+        if load and pv.get("load_average_at_end") else
+        f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}); torch {v['torch']}, triton {v['triton']}, "
+        f"transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode {results['mode']}.",
+        "",
+        f"Workload: Llama-like model from a `LlamaConfig` with random weights (hidden {wl['hidden']}, intermediate "
+        f"{wl['intermediate']}, {wl['layers']} layers, {wl['heads']} heads / {wl['kv_heads']} KV heads, vocab "
+        f"{wl['vocab']}), {wl['dtype']}, batch {wl['batch']} x seq {wl['seq']}; LoRA r={wl['r']}, alpha={wl['alpha']:g} "
+        f"on {', '.join(wl['targets'])} ({wl['n_lora_linears']} linears), identical non-zero adapter weights in HF PEFT "
+        f"and ptune-rt; generate: batch {wl['gen_batch']}, {wl['gen_prompt']}-token prompt, {wl['gen_new_tokens']} new "
+        "tokens, greedy.",
+        "",
+    ]
+    out += summary_table(results)
+    out += ["",
+            "Speed: median wall time of interleaved runs; *ptune-rt vs PEFT* = PEFT median / ptune-rt median "
+            "(above 1: ptune-rt is faster). Bytes: unique storages autograd saves for backward during one training "
+            "step (`saved_tensors_hooks`); parameters are saved by reference and cost nothing extra, so they are "
+            "listed apart and not in the ratio. Ops: see the op-count section; *top level* counts ptune-rt's custom "
+            "op `ptune_rt::lora_linear_fwd` once."]
+    tg = results.get("targets", [])
+    if tg:
+        out += ["", "## Targets", "", "| Target | Measured | Goal | Result |", "|---|---:|---|---|"]
+        for t in tg:
+            val = f"{t['value']:.3f}x" if t["unit"] == "x" else _num(t["value"])
+            out.append(f"| {t['target']} | {val} | {t['goal']} | {'PASS' if t['pass'] else 'MISS'} |")
+    for head, body in (("Timing detail", _speed_detail(results)), ("Equality", _equality(results)),
+                       ("Op counts", _ops_detail(results)), ("Triton path (interpreter probe)", _triton(results)),
+                       ("FLOPs", _flops_detail(results)),
+                       ("Analytic HBM traffic and H100 roofline (7B-class shapes)", _analytic(results))):
+        if body:
+            out += ["", f"## {head}", ""] + body
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------
+# plot
+# ----------------------------------------------------------------------------------------
+
+
+def plot(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 9.5), dpi=110)
+    FigureCanvasAgg(fig)
+    axs = fig.subplots(2, 2)
+    pv = results["provenance"]
+    fig.suptitle(f"ptune-rt vs HF PEFT, LoRA r={results['workload']['r']} ({pv['device']}, "
+                 f"{results['workload']['dtype']}, {results['mode']})")
+
+    ax = axs[0][0]
+    sp = results.get("speed", {})
+    keys = [k for k in ("train_dropout0", "train_dropout0.1", "forward_nograd", "generate_per_token") if k in sp]
+    goals = {"train_dropout0": 1.05, "train_dropout0.1": 1.10, "forward_nograd": 1.03, "generate_per_token": 1.10}
+    if keys:
+        vals = [sp[k]["speedup"] for k in keys]
+        lo = [sp[k]["speedup"] - sp[k]["speedup_paired_min"] for k in keys]
+        hi = [sp[k]["speedup_paired_max"] - sp[k]["speedup"] for k in keys]
+        xs = range(len(keys))
+        ax.bar(xs, vals, color=["tab:green" if v >= goals[k] else "tab:red" for k, v in zip(keys, vals)],
+               yerr=[[max(0, v) for v in lo], [max(0, v) for v in hi]], capsize=4)
+        ax.scatter(list(xs), [goals[k] for k in keys], marker="_", s=900, color="black", zorder=3, label="target")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([k.replace("_", "\n") for k in keys], fontsize=8)
+        ax.set_ylabel("speed vs PEFT (PEFT time / ptune-rt time)")
+        ax.set_title("Speed ratio (median; bars: paired min-max)")
+        ax.legend(loc="lower right", fontsize=8)
+
+    ax = axs[0][1]
+    mem = results.get("memory", {})
+    if mem:
+        labels, lora, rest = [], [], []
+        for k, d in mem.items():
+            for n in ("peft", "ptune-rt"):
+                labels.append(f"{n}\n{k}")
+                lora.append(d[n]["activation_bytes_in_lora_linears"] / MiB)
+                rest.append(d[n]["activation_bytes_rest_of_model"] / MiB)
+        xs = range(len(labels))
+        ax.bar(xs, rest, label="rest of the model", color="tab:gray")
+        ax.bar(xs, lora, bottom=rest, label="inside LoRA linears", color="tab:blue")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("MiB")
+        ax.set_title("Activations saved for backward per training step")
+        ax.legend(fontsize=8)
+
+    ax = axs[1][0]
+    ops = results.get("ops", {})
+    f = ops.get("forward", {})
+    if f:
+        labels = ["PEFT", "ptune-rt\n(top level)", "ptune-rt\n(torch path\nexpanded)"]
+        vals = [f["peft"]["per_lora_linear_compute"], f["ptune-rt"]["per_lora_linear_compute"],
+                f["ptune-rt"]["per_lora_linear_compute_expanded"]]
+        tri = results.get("triton", {})
+        if "kernel_launches_per_lora_linear_forward" in tri:
+            labels.append("ptune-rt Triton\n(kernel launches)")
+            vals.append(tri["kernel_launches_per_lora_linear_forward"])
+        ax.bar(range(len(vals)), vals, color="tab:purple")
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("per LoRA linear per forward")
+        ax.set_title("Compute ops (or kernel launches) per LoRA linear")
+
+    ax = axs[1][1]
+    a = results.get("analytic", {}).get("seven_b")
+    if a:
+        rows = [r for r in a["rows"] if r["dropout"] > 0]
+        labels, un, fu = [], [], []
+        for r in rows:
+            for pass_ in ("forward", "backward"):
+                labels.append(f"{r['shape'].split(' ')[1]}\n{pass_[:3]}")
+                un.append(r[pass_]["unfused"]["bound_s"] * 1e6)
+                fu.append(r[pass_]["fused"]["bound_s"] * 1e6)
+        xs = list(range(len(labels)))
+        ax.bar([x - 0.2 for x in xs], un, width=0.4, label="unfused (PEFT chain)", color="tab:orange")
+        ax.bar([x + 0.2 for x in xs], fu, width=0.4, label="fused (ptune-rt Triton)", color="tab:blue")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("roofline time bound, us")
+        ax.set_title(f"MODEL: H100 SXM roofline, 7B shapes, bf16, dropout {rows[0]['dropout']:g}" if rows else "")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------
+
+
+def check_finite(obj, where="results") -> None:
+    """Raise if any number in ``obj`` is NaN or infinite (JSON would not even hold it)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_finite(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_finite(v, f"{where}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"non-finite number at {where}: {obj}")
+
+
+def write_all(results: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(results)
+    check_finite(results)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(results, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(results), encoding="utf-8")
+    plot(results, paths[2])
+    return paths

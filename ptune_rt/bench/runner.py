@@ -1,0 +1,529 @@
+"""``ptune-rt bench``: the LoRA benchmark + numerical-equality report.
+
+HF PEFT and ptune-rt (and, where it means something, the frozen base model without any adapter)
+run side by side in one process on the same weights and inputs, with interleaved timings. The run
+writes ``lora_<device>.json`` (all numbers plus provenance), ``lora_<device>.md`` (the tables) and
+``lora_<device>.png`` (a plot), and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+SECTIONS = ("equality", "speed", "memory", "ops", "flops", "analytic", "triton")
+
+#: Targets for ptune-rt vs HF PEFT (speed ratios: PEFT time / ptune-rt time; bytes: ptune-rt / PEFT).
+TARGETS = {
+    "train_dropout0": 1.05,
+    "train_dropout0.1": 1.10,
+    "forward_nograd": 1.03,
+    "generate_per_token": 1.10,
+    "saved_activation_bytes_ratio_dropout0.1": 0.60,
+    "compute_ops_per_lora_linear": 1.0,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# where things go, what they ran on
+# ----------------------------------------------------------------------------------------
+
+
+def _looks_like_checkout(d: Path) -> bool:
+    return (d / "setup.py").is_file() and (d / "ptune_rt").is_dir() and (d / "bench").is_dir()
+
+
+def find_checkout() -> Optional[Path]:
+    """The source checkout this runs from: the package's own parent (editable install) or the cwd."""
+    import ptune_rt
+
+    pkg_parent = Path(ptune_rt.__file__).resolve().parent.parent
+    for d in (pkg_parent, Path.cwd().resolve()):
+        if _looks_like_checkout(d):
+            return d
+    return None
+
+
+def default_out_dir() -> Path:
+    root = find_checkout()
+    return root / "bench" / "results" if root is not None else Path.cwd() / "ptune-rt-bench"
+
+
+def _git(root: Optional[Path], *args) -> Optional[str]:
+    if root is None:
+        return None
+    try:
+        r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", None)
+    except Exception:
+        return None
+
+
+def provenance(device, argv) -> dict:
+    import torch
+
+    import ptune_rt
+
+    root = find_checkout()
+    commit = _git(root, "rev-parse", "HEAD")
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev_name = torch.cuda.get_device_name(dev)
+    else:
+        dev_name = _cpu_name()
+    return {
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "device_name": dev_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {"ptune_rt": ptune_rt.__version__, "torch": torch.__version__, "triton": _version("triton"),
+                     "transformers": _version("transformers"), "peft": _version("peft"),
+                     "matplotlib": _version("matplotlib")},
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "command": "ptune-rt bench " + " ".join(argv),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, workload, device, repeats: int, warmup: int, progress):
+        self.wl = workload
+        self.device = device
+        self.repeats = repeats
+        self.warmup = warmup
+        self.progress = progress
+        self._setups = {}
+        self._base = None
+
+    def setup(self, dropout: float):
+        from ptune_rt.bench import workload as W
+
+        if dropout not in self._setups:
+            if self._base is None:
+                self._base = W.build_base(self.wl, self.device)
+            self._setups[dropout] = W.build(self.wl, dropout, self.device, base=self._base)
+        return self._setups[dropout]
+
+    def tick(self, n: int = 1):
+        self.progress.update(n)
+
+    def status(self, text: str):
+        self.progress.set_description_str(text)
+
+    # -- equality ---------------------------------------------------------------------------
+
+    def equality(self) -> dict:
+        """ptune-rt vs PEFT on the benchmark model (dropout 0), both judged against PEFT in float64."""
+        import copy
+
+        import torch
+
+        from ptune_rt.bench import workload as W
+        from ptune_rt.testing.tolerances import error_report
+
+        self.status("equality")
+        s = self.setup(0.0)
+        ids = s.input_ids
+        for m in (s.peft, s.ptune, s.base):
+            m.eval()
+        lp = W.forward_logits(s.peft, ids)
+        lt = W.forward_logits(s.ptune, ids)
+        lb = W.forward_logits(s.base, ids)
+        gold_model = copy.deepcopy(s.peft).double()
+        gold_model.eval()
+        lg = W.forward_logits(gold_model, ids)
+        logits_rule = error_report(lt, lp, lg, torch.float32)
+        out = {
+            "logits_max_abs_diff_ptune_vs_peft": float((lt - lp).abs().max()),
+            "logits_max_abs": float(lp.abs().max()),
+            "lora_effect_max_abs_logit_change": float((lp - lb).abs().max()),
+            "logits_ptune_err_to_fp64": logits_rule["err"],
+            "logits_peft_err_to_fp64": logits_rule["ref_err"],
+            "logits_bound": logits_rule["bound"],
+            "logits_within_tolerance_rule": bool(logits_rule["ok"]),
+            "argmax_agreement": float((lt.argmax(-1) == lp.argmax(-1)).float().mean()),
+        }
+        del lp, lt, lb, lg
+        self.tick()
+        losses, grads = {}, {}
+        for name, m in (("peft", s.peft), ("ptune-rt", s.ptune), ("fp64", gold_model)):
+            m.train()
+            W.zero_grads(m)
+            losses[name] = W.train_step(m, ids).double()
+            grads[name] = {k.removeprefix("base_model.model."): p.grad.detach().double()
+                           for k, p in m.named_parameters() if p.requires_grad}
+            W.zero_grads(m)
+            m.eval()
+            self.tick()
+        del gold_model
+        loss_rule = error_report(losses["ptune-rt"], losses["peft"], losses["fp64"], torch.float32)
+        names = sorted(grads["peft"])
+        flat = {k: torch.cat([grads[k][n].flatten() for n in names]) for k in grads}
+        grad_rule = error_report(flat["ptune-rt"], flat["peft"], flat["fp64"], torch.float32)
+        out.update({
+            "loss_peft": float(losses["peft"]),
+            "loss_ptune": float(losses["ptune-rt"]),
+            "loss_abs_diff": abs(float(losses["ptune-rt"] - losses["peft"])),
+            "loss_within_tolerance_rule": bool(loss_rule["ok"]),
+            "adapter_grad_max_abs_diff_ptune_vs_peft": float((flat["ptune-rt"] - flat["peft"]).abs().max()),
+            "adapter_grad_max_abs": float(flat["peft"].abs().max()),
+            "adapter_grad_ptune_err_to_fp64": grad_rule["err"],
+            "adapter_grad_peft_err_to_fp64": grad_rule["ref_err"],
+            "adapter_grad_bound": grad_rule["bound"],
+            "adapter_grads_within_tolerance_rule": bool(grad_rule["ok"]),
+            "adapter_tensors_compared": len(names),
+        })
+        return out
+
+    # -- speed ------------------------------------------------------------------------------
+
+    def speed(self) -> dict:
+        import torch
+
+        from ptune_rt.bench import workload as W
+        from ptune_rt.bench.timing import interleaved, summarize
+
+        res = {}
+        for p in (0.0, 0.1):
+            key = f"train_dropout{p:g}"
+            self.status(f"speed: {key}")
+            s = self.setup(p)
+            models = {"peft": s.peft, "ptune-rt": s.ptune}
+            for m in models.values():
+                m.train()
+            fns = {n: (lambda m=m: W.train_step(m, s.input_ids)) for n, m in models.items()}
+            times = interleaved(fns, self.repeats, self.warmup, s.device, setup=lambda n: W.zero_grads(models[n]),
+                                tick=self.tick)
+            for m in models.values():
+                W.zero_grads(m)
+                m.eval()
+            res[key] = summarize(times)
+            res[key]["what"] = (f"forward + causal-LM loss + backward, batch {self.wl.batch} x seq {self.wl.seq}, "
+                                f"dropout {p:g}; seconds per step")
+
+        s = self.setup(0.0)
+        models = s.models
+        for m in models.values():
+            m.eval()
+        self.status("speed: forward_nograd")
+        fns = {n: (lambda m=m: W.forward_logits(m, s.input_ids)) for n, m in models.items()}
+        res["forward_nograd"] = summarize(interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick))
+        res["forward_nograd"]["what"] = f"no-grad forward (eval), batch {self.wl.batch} x seq {self.wl.seq}; seconds"
+
+        self.status("speed: generate")
+        new = self.wl.gen_new_tokens
+        outs = {}
+
+        def gen(n, m):
+            outs[n] = W.generate(m, s.prompt_ids, new)
+
+        fns = {n: (lambda n=n, m=m: gen(n, m)) for n, m in models.items()}
+        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick)
+        res["generate_per_token"] = summarize(times, per=new)
+        res["generate_per_token"]["what"] = (f"greedy generate, batch {self.wl.gen_batch}, {self.wl.gen_prompt}-token "
+                                             f"prompt, {new} new tokens; wall time / new tokens (prefill included)")
+        res["generate_per_token"]["new_tokens"] = {n: int(o.shape[1] - s.prompt_ids.shape[1]) for n, o in outs.items()}
+        res["generate_per_token"]["same_tokens_ptune_vs_peft"] = bool(torch.equal(outs["peft"], outs["ptune-rt"]))
+        return res
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def memory(self) -> dict:
+        from ptune_rt.bench import workload as W
+        from ptune_rt.bench.memory import saved_for_backward
+
+        res = {}
+        for p in (0.0, 0.1):
+            self.status(f"saved for backward, dropout {p:g}")
+            s = self.setup(p)
+            row = {}
+            for name, m in (("peft", s.peft), ("ptune-rt", s.ptune)):
+                m.train()
+                W.zero_grads(m)
+                row[name] = saved_for_backward(m, lambda m=m: W.train_step(m, s.input_ids))
+                W.zero_grads(m)
+                m.eval()
+                self.tick()
+            row["ratio_ptune_over_peft"] = row["ptune-rt"]["activation_bytes"] / row["peft"]["activation_bytes"]
+            row["ratio_in_lora_linears"] = (row["ptune-rt"]["activation_bytes_in_lora_linears"]
+                                            / row["peft"]["activation_bytes_in_lora_linears"])
+            res[f"dropout{p:g}"] = row
+        return res
+
+    # -- ops --------------------------------------------------------------------------------
+
+    def ops(self) -> dict:
+        import torch
+
+        from ptune_rt.bench import workload as W
+        from ptune_rt.bench.opcount import count_ops
+
+        s = self.setup(0.0)
+        n = self.wl.n_lora_linears
+        res = {"forward": {}, "decode_step": {}}
+        for name, m in s.models.items():
+            m.eval()
+            descend = name == "ptune-rt"
+            self.status(f"ops: {name}")
+            res["forward"][name] = count_ops(m, lambda m=m: W.forward_logits(m, s.input_ids), n, descend)
+            with torch.no_grad():
+                out = m(input_ids=s.prompt_ids, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                pkv = out.past_key_values
+
+                def step(m=m, nxt=nxt, pkv=pkv):
+                    with torch.no_grad():
+                        m(input_ids=nxt, past_key_values=pkv, use_cache=True)
+
+                res["decode_step"][name] = count_ops(m, step, n, descend)
+            self.tick()
+        res["n_lora_linears"] = n
+        res["ptune_backend"] = s.ptune_backends()
+        return res
+
+    # -- flops ------------------------------------------------------------------------------
+
+    def flops(self) -> dict:
+        from ptune_rt.bench import analytic as A
+        from ptune_rt.bench import workload as W
+        from ptune_rt.bench.flops import count_flops
+
+        s = self.setup(0.0)
+        res = {"train_step": {}, "forward": {}}
+        for name, m in s.models.items():
+            self.status(f"flops: {name}")
+            m.eval()
+            res["forward"][name] = count_flops(lambda m=m: W.forward_logits(m, s.input_ids))
+            if name != "base":
+                m.train()
+                W.zero_grads(m)
+                res["train_step"][name] = count_flops(lambda m=m: W.train_step(m, s.input_ids))
+                W.zero_grads(m)
+                m.eval()
+            self.tick()
+        M = self.wl.batch * self.wl.seq
+        fwd = bwd = 0
+        for _, k, nn_ in self.wl.linear_shapes():
+            f = A.lora_linear_flops(M, k, nn_, self.wl.r)
+            fwd += f["forward"] * self.wl.layers
+            bwd += f["backward"] * self.wl.layers
+        lm_head = 2 * M * self.wl.hidden * self.wl.vocab
+        res["analytic_matmul_flops"] = {
+            "lora_linears_forward": fwd, "lora_linears_backward": bwd, "lm_head_forward": lm_head,
+            "lm_head_backward_dx": lm_head,
+            "note": "matrix products of the LoRA linears (base GEMM + shrink + expand) and the LM head; "
+                    "attention score/value products excluded (FlopCounterMode has no formula for the CPU SDPA kernel)"}
+        return res
+
+    # -- triton path probe ------------------------------------------------------------------
+
+    def triton(self) -> dict:
+        import torch
+
+        self.status("triton path (interpreter)")
+        if torch.device(self.device).type == "cuda":
+            self.tick()
+            return {"skipped": "the main run used the Triton kernels on CUDA"}
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        try:
+            r = subprocess.run([sys.executable, "-m", "ptune_rt.bench.triton_probe"], env=env, capture_output=True,
+                               text=True, timeout=600)
+            if r.returncode != 0:
+                out = {"error": (r.stderr or r.stdout).strip().splitlines()[-1:] or ["failed"]}
+            else:
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, OSError, ValueError) as e:
+            out = {"error": [f"{type(e).__name__}: {e}"]}
+        self.tick()
+        return out
+
+
+# ----------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    rows = []
+    speed = results.get("speed", {})
+    labels = {"train_dropout0": "training step, dropout 0", "train_dropout0.1": "training step, dropout 0.1",
+              "forward_nograd": "no-grad forward", "generate_per_token": "greedy generate, per token"}
+    for key, label in labels.items():
+        if key in speed:
+            v = speed[key]["speedup"]
+            rows.append({"target": f"{label}: ptune-rt speed vs PEFT", "value": v, "goal": f">= {TARGETS[key]:.2f}x",
+                         "pass": v >= TARGETS[key], "unit": "x"})
+    mem = results.get("memory", {})
+    if "dropout0.1" in mem:
+        v = mem["dropout0.1"]["ratio_ptune_over_peft"]
+        t = TARGETS["saved_activation_bytes_ratio_dropout0.1"]
+        rows.append({"target": "activation bytes saved for backward, dropout 0.1: ptune-rt / PEFT", "value": v,
+                     "goal": f"<= {t:.2f}x", "pass": v <= t, "unit": "x"})
+    ops = results.get("ops", {})
+    tri = results.get("triton", {})
+    t = TARGETS["compute_ops_per_lora_linear"]
+    if "compute_ops_per_lora_linear_forward" in tri:
+        v = tri["compute_ops_per_lora_linear_forward"]
+        rows.append({"target": "dispatched ops per LoRA linear per forward, Triton path (interpreter probe)",
+                     "value": v, "goal": f"<= {t:g}", "pass": v <= t, "unit": "ops"})
+    elif "forward" in ops and "ptune-rt" in ops["forward"]:
+        backend = ",".join(ops.get("ptune_backend", {}))
+        v = ops["forward"]["ptune-rt"]["per_lora_linear_compute"]
+        rows.append({"target": f"dispatched ops per LoRA linear per forward ({backend} path, top level)",
+                     "value": v, "goal": f"<= {t:g}", "pass": v <= t, "unit": "ops"})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ptune-rt bench",
+        description="LoRA benchmark + numerical-equality report: HF PEFT vs ptune-rt (and the frozen base model) "
+                    "on a Llama-like model with random weights, side by side in one run.")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported; default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _progress_total(sections, repeats, warmup) -> int:
+    n = 0
+    if "equality" in sections:
+        n += 4
+    if "speed" in sections:
+        n += repeats * (2 + 2 + 3 + 3)
+    if "memory" in sections:
+        n += 4
+    if "ops" in sections:
+        n += 3
+    if "flops" in sections:
+        n += 3
+    if "analytic" in sections:
+        n += 1
+    if "triton" in sections:
+        n += 1
+    return n
+
+
+def run(args, argv) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ptune_rt.bench import analytic
+    from ptune_rt.bench.workload import Workload, default_device
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"ptune-rt bench: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    if args.repeats < 1:
+        raise SystemExit("ptune-rt bench: --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or default_device()
+    wl = Workload.quick() if args.quick else Workload.default()
+    results: dict = {"schema": "ptune-rt-bench-lora/1", "provenance": provenance(device, argv),
+                     "workload": wl.to_dict(), "mode": "quick" if args.quick else "default",
+                     "repeats": args.repeats, "warmup": args.warmup}
+    t0 = time.perf_counter()
+    progress = tqdm(total=_progress_total(sections, args.repeats, args.warmup), disable=args.no_progress,
+                    unit="step", dynamic_ncols=True, file=sys.stderr)
+    bench = Bench(wl, device, args.repeats, args.warmup, progress)
+    try:
+        for sec in SECTIONS:
+            if sec not in sections:
+                continue
+            if sec == "analytic":
+                progress.set_description_str("analytic HBM / roofline")
+                results["analytic"] = {"seven_b": analytic.seven_b_table(r=16, e=2),
+                                       "bench_model_fp32": _bench_model_analytic(wl)}
+                progress.update(1)
+            else:
+                results[sec] = getattr(bench, sec)()
+    finally:
+        progress.close()
+    results["provenance"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results["provenance"]["wall_time_s"] = time.perf_counter() - t0
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def _bench_model_analytic(wl) -> dict:
+    """The same HBM model on the benchmark's own linears (fp32, 4-byte elements), summed over a layer."""
+    from ptune_rt.bench import analytic as A
+
+    M = wl.batch * wl.seq
+    out = {}
+    for p in (0.0, 0.1):
+        tot = {"forward": {"unfused": 0, "fused": 0}, "backward": {"unfused": 0, "fused": 0}}
+        for _, k, n in wl.linear_shapes():
+            m = A.linear_model(M, k, n, wl.r, e=4, p=p)
+            for pass_ in tot:
+                for impl in ("unfused", "fused"):
+                    tot[pass_][impl] += m[pass_][impl]["bytes"] * wl.layers
+        out[f"dropout{p:g}"] = tot
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from ptune_rt.bench import report
+
+    out_dir = args.out or default_out_dir()
+    results = run(args, argv)
+    paths = report.write_all(results, Path(out_dir))
+    print(report.markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
