@@ -1,6 +1,7 @@
 """ptune-rt: fused Triton kernels and a module-swap runtime for parameter-efficient fine-tuning."""
 from ptune_rt.methods.lora import LoRAConfig, LoRALinear
-from ptune_rt.swap import report, restore
+from ptune_rt.swap import format_report, merge, report, restore, unmerge
+from ptune_rt.swap import accelerate_peft as accelerate
 from ptune_rt.swap import apply_lora as _apply_lora
 
 __version__ = "0.1.0"
@@ -13,4 +14,5 @@ def apply(model, config):
     raise TypeError(f"config must be a ptune_rt config (LoRAConfig), got {type(config).__name__}")
 
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply", "report", "restore", "__version__"]
+__all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",
+           "unmerge", "__version__"]

@@ -1,17 +1,23 @@
 """The module-swap layer: put fused LoRA modules into a model instance and take them out again.
 
-Every public function validates everything it needs before it changes anything, so a failed
-call leaves the model exactly as it was.
+* ``apply_lora(model, config)``: replace the target nn.Linear / GPT-2 Conv1D layers by
+  ``LoRALinear`` modules with fresh adapters, freeze the rest.
+* ``accelerate_peft(peft_model)``: replace the LoRA layers of an existing PEFT model by
+  ``LoRALinear`` modules that reuse its very Parameter objects under the same names.
+* ``merge`` / ``unmerge``: fold the adapters into the base weights and back (bit-exact).
+* ``restore``: put the original modules back (the very same objects).
+* ``report`` / ``format_report``: which backend every swapped module takes, and why.
+
+Only the instance passed in is changed, never a class. Every public function validates
+everything it needs before it changes anything, so a failed call leaves the model as it was.
 """
 from __future__ import annotations
 
 import re
-from typing import Optional
-
-import torch
 from torch import nn
 
 from ptune_rt.methods.lora import Conv1D, LoRAConfig, LoRALinear, linear_shape
+from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 
 #: Default targets per model type when ``target_modules`` is None (the same choice PEFT makes).
 DEFAULT_TARGETS = {
@@ -21,9 +27,18 @@ DEFAULT_TARGETS = {
     "t5": ["q", "v"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
 }
 
+#: Model attribute holding the LoRAConfig of ``apply_lora`` (read by adapter checkpoint code).
+CONFIG_ATTR = "_ptune_rt_config"
+#: Model attribute holding the requires_grad flags (by parameter name) from before ``apply_lora``.
+REQUIRES_GRAD_ATTR = "_ptune_rt_requires_grad"
+#: LoRALinear attribute: the module ``restore`` puts back (not registered as a submodule).
+ORIGIN_ATTR = "_ptune_rt_origin"
+#: LoRALinear attribute: "apply" or "peft", how the module got into the model.
+SOURCE_ATTR = "_ptune_rt_source"
+
 
 def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or bool(Conv1D) and isinstance(m, Conv1D)
+    return isinstance(m, nn.Linear) or (bool(Conv1D) and isinstance(m, Conv1D))
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -35,40 +50,103 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _peft_lora_classes():
+    """(LoraLayer, lora Linear) of the installed PEFT, or (None, None) without PEFT."""
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+    except Exception:
+        return None, None
+    return LoraLayer, Linear
+
+
+def _peft_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    LoraLayer, _ = _peft_lora_classes()
+    if LoraLayer is None:
+        return {}
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every ``LoRALinear`` of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _require_module(model, arg: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _require_swapped(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    _require_module(model)
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError(f"{what}: model has no ptune-rt LoRA modules; expected a model passed through "
+                         "ptune_rt.apply(...) or ptune_rt.accelerate(...)")
+    return mods
+
+
+def _check_backend(backend: str, module_name: str, layer: nn.Module, arg: str) -> None:
+    try:
+        resolve_backend(backend, layer.weight.device)
+    except RuntimeError as e:
+        raise ValueError(f"{arg}={backend!r} cannot run target {module_name!r}: {e}") from None
+
+
 def resolve_targets(model: nn.Module, target_modules) -> list[str]:
-    """Names of the modules ``target_modules`` selects; raises naming what did not match."""
+    """Names of the modules ``target_modules`` selects; raises naming what did not match.
+
+    A list selects modules whose name equals an entry or ends with ``"." + entry``; a string is
+    a regular expression matched against full module names; ``"all-linear"`` selects every
+    nn.Linear / Conv1D except the output layer; None takes the model type's default.
+    """
     if target_modules is None:
         mtype = getattr(getattr(model, "config", None), "model_type", None)
         if mtype not in DEFAULT_TARGETS:
-            raise ValueError(f"target_modules is None and there is no default for model type {mtype!r}: "
-                             "pass LoRAConfig(target_modules=[...])")
+            raise ValueError(f"LoRAConfig.target_modules is None and there is no default for model type "
+                             f"{mtype!r}: pass LoRAConfig(target_modules=[...])")
         target_modules = DEFAULT_TARGETS[mtype]
     named = dict(model.named_modules())
+    order = {n: i for i, n in enumerate(named)}
     if isinstance(target_modules, str) and target_modules == "all-linear":
         skip = _output_layer_names(model)
         names = [n for n, m in named.items() if _is_linear(m) and n not in skip]
     elif isinstance(target_modules, str):
-        names = [n for n in named if n and re.fullmatch(target_modules, n)]
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"LoRAConfig.target_modules={target_modules!r} is not a valid regular expression: "
+                             f"{e}") from None
+        names = [n for n in named if n and pattern.fullmatch(n)]
     else:
-        names, unmatched = [], []
+        names, unmatched = set(), []
         for t in target_modules:
             hits = [n for n in named if n == t or n.endswith("." + t)]
             if not hits:
                 unmatched.append(t)
-            names += hits
+            names.update(hits)
         if unmatched:
-            raise ValueError(f"target_modules {unmatched} match no module of {type(model).__name__}")
-        names = sorted(set(names), key=list(named).index)
+            raise ValueError(f"LoRAConfig.target_modules entries {unmatched} match no module of "
+                             f"{type(model).__name__}; expected names (or name suffixes) of its nn.Linear / "
+                             f"Conv1D layers, e.g. {_example_linear_names(named)}")
+        names = sorted(names, key=order.__getitem__)
     if not names:
-        raise ValueError(f"target_modules={target_modules!r} matches no module of {type(model).__name__}")
+        raise ValueError(f"LoRAConfig.target_modules={target_modules!r} matches no module of "
+                         f"{type(model).__name__}")
     for n in names:
         m = named[n]
-        if isinstance(m, LoRALinear):
-            raise ValueError(f"module {n!r} already carries a LoRA adapter: call ptune_rt.restore(model) first")
         if not _is_linear(m):
-            raise TypeError(f"target module {n!r} is a {type(m).__name__}; LoRA targets must be nn.Linear or "
-                            "GPT-2 Conv1D layers")
+            raise TypeError(f"LoRAConfig.target_modules selects module {n!r}, a {type(m).__name__}; "
+                            "LoRA targets must be nn.Linear or GPT-2 Conv1D layers")
     return names
+
+
+def _example_linear_names(named: dict) -> list[str]:
+    leaves = []
+    for n, m in named.items():
+        leaf = n.rpartition(".")[2]
+        if _is_linear(m) and leaf not in leaves:
+            leaves.append(leaf)
+    return leaves[:8]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -77,50 +155,251 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _refuse_already_swapped(model: nn.Module) -> None:
+    mods = lora_modules(model)
+    if mods:
+        first = next(iter(mods))
+        raise ValueError(f"model already carries ptune-rt LoRA modules (e.g. {first!r}); expected an unswapped "
+                         "model: call ptune_rt.restore(model) first")
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Swap the targets of ``config`` for ``LoRALinear`` modules (in place) and freeze the rest.
+
+    Afterwards exactly these parameters train: every adapter's lora_A / lora_B, plus the targets'
+    biases with ``bias="lora_only"`` or every parameter named ``*.bias`` with ``bias="all"`` (as
+    in PEFT). The previous requires_grad flags are kept and given back by ``restore``.
+    """
+    _require_module(model)
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     config.validate()
+    _refuse_already_swapped(model)
+    peft_layers = _peft_lora_layers(model)
+    if peft_layers:
+        raise ValueError(f"model already has PEFT LoRA layers (e.g. {next(iter(peft_layers))!r}); expected a "
+                         "plain model: use ptune_rt.accelerate(peft_model) to run a PEFT model on fused modules")
     names = resolve_targets(model, config.target_modules)
-    for n in names:  # validate every target before touching any
-        in_f, out_f = linear_shape(model.get_submodule(n))
+    for n in names:  # every check before the first change
+        layer = model.get_submodule(n)
+        in_f, out_f = linear_shape(layer)
         if config.r > min(in_f, out_f):
-            raise ValueError(f"rank r={config.r} is larger than min(in_features={in_f}, out_features={out_f}) "
-                             f"of target {n!r}")
+            raise ValueError(f"LoRAConfig.r={config.r} must be at most min(in_features={in_f}, "
+                             f"out_features={out_f}) of target {n!r}")
+        _check_backend(config.backend, n, layer, "LoRAConfig.backend")
     new = {n: LoRALinear(model.get_submodule(n), config.r, config.alpha, config.dropout, config.use_rslora,
                          config.init, config.backend) for n in names}
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n, m in new.items():
-        _set_submodule(model, n, m)
-        if config.bias == "lora_only" and m.base_layer.bias is not None:
-            m.base_layer.bias.requires_grad_(True)
+
+    # Nothing below can fail on a validated model.
+    before = {pn: p.requires_grad for pn, p in model.named_parameters()}
+    trainable_bias = set()
     if config.bias == "all":
-        for pn, p in model.named_parameters():
-            if pn.endswith("bias") and p in requires_grad:
-                p.requires_grad_(True)
-    model._ptune_rt_config = config
+        trainable_bias = {pn for pn in before if pn.rpartition(".")[2] == "bias"}
+    elif config.bias == "lora_only":
+        trainable_bias = {f"{n}.bias" for n in names if new[n].base_layer.bias is not None}
+    for pn, p in model.named_parameters():
+        p.requires_grad_(pn in trainable_bias)
+    for n, m in new.items():
+        m.__dict__[ORIGIN_ATTR] = m.base_layer
+        m.__dict__[SOURCE_ATTR] = "apply"
+        m.train(m.base_layer.training)
+        _set_submodule(model, n, m)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, REQUIRES_GRAD_ATTR, before)
     return model
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
+    """Run an existing PEFT LoRA model on fused ``LoRALinear`` modules, in place; returns ``report``.
+
+    Every ``peft.tuners.lora.layer.Linear`` (over nn.Linear, or GPT-2 Conv1D with
+    fan_in_fan_out) is replaced by a ``LoRALinear`` holding the very same base layer and
+    lora_A / lora_B modules, hence the same Parameter objects under the same names:
+    ``named_parameters()`` keys, an optimizer built before the call, requires_grad flags and
+    PEFT's ``save_pretrained`` are unaffected. Scaling (rsLoRA included) and the dropout rate
+    are taken from each layer; the dropout mask itself is drawn differently from PEFT's.
+
+    Supported: one adapter per layer, active and unmerged. Refused before any change: DoRA and
+    other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
+    merged or disabled layers, LoRA on embeddings / convolutions / quantized layers.
+
+    PEFT's own adapter management (``merge_adapter``, ``disable_adapter``, ``set_adapter``,
+    ``merge_and_unload``, mixed-batch ``adapter_names``) does not see the swapped layers: use
+    ``ptune_rt.merge`` / ``unmerge``, or ``ptune_rt.restore(peft_model)`` first, which puts PEFT's
+    layers back.
+    """
+    _require_module(peft_model, "peft_model")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    LoraLayer, PeftLinear = _peft_lora_classes()
+    if LoraLayer is None:
+        raise RuntimeError("ptune_rt.accelerate needs the peft package, which cannot be imported")
+    _refuse_already_swapped(peft_model)
+    layers = _peft_lora_layers(peft_model)
+    if not layers:
+        raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers; expected a model "
+                         "from peft.get_peft_model(model, LoraConfig(...))")
+    plans = {n: _plan_peft_layer(n, m, PeftLinear, backend) for n, m in layers.items()}
+    new = {}
+    for n, (m, adapter, dropout) in plans.items():
+        lora = LoRALinear.from_adapter_modules(m.base_layer, m.lora_A[adapter], m.lora_B[adapter],
+                                               scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
+                                               dropout=dropout, backend=backend, adapter_name=adapter)
+        lora.__dict__[ORIGIN_ATTR] = m
+        lora.__dict__[SOURCE_ATTR] = "peft"
+        lora.train(m.training)
+        new[n] = lora
+    for n, lora in new.items():  # nothing below can fail on a validated model
+        _set_submodule(peft_model, n, lora)
+    return report(peft_model)
 
 
-def report(model: nn.Module) -> list[dict]:
-    """One row per swapped module: name, method, shape, rank, backend and why."""
-    rows = []
-    for n, m in lora_modules(model).items():
-        backend, why = m.backend_choice()
-        rows.append({"module": n, "method": "lora", "in_features": m.in_features, "out_features": m.out_features,
-                     "r": m.r[m.active_adapter], "backend": backend, "why": why, "merged": m.merged})
-    return rows
+def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
+    """Validate one PEFT LoRA layer; returns (layer, adapter name, dropout p)."""
+    where = f"PEFT LoRA layer {name!r}"
+    if type(m) is not PeftLinear:
+        kind = type(m).__name__
+        raise TypeError(f"{where} is a {type(m).__module__}.{kind}; ptune_rt.accelerate supports LoRA on "
+                        "nn.Linear and GPT-2 Conv1D layers only (peft.tuners.lora.layer.Linear), not "
+                        "embedding, convolution or quantized LoRA layers")
+    base = m.base_layer
+    if not _is_linear(base):
+        raise TypeError(f"{where} wraps a {type(base).__name__}; expected an nn.Linear or GPT-2 Conv1D base layer")
+    adapters = sorted(set(m.lora_A) | set(m.lora_B) | set(m.lora_embedding_A) | set(m.lora_magnitude_vector))
+    active = list(m.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"{where} has active adapters {active}; ptune_rt.accelerate supports exactly one active "
+                         "adapter (peft_model.set_adapter(name))")
+    adapter = active[0]
+    if adapters != [adapter]:
+        raise ValueError(f"{where} holds adapters {adapters} (active: {adapter!r}); ptune_rt.accelerate supports "
+                         "one adapter per layer: delete the others (peft_model.delete_adapter(name))")
+    if m.use_dora.get(adapter, False) or len(m.lora_magnitude_vector):
+        raise ValueError(f"{where} uses DoRA (use_dora=True), which ptune_rt.accelerate does not support")
+    variant = getattr(m, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        raise ValueError(f"{where} uses the LoRA variant {type(variant).__name__}, which ptune_rt.accelerate "
+                         "does not support; expected plain LoRA")
+    if m.lora_bias.get(adapter, False) or m.lora_B[adapter].bias is not None:
+        raise ValueError(f"{where} has lora_bias=True, which ptune_rt.accelerate does not support")
+    if m.merged:
+        raise ValueError(f"{where} is merged ({m.merged_adapters}); expected unmerged layers: call "
+                         "peft_model.unmerge_adapter() first")
+    if m.disable_adapters:
+        raise ValueError(f"{where} has its adapters disabled; expected enabled adapters (leave "
+                         "peft_model.disable_adapter() first)")
+    drop = m.lora_dropout[adapter] if adapter in m.lora_dropout else nn.Identity()
+    if isinstance(drop, nn.Dropout):
+        p = float(drop.p)
+    elif isinstance(drop, nn.Identity):
+        p = 0.0
+    else:
+        raise TypeError(f"{where} has a lora_dropout of type {type(drop).__name__}; expected nn.Dropout or "
+                        "nn.Identity")
+    a, b = m.lora_A[adapter], m.lora_B[adapter]
+    in_f, out_f = linear_shape(base)
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+        raise TypeError(f"{where}: lora_A / lora_B must be nn.Linear, got {type(a).__name__} / {type(b).__name__}")
+    r = a.weight.shape[0]
+    if tuple(a.weight.shape) != (r, in_f) or tuple(b.weight.shape) != (out_f, r):
+        raise ValueError(f"{where}: lora_A.weight {tuple(a.weight.shape)} / lora_B.weight "
+                         f"{tuple(b.weight.shape)} do not fit the base layer (in={in_f}, out={out_f}); "
+                         f"expected [r, {in_f}] and [{out_f}, r]")
+    if a.weight.dtype != b.weight.dtype:
+        raise TypeError(f"{where}: lora_A and lora_B have dtypes {a.weight.dtype} and {b.weight.dtype}; "
+                        "expected one dtype")
+    dev = base.weight.device
+    if a.weight.device != dev or b.weight.device != dev:
+        raise ValueError(f"{where}: lora_A / lora_B are on {a.weight.device} / {b.weight.device} but the base "
+                         f"weight is on {dev}; expected one device")
+    _check_backend(backend, name, base, "backend")
+    return m, adapter, p
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every swapped module's adapter into its base weight (see ``LoRALinear.merge``).
+
+    All or nothing: if one module cannot merge, those merged by this call are unmerged again
+    (bit-exact) before the error propagates."""
+    mods = _require_swapped(model, "merge")
+    for n, m in mods.items():
+        if not m.merged and m.disabled:
+            raise ValueError(f"cannot merge module {n!r}: its adapter is disabled")
+        if not m.merged and m.active_adapter not in m.lora_A:
+            raise ValueError(f"cannot merge module {n!r}: active_adapter {m.active_adapter!r} is not one of its "
+                             f"adapters {list(m.lora_A)}")
+    done = []
+    try:
+        for n, m in mods.items():
+            if not m.merged:
+                m.merge()
+                done.append(m)
+    except Exception:
+        for m in reversed(done):
+            m.unmerge()
+        raise
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of its base weight again, bit-exact (see ``LoRALinear.unmerge``)."""
+    for m in _require_swapped(model, "unmerge").values():
+        m.unmerge()
+    return model
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Put the original modules back (the very same objects, so weights are bit-exact)."""
-    for n, m in lora_modules(model).items():
-        if m.merged:
-            m.unmerge()
-    for n, m in lora_modules(model).items():
-        _set_submodule(model, n, m.base_layer)
+    """Undo ``apply`` / ``accelerate``: unmerge where merged, then put the original modules back
+    (the very same objects, so weights are bit-exact) and, after ``apply``, the previous
+    requires_grad flags. After ``accelerate`` PEFT's LoRA layers come back, holding the same
+    (possibly trained) adapter parameters."""
+    mods = _require_swapped(model, "restore")
+    for m in mods.values():
+        m.unmerge()
+    for n, m in mods.items():
+        origin = m.__dict__.get(ORIGIN_ATTR, m.base_layer)
+        origin.train(m.training)
+        _set_submodule(model, n, origin)
+    flags = model.__dict__.pop(REQUIRES_GRAD_ATTR, None)
+    if flags is not None:
+        for pn, p in model.named_parameters():
+            if pn in flags:
+                p.requires_grad_(flags[pn])
+    model.__dict__.pop(CONFIG_ATTR, None)
     return model
+
+
+def report(model: nn.Module) -> list[dict]:
+    """One row per swapped module: name, origin, shape, rank, dtype, device, backend and why."""
+    rows = []
+    for n, m in lora_modules(model).items():
+        backend, why = m.backend_choice()
+        w = m.base_layer.weight
+        name = m.active_adapter
+        rows.append({"module": n, "method": "lora", "source": m.__dict__.get(SOURCE_ATTR, "apply"),
+                     "adapter": name, "in_features": m.in_features, "out_features": m.out_features,
+                     "r": m.r.get(name), "scaling": m.scaling.get(name), "dropout": m.lora_dropout_p.get(name),
+                     "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device),
+                     "backend": backend, "why": why, "merged": m.merged})
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """``report`` rows as an aligned text table (one line per module, then a summary line)."""
+    if not isinstance(rows, list):
+        raise TypeError(f"rows must be the list returned by ptune_rt.report, got {type(rows).__name__}")
+    if not rows:
+        return "no ptune-rt modules"
+    header = ["module", "shape", "r", "dtype", "backend", "merged", "why"]
+    lines = [[r["module"], f"{r['in_features']}->{r['out_features']}", str(r["r"]), r["dtype"], r["backend"],
+              "yes" if r["merged"] else "no", r["why"]] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths), "---")]
+    out += [fmt.format(*line) for line in lines]
+    counts = {}
+    for r in rows:
+        counts[r["backend"]] = counts.get(r["backend"], 0) + 1
+    out.append(f"{len(rows)} LoRA modules: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return "\n".join(out)
+

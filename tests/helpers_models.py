@@ -2,7 +2,7 @@
 
 Every factory builds a fresh model from a config with seeded random weights, eager attention and
 all dropout probabilities at 0 (so train-mode runs are deterministic), in eval mode. Two calls with
-the same seed give bit-identical weights.
+the same seed give bit-identical weights. ``layers`` sets the number of blocks (default 2).
 
     base = tiny_llama()
     peft_model = peft_lora_model(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, alpha=8)
@@ -33,41 +33,41 @@ def _build(cls, config, seed: int, dtype: torch.dtype):
     return _finish(model, dtype)
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2) -> nn.Module:
     """LlamaForCausalLM: hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return _build(LlamaForCausalLM, cfg, seed, dtype)
 
 
-def tiny_qwen2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def tiny_qwen2(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2) -> nn.Module:
     """Qwen2ForCausalLM (q/k/v projections with bias): hidden 64, 2 layers, 4 heads, 2 KV heads."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = Qwen2Config(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return _build(Qwen2ForCausalLM, cfg, seed, dtype)
 
 
-def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2) -> nn.Module:
     """GPT2LMHeadModel (Conv1D projections, weight [in, out]): n_embd 64, 2 layers, 4 heads."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+    cfg = GPT2Config(n_embd=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=128,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
                      eos_token_id=2)
     return _build(GPT2LMHeadModel, cfg, seed, dtype)
 
 
-def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2) -> nn.Module:
     """BertForMaskedLM (bidirectional encoder): hidden 64, 2 layers, 4 heads."""
     from transformers import BertConfig, BertForMaskedLM
 
-    cfg = BertConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = BertConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                      vocab_size=VOCAB, max_position_embeddings=128, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, pad_token_id=0)
     return _build(BertForMaskedLM, cfg, seed, dtype)

@@ -108,16 +108,52 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a float tensor (so -0.0 != 0.0 and NaN payloads compare exactly)."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+    return t.contiguous().view(ints[t.element_size()])
+
+
+class _MergeRecord:
+    """What ``LoRALinear.unmerge`` needs to give back the exact pre-merge weight.
+
+    ``a``, ``b``, ``scale``: a snapshot of the merged adapter (r * (in + out) numbers, small), so the
+    delta subtracted is the one that was added even if the live adapter changes meanwhile.
+    ``index``, ``values``: the flat positions where ``cast(cast(W + d) - d)`` is not W bit for bit,
+    and W's original values there (usually a small fraction of the elements); or ``index=None``
+    and ``values`` a full copy of W when that is smaller.
+    """
+
+    __slots__ = ("adapter", "a", "b", "scale", "index", "values")
+
+    def __init__(self, adapter, a, b, scale, index, values):
+        self.adapter, self.a, self.b, self.scale, self.index, self.values = adapter, a, b, scale, index, values
+
+    def extra_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.index, self.values) if t is not None)
+
+
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear / Conv1D plus a LoRA adapter, run by the fused op."""
+    """A frozen nn.Linear / Conv1D plus a LoRA adapter, run by the fused op.
+
+    ``merge()`` folds ``scale * B @ A`` into the base weight (forward then only calls the base
+    layer); ``unmerge()`` takes it out again and gives back the original weight bit for bit.
+    """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default", backend: str = "auto",
                  adapter_name: str = "default"):
         super().__init__()
-        in_f, out_f = linear_shape(base_layer)
+        self._init_base(base_layer, backend, adapter_name)
+        in_f, out_f = self.in_features, self.out_features
         if r < 1 or r > min(in_f, out_f):
             raise ValueError(f"rank r={r} must be between 1 and min(in_features={in_f}, out_features={out_f})")
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init)
+
+    def _init_base(self, base_layer: nn.Module, backend: str, adapter_name: str) -> None:
+        in_f, out_f = linear_shape(base_layer)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = in_f, out_f
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
@@ -131,7 +167,42 @@ class LoRALinear(nn.Module):
         self.active_adapter = adapter_name
         self.merged = False
         self.disabled = False
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init)
+        self._merge_record: Optional[_MergeRecord] = None
+
+    @classmethod
+    def from_adapter_modules(cls, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, *,
+                             scaling: float, alpha: Optional[float] = None, dropout: float = 0.0,
+                             backend: str = "auto", adapter_name: str = "default") -> "LoRALinear":
+        """Wrap existing modules without copying: ``lora_A`` / ``lora_B`` (bias-free nn.Linear,
+        weights [r, in] and [out, r]) become ``self.lora_A[adapter_name]`` / ``self.lora_B[...]``,
+        the very same objects, so their Parameters (and an optimizer holding them) carry over."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._init_base(base_layer, backend, adapter_name)
+        for what, m in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(m, nn.Linear):
+                raise TypeError(f"{what} must be an nn.Linear, got {type(m).__name__}")
+            if m.bias is not None:
+                raise ValueError(f"{what} must have no bias (bias on the LoRA path is not supported)")
+        r = lora_A.weight.shape[0]
+        if tuple(lora_A.weight.shape) != (r, self.in_features):
+            raise ValueError(f"lora_A.weight must be [r, in_features={self.in_features}], "
+                             f"got {tuple(lora_A.weight.shape)}")
+        if tuple(lora_B.weight.shape) != (self.out_features, r):
+            raise ValueError(f"lora_B.weight must be [out_features={self.out_features}, r={r}], "
+                             f"got {tuple(lora_B.weight.shape)}")
+        if lora_A.weight.dtype != lora_B.weight.dtype:
+            raise TypeError(f"lora_A and lora_B weights must share one dtype, got {lora_A.weight.dtype} and "
+                            f"{lora_B.weight.dtype}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.lora_A[adapter_name] = lora_A
+        self.lora_B[adapter_name] = lora_B
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = float(alpha) if alpha is not None else float(scaling) * r
+        self.scaling[adapter_name] = float(scaling)
+        self.lora_dropout_p[adapter_name] = float(dropout)
+        return self
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "default") -> None:
@@ -177,6 +248,93 @@ class LoRALinear(nn.Module):
 
     def backend_choice(self) -> tuple[str, str]:
         return resolve_backend(self.backend, self.base_layer.weight.device)
+
+    def _delta_like_weight(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * B @ A in the base weight's layout ([out, in], or [in, out] for Conv1D), computed in
+        fp32 (fp64 when the base or the adapter is fp64)."""
+        w = self.base_layer.weight
+        cdt = torch.promote_types(torch.promote_types(w.dtype, a.dtype), torch.float32)
+        d = (b.to(cdt) @ a.to(cdt)).mul_(scale)
+        return d.t() if self.fan_in_fan_out else d
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight: ``W <- cast(W + s * B @ A)``.
+
+        The delta is computed in fp32 (fp64 for fp64 weights) and added to W upcast to that dtype,
+        then rounded once to W's dtype, for fp32 and half-precision (fp16 / bf16) bases alike.
+        Forward then only runs the base layer (zero overhead); the adapter gets no gradient while
+        merged. Refuses (changing nothing) when the merged weight would not be finite.
+
+        Exact unmerge: rounding makes ``U = cast(cast(W + d) - d)`` differ from W. With unit
+        roundoffs u_w of W's dtype (2**-24 fp32, 2**-11 fp16, 2**-8 bf16) and u_c of the compute
+        dtype (2**-24, or 2**-53 for fp64), elementwise, to first order in u:
+
+            |U - W| <= (u_w + u_c) * (2 |W| + 3 |d|)
+
+        and U == W wherever the add stayed in W's binade and was no (near-)tie, i.e. almost
+        everywhere when |d| << |W|. ``merge`` therefore computes U right away and records the flat
+        positions where U != W (bit patterns) with W's values there, plus a copy of A, B and s;
+        ``unmerge`` recomputes U from that copy and patches those positions, so the weight comes
+        back bit for bit. Extra memory while merged: r * (in + out) adapter numbers plus
+        (4 + itemsize) bytes per patched element, capped at one copy of W (a plain copy is kept
+        when that is smaller; see ``merge_extra_bytes``). Exactness relies on ``B @ A`` being
+        recomputed bit-identically on the same device, as deterministic BLAS does (CPU, and cuBLAS
+        outside its multi-stream split-K modes), and on the weight keeping its dtype and device
+        until ``unmerge`` (after a ``.to(...)`` of a merged model the patched positions get W's
+        values cast, the others obey the bound above, as they would were B @ A not reproducible).
+        """
+        if self.merged:
+            return
+        name = self.active_adapter
+        if self.disabled:
+            raise RuntimeError("cannot merge: the adapter of this LoRALinear is disabled (disabled=True)")
+        if name not in self.lora_A:
+            raise KeyError(f"active_adapter {name!r} is not an adapter of this module (has {list(self.lora_A)})")
+        w = self.base_layer.weight
+        with torch.no_grad():
+            a = self.lora_A[name].weight.detach().clone()
+            b = self.lora_B[name].weight.detach().clone()
+            scale = float(self.scaling[name])
+            d = self._delta_like_weight(a, b, scale)
+            orig = w.detach()
+            merged = (orig.to(d.dtype) + d).to(w.dtype)
+            if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(orig).all()):
+                raise ValueError(f"merging adapter {name!r} would make the {w.dtype} base weight non-finite "
+                                 f"(max |delta| = {d.abs().max().item():.3e}); the weight was left unchanged")
+            back = (merged.to(d.dtype) - d).to(w.dtype)
+            index = (_bits(back) != _bits(orig)).view(-1).nonzero().squeeze(1)
+            if orig.numel() < 2**31:
+                index = index.to(torch.int32)
+            if index.numel() * (index.element_size() + orig.element_size()) >= orig.numel() * orig.element_size():
+                index, values = None, orig.clone()  # a plain copy is smaller than the patch list
+            else:
+                values = orig.contiguous().view(-1)[index.long()]
+            w.copy_(merged)
+        self._merge_record = _MergeRecord(name, a, b, scale, index, values)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the merged adapter out of the base weight again, restoring it bit for bit (see
+        ``merge``). A no-op when not merged."""
+        if not self.merged:
+            return
+        rec = self._merge_record
+        w = self.base_layer.weight
+        with torch.no_grad():
+            values = rec.values.to(device=w.device, dtype=w.dtype)
+            if rec.index is None:
+                w.copy_(values)
+            else:
+                d = self._delta_like_weight(rec.a.to(w.device), rec.b.to(w.device), rec.scale)
+                back = (w.detach().to(d.dtype) - d).to(w.dtype).contiguous()
+                back.view(-1)[rec.index.to(device=w.device, dtype=torch.long)] = values
+                w.copy_(back)
+        self._merge_record = None
+        self.merged = False
+
+    def merge_extra_bytes(self) -> int:
+        """Bytes held while merged to make ``unmerge`` exact (0 when not merged)."""
+        return self._merge_record.extra_bytes() if self._merge_record is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
