@@ -25,7 +25,29 @@ def _cases():
         yield "lora", dtype, (45, 70, 50, 8), {"dropout_p": 0.3}
         yield "lora", dtype, (45, 70, 50, 8), {"conv1d": True, "strided": True, "bias": False}
         yield "lora", dtype, (45, 70, 50, 8), {"adapter_dtype": dtype}
+    from ptune_rt.testing.attention_cases import CASES
+    for dtype in DTYPES:
+        for case in CASES:
+            yield "prefix", dtype, case, {}
     del torch
+
+
+def _run_prefix(dtype, case, device):
+    from ptune_rt.kernels import prefix_attention as K
+    from ptune_rt.testing import error_report
+    from ptune_rt.testing.attention_cases import make_case, reference_and_gold
+
+    q, k, v, pk, pv, kv_mask, task_ids, do = make_case(*case, dtype, device=device)
+    causal = case[7]
+    pk, pv = pk.to(dtype), pv.to(dtype)
+    if q.shape[2] == 1 and task_ids is None:
+        out, lse = K.prefix_attention_decode(q, k, v, pk, pv, kv_mask)
+    else:
+        out, lse = K.prefix_attention_forward(q, k, v, pk, pv, kv_mask, task_ids, causal)
+    grads = K.prefix_attention_backward(do, q, k, v, pk, pv, out, lse, kv_mask, task_ids, causal)
+    ref, gold = reference_and_gold(q, k, v, pk, pv, kv_mask, task_ids, causal, do)
+    names = ("out", "lse", "dq", "dk", "dv", "dpk", "dpv")
+    return [{"output": n, **error_report(o, r, g, dtype)} for n, o, r, g in zip(names, (out, lse, *grads), ref, gold)]
 
 
 def _run_lora(dtype, shape, opts, device):
@@ -59,6 +81,8 @@ def _run_lora(dtype, shape, opts, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ptune-rt check", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the report as JSON to this path")
+    parser.add_argument("--kernel", choices=("lora", "prefix"), help="check only this kernel family")
+    parser.add_argument("--quick", action="store_true", help="only the first two cases per kernel and dtype")
     args = parser.parse_args(argv)
 
     import torch
@@ -76,22 +100,32 @@ def main(argv=None) -> int:
     print("rule: max|kernel - fp64| <= factor * max|eager - fp64| + floor * max(1, max|fp64|); "
           + ", ".join(f"{str(d).replace('torch.', '')}: factor {t.factor}, floor {t.floor:g}"
                       for d, t in TOLERANCES.items()))
-    header = f"{'kernel':<8}{'dtype':<10}{'M x K x N x r':<18}{'variant':<26}{'out':<5}{'kernel err':>12}" \
+    header = f"{'kernel':<8}{'dtype':<10}{'M x K x N x r':<18}{'variant':<34}{'out':<5}{'kernel err':>12}" \
              f"{'eager err':>12}{'bound':>12}  ok"
     print(header)
     print("-" * len(header))
     report, failures = [], 0
+    seen: dict = {}
     for kernel, dtype, shape, opts in _cases():
+        case = shape
+        if args.kernel and kernel != args.kernel:
+            continue
+        seen[(kernel, dtype)] = seen.get((kernel, dtype), 0) + 1
+        if args.quick and seen[(kernel, dtype)] > 2:
+            continue
         variant = ",".join(f"{k}={str(v).replace('torch.', '')}" for k, v in opts.items()) or "-"
+        if kernel == "prefix":
+            from ptune_rt.testing.attention_cases import case_id
+            variant, shape = case_id(shape), ()
         try:
-            rows = _run_lora(dtype, shape, opts, device)
+            rows = _run_lora(dtype, shape, opts, device) if kernel == "lora" else _run_prefix(dtype, case, device)
         except Exception as exc:  # report and continue: one broken case must not hide the others
             rows = [{"output": "all", "err": float("nan"), "ref_err": float("nan"), "bound": float("nan"),
                      "ok": False, "error": f"{type(exc).__name__}: {exc}"}]
         for row in rows:
             failures += not row["ok"]
             print(f"{kernel:<8}{str(dtype).replace('torch.', ''):<10}{'x'.join(map(str, shape)):<18}"
-                  f"{variant:<26}{row['output']:<5}{row['err']:>12.3e}{row['ref_err']:>12.3e}"
+                  f"{variant:<34}{row['output']:<5}{row['err']:>12.3e}{row['ref_err']:>12.3e}"
                   f"{row['bound']:>12.3e}  {'yes' if row['ok'] else 'NO ' + row.get('error', '')}")
             report.append({"kernel": kernel, "dtype": str(dtype), "shape": list(shape), "variant": variant, **row})
     print(f"\n{len(report) - failures} passed, {failures} failed")
