@@ -1,0 +1,105 @@
+"""Soft-prompt input embeddings: token embeddings and each row's virtual tokens in one pass.
+
+``build_inputs_embeds(src, embedding, prompts, task_ids)`` fills out[b, j] with
+``embedding[src[b, j]]`` for token ids (src >= 0) and with ``prompts[task_ids[b], -src[b, j] - 1]``
+for virtual tokens (src < 0). Registered as the custom op ``ptune_rt::build_inputs_embeds``; the
+Triton backend is one gather kernel (no concatenation, no per-row loop), the torch backend one
+embedding gather plus a scatter of the virtual rows. Gradients flow to the prompts (summed per
+task) and, if it requires them, to the embedding table.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ptune_rt.ops.lora_linear import resolve_backend
+
+
+def _virtual_index(src, task_ids):
+    virt = src < 0
+    rows, cols = virt.nonzero(as_tuple=True)
+    v = -src[rows, cols] - 1
+    t = task_ids.long()[rows] if task_ids is not None else torch.zeros_like(v)
+    return virt, rows, cols, t, v
+
+
+@torch.library.custom_op("ptune_rt::build_inputs_embeds", mutates_args=())
+def build_inputs_embeds_op(src: Tensor, embedding: Tensor, prompts: Tensor, task_ids: Optional[Tensor],
+                           backend: str) -> Tensor:
+    if backend == "triton":
+        from ptune_rt.kernels.prompt_inputs import build_inputs_embeds as kernel
+        return kernel(src, embedding, prompts, task_ids)
+    out = F.embedding(src.clamp(min=0), embedding)
+    virt, rows, cols, t, v = _virtual_index(src, task_ids)
+    p3 = prompts.unsqueeze(0) if prompts.dim() == 2 else prompts
+    out[rows, cols] = p3[t, v].to(out.dtype)
+    return out
+
+
+@build_inputs_embeds_op.register_fake
+def _(src, embedding, prompts, task_ids, backend):
+    return embedding.new_empty((src.shape[0], src.shape[1], embedding.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    src, embedding, prompts, task_ids, backend = inputs
+    ctx.save_for_backward(src, task_ids)
+    ctx.shapes = (tuple(embedding.shape), embedding.dtype, tuple(prompts.shape), prompts.dtype)
+
+
+def _backward(ctx, dout):
+    src, task_ids = ctx.saved_tensors
+    emb_shape, emb_dtype, p_shape, p_dtype = ctx.shapes
+    need_emb, need_prompts = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    demb = dprompts = None
+    virt, rows, cols, t, v = _virtual_index(src, task_ids)
+    if need_prompts:
+        d3 = torch.zeros(((1,) + p_shape) if len(p_shape) == 2 else p_shape, device=dout.device,
+                         dtype=torch.float32)
+        d3.index_put_((t, v), dout[rows, cols].float(), accumulate=True)
+        dprompts = d3.reshape(p_shape).to(p_dtype)
+    if need_emb:
+        tok = ~virt
+        demb = torch.zeros(emb_shape, device=dout.device, dtype=torch.float32)
+        demb.index_add_(0, src[tok].long(), dout[tok].float())
+        demb = demb.to(emb_dtype)
+    return None, demb, dprompts, None, None
+
+
+build_inputs_embeds_op.register_autograd(_backward, setup_context=_setup)
+
+
+def build_inputs_embeds(src: Tensor, embedding: Tensor, prompts: Tensor, task_ids: Optional[Tensor] = None,
+                        backend: str = "auto") -> Tensor:
+    """Validated entry point; see the module docstring. ``prompts`` [P, H] or [T, P, H] with task_ids [B]."""
+    if src.dim() != 2 or src.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"src must be an integer tensor [batch, length], got {tuple(src.shape)} {src.dtype}")
+    if embedding.dim() != 2:
+        raise ValueError(f"embedding must be [vocab, hidden], got {tuple(embedding.shape)}")
+    V, H = embedding.shape
+    if prompts.dim() not in (2, 3) or prompts.shape[-1] != H:
+        raise ValueError(f"prompts must be [P, hidden={H}] or [tasks, P, hidden={H}], got {tuple(prompts.shape)}")
+    if (prompts.dim() == 3) != (task_ids is not None):
+        raise ValueError("pass task_ids together with a [tasks, P, hidden] prompt stack, and only then")
+    for name, t in (("embedding", embedding), ("prompts", prompts), ("task_ids", task_ids)):
+        if t is not None and t.device != src.device:
+            raise ValueError(f"src is on {src.device} but {name} is on {t.device}")
+    P = prompts.shape[-2]
+    if src.numel():
+        lo, hi = int(src.min()), int(src.max())
+        if hi >= V or lo < -P:
+            raise ValueError(f"src values must be token ids in [0, {V}) or virtual tokens in [-{P}, -1], got "
+                             f"values in [{lo}, {hi}]")
+    if task_ids is not None:
+        T = prompts.shape[0]
+        if tuple(task_ids.shape) != (src.shape[0],) or task_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"task_ids must be an integer tensor [batch={src.shape[0]}], got "
+                             f"{tuple(task_ids.shape)} {task_ids.dtype}")
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= T):
+            raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(task_ids.min())}, "
+                             f"{int(task_ids.max())}]")
+    chosen, _ = resolve_backend(backend, src.device)
+    return build_inputs_embeds_op(src, embedding, prompts.to(embedding.dtype), task_ids, chosen)
