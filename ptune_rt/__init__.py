@@ -3,6 +3,7 @@ from ptune_rt.methods.lora import LoRAConfig, LoRALinear
 from ptune_rt.swap import format_report, merge, report, restore, unmerge
 from ptune_rt.swap import accelerate_peft as accelerate
 from ptune_rt.swap import apply_lora as _apply_lora
+from ptune_rt.io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -16,3 +17,4 @@ def apply(model, config):
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",
            "unmerge", "__version__"]
+__all__ += ["load_adapter", "save_adapter"]

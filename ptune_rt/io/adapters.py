@@ -1,0 +1,330 @@
+"""Adapter checkpoints: ``save_adapter`` / ``load_adapter``, in PEFT's layout or the own one.
+
+Two directory layouts, both safetensors only:
+
+* ``format="peft"``: ``adapter_config.json`` + ``adapter_model.safetensors``, exactly what PEFT's
+  ``save_pretrained`` writes, so ``PeftModel.from_pretrained(base, path)`` loads it, and adapters
+  saved by PEFT load here.
+* ``format="ptune"``: ``ptune_config.json`` (the method's config, a fingerprint of the base model:
+  model type and every target with its shape, and a format version) + ``adapter.safetensors``
+  keyed by module path.
+
+Saving validates first and writes temporary files in the target directory, then moves them into
+place with ``os.replace``, so a failed save leaves earlier files as they were. Loading validates
+the whole checkpoint against the model before changing anything. Pickle checkpoints are refused.
+
+Each PEFT method plugs in as one entry of ``_METHODS`` (own format) and ``_PEFT_TYPES`` (PEFT
+format); LoRA is the one there is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ptune_rt.ops.lora_linear import BACKENDS
+
+from . import lora as lora_io
+from . import peft_config
+from .common import AdapterError, model_class
+
+FORMATS = ("peft", "ptune")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PTUNE_CONFIG = "ptune_config.json"
+PTUNE_WEIGHTS = "adapter.safetensors"
+#: Version of the own layout this code writes and the newest it reads.
+FORMAT_VERSION = 1
+FORMAT_NAME = "ptune-rt-adapter"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+#: own-format method name -> module with ``has_adapter``, ``collect``, ``spec_from_ptune``, ``plan_load``
+_METHODS = {lora_io.METHOD: lora_io}
+#: PEFT ``peft_type`` -> own method name
+_PEFT_TYPES = {"LORA": lora_io.METHOD}
+
+PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------
+
+def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adapter_name: Optional[str] = None,
+                 task_type: Optional[str] = "auto", modules_to_save: Union[str, Sequence[str], None] = "auto") -> str:
+    """Write the adapter of ``model`` to the directory ``path`` (created if needed); returns the path.
+
+    format: "peft" (PEFT's layout; PEFT loads it) or "ptune" (own layout with a model fingerprint).
+    adapter_name: which adapter of the LoRA modules to save (default: the active one).
+    task_type: PEFT task type written to ``adapter_config.json``; "auto" infers it from the model
+        class (CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION or None).
+    modules_to_save: modules saved whole next to the adapter. "auto" takes the heads PEFT's task
+        wrapper would (``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for
+        QUESTION_ANS), since a freshly loaded base model has its own randomly initialised head;
+        a list names them (module name or dotted suffix); None saves none.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    model, hint = _unwrap_peft(model, adapter_name)
+    if task_type == "auto":
+        task_type = peft_config.infer_task_type(model)
+    elif task_type is not None and task_type not in peft_config.TASK_TYPES:
+        raise ValueError(f"task_type must be 'auto', None or one of {peft_config.TASK_TYPES}, got {task_type!r}")
+    if modules_to_save == "auto":
+        head_names, heads_required = peft_config.TASK_HEADS.get(task_type, []), False
+    elif modules_to_save is None:
+        head_names, heads_required = [], False
+    elif isinstance(modules_to_save, str) or not all(isinstance(h, str) and h for h in modules_to_save):
+        raise ValueError(f"modules_to_save must be 'auto', None or a list of module names, got {modules_to_save!r}")
+    else:
+        head_names, heads_required = list(modules_to_save), True
+
+    method = _method_of(model)
+    state = _METHODS[method].collect(model, adapter_name, head_names, heads_required, hint)
+
+    if format == "peft":
+        if method not in _PEFT_TYPES.values():  # pragma: no cover - every method so far has a PEFT type
+            raise AdapterError(f"method {method!r} has no PEFT format; use format='ptune'")
+        config = peft_config.lora_to_peft(state.config, model, task_type, state.fan_in_fan_out, state.head_names)
+        tensors = {peft_config.PEFT_KEY_PREFIX + k: t for k, t in state.tensors.items()}
+        names, metadata = (PEFT_WEIGHTS, PEFT_CONFIG), {"format": "pt"}
+    else:
+        from ptune_rt import __version__
+        config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "ptune_rt_version": __version__,
+                  "method": method, "config": state.config.to_dict(), **state.fingerprint(model)}
+        tensors = dict(state.tensors)
+        names, metadata = (PTUNE_WEIGHTS, PTUNE_CONFIG), {"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)}
+
+    # Serialize fully in memory first: nothing touches the disk until both files are known good.
+    from safetensors.torch import save as safetensors_bytes
+    try:
+        config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        weight_bytes = safetensors_bytes(tensors, metadata=metadata)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"cannot serialize the adapter of {model_class(model)}: {e}") from e
+
+    directory = Path(path)
+    if directory.suffix.lower() in PICKLE_SUFFIXES + (".safetensors", ".json") and not directory.is_dir():
+        raise ValueError(f"path must be a directory to write {names[1]} and {names[0]} into, got a file name "
+                         f"{str(path)!r}")
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"path {str(path)!r} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(directory, [(names[0], weight_bytes), (names[1], config_bytes)])
+    return str(directory)
+
+
+def _unwrap_peft(model: nn.Module, adapter_name: Optional[str]):
+    """A PeftModel (e.g. after ``ptune_rt.accelerate``) -> (its base model, its LoRA config as a
+    LoRAConfig or None); any other model -> (model, None). Module names are the base model's."""
+    configs = getattr(model, "peft_config", None)
+    get_base = getattr(model, "get_base_model", None)
+    if not isinstance(configs, dict) or not callable(get_base):
+        return model, None
+    name = adapter_name or getattr(model, "active_adapter", None)
+    cfg = configs.get(name) if isinstance(name, str) else None
+    hint = None
+    if cfg is not None and str(getattr(cfg, "peft_type", "")).endswith("LORA") and hasattr(cfg, "to_dict"):
+        d = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.to_dict().items()}
+        try:
+            hint, _ = peft_config.read_lora_config(d, f"{type(model).__name__}.peft_config[{name!r}]", "auto")
+        except AdapterError:
+            hint = None
+    return get_base(), hint
+
+
+def _method_of(model: nn.Module) -> str:
+    found = [name for name, mod in _METHODS.items() if mod.has_adapter(model)]
+    if not found:
+        raise AdapterError(f"{model_class(model)} carries no adapter modules: apply one first "
+                           "(ptune_rt.apply(model, LoRAConfig(...))) or load one (ptune_rt.load_adapter)")
+    if len(found) > 1:  # pragma: no cover - one method so far
+        raise AdapterError(f"{model_class(model)} carries adapters of several methods {found}; save them one by one")
+    return found[0]
+
+
+def _write_atomically(directory: Path, files: list[tuple[str, bytes]]) -> None:
+    """Write each file to a temporary name in ``directory``, then ``os.replace`` them into place
+    (weights first, config last, so a reader that sees the new config sees the new weights)."""
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files:
+            tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
+            pending.append((tmp, directory / name))
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    try:  # make the renames durable; not every platform lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------
+
+def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = None, adapter_name: Optional[str] = None,
+                 backend: Optional[str] = None) -> nn.Module:
+    """Load the adapter in directory ``path`` into ``model`` (in place); returns the model.
+
+    The format is detected from the config file (``adapter_config.json``: PEFT,
+    ``ptune_config.json``: own) unless ``format`` is given. A model without adapter modules gets
+    them (``ptune_rt.apply``) and then the weights; a model that has them must match the
+    checkpoint (same targets, rank and scaling) and gets its weights replaced. Everything is
+    checked before the model is changed: on any error the model is left exactly as it was.
+
+    adapter_name: for a model that already has LoRA modules, which of their adapters to fill
+        (default: the active one).
+    backend: backend of newly created LoRA modules ("auto", "triton", "torch"; default: the saved
+        config's for the own format, "auto" for PEFT's).
+    """
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format must be None (detect) or one of {FORMATS}, got {format!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    directory, format = _locate(path, format)
+    given, (model, _) = model, _unwrap_peft(model, adapter_name)
+
+    if format == "peft":
+        config_file = directory / PEFT_CONFIG
+        d = _read_json(config_file)
+        peft_type = d.get("peft_type")
+        if peft_type not in _PEFT_TYPES:
+            raise AdapterError(f"{config_file}: peft_type {peft_type!r} is not supported; ptune_rt loads PEFT "
+                               f"adapters of type {', '.join(_PEFT_TYPES)} (prefix tuning, prompt tuning and "
+                               "other PEFT methods are not loaded yet)")
+        method = _PEFT_TYPES[peft_type]
+        config, exclude = peft_config.read_lora_config(d, str(config_file), backend or "auto")
+        spec = lora_io.LoRASpec(config=config, source=str(config_file), exclude_modules=exclude,
+                                heads=peft_config.peft_task_heads(d))
+        weights_file = _weights_file(directory, PEFT_WEIGHTS)
+        raw = _read_safetensors(weights_file)
+        prefix = peft_config.PEFT_KEY_PREFIX
+        bad = [k for k in raw if not k.startswith(prefix)]
+        if bad:
+            raise AdapterError(f"cannot load {weights_file}: keys {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
+                               f"start with {prefix!r}, as every key of a PEFT LoRA checkpoint does")
+        tensors = {k[len(prefix):]: t for k, t in raw.items()}
+
+        def file_key(k: str) -> str:
+            return prefix + k
+    else:
+        config_file = directory / PTUNE_CONFIG
+        d = _read_json(config_file)
+        if d.get("format") != FORMAT_NAME:
+            raise AdapterError(f"{config_file}: 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = d.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise AdapterError(f"{config_file}: 'format_version' must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise AdapterError(f"{config_file}: format_version {version} was written by a newer ptune-rt; this "
+                               f"version reads format_version <= {FORMAT_VERSION}")
+        method = d.get("method")
+        if method not in _METHODS:
+            raise AdapterError(f"{config_file}: method {method!r} is not supported; supported methods: "
+                               f"{', '.join(_METHODS)}")
+        spec = _METHODS[method].spec_from_ptune(d, str(config_file), backend)
+        weights_file = _weights_file(directory, PTUNE_WEIGHTS)
+        tensors = _read_safetensors(weights_file)
+
+        def file_key(k: str) -> str:
+            return k
+
+    plan = _METHODS[method].plan_load(model, spec, tensors, adapter_name=adapter_name, file_key=file_key,
+                                      weights_file=str(weights_file))
+    plan.execute()
+    return given
+
+
+def _pickle_refusal(file: Path) -> AdapterError:
+    target = file.with_name(PEFT_WEIGHTS if file.name == "adapter_model.bin" else file.stem + ".safetensors")
+    return AdapterError(
+        f"{file}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are not loaded: unpickling can run arbitrary "
+        "code. Only safetensors files are read. If you trust the file, convert it once, e.g.\n"
+        f"    python -c \"import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load('{file}', weights_only=True), '{target}', metadata={{'format': 'pt'}})\"\n"
+        "or re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True) or ptune_rt.save_adapter.")
+
+
+def _locate(path: PathLike, format: Optional[str]) -> tuple[Path, str]:
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_refusal(p)
+    if p.is_file():
+        if p.name not in (PEFT_CONFIG, PEFT_WEIGHTS, PTUNE_CONFIG, PTUNE_WEIGHTS):
+            raise AdapterError(f"path {str(path)!r} is a file; pass the adapter directory (holding "
+                               f"{PEFT_CONFIG} or {PTUNE_CONFIG})")
+        if format is None:
+            format = "peft" if p.name in (PEFT_CONFIG, PEFT_WEIGHTS) else "ptune"
+        p = p.parent
+    if not p.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    has_peft, has_ptune = (p / PEFT_CONFIG).is_file(), (p / PTUNE_CONFIG).is_file()
+    if format is None:
+        if has_peft and has_ptune:
+            raise AdapterError(f"{p} holds both {PEFT_CONFIG} (PEFT) and {PTUNE_CONFIG} (ptune-rt): pass "
+                               "format='peft' or format='ptune'")
+        if not (has_peft or has_ptune):
+            pickles = sorted(f for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                raise _pickle_refusal(pickles[0])
+            raise FileNotFoundError(f"{p} holds no adapter: expected {PEFT_CONFIG} (PEFT) or {PTUNE_CONFIG} "
+                                    "(ptune-rt)")
+        format = "peft" if has_peft else "ptune"
+    config_name = PEFT_CONFIG if format == "peft" else PTUNE_CONFIG
+    if not (p / config_name).is_file():
+        raise FileNotFoundError(f"{p} has no {config_name} (needed for format={format!r})")
+    return p, format
+
+
+def _weights_file(directory: Path, name: str) -> Path:
+    f = directory / name
+    if f.is_file():
+        return f
+    pickles = sorted(g for g in directory.iterdir() if g.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise _pickle_refusal(pickles[0])
+    raise FileNotFoundError(f"{directory} has no {name}")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise AdapterError(f"{file} must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on CPU; a damaged file raises AdapterError naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from e

@@ -1,0 +1,467 @@
+"""LoRA checkpoints: what a model's LoRA adapter is on disk, and how a checkpoint goes back in.
+
+Keys are module paths of the unswapped model with the adapter name left out, as in PEFT's saved
+files (which add the prefix ``base_model.model.``)::
+
+    model.layers.0.self_attn.q_proj.lora_A.weight   [r, in_features]
+    model.layers.0.self_attn.q_proj.lora_B.weight   [out_features, r]
+    model.layers.0.self_attn.q_proj.base_layer.bias (bias="lora_only" / "all": the target's bias)
+    model.norm.bias, ...                            (bias="all": every other bias)
+    score.weight, ...                               (modules_to_save: whole heads, e.g. a classifier)
+
+Loading validates the checkpoint against the model completely before changing it, and undoes a
+partial change if anything still fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ptune_rt.methods.lora import LoRAConfig, LoRALinear, linear_shape
+from ptune_rt import swap
+from ptune_rt.swap import DEFAULT_TARGETS, restore
+
+from .common import (AdapterError, exact_regex, is_linear_like, match_heads, match_targets, model_class,
+                     model_type, module_view, raise_problems, shape_str)
+
+METHOD = "lora"
+#: Model attributes ``apply`` sets (its config, the requires_grad flags it replaced): a failed load puts them back.
+CONFIG_ATTR = getattr(swap, "CONFIG_ATTR", "_ptune_rt_config")
+_MODEL_ATTRS = (CONFIG_ATTR, getattr(swap, "REQUIRES_GRAD_ATTR", "_ptune_rt_requires_grad"))
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving: a model's LoRA adapter as (config, tensors)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoRAState:
+    """One LoRA adapter of a model, ready to be written."""
+
+    config: LoRAConfig                   # target_modules chosen to select exactly ``targets``
+    targets: dict[str, LoRALinear]       # module name -> swapped module
+    adapter_name: str
+    tensors: dict[str, torch.Tensor]     # checkpoint key -> CPU copy
+    heads: list[str]                     # module names saved whole (modules_to_save)
+    head_names: list[str]                # the names they were selected by
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return all(m.fan_in_fan_out for m in self.targets.values())
+
+    def fingerprint(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "model": {"model_type": model_type(model), "class": model_class(model)},
+            "targets": [{"module": n, "in_features": m.in_features, "out_features": m.out_features,
+                         "kind": "conv1d" if m.fan_in_fan_out else "linear"} for n, m in self.targets.items()],
+            "modules_to_save": list(self.heads),
+        }
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def _one_value(values: dict[str, Any], what: str) -> Any:
+    distinct: dict[Any, list[str]] = {}
+    for name, v in values.items():
+        distinct.setdefault(v, []).append(name)
+    if len(distinct) > 1:
+        detail = "; ".join(f"{v!r} on {names[:3]}{' ...' if len(names) > 3 else ''}" for v, names in distinct.items())
+        raise AdapterError(f"the LoRA modules have different {what} ({detail}): a checkpoint stores one {what} "
+                           "for all modules")
+    return next(iter(distinct))
+
+
+def _targets_spec(model: nn.Module, view: dict[str, nn.Module], names: list[str], config: Optional[LoRAConfig]):
+    """A ``target_modules`` value that selects exactly ``names`` in this model: the configured one
+    if it still does, else PEFT's short form (the last name components), else the full names."""
+    candidates = []
+    tm = config.target_modules if config is not None else None
+    if config is not None and tm is None:
+        tm = DEFAULT_TARGETS.get(model_type(model))
+    if tm is not None and tm != "all-linear":
+        candidates.append(tm)
+    candidates.append(sorted({n.rsplit(".", 1)[-1] for n in names}))
+    for c in candidates:
+        if set(match_targets(model, view, c)) == set(names):
+            return c
+    return list(names)
+
+
+def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str], heads_required: bool,
+            config_hint: Optional[LoRAConfig] = None) -> LoRAState:
+    """The LoRA adapter ``adapter_name`` (default: the active one) of ``model``, validated.
+
+    Rank, alpha, dropout and scaling come from the modules; target_modules, bias, init and backend
+    from the config ``apply`` recorded on the model, else from ``config_hint``, else defaults."""
+    view = module_view(model)
+    mods = {n: m for n, m in view.items() if isinstance(m, LoRALinear)}
+    if not mods:
+        raise AdapterError(f"{model_class(model)} has no LoRA modules: apply an adapter first "
+                           "(ptune_rt.apply(model, LoRAConfig(...))) or load one (ptune_rt.load_adapter)")
+    if adapter_name is None:
+        adapter_name = _one_value({n: m.active_adapter for n, m in mods.items()}, "active adapters")
+    lacking = [n for n, m in mods.items() if adapter_name not in m.lora_A]
+    if lacking:
+        raise AdapterError(f"adapter_name={adapter_name!r} is not an adapter of LoRA modules {lacking[:5]}"
+                           f"{' ...' if len(lacking) > 5 else ''}")
+    a = adapter_name
+    r = _one_value({n: m.r[a] for n, m in mods.items()}, "ranks r")
+    alpha = _one_value({n: m.lora_alpha[a] for n, m in mods.items()}, "lora_alpha values")
+    dropout = _one_value({n: m.lora_dropout_p[a] for n, m in mods.items()}, "dropout rates")
+    scaling = _one_value({n: m.scaling[a] for n, m in mods.items()}, "scalings")
+
+    cfg0 = getattr(model, CONFIG_ATTR, None)
+    cfg0 = cfg0 if isinstance(cfg0, LoRAConfig) else config_hint
+    plain = math.isclose(scaling, alpha / r, rel_tol=1e-6)
+    rs = math.isclose(scaling, alpha / math.sqrt(r), rel_tol=1e-6)
+    if plain and rs:
+        use_rslora = cfg0.use_rslora if cfg0 is not None else False
+    elif plain or rs:
+        use_rslora = rs
+    else:
+        raise AdapterError(f"LoRA scaling {scaling} is neither lora_alpha / r ({alpha / r}) nor "
+                           f"lora_alpha / sqrt(r) ({alpha / math.sqrt(r)}): it cannot be written as a LoRA config")
+    backend = cfg0.backend if cfg0 is not None else _one_value({n: m.backend for n, m in mods.items()}, "backends")
+    try:
+        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout,
+                            target_modules=_targets_spec(model, view, list(mods), cfg0),
+                            bias=cfg0.bias if cfg0 is not None else "none", use_rslora=use_rslora,
+                            init=cfg0.init if cfg0 is not None else "default", backend=backend)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"the model's LoRA adapter cannot be described by a LoRAConfig: {e}") from e
+
+    state = model.state_dict(keep_vars=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for n, m in mods.items():
+        tensors[f"{n}.lora_A.weight"] = m.lora_A[a].weight
+        tensors[f"{n}.lora_B.weight"] = m.lora_B[a].weight
+    tensors.update(_bias_entries(state, mods, config.bias))
+
+    heads: list[str] = []
+    for h, found in match_heads(view, head_names, dotted=True).items():
+        if not found and heads_required:
+            raise AdapterError(f"modules_to_save entry {h!r} matches no module of {model_class(model)}")
+        heads += [n for n in found if n not in heads]
+    _check_heads_vs_targets(heads, list(mods))
+    for h in heads:
+        tensors.update({k: t for k, t in state.items() if k.startswith(h + ".")})
+    used = [h for h, found in match_heads(view, head_names, dotted=True).items() if found]
+
+    cpu = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    return LoRAState(config=config, targets=mods, adapter_name=a, tensors=cpu, heads=heads, head_names=used)
+
+
+def _bias_entries(state: dict[str, torch.Tensor], targets, bias: str) -> dict[str, torch.Tensor]:
+    """Bias keys (swapped-model names) a checkpoint carries for this ``bias`` mode."""
+    if bias == "all":
+        return {k: t for k, t in state.items() if k == "bias" or k.endswith(".bias")}
+    if bias == "lora_only":
+        return {f"{n}.base_layer.bias": state[f"{n}.base_layer.bias"] for n in targets
+                if f"{n}.base_layer.bias" in state}
+    return {}
+
+
+def _check_heads_vs_targets(heads: list[str], targets: list[str]) -> None:
+    for h in heads:
+        for t in targets:
+            if t == h or t.startswith(h + ".") or h.startswith(t + "."):
+                raise AdapterError(f"module {h!r} is both saved whole (modules_to_save) and a LoRA target or "
+                                   f"inside one ({t!r}); a module can only be one of them")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: a checkpoint, validated against a model, then put in
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoRASpec:
+    """A LoRA checkpoint's description, whatever the file format."""
+
+    config: LoRAConfig                  # hyper-parameters; target_modules as written in the file
+    source: str                         # the config file (for messages)
+    exclude_modules: Any = None         # PEFT's exclude_modules
+    targets: Optional[dict[str, tuple[int, int, str]]] = None  # exact module -> (in, out, kind) (own format)
+    model_type: Optional[str] = None
+    model_class: Optional[str] = None
+    heads: list[str] = dataclasses.field(default_factory=list)
+    heads_exact: bool = False           # heads are exact module names (own format), not PEFT suffixes
+
+
+def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
+    """A LoRASpec from the own format's config dict (``ptune_config.json``)."""
+    cfg = d.get("config")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{source}: 'config' must be an object with the LoRAConfig fields, got {cfg!r}")
+    try:
+        config = LoRAConfig.from_dict(cfg)
+        if backend is not None:
+            config = dataclasses.replace(config, backend=backend)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{source}: invalid LoRA config: {e}") from e
+    targets = {}
+    entries = d.get("targets")
+    if not isinstance(entries, list) or not entries:
+        raise AdapterError(f"{source}: 'targets' must be a non-empty list of "
+                           "{module, in_features, out_features, kind} objects")
+    for e in entries:
+        try:
+            targets[str(e["module"])] = (int(e["in_features"]), int(e["out_features"]), str(e.get("kind", "linear")))
+        except (KeyError, TypeError, ValueError) as err:
+            raise AdapterError(f"{source}: malformed entry in 'targets': {e!r} (expected module, in_features, "
+                               "out_features, kind)") from err
+    model = d.get("model") or {}
+    heads = d.get("modules_to_save") or []
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise AdapterError(f"{source}: 'modules_to_save' must be a list of module names, got {heads!r}")
+    return LoRASpec(config=config, source=source, targets=targets, model_type=model.get("model_type"),
+                    model_class=model.get("class"), heads=list(heads), heads_exact=True)
+
+
+_PEFT_WRAPPER_PARTS = ("original_module.", "modules_to_save.")
+
+
+class LoRALoadPlan:
+    """A validated load: ``execute()`` swaps in (if needed) and copies, all or nothing."""
+
+    def __init__(self, model: nn.Module, fresh: bool, apply_config: Optional[LoRAConfig],
+                 final_config: Optional[LoRAConfig], lora_copies: list[tuple[str, str, torch.Tensor]],
+                 other_copies: list[tuple[torch.Tensor, torch.Tensor]], adapter_name: Optional[str]):
+        self.model, self.fresh = model, fresh
+        self.apply_config, self.final_config = apply_config, final_config
+        self.lora_copies, self.other_copies = lora_copies, other_copies
+        self.adapter_name = adapter_name
+
+    def execute(self) -> nn.Module:
+        model = self.model
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        attrs = {k: vars(model).get(k, _MISSING) for k in _MODEL_ATTRS}
+        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            if self.fresh:
+                from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
+                apply(model, self.apply_config)
+            copies = list(self.other_copies)
+            for module, which, src in self.lora_copies:
+                m = model.get_submodule(module)
+                name = self.adapter_name or m.active_adapter
+                copies.append(((m.lora_A if which == "A" else m.lora_B)[name].weight, src))
+            with torch.no_grad():
+                backups = [(dst, dst.detach().clone()) for dst, _ in copies]
+                for dst, src in copies:
+                    dst.copy_(src)
+            if self.fresh:
+                setattr(model, CONFIG_ATTR, self.final_config)
+        except BaseException:
+            with torch.no_grad():
+                for dst, old in backups:
+                    dst.copy_(old)
+            if self.fresh and has_adapter(model):  # every LoRA module there is came from this call
+                restore(model)
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            for k, v in attrs.items():
+                if v is not _MISSING:
+                    setattr(model, k, v)
+                elif k in vars(model):
+                    delattr(model, k)
+            raise
+        return model
+
+
+def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
+              file_key: Callable[[str], str], weights_file: str) -> LoRALoadPlan:
+    """Check ``tensors`` (module-path keys) and ``spec`` against ``model``; raise AdapterError
+    listing every problem, or return the plan that loads them."""
+    cls = model_class(model)
+    view = module_view(model)
+    existing = {n: m for n, m in view.items() if isinstance(m, LoRALinear)}
+    fresh = not existing
+    cfg = spec.config
+    mtype = model_type(model)
+
+    # 1. Is this the base model the adapter was made for?
+    if spec.model_type is not None and mtype is not None and spec.model_type != mtype:
+        raise AdapterError(f"{spec.source}: the adapter was saved for model_type {spec.model_type!r} "
+                           f"({spec.model_class}), this model is {mtype!r} ({cls})")
+    if spec.targets is not None:
+        names = list(spec.targets)
+        absent = [n for n in names if n not in view]
+        if absent:
+            raise AdapterError(f"{spec.source}: target modules {absent[:5]}{' ...' if len(absent) > 5 else ''} "
+                               f"do not exist in this {cls}: the adapter was made for another base model")
+    else:
+        tm = cfg.target_modules
+        if tm is None:
+            tm = DEFAULT_TARGETS.get(mtype)
+            if tm is None:
+                raise AdapterError(f"{spec.source}: target_modules is null and model type {mtype!r} has no default "
+                                   "targets")
+        names = match_targets(model, view, tm, spec.exclude_modules)
+        if not names:
+            raise AdapterError(f"{spec.source}: target_modules={tm!r} match no module of this {cls} "
+                               f"(model_type {mtype!r}): the adapter was made for another base model")
+
+    problems: list[str] = []
+    shapes: dict[str, tuple[int, int]] = {}
+    for n in names:
+        m = view[n]
+        if isinstance(m, LoRALinear):
+            base = m.base_layer
+        elif fresh and is_linear_like(m):
+            base = m
+        elif fresh:
+            kind = f"{type(m).__module__}.{type(m).__qualname__}"
+            hint = (" (a PEFT layer: run ptune_rt.accelerate(peft_model) first, or load with PEFT)"
+                    if kind.startswith("peft.") else "")
+            problems.append(f"target module {n!r} is a {kind}{hint}; ptune_rt's LoRA targets nn.Linear and GPT-2 "
+                            "Conv1D layers")
+            continue
+        else:
+            problems.append(f"target module {n!r} has no LoRA adapter, but this model already carries LoRA "
+                            f"modules ({sorted(existing)[:3]} ...): the adapter does not match them; "
+                            "ptune_rt.restore(model) first to load it fresh")
+            continue
+        in_f, out_f = linear_shape(base)
+        shapes[n] = (in_f, out_f)
+        kind = "linear" if isinstance(base, nn.Linear) else "conv1d"
+        if spec.targets is not None:
+            want_in, want_out, want_kind = spec.targets[n]
+            if (want_in, want_out) != (in_f, out_f) or want_kind != kind:
+                problems.append(f"module {n!r}: adapter expects a {want_kind} layer with in_features={want_in}, "
+                                f"out_features={want_out}; this model has a {kind} layer with in_features={in_f}, "
+                                f"out_features={out_f}")
+        if cfg.r > min(in_f, out_f):
+            problems.append(f"module {n!r}: rank r={cfg.r} exceeds min(in_features={in_f}, out_features={out_f})")
+    if not fresh:
+        extra = sorted(set(existing) - set(names))
+        if extra:
+            problems.append(f"this model's LoRA modules {extra[:5]}{' ...' if len(extra) > 5 else ''} are not in the "
+                            "adapter; ptune_rt.restore(model) first to load it fresh")
+        for n in names:
+            m = existing.get(n)
+            if m is None:
+                continue
+            a = adapter_name or m.active_adapter
+            if a not in m.lora_A:
+                problems.append(f"module {n!r} has no adapter named {a!r} (it has {sorted(m.lora_A.keys())})")
+                continue
+            if m.merged:
+                problems.append(f"module {n!r} has its adapter merged into the base weight: unmerge it before "
+                                "loading new adapter weights")
+            elif m.r[a] != cfg.r:
+                problems.append(f"module {n!r}: the model's adapter has rank r={m.r[a]}, the checkpoint r={cfg.r}")
+            elif not math.isclose(m.scaling[a], cfg.scaling, rel_tol=1e-6):
+                problems.append(f"module {n!r}: the model's adapter has scaling {m.scaling[a]}, the checkpoint "
+                                f"{cfg.scaling} (lora_alpha={cfg.alpha}, r={cfg.r}, use_rslora={cfg.use_rslora})")
+    elif adapter_name not in (None, "default"):
+        problems.append(f"adapter_name={adapter_name!r}: a model without LoRA modules gets the adapter 'default'")
+    raise_problems(f"cannot load the adapter of {spec.source} into this {cls}:", problems)
+
+    # 2. The keys: LoRA weights, biases, whole heads. Shapes from this model.
+    expected: dict[str, tuple[int, ...]] = {}
+    lora_keys: dict[str, tuple[str, str]] = {}
+    for n in names:
+        in_f, out_f = shapes[n]
+        expected[f"{n}.lora_A.weight"] = (cfg.r, in_f)
+        expected[f"{n}.lora_B.weight"] = (out_f, cfg.r)
+        lora_keys[f"{n}.lora_A.weight"] = (n, "A")
+        lora_keys[f"{n}.lora_B.weight"] = (n, "B")
+    state = _swapped_state(model, names if fresh else [])
+    destinations = dict(_bias_entries(state, names, cfg.bias))
+
+    heads_found = match_heads(view, spec.heads, dotted=spec.heads_exact)
+    problems = []
+    heads: list[str] = []
+    for h, found in heads_found.items():
+        if not found and spec.heads_exact:
+            problems.append(f"module {h!r} (modules_to_save) does not exist in this {cls}")
+        heads += [n for n in found if n not in heads]
+    try:
+        _check_heads_vs_targets(heads, names)
+    except AdapterError as e:
+        problems.append(str(e))
+    artifacts = set()
+    for h in heads:
+        in_file = [k for k in tensors if k.startswith(h + ".")]
+        artifacts |= {k for k in in_file if k[len(h) + 1:].startswith(_PEFT_WRAPPER_PARTS)}
+        # A PEFT head absent from the file keeps the model's own head (as in PEFT); a partly present one is an error.
+        if spec.heads_exact or len(in_file) > len(artifacts & set(in_file)):
+            destinations.update({k: t for k, t in state.items() if k.startswith(h + ".")})
+    for k, t in destinations.items():
+        expected[k] = tuple(t.shape)
+
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected and k not in artifacts]
+    for k in missing:
+        problems.append(f"missing key {file_key(k)!r} (expected shape {shape_str(expected[k])})")
+    for k in unexpected:
+        problems.append(f"unexpected key {file_key(k)!r}{_why_unexpected(k, view, names, cfg.bias)}")
+    for k, want in expected.items():
+        t = tensors.get(k)
+        if t is None:
+            continue
+        if tuple(t.shape) != want:
+            problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(want)} "
+                            f"{_shape_reason(k, lora_keys, shapes, cfg.r)}, found {shape_str(t.shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
+    raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
+
+    apply_config = final_config = None
+    if fresh:
+        apply_config = dataclasses.replace(cfg, target_modules=exact_regex(names), init="zeros")
+        nice = cfg.target_modules
+        if spec.targets is None and (spec.exclude_modules or nice is None):
+            nice = list(names)
+        final_config = dataclasses.replace(cfg, target_modules=nice)
+    return LoRALoadPlan(model, fresh, apply_config, final_config,
+                        [(n, which, tensors[k]) for k, (n, which) in lora_keys.items()],
+                        [(dst, tensors[k]) for k, dst in destinations.items()], adapter_name)
+
+
+def _swapped_state(model: nn.Module, to_swap: list[str]) -> dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=True)`` with the keys it will have once ``to_swap`` are swapped
+    (``t.bias`` -> ``t.base_layer.bias``); the tensors are the very objects that stay in place."""
+    prefixes = tuple(n + "." for n in to_swap)
+    out = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if prefixes and k.startswith(prefixes):
+            n = next(p for p in prefixes if k.startswith(p))
+            k = f"{n}base_layer.{k[len(n):]}"
+        out[k] = t
+    return out
+
+
+def _shape_reason(key: str, lora_keys, shapes, r: int) -> str:
+    if key in lora_keys:
+        n, which = lora_keys[key]
+        in_f, out_f = shapes[n]
+        return (f"(r={r}, in_features={in_f} of {n!r})" if which == "A"
+                else f"(out_features={out_f} of {n!r}, r={r})")
+    return "(this model's tensor)"
+
+
+def _why_unexpected(key: str, view, names, bias: str) -> str:
+    for part in (".lora_A.", ".lora_B."):
+        if part in key:
+            module = key.split(part)[0]
+            if module not in view:
+                return f" (there is no module {module!r} in this model: adapter made for another base model?)"
+            return f" (module {module!r} is not selected by the adapter's target_modules)"
+    if "lora_magnitude_vector" in key:
+        return " (DoRA weights: DoRA is not supported)"
+    if "lora_embedding_" in key:
+        return " (LoRA on an embedding layer is not supported)"
+    if key.endswith(".bias") and bias != "all":
+        return f" (a bias, but the adapter config says bias={bias!r})"
+    module = key.rsplit(".", 1)[0]
+    if module and module not in view and module.replace(".base_layer", "") not in view:
+        return f" (there is no module {module!r} in this model)"
+    return ""
