@@ -71,6 +71,106 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+_PEFT_LORA_LINEAR = None
+
+
+def _peft_lora_linear_class():
+    """``PeftLoRALinear``: the module ``accelerate_peft`` puts in, defined on first use (imports PEFT)."""
+    global _PEFT_LORA_LINEAR
+    if _PEFT_LORA_LINEAR is not None:
+        return _PEFT_LORA_LINEAR
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class PeftLoRALinear(LoRALinear, BaseTunerLayer):
+        """A ``LoRALinear`` that PEFT also recognises as one of its tuner layers.
+
+        PEFT finds its layers structurally (``isinstance(m, BaseTunerLayer)``): so do its
+        ``save_pretrained`` / ``get_peft_model_state_dict``, ``merge_adapter`` / ``unmerge_adapter``
+        and the ``disable_adapter()`` context. Those keep working on this module: its
+        ``active_adapter``, ``merged`` and ``disabled`` state is PEFT's own (``_active_adapter``,
+        ``merged_adapters``, ``_disable_adapters``), ``merge`` accepts PEFT's arguments, and a
+        disabled, merged layer unmerges before running, as PEFT's does. It holds one adapter:
+        switching to, adding or deleting other adapters raises; ``ptune_rt.restore(peft_model)``
+        first puts PEFT's own layers back.
+        """
+
+        adapter_layer_names = ("lora_A", "lora_B")
+        other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout_p")
+
+        @property
+        def active_adapter(self) -> str:
+            return self._active_adapter
+
+        @active_adapter.setter
+        def active_adapter(self, name: str) -> None:
+            self._active_adapter = name
+
+        @property
+        def merged(self) -> bool:
+            return bool(self.merged_adapters)
+
+        @merged.setter
+        def merged(self, value: bool) -> None:
+            self.merged_adapters = [self._active_adapter] if value else []
+
+        @property
+        def disabled(self) -> bool:
+            return self._disable_adapters
+
+        @disabled.setter
+        def disabled(self, value: bool) -> None:
+            self._disable_adapters = bool(value)
+
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs:
+                raise TypeError(f"{type(self).__name__} takes only the input tensor; got extra arguments "
+                                f"{sorted(kwargs) or len(args)} (PEFT's mixed-batch adapter_names is not supported: "
+                                "call ptune_rt.restore(peft_model) first)")
+            if self.disabled and self.merged:
+                self.unmerge()
+            return super().forward(x)
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            if adapter_names is not None and list(adapter_names) != [self._active_adapter]:
+                raise ValueError(f"adapter_names={adapter_names!r}: this layer holds only the adapter "
+                                 f"{self._active_adapter!r}")
+            if not self.disabled:
+                LoRALinear.merge(self)
+
+        def unmerge(self) -> None:
+            LoRALinear.unmerge(self)
+
+        def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            if names != list(self.lora_A):
+                raise ValueError(f"adapter_names={adapter_names!r}: a layer swapped by ptune_rt.accelerate holds "
+                                 f"only the adapter {list(self.lora_A)}; call ptune_rt.restore(peft_model) to "
+                                 "switch adapters")
+            for layer in (*self.lora_A.values(), *self.lora_B.values()):
+                layer.requires_grad_(not inference_mode)
+            self._active_adapter = names[0]
+
+        def delete_adapter(self, adapter_name: str, *args, **kwargs) -> None:
+            raise ValueError("a layer swapped by ptune_rt.accelerate cannot delete its adapter; call "
+                             "ptune_rt.restore(peft_model) first")
+
+        def update_layer(self, *args, **kwargs) -> None:
+            raise ValueError("a layer swapped by ptune_rt.accelerate cannot take another adapter; call "
+                             "ptune_rt.restore(peft_model) first")
+
+    PeftLoRALinear.__module__ = __name__
+    PeftLoRALinear.__qualname__ = "PeftLoRALinear"
+    _PEFT_LORA_LINEAR = PeftLoRALinear
+    return PeftLoRALinear
+
+
+def __getattr__(name: str):
+    # ``ptune_rt.swap.PeftLoRALinear`` exists once PEFT is imported; pickle finds it here too.
+    if name == "PeftLoRALinear":
+        return _peft_lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _require_module(model, arg: str = "model") -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
@@ -213,20 +313,19 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     """Run an existing PEFT LoRA model on fused ``LoRALinear`` modules, in place; returns ``report``.
 
     Every ``peft.tuners.lora.layer.Linear`` (over nn.Linear, or GPT-2 Conv1D with
-    fan_in_fan_out) is replaced by a ``LoRALinear`` holding the very same base layer and
-    lora_A / lora_B modules, hence the same Parameter objects under the same names:
-    ``named_parameters()`` keys, an optimizer built before the call, requires_grad flags and
-    PEFT's ``save_pretrained`` are unaffected. Scaling (rsLoRA included) and the dropout rate
-    are taken from each layer; the dropout mask itself is drawn differently from PEFT's.
+    fan_in_fan_out) is replaced by a ``PeftLoRALinear`` (a ``LoRALinear`` that PEFT also sees as
+    one of its tuner layers) holding the very same base layer and lora_A / lora_B modules, hence
+    the same Parameter objects under the same names: ``named_parameters()`` and ``state_dict()``
+    keys, an optimizer built before the call and requires_grad flags are unaffected, and PEFT's
+    ``save_pretrained``, ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload`` and
+    ``disable_adapter()`` keep working. Scaling (rsLoRA included) and the dropout rate are taken
+    from each layer; the dropout mask itself is drawn differently from PEFT's.
 
     Supported: one adapter per layer, active and unmerged. Refused before any change: DoRA and
     other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
-    merged or disabled layers, LoRA on embeddings / convolutions / quantized layers.
-
-    PEFT's own adapter management (``merge_adapter``, ``disable_adapter``, ``set_adapter``,
-    ``merge_and_unload``, mixed-batch ``adapter_names``) does not see the swapped layers: use
-    ``ptune_rt.merge`` / ``unmerge``, or ``ptune_rt.restore(peft_model)`` first, which puts PEFT's
-    layers back.
+    merged or disabled layers, LoRA on embeddings / convolutions / quantized layers. Switching,
+    adding or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped
+    layers: ``ptune_rt.restore(peft_model)`` puts PEFT's own layers back first.
     """
     _require_module(peft_model, "peft_model")
     if backend not in BACKENDS:
@@ -240,9 +339,10 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers; expected a model "
                          "from peft.get_peft_model(model, LoraConfig(...))")
     plans = {n: _plan_peft_layer(n, m, PeftLinear, backend) for n, m in layers.items()}
+    cls = _peft_lora_linear_class()
     new = {}
     for n, (m, adapter, dropout) in plans.items():
-        lora = LoRALinear.from_adapter_modules(m.base_layer, m.lora_A[adapter], m.lora_B[adapter],
+        lora = cls.from_adapter_modules(m.base_layer, m.lora_A[adapter], m.lora_B[adapter],
                                                scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
                                                dropout=dropout, backend=backend, adapter_name=adapter)
         lora.__dict__[ORIGIN_ATTR] = m
@@ -265,7 +365,8 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
     base = m.base_layer
     if not _is_linear(base):
         raise TypeError(f"{where} wraps a {type(base).__name__}; expected an nn.Linear or GPT-2 Conv1D base layer")
-    adapters = sorted(set(m.lora_A) | set(m.lora_B) | set(m.lora_embedding_A) | set(m.lora_magnitude_vector))
+    magnitude = getattr(m, "lora_magnitude_vector", {})  # DoRA
+    adapters = sorted(set(m.lora_A) | set(m.lora_B) | set(getattr(m, "lora_embedding_A", {})) | set(magnitude))
     active = list(m.active_adapters)
     if len(active) != 1:
         raise ValueError(f"{where} has active adapters {active}; ptune_rt.accelerate supports exactly one active "
@@ -274,13 +375,13 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
     if adapters != [adapter]:
         raise ValueError(f"{where} holds adapters {adapters} (active: {adapter!r}); ptune_rt.accelerate supports "
                          "one adapter per layer: delete the others (peft_model.delete_adapter(name))")
-    if m.use_dora.get(adapter, False) or len(m.lora_magnitude_vector):
+    if getattr(m, "use_dora", {}).get(adapter, False) or len(magnitude):
         raise ValueError(f"{where} uses DoRA (use_dora=True), which ptune_rt.accelerate does not support")
     variant = getattr(m, "lora_variant", {}).get(adapter)
     if variant is not None:
         raise ValueError(f"{where} uses the LoRA variant {type(variant).__name__}, which ptune_rt.accelerate "
                          "does not support; expected plain LoRA")
-    if m.lora_bias.get(adapter, False) or m.lora_B[adapter].bias is not None:
+    if getattr(m, "lora_bias", {}).get(adapter, False) or m.lora_B[adapter].bias is not None:
         raise ValueError(f"{where} has lora_bias=True, which ptune_rt.accelerate does not support")
     if m.merged:
         raise ValueError(f"{where} is merged ({m.merged_adapters}); expected unmerged layers: call "
@@ -359,6 +460,8 @@ def restore(model: nn.Module) -> nn.Module:
     for n, m in mods.items():
         origin = m.__dict__.get(ORIGIN_ATTR, m.base_layer)
         origin.train(m.training)
+        if origin is not m.base_layer:  # a PEFT layer: hand back the enabled / disabled state
+            origin._disable_adapters = m.disabled
         _set_submodule(model, n, origin)
     flags = model.__dict__.pop(REQUIRES_GRAD_ATTR, None)
     if flags is not None:

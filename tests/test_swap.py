@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ptune_rt
-from ptune_rt import LoRAConfig, LoRALinear
+from ptune_rt import LoRAConfig
 from ptune_rt.swap import CONFIG_ATTR, lora_modules
 from ptune_rt.testing.tolerances import assert_close_to_reference, assert_fp32_end_to_end_close
 
@@ -15,6 +15,16 @@ from helpers_models import (MODELS, copy_peft_lora_weights, input_ids, peft_lora
                             tiny_llama, tiny_qwen2)
 
 LLAMA_T = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP wake-ups that dominate (and vary with machine
+    load) at these sizes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------
@@ -472,3 +482,49 @@ def test_torch_compile_forward_backward():
     assert set(grads_c) == set(grads_e) and len(grads_c) == 6
     for n in grads_e:
         assert_fp32_end_to_end_close(grads_c[n], grads_e[n], f"compiled grad {n}")
+
+
+def test_accelerated_model_keeps_peft_features(tmp_path):
+    """PEFT sees the swapped layers as its own: save/load, disable_adapter, merge_adapter,
+    merge_and_unload; adapter switching raises clearly; the model pickles."""
+    import pickle
+
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    base = tiny_llama()
+    pm = peft_lora_model(copy.deepcopy(base), ["q_proj", "v_proj"])
+    ids = input_ids()
+    ref, plain = pm(input_ids=ids).logits, base(input_ids=ids).logits
+    keys = list(get_peft_model_state_dict(pm))
+    ptune_rt.accelerate(pm)
+    assert list(get_peft_model_state_dict(pm)) == keys
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(input_ids=ids).logits, ref)
+
+    with pm.disable_adapter():
+        assert torch.equal(pm(input_ids=ids).logits, plain)
+        assert not any(p.requires_grad for p in pm.parameters())
+    assert_fp32_end_to_end_close(pm(input_ids=ids).logits, ref, "re-enabled logits")
+    assert sum(p.requires_grad for p in pm.parameters()) == 8
+    pm.merge_adapter()
+    assert all(r["merged"] for r in ptune_rt.report(pm))
+    assert_fp32_end_to_end_close(pm(input_ids=ids).logits, ref, "PEFT-merged logits")
+    with pm.disable_adapter():  # a disabled merged layer unmerges first, as in PEFT
+        assert torch.equal(pm(input_ids=ids).logits, plain)
+    pm.merge_adapter()
+    pm.unmerge_adapter()
+    assert not any(r["merged"] for r in ptune_rt.report(pm))
+    pickle.loads(pickle.dumps(pm))
+    unloaded = copy.deepcopy(pm).merge_and_unload()
+    assert type(unloaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert_fp32_end_to_end_close(unloaded(input_ids=ids).logits, ref, "merge_and_unload logits")
+
+    layer = lora_modules(pm)["base_model.model.model.layers.0.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="holds only the adapter"):
+        layer.set_adapter("other")
+    with pytest.raises(ValueError, match="ptune_rt.restore"):
+        layer.delete_adapter("default")
+    with pytest.raises(TypeError, match="adapter_names"):
+        layer(torch.randn(2, 64), adapter_names=["default"])
