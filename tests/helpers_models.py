@@ -94,7 +94,7 @@ def input_ids(batch: int = 2, seq: int = 8, vocab: int = VOCAB, seed: int = 1) -
 
 def peft_lora_model(base: nn.Module, targets: Sequence[str] | str, r: int = 4, alpha: float = 8.0,
                     dropout: float = 0.0, use_rslora: bool = False, fan_in_fan_out: Optional[bool] = None,
-                    random_b: bool = True, seed: int = 0, **lora_kwargs):
+                    random_b: bool = True, seed: int = 0, bias: str = "none", **lora_kwargs):
     """Wrap ``base`` (modified in place: pass a copy to keep the original) with PEFT LoRA.
 
     ``fan_in_fan_out`` defaults to True for GPT-2 (Conv1D) and False elsewhere. With ``random_b``
@@ -106,7 +106,7 @@ def peft_lora_model(base: nn.Module, targets: Sequence[str] | str, r: int = 4, a
         fan_in_fan_out = is_gpt2(base)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)
                      if not isinstance(targets, str) else targets, use_rslora=use_rslora,
-                     fan_in_fan_out=fan_in_fan_out, bias="none", **lora_kwargs)
+                     fan_in_fan_out=fan_in_fan_out, bias=bias, **lora_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, cfg)

@@ -45,18 +45,19 @@ def record(key, what, out, ref):
 def _print_diffs():
     yield
     if DIFFS:
-        print("\nmax |ptune-rt - PEFT fp32| per model:")
+        print("\nmax |ptune-rt - PEFT| per model (PEFT in the same dtype):")
         for key, d in DIFFS.items():
             print(f"  {key:<18} " + "  ".join(f"{k}={v:.2e}" for k, v in sorted(d.items())))
 
 
-def build(key, backend="torch", r=4, alpha=8.0, use_rslora=False, seed=0):
-    """(base, PEFT model, ptune-rt model) with identical base and adapter weights."""
+def build(key, backend="torch", r=4, alpha=8.0, use_rslora=False, seed=0, bias="none", dtype=torch.float32):
+    """(base, PEFT model, ptune-rt model) with identical base and adapter weights (fp32 adapters)."""
     factory, targets = MODELS[key]
-    base = factory(seed=seed)
-    pm = peft_lora_model(copy.deepcopy(base), targets, r=r, alpha=alpha, use_rslora=use_rslora, seed=seed)
+    base = factory(seed=seed, dtype=dtype)
+    pm = peft_lora_model(copy.deepcopy(base), targets, r=r, alpha=alpha, use_rslora=use_rslora, seed=seed,
+                         bias=bias)
     mine = ptune_rt.apply(copy.deepcopy(base), LoRAConfig(r=r, alpha=alpha, target_modules=targets,
-                                                          use_rslora=use_rslora, backend=backend))
+                                                          use_rslora=use_rslora, backend=backend, bias=bias))
     copy_peft_lora_weights(pm, mine)
     return base, pm, mine
 
@@ -80,18 +81,18 @@ def forward_backward(model, ids, mask, labels):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-def check_against_peft(key, pm, mine, tag=""):
+def check_against_peft(key, pm, mine, tag="", dtype=torch.float32):
     ids, mask, labels = batch()
     gold_model = copy.deepcopy(pm).double()
     g_logits, g_loss, g_grads = forward_backward(gold_model, ids, mask, labels)
     r_logits, r_loss, r_grads = forward_backward(pm, ids, mask, labels)
     o_logits, o_loss, o_grads = forward_backward(mine, ids, mask, labels)
-    assert_close_to_reference(o_logits, r_logits, g_logits, torch.float32, f"{key}{tag} logits")
-    assert_close_to_reference(o_loss, r_loss, g_loss, torch.float32, f"{key}{tag} loss")
+    assert_close_to_reference(o_logits, r_logits, g_logits, dtype, f"{key}{tag} logits")
+    assert_close_to_reference(o_loss, r_loss, g_loss, dtype, f"{key}{tag} loss")
     record(key + tag, "logits", o_logits, r_logits)
-    assert set(o_grads) == set(r_grads) and len(o_grads) == 2 * len(lora_modules(mine))
+    assert set(o_grads) == set(r_grads) and len(o_grads) >= 2 * len(lora_modules(mine))
     for n in r_grads:
-        assert_close_to_reference(o_grads[n], r_grads[n], g_grads[n], torch.float32, f"{key}{tag} grad {n}")
+        assert_close_to_reference(o_grads[n], r_grads[n], g_grads[n], dtype, f"{key}{tag} grad {n}")
         record(key + tag, "grads", o_grads[n], r_grads[n])
 
 
@@ -111,6 +112,27 @@ def test_logits_and_grads_rslora():
     _, pm, mine = build("llama", r=8, alpha=16.0, use_rslora=True)
     assert all(m.scaling["default"] == 16.0 / 8**0.5 for m in lora_modules(mine).values())
     check_against_peft("llama", pm, mine, "+rslora")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_logits_and_grads_half_precision_base(dtype, backend):
+    """A half-precision base with fp32 adapters (PEFT's default autocast_adapter_dtype)."""
+    _, pm, mine = build("llama", backend=backend, dtype=dtype)
+    for m in lora_modules(mine).values():
+        assert m.base_layer.weight.dtype == dtype and m.lora_A["default"].weight.dtype == torch.float32
+    check_against_peft("llama", pm, mine, f"+{str(dtype)[6:]}+{backend}", dtype)
+
+
+@pytest.mark.parametrize("key,bias,n_bias", [("qwen2", "lora_only", 6), ("gpt2", "all", 13)])
+def test_trainable_biases(key, bias, n_bias):
+    """Base biases trained beside the adapter (their gradient comes out of the fused op)."""
+    _, pm, mine = build(key, bias=bias)
+    trainable = {n for n, p in mine.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    assert trainable == {strip_peft_prefix(n) for n, p in pm.named_parameters()
+                         if p.requires_grad and n.endswith(".bias")}
+    assert len(trainable) == n_bias
+    check_against_peft(key, pm, mine, f"+bias={bias}")
 
 
 @pytest.mark.parametrize("key", KEYS)
