@@ -90,8 +90,9 @@ def _peft_lora_linear_class():
         ``active_adapter``, ``merged`` and ``disabled`` state is PEFT's own (``_active_adapter``,
         ``merged_adapters``, ``_disable_adapters``), ``merge`` accepts PEFT's arguments, and a
         disabled, merged layer unmerges before running, as PEFT's does. It holds one adapter:
-        switching to, adding or deleting other adapters raises; ``ptune_rt.restore(peft_model)``
-        first puts PEFT's own layers back.
+        switching to or deleting other adapters raises. PEFT's ``add_adapter`` / ``load_adapter``
+        under a new name would wrap this layer in a new PEFT layer (renaming its parameters):
+        call ``ptune_rt.restore(peft_model)`` first, which puts PEFT's own layers back.
         """
 
         adapter_layer_names = ("lora_A", "lora_B")
@@ -323,9 +324,10 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
 
     Supported: one adapter per layer, active and unmerged. Refused before any change: DoRA and
     other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
-    merged or disabled layers, LoRA on embeddings / convolutions / quantized layers. Switching,
-    adding or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped
-    layers: ``ptune_rt.restore(peft_model)`` puts PEFT's own layers back first.
+    merged or disabled layers, LoRA on embeddings / convolutions / quantized layers. Switching
+    or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped layers;
+    adding or loading another adapter through PEFT would wrap them (renaming their parameters).
+    For any of these, ``ptune_rt.restore(peft_model)`` first puts PEFT's own layers back.
     """
     _require_module(peft_model, "peft_model")
     if backend not in BACKENDS:
