@@ -4,6 +4,8 @@ from ptune_rt.swap import format_report, merge, report, restore, unmerge
 from ptune_rt.swap import accelerate_peft as accelerate
 from ptune_rt.swap import apply_lora as _apply_lora
 from ptune_rt.io import load_adapter, save_adapter
+from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
+from ptune_rt import hf_attention as _prefix
 
 __version__ = "0.1.0"
 
@@ -11,10 +13,13 @@ __version__ = "0.1.0"
 def apply(model, config):
     """Swap the target modules of ``model`` (in place) for fused ones, freeze the base, return the model."""
     if isinstance(config, LoRAConfig):
-        return _apply_lora(model, config)
-    raise TypeError(f"config must be a ptune_rt config (LoRAConfig), got {type(config).__name__}")
+        return _prefix.keep_prefix_trainable(_apply_lora(model, config))
+    if isinstance(config, PrefixConfig):
+        return _prefix.apply_prefix(model, config)
+    raise TypeError(f"config must be a ptune_rt config (LoRAConfig or PrefixConfig), got {type(config).__name__}")
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",
            "unmerge", "__version__"]
 __all__ += ["load_adapter", "save_adapter"]
+__all__ += ["PrefixConfig", "PrefixEncoder"]

@@ -1,4 +1,6 @@
 """PEFT methods: config dataclasses and the modules holding trainable parameters."""
 from .lora import LoRAConfig, LoRALinear
+from .prefix import PrefixConfig, PrefixEncoder
 
 __all__ = ["LoRAConfig", "LoRALinear"]
+__all__ += ["PrefixConfig", "PrefixEncoder"]

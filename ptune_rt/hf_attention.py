@@ -1,0 +1,521 @@
+"""Prefix tuning on Hugging Face transformers models through the fused prefix attention.
+
+``apply_prefix(model, PrefixConfig(...))`` changes one model instance (never a class):
+
+* attaches a ``PrefixEncoder`` as ``model.prompt_encoder["default"]`` (PEFT's parameter names:
+  ``prompt_encoder.default.embedding.weight`` ...), the only trainable parameters unless an
+  earlier ``ptune_rt.apply`` (e.g. LoRA) chose others;
+* registers ``ATTN_NAME`` with transformers' ``AttentionInterface`` (the attention function) and
+  ``AttentionMaskInterface`` (a mask function that returns the 2D padding mask over the keys, or
+  None) and switches the model to it with ``set_attn_implementation``;
+* tags every self-attention module with its layer index, and adds a forward pre-hook to the
+  inner model (``model.base_model``) that computes the prefix ``E`` once per forward, hands it
+  down to the attention function as a keyword argument and, in "shift" mode, passes position ids
+  shifted by P.
+
+The prefix never enters ``past_key_values``: each attention call gets the cached/new sequence
+keys from the model and the layer's prefix from ``E``, and ``ptune_rt.ops.prefix_attention``
+attends over both without concatenating them. Masks: every query sees all P prefix keys;
+sequence keys follow the model's causal (bottom-right aligned) or bidirectional pattern and the
+padding mask. A missing mask on a causal module means "causal, no padding" (transformers skips
+the mask of unpadded causal batches).
+
+Semantics follow PEFT 0.21.2's prefix tuning (prefix in the cache) on the supported families:
+positions of the real tokens start at P (explicit ``position_ids`` get +P; ``generate`` passes
+``cumsum(mask) - 1``, which then becomes ``P + cumsum(mask) - 1``); GPT-2's learned absolute
+positions and BERT's are shifted the same way, RoBERTa's padding-aware positions start at
+``padding_idx + 1 + P`` (with ``inputs_embeds`` RoBERTa numbers from ``padding_idx + 1`` as PEFT
+gets it).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
+from ptune_rt.ops.lora_linear import resolve_backend
+from ptune_rt.ops.prefix_attention import prefix_attention
+
+logger = logging.getLogger(__name__)
+
+#: Name under which the attention and mask functions are registered in transformers.
+ATTN_NAME = "ptune_rt_prefix"
+#: Keyword argument carrying the prefix ``E`` from the inner model's forward to the attention function.
+PREFIX_KWARG = "ptune_rt_prefix"
+#: Attention module attributes: its layer index and the model's prefix state.
+LAYER_ATTR = "_ptune_rt_prefix_layer"
+MODULE_STATE_ATTR = "_ptune_rt_prefix_state"
+#: Model attribute holding the ``PrefixState`` (read by ``remove_prefix`` and adapter checkpoint code).
+STATE_ATTR = "_ptune_rt_prefix_state"
+#: The encoder is ``model.<ENCODER_ATTR>[<ADAPTER_NAME>]``, as in PEFT.
+ENCODER_ATTR = "prompt_encoder"
+ADAPTER_NAME = "default"
+
+#: Model types whose attention and position handling this module reproduces (PEFT parity tested
+#: on llama, qwen2, gpt2, bert; mistral, qwen3 and roberta share those code paths).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta")
+
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+class PrefixState:
+    """Everything ``apply_prefix`` changed on a model, so ``remove_prefix`` can undo it."""
+
+    def __init__(self, config: PrefixConfig, encoder: PrefixEncoder, base: nn.Module, attn_modules: dict,
+                 attn_impls: list, changed_grad: list, position_limit: Optional[int], position_offset: int,
+                 roberta_positions: bool):
+        self.config = config
+        self.encoder = encoder
+        self.base = base
+        self.attn_modules = attn_modules      # name -> (module, layer index)
+        self.attn_impls = attn_impls          # [(config object, previous _attn_implementation_internal)]
+        self.changed_grad = changed_grad      # [(parameter, previous requires_grad)] changed by apply
+        self.position_limit = position_limit  # max_position_embeddings, or None
+        self.position_offset = position_offset  # smallest position id of a real token (RoBERTa: padding_idx + 1)
+        self.roberta_positions = roberta_positions
+        self.checkpoint_modules = [m for m in base.modules() if hasattr(m, "gradient_checkpointing")]
+        self.handles = []
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+
+# ----------------------------------------------------------------------------------------
+# attention function
+# ----------------------------------------------------------------------------------------
+
+
+def _kv_mask(attention_mask, key, value):
+    """The 2D key mask (or None) and the keys/values it covers."""
+    if attention_mask is None:
+        return None, key, value
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(getattr(attention_mask, "shape", ()))
+        raise NotImplementedError(
+            f"prefix attention takes a 2D padding mask [batch, keys]; got an attention mask of shape {shape} "
+            "(custom 4D masks are not supported with prefix tuning: pass a 2D attention_mask)")
+    S = key.shape[2]
+    m = attention_mask.to(device=key.device, dtype=torch.bool)
+    if m.shape[1] > S:  # keep the last S positions, the ones the keys hold
+        m = m[:, -S:]
+    elif m.shape[1] < S:  # a pre-allocated cache: only the first positions hold keys
+        key, value = key[:, :, :m.shape[1]], value[:, :, :m.shape[1]]
+    return m, key, value
+
+
+def _visibility(B, L, S, kv_mask, causal, device):
+    """[B, 1, L, S] bool: which sequence keys each query sees."""
+    vis = torch.ones((L, S), dtype=torch.bool, device=device)
+    if causal:
+        vis = torch.arange(S, device=device)[None, :] <= (S - L) + torch.arange(L, device=device)[:, None]
+    vis = vis[None, None].expand(B, 1, L, S)
+    if kv_mask is not None:
+        vis = vis & kv_mask[:, None, None, :]
+    return vis
+
+
+def _sdpa_concat(q, k, v, pk, pv, kv_mask, causal, scale, dropout):
+    """Unfused attention over [prefix ; sequence] with torch SDPA: used only where the fused op has no
+    counterpart (attention-probability dropout while training) and, without a prefix, for modules
+    that carry none (cross-attention)."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    vis = _visibility(B, L, S, kv_mask, causal, q.device)
+    if pk is not None:
+        P = pk.shape[1]
+        k = torch.cat([pk.to(q.dtype)[None].expand(B, Hkv, P, D), k], dim=2)
+        v = torch.cat([pv.to(q.dtype)[None].expand(B, Hkv, P, D), v], dim=2)
+        vis = torch.cat([vis.new_ones((B, 1, L, P)), vis], dim=-1)
+    else:  # a query that sees nothing attends everywhere (its output is padding anyway)
+        vis = vis | ~vis.any(-1, keepdim=True)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=vis, dropout_p=dropout, scale=scale)
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] (cache included),
+    attention_mask from ``prefix_padding_mask`` (2D or None). Returns ([B, L, Hq, D], None)."""
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{type(module).__name__} passes {name}=..., which prefix attention does not "
+                                      "support")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    kv_mask, key, value = _kv_mask(attention_mask, key, value)
+    layer = module.__dict__.get(LAYER_ATTR)
+    state = module.__dict__.get(MODULE_STATE_ATTR)
+    if layer is None or state is None:  # not a prefixed module (e.g. cross-attention)
+        out = _sdpa_concat(query, key, value, None, None, kv_mask, causal, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+    e = kwargs.get(PREFIX_KWARG)
+    if e is None:  # called outside the model's forward, or the prefix is made per layer (see _pre_hook)
+        e = state.encoder()
+    pk, pv = state.encoder.layer_prefix(e, layer)
+    P = pk.shape[1]
+    window = kwargs.get("sliding_window")
+    if window is not None and P + key.shape[2] > window:
+        raise NotImplementedError(
+            f"prefix ({P}) + sequence ({key.shape[2]}) keys exceed the sliding window ({window}) of layer {layer}; "
+            "prefix attention supports sliding-window layers only while everything fits in the window")
+    if pk.shape[0] != key.shape[1] or pk.shape[2] != key.shape[3]:
+        raise ValueError(f"layer {layer}: the prefix has {pk.shape[0]} kv heads of size {pk.shape[2]} but the "
+                         f"attention module produces {key.shape[1]} of size {key.shape[3]}")
+    if dropout and dropout > 0.0:
+        out = _sdpa_concat(query, key, value, pk, pv, kv_mask, causal, scaling, dropout)
+    else:
+        out = prefix_attention(query, key, value, pk, pv, kv_mask=kv_mask, causal=causal, sm_scale=scaling,
+                               backend=state.config.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------------------
+# mask function
+# ----------------------------------------------------------------------------------------
+
+
+def _mask_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device) -> str:
+    """"causal" or "bidirectional": the pattern ``mask_function`` describes; anything else raises."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    if mask_function is causal_mask_function:
+        return "causal"
+    if mask_function is bidirectional_mask_function:
+        return "bidirectional"
+    q = torch.arange(q_length, device=device) + q_offset
+    kv = torch.arange(kv_length, device=device) + kv_offset
+    try:
+        got = mask_function(torch.arange(batch_size, device=device)[:, None, None],
+                            torch.zeros((), dtype=torch.long, device=device), q[None, :, None], kv[None, None, :])
+        got = torch.as_tensor(got, device=device).to(torch.bool).expand(batch_size, q_length, kv_length)
+    except Exception as e:  # a mask function that does not take index tensors
+        raise NotImplementedError(f"prefix attention cannot evaluate the model's mask function "
+                                  f"{getattr(mask_function, '__qualname__', mask_function)}: {e}") from None
+    if bool(got.all()):
+        return "bidirectional"
+    if bool((got == (kv[None, :] <= q[:, None])[None]).all()):
+        return "causal"
+    raise NotImplementedError(
+        "the model asks for an attention pattern other than plain causal or bidirectional (e.g. packed sequences, "
+        "a sliding window shorter than the sequence, or image-token overlays), which prefix attention does not support")
+
+
+def prefix_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                        mask_function=None, attention_mask: Optional[torch.Tensor] = None, device=None, **kwargs):
+    """transformers mask function: the 2D boolean padding mask over the keys, or None when every key
+    is real (the attention function adds causality and the always-visible prefix itself)."""
+    if mask_function is None:
+        from transformers.masking_utils import causal_mask_function as mask_function
+    if device is None:
+        device = attention_mask.device if attention_mask is not None else "cpu"
+    pattern = _mask_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device)
+    visible = kv_length
+    if pattern == "causal":
+        end = int(q_offset) + q_length - int(kv_offset)  # a pre-allocated cache holds keys up to the last query
+        visible = min(kv_length, max(end, 0))
+    if attention_mask is None:
+        if visible == kv_length:
+            return None
+        return torch.ones((batch_size, visible), dtype=torch.bool, device=device)
+    m = attention_mask.to(torch.bool)
+    if m.shape[-1] > kv_length:
+        m = m[:, -kv_length:]
+    if m.shape[-1] > visible:
+        m = m[:, :visible]
+    if m.shape[-1] == kv_length and bool(m.all()):
+        return None
+    return m
+
+
+def register_attention() -> None:
+    """Register the attention and mask functions under ``ATTN_NAME`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, prefix_padding_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# positions and the prefix, per forward
+# ----------------------------------------------------------------------------------------
+
+
+def _positional_names(fn) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
+def _shifted_positions(state: PrefixState, kwargs: dict):
+    """The position ids to pass in "shift" mode (None: leave the model's own)."""
+    P = state.num_virtual_tokens
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return None
+    L = ref.shape[1] if ref.dim() >= 2 else ref.shape[-1]
+    cache = kwargs.get("past_key_values")
+    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    pos = kwargs.get("position_ids")
+    limit = state.position_limit
+    if pos is not None:
+        new = pos + P
+        top = int(new.max()) + 1 if new.numel() else 0
+    elif state.roberta_positions:
+        if ids is None:  # RoBERTa numbers embeddings from padding_idx + 1 regardless of a cache (PEFT too)
+            return None
+        emb = state.base.embeddings
+        new = emb.create_position_ids_from_input_ids(ids, emb.padding_idx, past + P)
+        top = state.position_offset + P + past + L
+    else:
+        new = (torch.arange(L, device=ref.device) + (P + past)).unsqueeze(0)
+        top = P + past + L
+    if limit is not None and top > limit:
+        raise ValueError(
+            f"prefix ({P} virtual tokens) + sequence need position ids up to {top - 1}, but the model has "
+            f"max_position_embeddings={limit}; shorten the input (or the prefix), or use "
+            "PrefixConfig(position_mode='none')")
+    return new
+
+
+def _pre_hook(state: PrefixState, names: list[str], module, args, kwargs):
+    kwargs = dict(kwargs)
+    for name, a in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"{type(module).__name__}.forward got multiple values for argument {name!r}")
+        kwargs[name] = a
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward takes {len(names)} positional arguments but "
+                        f"{len(args)} were given")
+    if state.config.position_mode == "shift":
+        new = _shifted_positions(state, kwargs)
+        if new is not None:
+            kwargs["position_ids"] = new
+    # Under reentrant checkpointing every layer's recomputation runs its own backward, and each would
+    # traverse (and free) the graph of one shared E; a prefix that has a graph (projection, dropout)
+    # is then computed inside each attention call instead (the attention function does so when E is
+    # missing). Otherwise E is computed here, once per forward.
+    kwargs[PREFIX_KWARG] = None if _per_layer_prefix(state) else state.encoder()
+    return (), kwargs
+
+
+def _reentrant_checkpointing(m: nn.Module) -> bool:
+    if not (getattr(m, "gradient_checkpointing", False) and m.training):
+        return False
+    fn = getattr(m, "_gradient_checkpointing_func", None)
+    keywords = getattr(fn, "keywords", None) or {}
+    return keywords.get("use_reentrant", True) is not False  # torch's checkpoint without the flag: reentrant
+
+
+def _per_layer_prefix(state: PrefixState) -> bool:
+    enc = state.encoder
+    if not torch.is_grad_enabled() or not (enc.prefix_projection or (enc.training and enc.dropout_p > 0.0)):
+        return False
+    return any(_reentrant_checkpointing(m) for m in state.checkpoint_modules)
+
+
+# ----------------------------------------------------------------------------------------
+# apply / remove
+# ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_attention_interface(cls) -> bool:
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src and "get_interface(" in src
+
+
+def _is_cross_attention(m: nn.Module) -> bool:
+    return bool(getattr(m, "is_cross_attention", False)) or "Cross" in type(m).__name__
+
+
+def find_attention_modules(model: nn.Module, num_layers: int) -> dict:
+    """name -> (module, layer index) of the self-attention modules, exactly one per layer."""
+    found, per_layer = {}, {}
+    for name, m in model.named_modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, bool) or not isinstance(idx, int) or _is_cross_attention(m):
+            continue
+        if not _calls_attention_interface(type(m)):
+            continue
+        found[name] = (m, idx)
+        per_layer.setdefault(idx, []).append(name)
+    bad = {i: n for i, n in per_layer.items() if len(n) != 1}
+    missing = [i for i in range(num_layers) if i not in per_layer]
+    extra = [i for i in per_layer if not 0 <= i < num_layers]
+    if bad or missing or extra:
+        raise ValueError(f"{type(model).__name__}: expected one self-attention module per layer 0..{num_layers - 1} "
+                         f"calling transformers' AttentionInterface; found layers {sorted(per_layer)} "
+                         f"(several modules: {bad or 'none'}, missing: {missing or 'none'})")
+    return found
+
+
+def _model_dims(cfg) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) from a transformers config."""
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(heads, int):
+        raise ValueError(f"model config {type(cfg).__name__} lacks num_hidden_layers / num_attention_heads")
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if isinstance(hidden, int) else None)
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"cannot infer the attention head size from {type(cfg).__name__}")
+    return layers, kv, head_dim
+
+
+def has_prefix(model: nn.Module) -> bool:
+    return isinstance(model, nn.Module) and isinstance(model.__dict__.get(STATE_ATTR), PrefixState)
+
+
+def prefix_state(model: nn.Module) -> PrefixState:
+    if not has_prefix(model):
+        raise ValueError(f"{type(model).__name__} carries no ptune-rt prefix; expected a model passed through "
+                         "ptune_rt.apply(model, PrefixConfig(...))")
+    return model.__dict__[STATE_ATTR]
+
+
+def prefix_encoder(model: nn.Module) -> PrefixEncoder:
+    """The ``PrefixEncoder`` that ``apply_prefix`` attached to ``model``."""
+    return prefix_state(model).encoder
+
+
+def _lora_parameters(model: nn.Module) -> list:
+    from ptune_rt.methods.lora import LoRALinear
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            for sub in (m.lora_A, m.lora_B):
+                out.extend(sub.parameters())
+    return out
+
+
+def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
+    """Add a trainable prefix to every self-attention layer of ``model`` (in place); returns the model.
+
+    Every check runs before the first change: a failed call leaves the model as it was.
+    """
+    if not isinstance(config, PrefixConfig):
+        raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
+    config.validate()
+    try:
+        from transformers import PreTrainedModel
+    except Exception as e:  # pragma: no cover - transformers is a dependency
+        raise RuntimeError(f"prefix tuning needs transformers, which cannot be imported: {e}") from None
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel (e.g. LlamaForCausalLM), got "
+                        f"{type(model).__name__}")
+    if has_prefix(model):
+        raise ValueError("model already carries a ptune-rt prefix; call ptune_rt.restore(model) first")
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"prefix tuning supports decoder-only and encoder-only models; {type(model).__name__} "
+                         f"(model_type {mtype!r}) is an encoder-decoder")
+    if not type(model)._can_set_attn_implementation():
+        raise ValueError(f"{type(model).__name__} (model_type {mtype!r}) does not route its attention through "
+                         "transformers' AttentionInterface, so the fused prefix attention cannot be plugged in "
+                         f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"prefix tuning does not support model_type {mtype!r} ({type(model).__name__}); "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    layers, kv_heads, head_dim = _model_dims(cfg)
+    attn_modules = find_attention_modules(model, layers)
+    base = model.base_model
+    fwd_params = inspect.signature(base.forward).parameters
+    if "position_ids" not in fwd_params or not any(p.kind == inspect.Parameter.VAR_KEYWORD
+                                                   for p in fwd_params.values()):
+        raise ValueError(f"{type(base).__name__}.forward must take position_ids and **kwargs for prefix tuning")
+    P = config.num_virtual_tokens
+    roberta = hasattr(getattr(base, "embeddings", None), "create_position_ids_from_input_ids")
+    offset = int(base.embeddings.padding_idx) + 1 if roberta else 0
+    limit = getattr(cfg, "max_position_embeddings", None)
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    if config.position_mode == "shift" and limit is not None and offset + P + 1 > limit:
+        raise ValueError(f"PrefixConfig.num_virtual_tokens={P} leaves no room for a single token in shift mode: "
+                         f"the model has max_position_embeddings={limit}")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        resolve_backend(config.backend, device)
+    except RuntimeError as e:
+        raise ValueError(f"PrefixConfig.backend={config.backend!r} cannot run on this model: {e}") from None
+    encoder = PrefixEncoder(P, layers, kv_heads, head_dim, config.prefix_projection, config.encoder_hidden_size,
+                            config.dropout, device=device)
+    encoder.train(model.training)
+    register_attention()
+
+    configs = {id(cfg): cfg}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if isinstance(m, PreTrainedModel) and c is not None:
+            configs.setdefault(id(c), c)
+    attn_impls = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs.values()]
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except Exception:
+        for c, impl in attn_impls:
+            c._attn_implementation_internal = impl
+        raise
+    # Nothing below can fail on a validated model.
+    keep = {id(p) for p in _lora_parameters(model)}
+    changed = []
+    if not keep:  # the base is frozen; parameters another ptune-rt method made trainable stay so
+        for p in params:
+            if p.requires_grad:
+                changed.append((p, True))
+                p.requires_grad_(False)
+    model.add_module(ENCODER_ATTR, nn.ModuleDict({ADAPTER_NAME: encoder}))
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    state = PrefixState(config, encoder, base, attn_modules, attn_impls, changed, limit, offset, roberta)
+    for m, idx in attn_modules.values():
+        m.__dict__[LAYER_ATTR] = idx
+        m.__dict__[MODULE_STATE_ATTR] = state
+    names = _positional_names(base.forward)
+    state.handles.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state, names),
+                                                        with_kwargs=True))
+    model.__dict__[STATE_ATTR] = state
+    return model
+
+
+def remove_prefix(model: nn.Module) -> nn.Module:
+    """Undo ``apply_prefix``: remove the hook, the layer tags and the encoder, give back the previous
+    attention implementation and the requires_grad flags ``apply_prefix`` changed."""
+    state = prefix_state(model)
+    for h in state.handles:
+        h.remove()
+    for m, _ in state.attn_modules.values():
+        m.__dict__.pop(LAYER_ATTR, None)
+        m.__dict__.pop(MODULE_STATE_ATTR, None)
+    if isinstance(getattr(model, ENCODER_ATTR, None), nn.ModuleDict):
+        delattr(model, ENCODER_ATTR)
+    for c, impl in state.attn_impls:
+        c._attn_implementation_internal = impl
+    present = {id(p) for p in model.parameters()}
+    for p, flag in state.changed_grad:
+        if id(p) in present:
+            p.requires_grad_(flag)
+    del model.__dict__[STATE_ATTR]
+    return model
+
+
+def keep_prefix_trainable(model: nn.Module) -> nn.Module:
+    """After another ptune-rt method froze the model, make the prefix trainable again (no-op without
+    one); returns the model."""
+    if has_prefix(model):
+        for p in prefix_state(model).encoder.parameters():
+            p.requires_grad_(True)
+    return model

@@ -1,0 +1,180 @@
+"""Prefix tuning / P-tuning v2: its config and the encoder holding the trainable prefix.
+
+The encoder produces one matrix ``E [P, 2 * layers * kv_heads * head_dim]`` per model forward;
+layer ``l`` reads its keys from ``E.view(P, 2 * layers, kv_heads, head_dim)[:, 2 * l]`` and its
+values from ``[:, 2 * l + 1]`` (PEFT's layout, see ``layer_prefix``). Parameter names follow PEFT's
+``PrefixEncoder``: ``embedding`` alone, or ``embedding`` -> ``transform`` (Linear, Tanh, Linear)
+with ``prefix_projection``.
+
+How the prefix reaches a Hugging Face model's attention lives in ``ptune_rt.hf_attention``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ptune_rt.ops.lora_linear import BACKENDS
+
+POSITION_MODES = ("shift", "none")
+
+
+@dataclasses.dataclass
+class PrefixConfig:
+    """Hyper-parameters of a prefix (names follow PEFT's ``PrefixTuningConfig`` where they overlap).
+
+    num_virtual_tokens: P, the number of prefix key/value positions every layer's attention sees.
+    prefix_projection: train P token embeddings of width kv_heads * head_dim and a two-layer MLP
+        (Linear, Tanh, Linear) that maps them to the prefix (PEFT's reparameterization), instead
+        of the prefix itself.
+    encoder_hidden_size: hidden width of that MLP; None takes kv_heads * head_dim (PEFT's default).
+        Unused without ``prefix_projection``.
+    position_mode: "shift" numbers the real tokens from P, as if the prefix were real tokens in
+        front of them (PEFT's behaviour); "none" keeps the model's own numbering (ChatGLM's
+        P-tuning v2).
+    dropout: dropout rate on the prefix keys/values while training (ChatGLM style; PEFT has none).
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch", for the fused
+        prefix attention.
+    """
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: Optional[int] = None
+    position_mode: str = "shift"
+    dropout: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        p = self.num_virtual_tokens
+        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+            raise ValueError(f"PrefixConfig.num_virtual_tokens must be an integer >= 1, got {p!r}")
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"PrefixConfig.prefix_projection must be a bool, got {self.prefix_projection!r}")
+        h = self.encoder_hidden_size
+        if h is not None and (not isinstance(h, int) or isinstance(h, bool) or h < 1):
+            raise ValueError(f"PrefixConfig.encoder_hidden_size must be None or an integer >= 1, got {h!r}")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"PrefixConfig.position_mode must be one of {POSITION_MODES}, got "
+                             f"{self.position_mode!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"PrefixConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"PrefixConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def to_dict(self) -> dict:
+        return {"method": "prefix", **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrefixConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"PrefixConfig.from_dict expects a dict, got {type(d).__name__}")
+        d = dict(d)
+        method = d.pop("method", "prefix")
+        if method != "prefix":
+            raise ValueError(f"not a prefix config: method={method!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown PrefixConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "PrefixConfig":
+        return cls.from_dict(json.loads(s))
+
+
+class PrefixEncoder(nn.Module):
+    """The trainable prefix of every layer: ``forward()`` returns ``E [P, 2 * layers * kv_heads * head_dim]``.
+
+    Without projection ``E`` is ``embedding.weight`` itself (what PEFT saves as ``prompt_embeddings``).
+    With projection ``E = transform(embedding.weight)``. Parameters are created in float32 (the
+    attention casts the prefix to the activations' dtype, so gradients reach these parameters).
+
+    Outside autograd (inference, or every parameter frozen) ``E`` is computed once and reused
+    until a parameter changes (in-place updates, ``load_state_dict``, moving the module).
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 prefix_projection: bool = False, encoder_hidden_size: Optional[int] = None,
+                 dropout: float = 0.0, device=None):
+        super().__init__()
+        for name, v in (("num_virtual_tokens", num_virtual_tokens), ("num_layers", num_layers),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        self.num_virtual_tokens = num_virtual_tokens
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.prefix_projection = bool(prefix_projection)
+        self.dropout_p = float(dropout)
+        token_dim = num_kv_heads * head_dim
+        out_dim = 2 * num_layers * token_dim
+        kw = {"device": device, "dtype": torch.float32}
+        if self.prefix_projection:
+            hidden = encoder_hidden_size if encoder_hidden_size is not None else token_dim
+            self.embedding = nn.Embedding(num_virtual_tokens, token_dim, **kw)
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden, **kw), nn.Tanh(),
+                                           nn.Linear(hidden, out_dim, **kw))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, out_dim, **kw)
+        self._cache = None  # (key, E) of the last computation made outside autograd
+
+    @property
+    def output_dim(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    def _compute(self) -> torch.Tensor:
+        w = self.embedding.weight
+        return self.transform(w) if self.prefix_projection else w
+
+    def _cache_key(self):
+        return tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+
+    def forward(self) -> torch.Tensor:
+        """E [P, 2 * layers * kv_heads * head_dim], with dropout while training."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if needs_grad:
+            self._cache = None
+            e = self._compute()
+        else:
+            key = self._cache_key()
+            if self._cache is None or self._cache[0] != key:
+                with torch.no_grad():
+                    self._cache = (key, self._compute().detach())
+            e = self._cache[1]
+        if self.training and self.dropout_p > 0.0:
+            e = nn.functional.dropout(e, p=self.dropout_p, training=True)
+        return e
+
+    def layer_prefix(self, e: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(prefix_k, prefix_v)`` [kv_heads, P, head_dim] of layer ``layer`` inside ``e``."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        v = e.view(self.num_virtual_tokens, 2 * self.num_layers, self.num_kv_heads, self.head_dim)
+        return v[:, 2 * layer].transpose(0, 1), v[:, 2 * layer + 1].transpose(0, 1)
+
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Copy PEFT's saved ``prompt_embeddings`` [P, 2 * layers * kv_heads * head_dim] into ``embedding``
+        (only without projection: the projected prefix cannot be inverted into its parameters)."""
+        if self.prefix_projection:
+            raise ValueError("cannot load flat prompt_embeddings into a PrefixEncoder with prefix_projection=True")
+        want = tuple(self.embedding.weight.shape)
+        if tuple(prompt_embeddings.shape) != want:
+            raise ValueError(f"prompt_embeddings must have shape {want}, got {tuple(prompt_embeddings.shape)}")
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings)
+
+    def extra_repr(self) -> str:
+        return (f"P={self.num_virtual_tokens}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, projection={self.prefix_projection}, dropout={self.dropout_p}")
