@@ -8,6 +8,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# The tests run tiny shapes: one thread avoids paying thread wake-ups on every small op (and keeps
+# the suite fast on a busy 2-core CI machine).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

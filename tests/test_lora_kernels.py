@@ -104,3 +104,15 @@ def test_op_rejects_bad_input():
         lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
     with pytest.raises(ValueError, match="meta"):
         lora_linear(x, w.to("meta"), None, a, bb, 1.0)
+
+
+def test_dropout_compiles_without_graph_breaks():
+    """The dropout seed is drawn as a tensor, so torch.compile(fullgraph=True) traces it, and each call
+    draws a fresh mask."""
+    x, w, b, a, bb = make_case(6, 8, 10, 2, torch.float32)
+    a.requires_grad_()
+    f = torch.compile(lambda t: lora_linear(t, w, b, a, bb, 1.0, 0.3, backend="torch"), fullgraph=True)
+    y1, y2 = f(x), f(x)
+    assert not torch.equal(y1, y2)
+    y1.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0

@@ -121,8 +121,10 @@ def _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, p, seed, need_dx):
 
 @torch.library.custom_op("ptune_rt::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                    scale: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
-    """2D forward: returns (y [M, N], S [M, r] fp32)."""
+                    scale: float, dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """2D forward: returns (y [M, N], S [M, r] fp32). ``seed`` is a one-element CPU int64 tensor
+    (a tensor, so torch.compile traces the random draw instead of breaking the graph on it)."""
+    seed = int(seed.item())  # a CPU tensor: no device synchronization
     if backend == "triton":
         from ptune_rt.kernels import lora as K
         return K.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
@@ -137,9 +139,10 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend):
 
 @torch.library.custom_op("ptune_rt::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, S: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                    scale: float, dropout_p: float, seed: int, backend: str,
+                    scale: float, dropout_p: float, seed: Tensor, backend: str,
                     need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx [M, K] or an empty tensor when not needed, dA [r, K], dB [N, r])."""
+    seed = int(seed.item())
     if backend == "triton":
         from ptune_rt.kernels import lora as K
         dx, da, db = K.lora_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed,
@@ -160,14 +163,14 @@ def _(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, backend, need_dx
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend = inputs
     _, S = output
-    ctx.save_for_backward(x, S, weight, lora_a, lora_b)
-    ctx.args = (scale, dropout_p, seed, backend)
+    ctx.save_for_backward(x, S, weight, lora_a, lora_b, seed)
+    ctx.args = (scale, dropout_p, backend)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _dS):
-    x, S, weight, lora_a, lora_b = ctx.saved_tensors
-    scale, dropout_p, seed, backend = ctx.args
+    x, S, weight, lora_a, lora_b, seed = ctx.saved_tensors
+    scale, dropout_p, backend = ctx.args
     need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     dx, da, db = lora_linear_bwd(dy.contiguous(), x, S, weight, lora_a, lora_b, scale, dropout_p, seed,
                                  backend, need_x)
@@ -225,9 +228,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     chosen, _ = resolve_backend(backend, x.device)
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)  # CPU generator, no sync
+    else:
+        seed_t = torch.full((1,), int(seed or 0), dtype=torch.int64)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
-                           int(seed or 0), chosen)
+                           seed_t, chosen)
     return y.reshape(*lead, weight.shape[0])
