@@ -433,6 +433,10 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     layers, kv_heads, head_dim = _model_dims(cfg)
     attn_modules = find_attention_modules(model, layers)
+    if getattr(cfg, "is_causal", True) is False and any(getattr(m, "is_causal", False)
+                                                          for m, _ in attn_modules.values()):
+        raise ValueError(f"{type(model).__name__} has config.is_causal=False (bidirectional use of a causal "
+                         "model), which prefix tuning does not support")
     base = model.base_model
     fwd_params = inspect.signature(base.forward).parameters
     if "position_ids" not in fwd_params or not any(p.kind == inspect.Parameter.VAR_KEYWORD

@@ -21,6 +21,9 @@ from ptune_rt.testing.tolerances import FP32_END_TO_END, assert_fp32_end_to_end_
 from helpers_models import (HIDDEN, VOCAB, copy_peft_lora_weights, input_ids, peft_lora_model, tiny_gpt2,
                             tiny_llama, tiny_qwen2)
 
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")]
+
 P = 4
 DECODERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
 
@@ -55,9 +58,29 @@ def _encoder_model(cls_name: str = "BertModel", seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def _decoder_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny Mistral / Qwen3 (GQA, 2 layers), shaped like helpers_models.tiny_llama."""
+    import transformers
+
+    cfg_cls, cls = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[model_type]
+    kw = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+              tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    cfg = cfg_cls(**kw)
+    cfg._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    return model.eval()
+
+
 def _factory(name: str):
     if name in DECODERS:
         return DECODERS[name], "CAUSAL_LM"
+    if name in ("mistral", "qwen3"):
+        return (lambda: _decoder_model(name)), "CAUSAL_LM"
     if name == "bert":
         return (lambda: _encoder_model("BertModel")), "FEATURE_EXTRACTION"
     if name == "roberta":
@@ -176,7 +199,7 @@ def test_encoder_layout_matches_peft():
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert", "roberta"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert", "roberta", "mistral", "qwen3"])
 def test_logits_match_peft(name):
     base, peft_model, mine = _pair(name)
     assert mine.config._attn_implementation == ATTN_NAME
@@ -188,7 +211,7 @@ def test_logits_match_peft(name):
             plain = _out(base(input_ids=ids, attention_mask=mask))
         _close(out, ref, f"{name} {side} padding")
         assert (plain - ref).abs().max() > 1e-3, "the prefix must change the output"
-    if name in DECODERS:  # no mask at all (transformers then skips the causal mask)
+    if name not in ("bert", "roberta"):  # no mask at all (transformers then skips the causal mask)
         with torch.no_grad():
             _close(_out(mine(input_ids=ids)), _out(peft_model(input_ids=ids)), f"{name} without a mask")
 
@@ -315,6 +338,9 @@ def test_position_ids_shift_and_none():
         _close(mine(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
                peft_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, "explicit position_ids")
         shifted = mine(input_ids=ids, attention_mask=mask).logits
+        # the inner model called directly, arguments by position: the same hidden states
+        inner = mine.model(ids, mask).last_hidden_state
+        assert torch.equal(inner, mine.model(input_ids=ids, attention_mask=mask).last_hidden_state)
     none = copy.deepcopy(mine)
     remove_prefix(none)
     ptune_rt.apply(none, PrefixConfig(P, position_mode="none"))
@@ -445,10 +471,24 @@ def test_bad_inputs_raise_and_leave_the_model_unchanged():
         with pytest.raises(ValueError, match=f"{cls_name}.*AttentionInterface"):
             ptune_rt.apply(model, PrefixConfig(P))
         _assert_same(model, snap)
+    import transformers
+
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64, vocab_size=VOCAB,
+        word_embed_proj_dim=32))
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match="does not support model_type 'opt'"):
+        ptune_rt.apply(opt, PrefixConfig(P))
+    _assert_same(opt, snap)
     model = tiny_llama()
     snap = _snapshot(model)
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         ptune_rt.apply(model, PrefixConfig(1000))
+    _assert_same(model, snap)
+    model.config.is_causal = False
+    with pytest.raises(ValueError, match="is_causal=False"):
+        ptune_rt.apply(model, PrefixConfig(P))
+    del model.config.is_causal
     _assert_same(model, snap)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         ptune_rt.apply(nn.Linear(2, 2), PrefixConfig(P))
@@ -478,6 +518,12 @@ def test_apply_attaches_encoder_and_remove_restores():
     assert prefix_encoder(model).embedding.weight.shape == (P, 2 * 2 * 2 * 16)
     out = model(input_ids=ids, attention_mask=mask, use_cache=True)
     assert out.past_key_values.get_seq_length() == ids.shape[1]
+    twin = copy.deepcopy(model)  # a copy carries its own prefix, hook and encoder
+    assert prefix_encoder(twin) is twin.prompt_encoder["default"] is not prefix_encoder(model)
+    remove_prefix(twin)
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids, attention_mask=mask).logits, plain)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, out.logits.detach())
     remove_prefix(model)
     _assert_same(model, snap)
     with torch.no_grad():
@@ -610,3 +656,13 @@ def test_attention_dropout_while_training():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, a)
+
+
+def test_sliding_window_beyond_the_window_raises():
+    """Mistral's sliding window: fine while prefix + sequence fit in it (as in PEFT, where the prefix
+    occupies the first cache slots), a clear error beyond."""
+    model = ptune_rt.apply(_decoder_model("mistral", sliding_window=12), PrefixConfig(P))
+    ids = input_ids(2, 8)
+    model(input_ids=ids)  # 4 + 8 keys: inside the window
+    with pytest.raises(NotImplementedError, match="sliding"):
+        model(input_ids=input_ids(2, 9))
