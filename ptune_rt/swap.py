@@ -27,6 +27,8 @@ DEFAULT_TARGETS = {
     "t5": ["q", "v"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
 }
 
+#: Top-level submodules ptune-rt itself attaches (prefix / prompt encoders): never LoRA targets.
+OWN_MODULES = ("prompt_encoder",)
 #: Model attribute holding the LoRAConfig of ``apply_lora`` (read by adapter checkpoint code).
 CONFIG_ATTR = "_ptune_rt_config"
 #: Model attribute holding the requires_grad flags (by parameter name) from before ``apply_lora``.
@@ -206,7 +208,8 @@ def resolve_targets(model: nn.Module, target_modules) -> list[str]:
             raise ValueError(f"LoRAConfig.target_modules is None and there is no default for model type "
                              f"{mtype!r}: pass LoRAConfig(target_modules=[...])")
         target_modules = DEFAULT_TARGETS[mtype]
-    named = dict(model.named_modules())
+    # ptune-rt's own trainable modules (a prefix / prompt encoder) are never LoRA targets.
+    named = {n: m for n, m in model.named_modules() if n.split(".")[0] not in OWN_MODULES}
     order = {n: i for i, n in enumerate(named)}
     if isinstance(target_modules, str) and target_modules == "all-linear":
         skip = _output_layer_names(model)
@@ -452,7 +455,26 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo ``apply`` / ``accelerate``: unmerge where merged, then put the original modules back
+    """Undo everything ptune-rt put into ``model``: LoRA swaps (see :func:`restore_lora`), then a
+    prefix (attention implementation, hooks and encoder). The model comes back bit-exact."""
+    from ptune_rt import hf_attention  # the prefix glue imports the ops; keep swap importable alone
+
+    _require_module(model)
+    has_lora, has_prefix = bool(lora_modules(model)), hf_attention.has_prefix(model)
+    if not (has_lora or has_prefix):
+        raise ValueError("restore: model has no ptune-rt LoRA modules and no prefix; expected a model passed "
+                         "through ptune_rt.apply(...) or ptune_rt.accelerate(...)")
+    # LoRA first, then the prefix: each gives back the requires_grad flags it changed, so the
+    # original flags return whichever was applied first.
+    if has_lora:
+        restore_lora(model)
+    if has_prefix:
+        hf_attention.remove_prefix(model)
+    return model
+
+
+def restore_lora(model: nn.Module) -> nn.Module:
+    """Undo ``apply`` / ``accelerate`` of LoRA: unmerge where merged, then put the original modules back
     (the very same objects, so weights are bit-exact) and, after ``apply``, the previous
     requires_grad flags. After ``accelerate`` PEFT's LoRA layers come back, holding the same
     (possibly trained) adapter parameters."""

@@ -14,7 +14,7 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import hf_attention
-from ptune_rt.hf_attention import ATTN_NAME, prefix_encoder, remove_prefix
+from ptune_rt.hf_attention import ATTN_NAME, has_prefix, prefix_encoder, remove_prefix
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.testing.tolerances import FP32_END_TO_END, assert_fp32_end_to_end_close
 
@@ -524,12 +524,14 @@ def test_apply_attaches_encoder_and_remove_restores():
     with torch.no_grad():
         assert torch.equal(twin(input_ids=ids, attention_mask=mask).logits, plain)
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, out.logits.detach())
-    remove_prefix(model)
+    ptune_rt.restore(model)  # the public undo removes a prefix-only model's prefix
     _assert_same(model, snap)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
     with pytest.raises(ValueError, match="carries no ptune-rt prefix"):
         remove_prefix(model)
+    with pytest.raises(ValueError, match="no ptune-rt LoRA modules and no prefix"):
+        ptune_rt.restore(model)
 
 
 def test_prefix_computed_once_per_forward_and_cached_at_inference(monkeypatch):
@@ -602,9 +604,9 @@ def test_lora_and_prefix_compose_in_either_order():
         out.sum().backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
         results.append(out.detach())
-        # the suggested restore: LoRA modules first, then the prefix
+        # one restore takes out both: LoRA modules first, then the prefix
         ptune_rt.restore(model)
-        remove_prefix(model)
+        assert not has_prefix(model) and not any("lora" in n for n, _ in model.named_parameters())
         model.eval()
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ptune_rt.methods.lora import LoRAConfig, LoRALinear, linear_shape
 from ptune_rt import swap
-from ptune_rt.swap import DEFAULT_TARGETS, restore
+from ptune_rt.swap import DEFAULT_TARGETS, restore_lora
 
 from .common import (AdapterError, exact_regex, is_linear_like, match_heads, match_targets, model_class,
                      model_type, module_view, raise_problems, shape_str)
@@ -263,7 +263,7 @@ class LoRALoadPlan:
                 for dst, old in backups:
                     dst.copy_(old)
             if self.fresh and has_adapter(model):  # every LoRA module there is came from this call
-                restore(model)
+                restore_lora(model)
             for p, flag in grads:
                 p.requires_grad_(flag)
             for k, v in attrs.items():
