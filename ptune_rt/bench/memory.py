@@ -23,21 +23,39 @@ def _storage_key(t: torch.Tensor):
 
 
 class _Where:
-    """Tracks whether execution is currently inside a LoRA linear (forward hooks)."""
+    """Tracks (forward hooks) whether execution is inside a LoRA linear and, optionally, which
+    module class runs innermost (a LoRA linear counts as one module: what runs inside it is its own)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, track_modules: bool = False):
         self.depth = 0
+        self.stack: list[str] = []
         self.handles = []
         for m in model.modules():
-            if is_lora_module(m):
+            lora = is_lora_module(m)
+            if lora:
                 self.handles.append(m.register_forward_pre_hook(self._enter))
                 self.handles.append(m.register_forward_hook(self._leave))
+            if track_modules:
+                label = "LoRA linear" if lora else type(m).__name__
+                self.handles.append(m.register_forward_pre_hook(lambda *_, label=label: self._push(label)))
+                self.handles.append(m.register_forward_hook(self._pop))
+
+    def _push(self, label: str) -> None:  # hooks must return None (a value would replace the input)
+        self.stack.append(label)
+
+    def _pop(self, *_) -> None:  # ... or the output
+        self.stack.pop()
 
     def _enter(self, *_):
         self.depth += 1
 
     def _leave(self, *_):
         self.depth -= 1
+
+    def module(self) -> str:
+        if self.depth > 0:
+            return "LoRA linear"
+        return self.stack[-1] if self.stack else "(outside any module)"
 
     def remove(self):
         for h in self.handles:
@@ -50,7 +68,8 @@ def saved_for_backward(model: nn.Module, step) -> dict:
     seen: dict = {}
     counts = {"saved_tensors": 0}
 
-    where = _Where(model)
+    where = _Where(model, track_modules=True)
+    by_module: dict = {}
 
     def pack(t):
         counts["saved_tensors"] += 1
@@ -62,6 +81,8 @@ def saved_for_backward(model: nn.Module, step) -> dict:
                 cat = "parameters"
             else:
                 cat = "activations_lora" if where.depth > 0 else "activations_rest"
+                mod = where.module()
+                by_module[mod] = by_module.get(mod, 0) + key[3]
             seen[key] = (cat, key[3])
         return t
 
@@ -83,6 +104,7 @@ def saved_for_backward(model: nn.Module, step) -> dict:
         "activation_bytes_in_lora_linears": by_cat["activations_lora"],
         "activation_bytes_rest_of_model": by_cat["activations_rest"],
         "parameter_bytes_by_reference": by_cat["parameters"],
+        "activation_bytes_by_module_type": dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
         "unique_storages": {k: v for k, v in n_by_cat.items()},
         "saved_tensor_count": counts["saved_tensors"],
     }

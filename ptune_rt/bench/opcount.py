@@ -60,6 +60,7 @@ class OpCounter(TorchDispatchMode):
         self.inside_custom = 0
         self.counts = collections.Counter()
         self.names = collections.Counter()
+        self.lora_names = collections.Counter()  # (op, "compute" | "metadata") inside LoRA linears
 
     def _record(self, func, args, out, custom_depth: int):
         name = f"{func.namespace}::{func.__name__.split('.')[0]}"
@@ -75,6 +76,7 @@ class OpCounter(TorchDispatchMode):
         if not meta:
             self.counts["compute"] += 1
         if in_lora:
+            self.lora_names[(name, "metadata" if meta else "compute")] += 1
             self.counts["in_lora_all"] += 1
             if not meta:
                 self.counts["in_lora_compute"] += 1
@@ -115,6 +117,8 @@ class OpCounter(TorchDispatchMode):
         res["per_lora_linear_compute_expanded"] = expanded_lora / n
         res["compute_expanded"] = res["compute"] - (res["custom"] if self.descend else 0) + res["inside_custom_compute"]
         res["top_ops"] = dict(self.names.most_common(12))
+        res["per_lora_linear_ops"] = {f"{op} ({kind})": c / n for (op, kind), c in sorted(
+            self.lora_names.items(), key=lambda kv: (kv[0][1], -kv[1]))}
         return res
 
 

@@ -175,6 +175,31 @@ def _equality(results) -> list[str]:
     ]
 
 
+def _memory_detail(results) -> list[str]:
+    mem = results.get("memory")
+    if not mem:
+        return []
+    cols = [(k, n) for k in mem for n in ("peft", "ptune-rt")]
+    mods: list[str] = []
+    for k, n in cols:
+        for m in mem[k][n]["activation_bytes_by_module_type"]:
+            if m not in mods:
+                mods.append(m)
+    head = " | ".join(f"{'PEFT' if n == 'peft' else n} {k.replace('dropout', 'p=')}" for k, n in cols)
+    lines = [f"| Saved by (innermost module) | {head} |", "|---|" + "---:|" * len(cols)]
+    for m in mods:
+        vals = " | ".join(_mib(mem[k][n]["activation_bytes_by_module_type"].get(m, 0)) for k, n in cols)
+        lines.append(f"| {m} | {vals} |")
+    tot = " | ".join(_mib(mem[k][n]["activation_bytes"]) for k, n in cols)
+    lines.append(f"| **total activations** | {tot} |")
+    par = " | ".join(_mib(mem[k][n]["parameter_bytes_by_reference"]) for k, n in cols)
+    lines.append(f"| parameters (by reference, not counted) | {par} |")
+    lines += ["", "MiB of unique storages saved for backward in one training step, by the innermost module running "
+              "when autograd saved them (*LoRA linear*: anything inside PEFT's `lora.Linear` or ptune-rt's "
+              "`LoRALinear`; *LlamaForCausalLM*: the LM-head output and the loss, computed in the top module)."]
+    return lines
+
+
 def _ops_detail(results) -> list[str]:
     ops = results.get("ops")
     if not ops:
@@ -186,6 +211,11 @@ def _ops_detail(results) -> list[str]:
         for n, d in ops.get(step, {}).items():
             lines.append(f"| {step} | {n} | {d['all']} | {d['compute']} | {d['in_lora_all']} / {d['in_lora_compute']} | "
                          f"{d['custom']} | {d['inside_custom_compute']} | {d['compute_expanded']} |")
+    lines += ["", "Ops dispatched per LoRA linear per forward, by name (top level):", ""]
+    for n, d in ops.get("forward", {}).items():
+        per = d.get("per_lora_linear_ops") or {}
+        if per:
+            lines.append(f"- {n}: " + ", ".join(f"`{k}` x{_num(v)}" for k, v in per.items()))
     lines += ["",
               f"{ops['n_lora_linears']} LoRA linears; ptune-rt backend in this run: {ops.get('ptune_backend')}. "
               "Counted with a `TorchDispatchMode`, i.e. after autograd and after composite ops such as `aten::linear` "
@@ -216,8 +246,10 @@ def _triton(results) -> list[str]:
         "",
         "| Quantity | Value |", "|---|---:|",
         f"| dispatched compute ops per LoRA linear per forward | {_num(t['compute_ops_per_lora_linear_forward'])} |",
-        f"| all dispatched ops per LoRA linear per forward (incl. the 2 reshapes around the op) | "
+        f"| all dispatched ops per LoRA linear per forward (views included) | "
         f"{_num(t['all_ops_per_lora_linear_forward'])} |",
+        "| which ops (per LoRA linear per forward) | " + ", ".join(
+            f"`{k}` x{_num(v)}" for k, v in t.get("ops_per_lora_linear_forward_by_name", {}).items()) + " |",
         f"| Triton kernel launches per LoRA linear, forward | {_num(t['kernel_launches_per_lora_linear_forward'])} |",
         f"| Triton kernel launches per LoRA linear, backward (average; 4, or 3 where the input needs no "
         f"gradient) | {_num(t['kernel_launches_per_lora_linear_backward'])} |",
@@ -306,6 +338,12 @@ def markdown(results: dict, title: bool = True) -> str:
         "tokens, greedy.",
         "",
     ]
+    cpus = pv.get("cpu_count") or 1
+    loads = [x[0] for x in (load, pv.get("load_average_at_end")) if x]
+    if pv["device"].startswith("cpu") and loads and max(loads) > 0.5 * cpus:
+        out += [f"> Note: the 1-minute load average reached {max(loads):.1f} on {cpus} CPUs during this run: other "
+                "processes competed for the cores, so the timings are noisy (the runs are interleaved and medians "
+                "reported, but treat small ratios with care).", ""]
     out += summary_table(results)
     out += ["",
             "Speed: median wall time of interleaved runs; *ptune-rt vs PEFT* = PEFT median / ptune-rt median "
@@ -320,6 +358,7 @@ def markdown(results: dict, title: bool = True) -> str:
             val = f"{t['value']:.3f}x" if t["unit"] == "x" else _num(t["value"])
             out.append(f"| {t['target']} | {val} | {t['goal']} | {'PASS' if t['pass'] else 'MISS'} |")
     for head, body in (("Timing detail", _speed_detail(results)), ("Equality", _equality(results)),
+                       ("Bytes saved for backward", _memory_detail(results)),
                        ("Op counts", _ops_detail(results)), ("Triton path (interpreter probe)", _triton(results)),
                        ("FLOPs", _flops_detail(results)),
                        ("Analytic HBM traffic and H100 roofline (7B-class shapes)", _analytic(results))):

@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -477,9 +478,11 @@ def run(args, argv) -> dict:
                     unit="step", dynamic_ncols=True, file=sys.stderr)
     bench = Bench(wl, device, args.repeats, args.warmup, progress)
     try:
+        section_s = results["section_wall_s"] = {}
         for sec in SECTIONS:
             if sec not in sections:
                 continue
+            ts = time.perf_counter()
             if sec == "analytic":
                 progress.set_description_str("analytic HBM / roofline")
                 results["analytic"] = {"seven_b": analytic.seven_b_table(r=16, e=2),
@@ -487,6 +490,7 @@ def run(args, argv) -> dict:
                 progress.update(1)
             else:
                 results[sec] = getattr(bench, sec)()
+            section_s[sec] = time.perf_counter() - ts
     finally:
         progress.close()
     results["provenance"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -518,7 +522,10 @@ def main(argv=None) -> int:
     from ptune_rt.bench import report
 
     out_dir = args.out or default_out_dir()
-    results = run(args, argv)
+    with warnings.catch_warnings():
+        # transformers' own deprecation notice, raised from inside PEFT on every training forward
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        results = run(args, argv)
     paths = report.write_all(results, Path(out_dir))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))

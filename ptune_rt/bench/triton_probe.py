@@ -67,6 +67,7 @@ def probe() -> dict:
         "custom_ops_per_forward": fwd_ops["custom"],
         "compute_ops_per_lora_linear_forward": fwd_ops["per_lora_linear_compute"],
         "all_ops_per_lora_linear_forward": fwd_ops["per_lora_linear_all"],
+        "ops_per_lora_linear_forward_by_name": fwd_ops["per_lora_linear_ops"],
         "kernel_launches_per_lora_linear_forward": fwd_launches / n,
         "kernel_launches_per_lora_linear_backward": res["ptune-rt"]["bwd_launches"] / n,
         "kernel_launches_per_lora_linear_train_forward": res["ptune-rt"]["fwd_launches"] / n,
