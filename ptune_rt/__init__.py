@@ -6,6 +6,8 @@ from ptune_rt.swap import apply_lora as _apply_lora
 from ptune_rt.io import load_adapter, save_adapter
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt import hf_attention as _prefix
+from ptune_rt.methods.prompt import PromptTuningConfig, PTuningConfig, remove_prompt
+from ptune_rt.methods.prompt import apply_prompt as _apply_prompt
 
 __version__ = "0.1.0"
 
@@ -16,10 +18,14 @@ def apply(model, config):
         return _prefix.keep_prefix_trainable(_apply_lora(model, config))
     if isinstance(config, PrefixConfig):
         return _prefix.apply_prefix(model, config)
-    raise TypeError(f"config must be a ptune_rt config (LoRAConfig or PrefixConfig), got {type(config).__name__}")
+    if isinstance(config, (PromptTuningConfig, PTuningConfig)):
+        return _apply_prompt(model, config)
+    raise TypeError(f"config must be a ptune_rt config (LoRAConfig, PrefixConfig, PromptTuningConfig or "
+                    f"PTuningConfig), got {type(config).__name__}")
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",
            "unmerge", "__version__"]
 __all__ += ["load_adapter", "save_adapter"]
 __all__ += ["PrefixConfig", "PrefixEncoder"]
+__all__ += ["PromptTuningConfig", "PTuningConfig", "remove_prompt"]
