@@ -455,21 +455,27 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo everything ptune-rt put into ``model``: LoRA swaps (see :func:`restore_lora`), then a
-    prefix (attention implementation, hooks and encoder). The model comes back bit-exact."""
-    from ptune_rt import hf_attention  # the prefix glue imports the ops; keep swap importable alone
+    """Undo everything ptune-rt put into ``model``: LoRA swaps (see :func:`restore_lora`), a prefix
+    (attention implementation, hooks, encoder) and a soft prompt (forward wrapper, encoder). The
+    model comes back bit-exact."""
+    # the prefix / prompt glue imports the ops and transformers: keep swap importable alone
+    from ptune_rt import hf_attention
+    from ptune_rt.methods import prompt
 
     _require_module(model)
     has_lora, has_prefix = bool(lora_modules(model)), hf_attention.has_prefix(model)
-    if not (has_lora or has_prefix):
-        raise ValueError("restore: model has no ptune-rt LoRA modules and no prefix; expected a model passed "
-                         "through ptune_rt.apply(...) or ptune_rt.accelerate(...)")
-    # LoRA first, then the prefix: each gives back the requires_grad flags it changed, so the
-    # original flags return whichever was applied first.
+    has_prompt = prompt.is_prompt_model(model)
+    if not (has_lora or has_prefix or has_prompt):
+        raise ValueError("restore: model has no ptune-rt LoRA modules and no prefix or soft prompt; expected a "
+                         "model passed through ptune_rt.apply(...) or ptune_rt.accelerate(...)")
+    # LoRA first, then the prefix, then the soft prompt: each gives back the requires_grad flags it
+    # changed, so the original flags return whichever was applied first.
     if has_lora:
         restore_lora(model)
     if has_prefix:
         hf_attention.remove_prefix(model)
+    if has_prompt:
+        prompt.remove_prompt(model)
     return model
 
 

@@ -530,7 +530,7 @@ def test_apply_attaches_encoder_and_remove_restores():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
     with pytest.raises(ValueError, match="carries no ptune-rt prefix"):
         remove_prefix(model)
-    with pytest.raises(ValueError, match="no ptune-rt LoRA modules and no prefix"):
+    with pytest.raises(ValueError, match="no ptune-rt LoRA modules and no prefix or soft prompt"):
         ptune_rt.restore(model)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 import ptune_rt
 from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningEncoder, TaskLSTM, is_prompt_model,
                                      prompt_report, remove_prompt)
-from tests.helpers_models import input_ids, tiny_gpt2, tiny_llama
+from helpers_models import input_ids, tiny_gpt2, tiny_llama
 
 P = 4
 NEW = 6  # generated tokens
@@ -413,7 +413,7 @@ def test_apply_freezes_base_and_remove_restores():
     clone = copy.deepcopy(model)  # the wrapped forward follows the copy
     torch.testing.assert_close(clone(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert clone.forward.model is clone
-    remove_prompt(model)
+    ptune_rt.restore(model)  # the public undo takes the soft prompt out
     assert not is_prompt_model(model) and not hasattr(model, "prompt_encoder")
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
