@@ -13,6 +13,10 @@
   down to the attention function as a keyword argument and, in "shift" mode, passes position ids
   shifted by P.
 
+``apply_prefix(model, config, encoder=...)`` runs a given encoder instead (``ptune_rt.peft_compat``
+builds one over a PEFT prefix model's own parameters): it is not attached and no parameter flag
+changes; ``PrefixState.gate`` can then switch the prefix off per forward.
+
 The prefix never enters ``past_key_values``: each attention call gets the cached/new sequence
 keys from the model and the layer's prefix from ``E``, and ``ptune_rt.ops.prefix_attention``
 attends over both without concatenating them. Masks: every query sees all P prefix keys;
@@ -80,6 +84,11 @@ class PrefixState:
         self.roberta_positions = roberta_positions
         self.checkpoint_modules = [m for m in base.modules() if hasattr(m, "gradient_checkpointing")]
         self.handles = []
+        self.owns_encoder = True  # False: the encoder is someone else's module (not attached by apply_prefix)
+        self.gate = None  # None, or a callable; when it returns False the model runs without its prefix
+
+    def enabled(self) -> bool:
+        return self.gate is None or bool(self.gate())
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -153,7 +162,8 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     kv_mask, key, value = _kv_mask(attention_mask, key, value)
     layer = module.__dict__.get(LAYER_ATTR)
     state = module.__dict__.get(MODULE_STATE_ATTR)
-    if layer is None or state is None:  # not a prefixed module (e.g. cross-attention)
+    # not a prefixed module (e.g. cross-attention), or the prefix is switched off (PEFT's disable_adapter)
+    if layer is None or state is None or not state.enabled():
         out = _sdpa_concat(query, key, value, None, None, kv_mask, causal, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
     e = kwargs.get(PREFIX_KWARG)
@@ -287,6 +297,8 @@ def _shifted_positions(state: PrefixState, kwargs: dict):
 
 
 def _pre_hook(state: PrefixState, names: list[str], module, args, kwargs):
+    if not state.enabled():  # the prefix is switched off: the model runs as it is
+        return None
     kwargs = dict(kwargs)
     for name, a in zip(names, args):
         if name in kwargs:
@@ -402,13 +414,19 @@ def _lora_parameters(model: nn.Module) -> list:
     return out
 
 
-def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
+def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[PrefixEncoder] = None) -> nn.Module:
     """Add a trainable prefix to every self-attention layer of ``model`` (in place); returns the model.
+
+    encoder: use this ``PrefixEncoder`` (e.g. one built over a PEFT model's own parameters) instead
+        of a new one. It must have the model's layout and ``config``'s P and projection; it is not
+        attached to the model as a submodule and no requires_grad flag is changed.
 
     Every check runs before the first change: a failed call leaves the model as it was.
     """
     if not isinstance(config, PrefixConfig):
         raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
+    if encoder is not None and not isinstance(encoder, PrefixEncoder):
+        raise TypeError(f"encoder must be None or a PrefixEncoder, got {type(encoder).__name__}")
     config.validate()
     try:
         from transformers import PreTrainedModel
@@ -456,9 +474,22 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
         resolve_backend(config.backend, device)
     except RuntimeError as e:
         raise ValueError(f"PrefixConfig.backend={config.backend!r} cannot run on this model: {e}") from None
-    encoder = PrefixEncoder(P, layers, kv_heads, head_dim, config.prefix_projection, config.encoder_hidden_size,
-                            config.dropout, device=device)
-    encoder.train(model.training)
+    own = encoder is None
+    if own:
+        encoder = PrefixEncoder(P, layers, kv_heads, head_dim, config.prefix_projection, config.encoder_hidden_size,
+                                config.dropout, device=device)
+        encoder.train(model.training)
+    else:
+        got = (encoder.num_virtual_tokens, encoder.num_layers, encoder.num_kv_heads, encoder.head_dim,
+               encoder.prefix_projection)
+        want = (P, layers, kv_heads, head_dim, config.prefix_projection)
+        if got != want:
+            raise ValueError(f"encoder has (num_virtual_tokens, layers, kv_heads, head_dim, prefix_projection) = {got}; "
+                             f"this {type(model).__name__} with {config!r} needs {want}")
+        devices = {p.device for p in encoder.parameters()}
+        if devices and devices != {torch.device(device)}:
+            raise ValueError(f"encoder parameters are on {sorted(map(str, devices))}, the model on {device}; expected "
+                             "one device")
     register_attention()
 
     configs = {id(cfg): cfg}
@@ -474,17 +505,19 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
             c._attn_implementation_internal = impl
         raise
     # Nothing below can fail on a validated model.
-    keep = {id(p) for p in _lora_parameters(model)}
     changed = []
-    if not keep:  # the base is frozen; parameters another ptune-rt method made trainable stay so
-        for p in params:
-            if p.requires_grad:
-                changed.append((p, True))
-                p.requires_grad_(False)
-    model.add_module(ENCODER_ATTR, nn.ModuleDict({ADAPTER_NAME: encoder}))
-    for p in encoder.parameters():
-        p.requires_grad_(True)
+    if own:
+        keep = {id(p) for p in _lora_parameters(model)}
+        if not keep:  # the base is frozen; parameters another ptune-rt method made trainable stay so
+            for p in params:
+                if p.requires_grad:
+                    changed.append((p, True))
+                    p.requires_grad_(False)
+        model.add_module(ENCODER_ATTR, nn.ModuleDict({ADAPTER_NAME: encoder}))
+        for p in encoder.parameters():
+            p.requires_grad_(True)
     state = PrefixState(config, encoder, base, attn_modules, attn_impls, changed, limit, offset, roberta)
+    state.owns_encoder = own
     for m, idx in attn_modules.values():
         m.__dict__[LAYER_ATTR] = idx
         m.__dict__[MODULE_STATE_ATTR] = state
@@ -504,7 +537,7 @@ def remove_prefix(model: nn.Module) -> nn.Module:
     for m, _ in state.attn_modules.values():
         m.__dict__.pop(LAYER_ATTR, None)
         m.__dict__.pop(MODULE_STATE_ATTR, None)
-    if isinstance(getattr(model, ENCODER_ATTR, None), nn.ModuleDict):
+    if state.owns_encoder and isinstance(getattr(model, ENCODER_ATTR, None), nn.ModuleDict):
         delattr(model, ENCODER_ATTR)
     for c, impl in state.attn_impls:
         c._attn_implementation_internal = impl

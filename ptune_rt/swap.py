@@ -331,10 +331,17 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped layers;
     adding or loading another adapter through PEFT would wrap them (renaming their parameters).
     For any of these, ``ptune_rt.restore(peft_model)`` first puts PEFT's own layers back.
+
+    A PEFT prefix-tuning / P-tuning v2 model goes through the fused prefix attention instead
+    (``ptune_rt.peft_compat.accelerate_prefix``; it returns one report row).
     """
     _require_module(peft_model, "peft_model")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from ptune_rt import peft_compat  # PEFT prefix tuning / P-tuning v2 models: the fused prefix attention
+
+    if peft_compat.is_peft_prefix_model(peft_model):
+        return peft_compat.accelerate_prefix(peft_model, backend)
     LoraLayer, PeftLinear = _peft_lora_classes()
     if LoraLayer is None:
         raise RuntimeError("ptune_rt.accelerate needs the peft package, which cannot be imported")
@@ -463,6 +470,10 @@ def restore(model: nn.Module) -> nn.Module:
     from ptune_rt.methods import prompt
 
     _require_module(model)
+    from ptune_rt import peft_compat
+
+    if peft_compat.is_accelerated(model):  # a PEFT prefix model run by ptune_rt.accelerate
+        return peft_compat.restore_prefix(model)
     has_lora, has_prefix = bool(lora_modules(model)), hf_attention.has_prefix(model)
     has_prompt = prompt.is_prompt_model(model)
     if not (has_lora or has_prefix or has_prompt):

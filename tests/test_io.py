@@ -429,11 +429,11 @@ def test_wrong_base_model_is_refused(llama_peft_dir, tmp_path):
 
 
 def test_unsupported_peft_types_and_features_are_refused(llama_peft_dir, tmp_path):
-    from peft import PrefixTuningConfig
+    from peft import IA3Config
     base = tiny_llama()
-    pm = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    pm.save_pretrained(str(tmp_path / "prefix"))
-    expect_refusal(base, tmp_path / "prefix", r"peft_type 'PREFIX_TUNING' is not supported.*LORA")
+    pm = get_peft_model(copy.deepcopy(base), IA3Config(task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "ia3"))
+    expect_refusal(base, tmp_path / "ia3", r"peft_type 'IA3' is not supported.*LORA")
 
     for field, value in [("use_dora", True), ("rank_pattern", {"q_proj": 8}), ("layers_to_transform", [0]),
                          ("init_lora_weights", "pissa")]:

@@ -14,7 +14,10 @@ place with ``os.replace``, so a failed save leaves earlier files as they were. L
 the whole checkpoint against the model before changing anything. Pickle checkpoints are refused.
 
 Each PEFT method plugs in as one entry of ``_METHODS`` (own format) and ``_PEFT_TYPES`` (PEFT
-format); LoRA is the one there is.
+format): LoRA (``ptune_rt.io.lora``) and prefix tuning / P-tuning v2 (``ptune_rt.io.prefix``).
+A method module provides ``has_adapter``, ``collect`` (-> a state with ``config``, ``tensors`` and
+``fingerprint``), ``to_peft``, ``spec_from_peft``, ``tensors_from_peft``, ``spec_from_ptune`` and
+``plan_load`` (-> a plan whose ``execute()`` loads all or nothing).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ptune_rt.ops.lora_linear import BACKENDS
 
 from . import lora as lora_io
 from . import peft_config
+from . import prefix as prefix_io
 from .common import AdapterError, model_class
 
 FORMATS = ("peft", "ptune")
@@ -43,10 +47,10 @@ FORMAT_VERSION = 1
 FORMAT_NAME = "ptune-rt-adapter"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-#: own-format method name -> module with ``has_adapter``, ``collect``, ``spec_from_ptune``, ``plan_load``
-_METHODS = {lora_io.METHOD: lora_io}
+#: own-format method name -> its checkpoint module (see the module docstring)
+_METHODS = {lora_io.METHOD: lora_io, prefix_io.METHOD: prefix_io}
 #: PEFT ``peft_type`` -> own method name
-_PEFT_TYPES = {"LORA": lora_io.METHOD}
+_PEFT_TYPES = {lora_io.PEFT_TYPE: lora_io.METHOD, prefix_io.PEFT_TYPE: prefix_io.METHOD}
 
 PathLike = Union[str, os.PathLike]
 
@@ -56,10 +60,14 @@ PathLike = Union[str, os.PathLike]
 # ----------------------------------------------------------------------------------------------
 
 def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adapter_name: Optional[str] = None,
-                 task_type: Optional[str] = "auto", modules_to_save: Union[str, Sequence[str], None] = "auto") -> str:
+                 task_type: Optional[str] = "auto", modules_to_save: Union[str, Sequence[str], None] = "auto",
+                 method: Optional[str] = None) -> str:
     """Write the adapter of ``model`` to the directory ``path`` (created if needed); returns the path.
 
     format: "peft" (PEFT's layout; PEFT loads it) or "ptune" (own layout with a model fingerprint).
+        A prefix (prefix tuning / P-tuning v2) is written in PEFT's layout as PEFT writes it: the
+        prefix itself as ``prompt_embeddings`` (projected through the MLP when there is one); the
+        own layout keeps the MLP's parameters.
     adapter_name: which adapter of the LoRA modules to save (default: the active one).
     task_type: PEFT task type written to ``adapter_config.json``; "auto" infers it from the model
         class (CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION or None).
@@ -67,10 +75,14 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         wrapper would (``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for
         QUESTION_ANS), since a freshly loaded base model has its own randomly initialised head;
         a list names them (module name or dotted suffix); None saves none.
+    method: "lora" or "prefix", for a model that carries both (each is saved on its own).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    model, hint = _unwrap_peft(model, adapter_name)
+    if method is not None and method not in _METHODS:
+        raise ValueError(f"method must be None or one of {tuple(_METHODS)}, got {method!r}")
+    _refuse_plain_peft_prefix(model)
+    model, hints = _unwrap_peft(model, adapter_name)
     if task_type == "auto":
         task_type = peft_config.infer_task_type(model)
     elif task_type is not None and task_type not in peft_config.TASK_TYPES:
@@ -84,14 +96,13 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
     else:
         head_names, heads_required = list(modules_to_save), True
 
-    method = _method_of(model)
-    state = _METHODS[method].collect(model, adapter_name, head_names, heads_required, hint)
+    method = _method_of(model, method)
+    state = _METHODS[method].collect(model, adapter_name, head_names, heads_required, hints.get(method))
 
     if format == "peft":
         if method not in _PEFT_TYPES.values():  # pragma: no cover - every method so far has a PEFT type
             raise AdapterError(f"method {method!r} has no PEFT format; use format='ptune'")
-        config = peft_config.lora_to_peft(state.config, model, task_type, state.fan_in_fan_out, state.head_names)
-        tensors = {peft_config.PEFT_KEY_PREFIX + k: t for k, t in state.tensors.items()}
+        config, tensors = _METHODS[method].to_peft(state, model, task_type)
         names, metadata = (PEFT_WEIGHTS, PEFT_CONFIG), {"format": "pt"}
     else:
         from ptune_rt import __version__
@@ -120,31 +131,53 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
 
 
 def _unwrap_peft(model: nn.Module, adapter_name: Optional[str]):
-    """A PeftModel (e.g. after ``ptune_rt.accelerate``) -> (its base model, its LoRA config as a
-    LoRAConfig or None); any other model -> (model, None). Module names are the base model's."""
+    """A PeftModel (e.g. after ``ptune_rt.accelerate``) -> (its base model, hints by method: its LoRA
+    config as a LoRAConfig, or its prefix adapter's name); any other model -> (model, {}). Module
+    names are the base model's."""
     configs = getattr(model, "peft_config", None)
     get_base = getattr(model, "get_base_model", None)
     if not isinstance(configs, dict) or not callable(get_base):
-        return model, None
+        return model, {}
     name = adapter_name or getattr(model, "active_adapter", None)
     cfg = configs.get(name) if isinstance(name, str) else None
-    hint = None
-    if cfg is not None and str(getattr(cfg, "peft_type", "")).endswith("LORA") and hasattr(cfg, "to_dict"):
+    hints = {}
+    peft_type = str(getattr(getattr(cfg, "peft_type", ""), "value", getattr(cfg, "peft_type", "")))
+    if cfg is not None and peft_type.endswith("LORA") and hasattr(cfg, "to_dict"):
         d = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.to_dict().items()}
         try:
-            hint, _ = peft_config.read_lora_config(d, f"{type(model).__name__}.peft_config[{name!r}]", "auto")
+            hints[lora_io.METHOD], _ = peft_config.read_lora_config(
+                d, f"{type(model).__name__}.peft_config[{name!r}]", "auto")
         except AdapterError:
-            hint = None
-    return get_base(), hint
+            pass
+    elif cfg is not None and peft_type.endswith(prefix_io.PEFT_TYPE):
+        hints[prefix_io.METHOD] = name
+    return get_base(), hints
 
 
-def _method_of(model: nn.Module) -> str:
+def _refuse_plain_peft_prefix(model: nn.Module) -> None:
+    """A PEFT prefix model runs its prefix through PEFT's own forward, which ptune_rt does not touch."""
+    from ptune_rt import peft_compat
+
+    if peft_compat.is_peft_prefix_model(model) and not peft_compat.is_accelerated(model):
+        raise AdapterError(f"{model_class(model)} is a PEFT prefix-tuning model that PEFT runs itself: use its "
+                           "save_pretrained / load_adapter, or call ptune_rt.accelerate(peft_model) first (then "
+                           "ptune_rt.save_adapter / load_adapter work on it)")
+
+
+def _method_of(model: nn.Module, method: Optional[str] = None) -> str:
     found = [name for name, mod in _METHODS.items() if mod.has_adapter(model)]
+    if method is not None:
+        if method not in found:
+            raise AdapterError(f"method={method!r}: {model_class(model)} carries no {method} adapter (it carries "
+                               f"{found or 'none'})")
+        return method
     if not found:
         raise AdapterError(f"{model_class(model)} carries no adapter modules: apply one first "
-                           "(ptune_rt.apply(model, LoRAConfig(...))) or load one (ptune_rt.load_adapter)")
-    if len(found) > 1:  # pragma: no cover - one method so far
-        raise AdapterError(f"{model_class(model)} carries adapters of several methods {found}; save them one by one")
+                           "(ptune_rt.apply(model, LoRAConfig(...) or PrefixConfig(...))) or load one "
+                           "(ptune_rt.load_adapter)")
+    if len(found) > 1:
+        raise AdapterError(f"{model_class(model)} carries adapters of several methods {found}; save them one by one "
+                           f"with method={found[0]!r} / method={found[1]!r}")
     return found[0]
 
 
@@ -192,20 +225,23 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     The format is detected from the config file (``adapter_config.json``: PEFT,
     ``ptune_config.json``: own) unless ``format`` is given. A model without adapter modules gets
     them (``ptune_rt.apply``) and then the weights; a model that has them must match the
-    checkpoint (same targets, rank and scaling) and gets its weights replaced. Everything is
-    checked before the model is changed: on any error the model is left exactly as it was.
+    checkpoint (same targets, rank and scaling; for a prefix the same P, layers, kv heads, head
+    size, projection and position mode) and gets its weights replaced. A PEFT prefix checkpoint
+    becomes a prefix without projection (PEFT saves the projected prefix, not the MLP). Everything
+    is checked before the model is changed: on any error the model is left exactly as it was.
 
     adapter_name: for a model that already has LoRA modules, which of their adapters to fill
-        (default: the active one).
-    backend: backend of newly created LoRA modules ("auto", "triton", "torch"; default: the saved
-        config's for the own format, "auto" for PEFT's).
+        (default: the active one). A prefix has one adapter: leave it None.
+    backend: backend of newly created LoRA modules or prefix ("auto", "triton", "torch"; default:
+        the saved config's for the own format, "auto" for PEFT's).
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be None (detect) or one of {FORMATS}, got {format!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     directory, format = _locate(path, format)
-    given, (model, _) = model, _unwrap_peft(model, adapter_name)
+    _refuse_plain_peft_prefix(model)
+    given, (model, hints) = model, _unwrap_peft(model, adapter_name)
 
     if format == "peft":
         config_file = directory / PEFT_CONFIG
@@ -213,23 +249,11 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
         peft_type = d.get("peft_type")
         if peft_type not in _PEFT_TYPES:
             raise AdapterError(f"{config_file}: peft_type {peft_type!r} is not supported; ptune_rt loads PEFT "
-                               f"adapters of type {', '.join(_PEFT_TYPES)} (prefix tuning, prompt tuning and "
-                               "other PEFT methods are not loaded yet)")
+                               f"adapters of type {', '.join(_PEFT_TYPES)}")
         method = _PEFT_TYPES[peft_type]
-        config, exclude = peft_config.read_lora_config(d, str(config_file), backend or "auto")
-        spec = lora_io.LoRASpec(config=config, source=str(config_file), exclude_modules=exclude,
-                                heads=peft_config.peft_task_heads(d))
+        spec = _METHODS[method].spec_from_peft(d, str(config_file), backend)
         weights_file = _weights_file(directory, PEFT_WEIGHTS)
-        raw = _read_safetensors(weights_file)
-        prefix = peft_config.PEFT_KEY_PREFIX
-        bad = [k for k in raw if not k.startswith(prefix)]
-        if bad:
-            raise AdapterError(f"cannot load {weights_file}: keys {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
-                               f"start with {prefix!r}, as every key of a PEFT LoRA checkpoint does")
-        tensors = {k[len(prefix):]: t for k, t in raw.items()}
-
-        def file_key(k: str) -> str:
-            return prefix + k
+        tensors, file_key = _METHODS[method].tensors_from_peft(_read_safetensors(weights_file), str(weights_file))
     else:
         config_file = directory / PTUNE_CONFIG
         d = _read_json(config_file)
@@ -252,6 +276,8 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
         def file_key(k: str) -> str:
             return k
 
+    if method == prefix_io.METHOD and adapter_name is not None and adapter_name == hints.get(method):
+        adapter_name = None  # the accelerated PEFT prefix model's own adapter: its one prefix
     plan = _METHODS[method].plan_load(model, spec, tensors, adapter_name=adapter_name, file_key=file_key,
                                       weights_file=str(weights_file))
     plan.execute()

@@ -25,10 +25,12 @@ from ptune_rt.methods.lora import LoRAConfig, LoRALinear, linear_shape
 from ptune_rt import swap
 from ptune_rt.swap import DEFAULT_TARGETS, restore_lora
 
+from . import peft_config
 from .common import (AdapterError, exact_regex, is_linear_like, match_heads, match_targets, model_class,
                      model_type, module_view, raise_problems, shape_str)
 
 METHOD = "lora"
+PEFT_TYPE = "LORA"
 #: Model attributes ``apply`` sets (its config, the requires_grad flags it replaced): a failed load puts them back.
 CONFIG_ATTR = getattr(swap, "CONFIG_ATTR", "_ptune_rt_config")
 _MODEL_ATTRS = (CONFIG_ATTR, getattr(swap, "REQUIRES_GRAD_ATTR", "_ptune_rt_requires_grad"))
@@ -176,6 +178,13 @@ def _check_heads_vs_targets(heads: list[str], targets: list[str]) -> None:
                                    f"inside one ({t!r}); a module can only be one of them")
 
 
+def to_peft(state: LoRAState, model: nn.Module, task_type: Optional[str]) -> tuple[dict, dict]:
+    """(``adapter_config.json`` contents, ``adapter_model.safetensors`` tensors) as PEFT writes them."""
+    config = peft_config.lora_to_peft(state.config, model, task_type, state.fan_in_fan_out, state.head_names)
+    tensors = {peft_config.PEFT_KEY_PREFIX + k: t for k, t in state.tensors.items()}
+    return config, tensors
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading: a checkpoint, validated against a model, then put in
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +201,25 @@ class LoRASpec:
     model_class: Optional[str] = None
     heads: list[str] = dataclasses.field(default_factory=list)
     heads_exact: bool = False           # heads are exact module names (own format), not PEFT suffixes
+
+
+def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
+    """A LoRASpec from PEFT's ``adapter_config.json`` dict for LORA."""
+    config, exclude = peft_config.read_lora_config(d, source, backend or "auto")
+    return LoRASpec(config=config, source=source, exclude_modules=exclude, heads=peft_config.peft_task_heads(d))
+
+
+def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
+    """(tensors keyed by module path, file_key): PEFT's keys without ``base_model.model.``."""
+    prefix = peft_config.PEFT_KEY_PREFIX
+    bad = [k for k in raw if not k.startswith(prefix)]
+    if bad:
+        raise AdapterError(f"cannot load {weights_file}: keys {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
+                           f"start with {prefix!r}, as every key of a PEFT LoRA checkpoint does")
+
+    def file_key(k: str) -> str:
+        return prefix + k
+    return {k[len(prefix):]: t for k, t in raw.items()}, file_key
 
 
 def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> LoRASpec:

@@ -1,4 +1,5 @@
-"""PEFT's ``adapter_config.json`` for LoRA: writing one PEFT loads, and reading one into a LoRA spec.
+"""PEFT's ``adapter_config.json``: the fields shared by every method, and LoRA's (writing one PEFT
+loads, reading one into a LoRA spec). Prefix tuning's fields live in ``ptune_rt.io.prefix``.
 
 PEFT itself is not imported: the JSON is written and read here, field by field, so checkpoints
 work with or without PEFT installed. Written fields are those of PEFT's ``LoraConfig`` (present
@@ -17,7 +18,7 @@ from .common import AdapterError
 #: Prefix of every LoRA key in a PEFT checkpoint (the PeftModel -> LoraModel -> base model path).
 PEFT_KEY_PREFIX = "base_model.model."
 #: PEFT types this package loads (each maps to one of its methods).
-SUPPORTED_PEFT_TYPES = ("LORA",)
+SUPPORTED_PEFT_TYPES = ("LORA", "PREFIX_TUNING")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 #: Heads PEFT's task wrappers always train and save (``modules_to_save``) for these task types.
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
@@ -64,19 +65,22 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+def auto_mapping(model: nn.Module, task_type: Optional[str]) -> Optional[dict[str, str]]:
+    """PEFT's ``auto_mapping`` field: the base model class, written only without a task type."""
+    if task_type is not None:
+        return None
+    cls = type(model)
+    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+
+
 def lora_to_peft(config: LoRAConfig, model: nn.Module, task_type: Optional[str], fan_in_fan_out: bool,
                  modules_to_save: Optional[list[str]]) -> dict[str, Any]:
     """The ``adapter_config.json`` contents PEFT writes for this LoRA adapter."""
-    if task_type is None:
-        cls = type(model)
-        auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-    else:
-        auto_mapping = None
     init = {"default": True, "gaussian": "gaussian"}.get(config.init, True)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
-        "auto_mapping": auto_mapping,
+        "auto_mapping": auto_mapping(model, task_type),
         "base_model_name_or_path": name_or_path(model),
         "revision": None,
         "inference_mode": True,

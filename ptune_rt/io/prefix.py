@@ -1,0 +1,475 @@
+"""Prefix-tuning / P-tuning v2 checkpoints: what a model's prefix is on disk, and how it goes back in.
+
+PEFT's layout (``format="peft"``), as PEFT 0.21.2's ``save_pretrained`` writes it for a
+``PrefixTuningConfig``::
+
+    adapter_config.json        peft_type "PREFIX_TUNING", num_virtual_tokens P, num_layers L,
+                               num_attention_heads Hkv (kv heads: PEFT's GQA rule), token_dim Hkv*D,
+                               num_transformer_submodules 1, encoder_hidden_size, prefix_projection,
+                               inference_mode true, task_type, modules_to_save ...
+    adapter_model.safetensors  prompt_embeddings [P, 2*L*Hkv*D]  (layer l: keys view(P, 2L, Hkv, D)[:, 2l],
+                                                                  values [:, 2l+1])
+                               base_model.<head>.<param>          (modules_to_save, e.g. a classifier)
+
+With ``prefix_projection`` PEFT saves the projected prefix ``transform(embedding.weight)``, not the
+MLP, and keeps ``prefix_projection: true`` in the config; PEFT loads such a file in inference mode
+as a plain prefix. So does this module: a PEFT checkpoint always loads as a prefix without
+projection (a model whose prefix has a projection cannot take one).
+
+The own layout (``format="ptune"``) keeps the encoder's parameters as they are (the MLP too, so
+training can resume) under ``prompt_encoder.<name>``, next to the ``PrefixConfig`` and a fingerprint
+of the base model (model type, layers, kv heads, head size, P).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ptune_rt import hf_attention
+from ptune_rt.methods.prefix import PrefixConfig
+
+from . import peft_config
+from .common import AdapterError, match_heads, model_class, model_type, module_view, raise_problems, shape_str
+
+METHOD = "prefix"
+PEFT_TYPE = "PREFIX_TUNING"
+#: The one prefix tensor of a PEFT checkpoint.
+PROMPT_KEY = "prompt_embeddings"
+#: Prefix of head keys in a PEFT prompt-learning checkpoint (the PeftModel -> base model path).
+PEFT_HEAD_PREFIX = "base_model."
+#: Prefix of the encoder's parameters in the own format.
+ENCODER_PREFIX = "prompt_encoder."
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The prefix split ``[P, 2 * L * Hkv * D]``."""
+
+    P: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim
+
+    @property
+    def token_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def split(self) -> str:
+        return (f"[P, 2*L*Hkv*D] = [{self.P}, 2*{self.layers}*{self.kv_heads}*{self.head_dim}] = "
+                f"[{self.P}, {self.width}]")
+
+
+def _model_layout(model: nn.Module, P: int) -> Layout:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise AdapterError(f"{model_class(model)} has no transformers config: prefix tuning needs a transformers "
+                           "PreTrainedModel")
+    try:
+        layers, kv_heads, head_dim = hf_attention._model_dims(cfg)
+    except ValueError as e:
+        raise AdapterError(f"{model_class(model)}: {e}") from None
+    return Layout(P, layers, kv_heads, head_dim)
+
+
+def _head_module(m: nn.Module) -> nn.Module:
+    """The module a head's weights live in: for PEFT's ``ModulesToSaveWrapper`` (a PEFT sequence
+    classification model) its active trained copy, else the module itself."""
+    copies, original = getattr(m, "modules_to_save", None), getattr(m, "original_module", None)
+    if isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module):
+        active = list(getattr(m, "active_adapters", []) or [])
+        if active and active[0] in copies and not getattr(m, "disable_adapters", False):
+            return copies[active[0]]
+        return original
+    return m
+
+
+def _head_tensors(view: dict[str, nn.Module], head: str) -> dict[str, torch.Tensor]:
+    return {f"{head}.{k}": t for k, t in _head_module(view[head]).state_dict(keep_vars=True).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PrefixCheckpoint:
+    """A model's prefix, ready to be written."""
+
+    config: PrefixConfig
+    layout: Layout
+    hidden: Optional[int]                       # the MLP's width with projection
+    encoder_tensors: dict[str, torch.Tensor]    # encoder parameter name -> CPU copy
+    prompt_embeddings: torch.Tensor             # E [P, 2*L*Hkv*D] (projected if there is an MLP), CPU
+    heads: list[str]
+    head_names: list[str]
+    head_tensors: dict[str, torch.Tensor]       # module-path keys -> CPU copy
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The own format's tensors."""
+        out = {ENCODER_PREFIX + k: t for k, t in self.encoder_tensors.items()}
+        out.update(self.head_tensors)
+        return out
+
+    def fingerprint(self, model: nn.Module) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "model": {"model_type": model_type(model), "class": model_class(model)},
+            "prefix": {"num_virtual_tokens": lay.P, "num_layers": lay.layers, "num_kv_heads": lay.kv_heads,
+                       "head_dim": lay.head_dim, "prefix_projection": self.config.prefix_projection,
+                       "encoder_hidden_size": self.hidden},
+            "modules_to_save": list(self.heads),
+        }
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return hf_attention.has_prefix(model)
+
+
+def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str], heads_required: bool,
+            hint: Optional[str] = None) -> PrefixCheckpoint:
+    """The prefix of ``model`` (and its heads), validated. ``hint``: the adapter name of the PEFT
+    model the prefix came from (``ptune_rt.accelerate``), also accepted as ``adapter_name``."""
+    if adapter_name not in (None, hf_attention.ADAPTER_NAME, hint):
+        raise AdapterError(f"adapter_name={adapter_name!r}: a prefix has one adapter "
+                           f"({hint or hf_attention.ADAPTER_NAME!r}); pass None")
+    state = hf_attention.prefix_state(model)
+    enc = state.encoder
+    layout = Layout(enc.num_virtual_tokens, enc.num_layers, enc.num_kv_heads, enc.head_dim)
+    hidden = enc.transform[0].out_features if enc.prefix_projection else None
+    with torch.no_grad():
+        w = enc.embedding.weight
+        e = enc.transform(w) if enc.prefix_projection else w
+        prompt = e.detach().to("cpu", copy=True).contiguous()
+    if tuple(prompt.shape) != (layout.P, layout.width):  # pragma: no cover - the encoder guarantees it
+        raise AdapterError(f"the prefix encoder produces {shape_str(prompt.shape)}, expected {layout.split()}")
+
+    view = module_view(model)
+    heads: list[str] = []
+    for h, found in match_heads(view, head_names, dotted=True).items():
+        found = [n for n in found if not n.startswith(hf_attention.ENCODER_ATTR + ".")]
+        if not found and heads_required:
+            raise AdapterError(f"modules_to_save entry {h!r} matches no module of {model_class(model)}")
+        heads += [n for n in found if n not in heads]
+    used = [h for h, found in match_heads(view, head_names, dotted=True).items() if found]
+    head_tensors = {}
+    for h in heads:
+        head_tensors.update(_head_tensors(view, h))
+
+    def cpu(t):
+        return t.detach().to("cpu", copy=True).contiguous()
+
+    config = dataclasses.replace(state.config, encoder_hidden_size=hidden)
+    return PrefixCheckpoint(config=config, layout=layout, hidden=hidden,
+                            encoder_tensors={k: cpu(p) for k, p in enc.named_parameters()},
+                            prompt_embeddings=prompt, heads=heads, head_names=used,
+                            head_tensors={k: cpu(t) for k, t in head_tensors.items()})
+
+
+def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str]) -> tuple[dict, dict]:
+    """(``adapter_config.json`` contents, ``adapter_model.safetensors`` tensors) as PEFT writes them."""
+    if state.config.position_mode != "shift":
+        raise AdapterError(f"the prefix numbers positions with position_mode={state.config.position_mode!r}, which "
+                           "PEFT's prefix tuning cannot express (PEFT numbers the real tokens after the prefix); "
+                           "save it with format='ptune'")
+    lay = state.layout
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": task_type,
+        "auto_mapping": peft_config.auto_mapping(model, task_type),
+        "base_model_name_or_path": peft_config.name_or_path(model),
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": lay.P,
+        "token_dim": lay.token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": lay.kv_heads,
+        "num_layers": lay.layers,
+        "encoder_hidden_size": state.hidden if state.hidden is not None else lay.token_dim,
+        "prefix_projection": bool(state.config.prefix_projection),
+        "init_weights": None,
+        "modules_to_save": list(state.head_names) if state.head_names else None,
+    }
+    tensors = {PROMPT_KEY: state.prompt_embeddings}
+    tensors.update({PEFT_HEAD_PREFIX + k: t for k, t in state.head_tensors.items()})
+    return config, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PrefixSpec:
+    """A prefix checkpoint's description, whatever the file format."""
+
+    source: str                          # the config file (for messages)
+    config: PrefixConfig                 # what a model without a prefix gets
+    flat: bool                           # PEFT's layout: one prompt_embeddings tensor, no MLP
+    layout: Optional[Layout] = None      # the split the config declares (None: not declared)
+    layout_fields: str = ""              # how the config declares it (for messages)
+    hidden: Optional[int] = None         # MLP width (own format with projection)
+    model_type: Optional[str] = None
+    model_class: Optional[str] = None
+    heads: list[str] = dataclasses.field(default_factory=list)
+    heads_exact: bool = False            # heads are exact module names (own format), not PEFT suffixes
+
+
+def _int_field(d: dict, key: str, source: str, required: bool = True, minimum: int = 1) -> Optional[int]:
+    v = d.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise AdapterError(f"{source}: {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
+    """A PrefixSpec from PEFT's ``adapter_config.json`` dict for PREFIX_TUNING."""
+    P = _int_field(d, "num_virtual_tokens", source)
+    submodules = d.get("num_transformer_submodules", 1)
+    if submodules not in (None, 1):
+        raise AdapterError(f"{source}: num_transformer_submodules={submodules!r} (an encoder-decoder prefix) is not "
+                           "supported; expected 1")
+    layers = _int_field(d, "num_layers", source, required=False)
+    heads = _int_field(d, "num_attention_heads", source, required=False)
+    token_dim = _int_field(d, "token_dim", source, required=False)
+    layout = None
+    fields = f"num_layers={layers}, num_attention_heads={heads}, token_dim={token_dim}"
+    if None not in (layers, heads, token_dim):
+        if token_dim % heads:
+            raise AdapterError(f"{source}: token_dim={token_dim} is not a multiple of num_attention_heads={heads}")
+        layout = Layout(P, layers, heads, token_dim // heads)
+    projection = d.get("prefix_projection", False)
+    if not isinstance(projection, bool):
+        raise AdapterError(f"{source}: 'prefix_projection' must be true or false, got {projection!r}")
+    task = d.get("task_type")
+    if task is not None and task not in peft_config.TASK_TYPES:
+        raise AdapterError(f"{source}: task_type {task!r} is not one of {peft_config.TASK_TYPES}")
+    try:
+        config = PrefixConfig(P, prefix_projection=False, position_mode="shift", backend=backend or "auto")
+    except ValueError as e:
+        raise AdapterError(f"{source}: {e}") from None
+    return PrefixSpec(source=source, config=config, flat=True, layout=layout, layout_fields=fields,
+                      heads=peft_config.peft_task_heads(d))
+
+
+def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
+    """(tensors keyed as ``plan_load`` expects, file_key): ``prompt_embeddings`` stays, heads lose
+    PEFT's ``base_model.``."""
+    tensors, keys = {}, {}
+    for k, t in raw.items():
+        if k == PROMPT_KEY:
+            tensors[k] = t
+        elif k.startswith(PEFT_HEAD_PREFIX):
+            tensors[k[len(PEFT_HEAD_PREFIX):]] = t
+            keys[k[len(PEFT_HEAD_PREFIX):]] = k
+        else:
+            raise AdapterError(f"cannot load {weights_file}: key {k!r} is neither {PROMPT_KEY!r} nor a head key "
+                               f"starting with {PEFT_HEAD_PREFIX!r}, as in a PEFT prefix-tuning checkpoint")
+
+    def file_key(k: str) -> str:
+        return keys.get(k, k)
+    return tensors, file_key
+
+
+def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
+    """A PrefixSpec from the own format's ``ptune_config.json`` dict."""
+    cfg = d.get("config")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{source}: 'config' must be an object with the PrefixConfig fields, got {cfg!r}")
+    try:
+        config = PrefixConfig.from_dict(cfg)
+        if backend is not None:
+            config = dataclasses.replace(config, backend=backend)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{source}: invalid prefix config: {e}") from e
+    fp = d.get("prefix")
+    if not isinstance(fp, dict):
+        raise AdapterError(f"{source}: 'prefix' must be an object {{num_virtual_tokens, num_layers, num_kv_heads, "
+                           f"head_dim, prefix_projection, encoder_hidden_size}}, got {fp!r}")
+    where = f"{source}: prefix"
+    layout = Layout(_int_field(fp, "num_virtual_tokens", where), _int_field(fp, "num_layers", where),
+                    _int_field(fp, "num_kv_heads", where), _int_field(fp, "head_dim", where))
+    if layout.P != config.num_virtual_tokens:
+        raise AdapterError(f"{source}: prefix.num_virtual_tokens={layout.P} but config.num_virtual_tokens="
+                           f"{config.num_virtual_tokens}")
+    if fp.get("prefix_projection", config.prefix_projection) != config.prefix_projection:
+        raise AdapterError(f"{source}: prefix.prefix_projection={fp.get('prefix_projection')!r} but "
+                           f"config.prefix_projection={config.prefix_projection!r}")
+    hidden = _int_field(fp, "encoder_hidden_size", where, required=config.prefix_projection)
+    model = d.get("model") or {}
+    heads = d.get("modules_to_save") or []
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise AdapterError(f"{source}: 'modules_to_save' must be a list of module names, got {heads!r}")
+    fields = (f"num_layers={layout.layers}, num_kv_heads={layout.kv_heads}, head_dim={layout.head_dim} in "
+              "its fingerprint")
+    return PrefixSpec(source=source, config=config, flat=False, layout=layout, layout_fields=fields,
+                      hidden=hidden if config.prefix_projection else None, model_type=model.get("model_type"),
+                      model_class=model.get("class"), heads=list(heads), heads_exact=True)
+
+
+class PrefixLoadPlan:
+    """A validated load: ``execute()`` adds the prefix (if needed) and copies, all or nothing."""
+
+    def __init__(self, model: nn.Module, apply_config: Optional[PrefixConfig], source: str,
+                 encoder_copies: list[tuple[str, torch.Tensor]], other_copies: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.apply_config, self.source = model, apply_config, source
+        self.encoder_copies, self.other_copies = encoder_copies, other_copies
+
+    def execute(self) -> nn.Module:
+        model = self.model
+        fresh = self.apply_config is not None
+        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            if fresh:
+                from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
+                try:
+                    apply(model, self.apply_config)
+                except (TypeError, ValueError) as e:  # raised before the model changed
+                    raise AdapterError(f"cannot load the prefix of {self.source} into this {model_class(model)}: "
+                                       f"{e}") from e
+            enc = hf_attention.prefix_encoder(model)
+            copies = [(enc.get_parameter(name), src) for name, src in self.encoder_copies] + list(self.other_copies)
+            with torch.no_grad():
+                backups = [(dst, dst.detach().clone()) for dst, _ in copies]
+                for dst, src in copies:
+                    dst.copy_(src)
+        except BaseException:
+            try:
+                with torch.no_grad():
+                    for dst, old in backups:
+                        dst.copy_(old)
+            finally:
+                if fresh and hf_attention.has_prefix(model):  # the prefix there is came from this call
+                    hf_attention.remove_prefix(model)
+            raise
+        return model
+
+
+def _layout_problem(spec: PrefixSpec, want: Layout, cls: str, existing: bool) -> Optional[str]:
+    got = spec.layout
+    if got is None or (got.layers, got.kv_heads, got.head_dim) == (want.layers, want.kv_heads, want.head_dim):
+        return None
+    diffs = [f"{what} {a} here vs {b} in the checkpoint" for what, a, b in
+             (("layers", want.layers, got.layers), ("kv heads", want.kv_heads, got.kv_heads),
+              ("head_dim", want.head_dim, got.head_dim)) if a != b]
+    whose = "this model's prefix" if existing else f"this {cls}"
+    return (f"the checkpoint's prefix is split {got.split()} ({spec.layout_fields}), but {whose} needs "
+            f"{want.split()} ({'; '.join(diffs)}): the adapter was made for another base model")
+
+
+def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
+              file_key: Callable[[str], str], weights_file: str) -> PrefixLoadPlan:
+    """Check ``tensors`` and ``spec`` against ``model``; raise AdapterError naming every problem, or
+    return the plan that loads them."""
+    cls = model_class(model)
+    header = f"cannot load the prefix of {spec.source} into this {cls}:"
+    if adapter_name not in (None, hf_attention.ADAPTER_NAME):
+        raise AdapterError(f"{header} adapter_name={adapter_name!r}: a prefix has one adapter; pass None")
+    mtype = model_type(model)
+    if spec.model_type is not None and mtype is not None and spec.model_type != mtype:
+        raise AdapterError(f"{spec.source}: the adapter was saved for model_type {spec.model_type!r} "
+                           f"({spec.model_class}), this model is {mtype!r} ({cls})")
+    P = spec.config.num_virtual_tokens
+    existing = hf_attention.prefix_state(model) if hf_attention.has_prefix(model) else None
+
+    problems: list[str] = []
+    if existing is not None:
+        enc = existing.encoder
+        want = Layout(enc.num_virtual_tokens, enc.num_layers, enc.num_kv_heads, enc.head_dim)
+        hidden = enc.transform[0].out_features if enc.prefix_projection else None
+        if want.P != P:
+            problems.append(f"the checkpoint has num_virtual_tokens={P}, the model's prefix has {want.P}; "
+                            "ptune_rt.restore(model) first to load it fresh")
+        if spec.flat and enc.prefix_projection:
+            problems.append("the checkpoint holds the prefix itself (PEFT's prompt_embeddings), but the model's "
+                            "prefix is computed by an MLP (prefix_projection=True); ptune_rt.restore(model) first to "
+                            "load it as a plain prefix")
+        elif not spec.flat and spec.config.prefix_projection != enc.prefix_projection:
+            problems.append(f"the checkpoint has prefix_projection={spec.config.prefix_projection}, the model's "
+                            f"prefix {enc.prefix_projection}; ptune_rt.restore(model) first to load it fresh")
+        elif not spec.flat and spec.hidden != hidden:
+            problems.append(f"the checkpoint's MLP has encoder_hidden_size={spec.hidden}, the model's {hidden}")
+        if spec.config.position_mode != existing.config.position_mode:
+            problems.append(f"the checkpoint numbers positions with position_mode={spec.config.position_mode!r}, the "
+                            f"model's prefix with {existing.config.position_mode!r}; ptune_rt.restore(model) first to "
+                            "load it fresh")
+        want = dataclasses.replace(want, P=P)
+    else:
+        want = _model_layout(model, P)
+        hidden = spec.hidden
+    layout_problem = _layout_problem(spec, want, cls, existing is not None)
+    if layout_problem:
+        problems.insert(0, layout_problem)
+    raise_problems(header, problems)
+
+    # The keys: the prefix (PEFT) or the encoder's parameters (own format), and whole heads.
+    expected: dict[str, tuple[int, ...]] = {}
+    why: dict[str, str] = {}
+    encoder_keys: dict[str, str] = {}
+    if spec.flat:
+        expected[PROMPT_KEY] = (P, want.width)
+        why[PROMPT_KEY] = want.split()
+        encoder_keys[PROMPT_KEY] = "embedding.weight"
+    else:
+        if spec.config.prefix_projection:
+            shapes = {"embedding.weight": (P, want.token_dim), "transform.0.weight": (hidden, want.token_dim),
+                      "transform.0.bias": (hidden,), "transform.2.weight": (want.width, hidden),
+                      "transform.2.bias": (want.width,)}
+        else:
+            shapes = {"embedding.weight": (P, want.width)}
+        for name, shape in shapes.items():
+            expected[ENCODER_PREFIX + name] = shape
+            why[ENCODER_PREFIX + name] = f"({want.split()}{f', encoder_hidden_size={hidden}' if hidden else ''})"
+            encoder_keys[ENCODER_PREFIX + name] = name
+
+    view = module_view(model)
+    heads: list[str] = []
+    for h, found in match_heads(view, spec.heads, dotted=spec.heads_exact).items():
+        found = [n for n in found if not n.startswith(hf_attention.ENCODER_ATTR + ".")]
+        if not found and spec.heads_exact:
+            problems.append(f"module {h!r} (modules_to_save) does not exist in this {cls}")
+        heads += [n for n in found if n not in heads]
+    destinations: dict[str, torch.Tensor] = {}
+    for h in heads:
+        dst = _head_tensors(view, h)
+        # A PEFT head absent from the file keeps the model's own head (as in PEFT); a partly present one is an error.
+        if spec.heads_exact or any(k in tensors for k in dst):
+            destinations.update(dst)
+    for k, t in destinations.items():
+        expected[k] = tuple(t.shape)
+        why[k] = "(this model's tensor)"
+
+    for k in expected:
+        if k not in tensors:
+            problems.append(f"missing key {file_key(k)!r} (expected shape {shape_str(expected[k])})")
+    for k in tensors:
+        if k not in expected:
+            module = k.rsplit(".", 1)[0]
+            hint = "" if module in view else f" (there is no module {module!r} in this {cls})"
+            problems.append(f"unexpected key {file_key(k)!r}{hint}")
+    for k, shape in expected.items():
+        t = tensors.get(k)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(shape)} {why[k]}, found "
+                            f"{shape_str(t.shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
+        elif not bool(torch.isfinite(t).all()):
+            problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
+    raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
+
+    return PrefixLoadPlan(model, spec.config if existing is None else None, spec.source,
+                          [(name, tensors[k]) for k, name in encoder_keys.items()],
+                          [(dst, tensors[k]) for k, dst in destinations.items()])
