@@ -1,4 +1,9 @@
 """ptune-rt: fused Triton kernels and a module-swap runtime for parameter-efficient fine-tuning."""
+import os as _os
+
+from ptune_rt import _source_layout
+
+_source_layout.install(_os.path.dirname(_os.path.abspath(__file__)))
 from ptune_rt.methods.lora import LoRAConfig, LoRALinear
 from ptune_rt.swap import format_report, merge, report, restore, unmerge
 from ptune_rt.swap import accelerate_peft as accelerate

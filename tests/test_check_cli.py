@@ -5,8 +5,9 @@ import sys
 
 def test_check_command_reports_kernel_cases_and_passes(tmp_path):
     out = tmp_path / "check.json"
+    # run outside the checkout, so the installed package (not the source tree) is what runs
     proc = subprocess.run([sys.executable, "-m", "ptune_rt.cli", "check", "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     passed, failed = int(last.split()[0]), int(last.split()[2])
