@@ -72,8 +72,10 @@ def summary_table(results: dict) -> list[str]:
             return
         v = d["variants"]
         goal, res = _target_cell(results, target_name)
+        ceiling = d.get("ceiling_speedup_zero_cost_adapter")
+        note = f" (ceiling {_x(ceiling)})" if ceiling else ""
         lines.append(f"| {label} | {_ms(_get(v, 'base', 'median_s'))} | {_ms(v['peft']['median_s'])} | "
-                     f"{_ms(v['ptune-rt']['median_s'])} | {_x(d['speedup'])} faster | {goal} | {res} |")
+                     f"{_ms(v['ptune-rt']['median_s'])} | {_x(d['speedup'])}{note} | {goal} | {res} |")
 
     speed_row("train_dropout0", "Training step, dropout 0 (median ms)", "training step, dropout 0:")
     speed_row("train_dropout0.1", "Training step, dropout 0.1 (median ms)", "training step, dropout 0.1:")
@@ -132,17 +134,25 @@ def _speed_detail(results) -> list[str]:
     sp = results.get("speed", {})
     if not sp:
         return []
-    lines = ["| Case | Variant | median ms | min ms | max ms | runs (ms) |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| Case | Variant | median ms | min ms | max ms | median CPU ms | runs (ms) |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for key, d in sp.items():
         for n, v in d["variants"].items():
             runs = ", ".join(f"{t * 1e3:.1f}" for t in v["runs_s"])
-            lines.append(f"| {key} | {n} | {_ms(v['median_s'])} | {_ms(v['min_s'])} | {_ms(v['max_s'])} | {runs} |")
+            lines.append(f"| {key} | {n} | {_ms(v['median_s'])} | {_ms(v['min_s'])} | {_ms(v['max_s'])} | "
+                         f"{_ms(v.get('cpu_median_s'))} | {runs} |")
     lines.append("")
-    lines.append("| Case | ratio of medians | median of paired ratios | paired min | paired max |")
-    lines.append("|---|---:|---:|---:|---:|")
+    lines.append("| Case | ratio of medians (headline) | median of paired ratios | paired min | paired max | "
+                 "ratio of fastest runs | ratio of median CPU times |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for key, d in sp.items():
         lines.append(f"| {key} | {_x(d['speedup'])} | {_x(d['speedup_paired_median'])} | "
-                     f"{_x(d['speedup_paired_min'])} | {_x(d['speedup_paired_max'])} |")
+                     f"{_x(d['speedup_paired_min'])} | {_x(d['speedup_paired_max'])} | {_x(d.get('speedup_of_minima'))} | "
+                     f"{_x(d.get('speedup_cpu_time'))} |")
+    lines += ["", "All ratios are PEFT / ptune-rt (above 1: ptune-rt faster). *Paired*: per interleaved round. "
+              "*Fastest runs*: contention only slows runs down, so the minima are the least disturbed. "
+              "*CPU time*: process CPU seconds (all threads) per call, which excludes time spent waiting for a core "
+              "but includes threads spinning at barriers."]
     g = sp.get("generate_per_token", {})
     if "same_tokens_ptune_vs_peft" in g:
         lines.append("")
@@ -347,7 +357,8 @@ def markdown(results: dict, title: bool = True) -> str:
     out += summary_table(results)
     out += ["",
             "Speed: median wall time of interleaved runs; *ptune-rt vs PEFT* = PEFT median / ptune-rt median "
-            "(above 1: ptune-rt is faster). Bytes: unique storages autograd saves for backward during one training "
+            "(above 1: ptune-rt is faster); *ceiling* = PEFT median / base-model median, the ratio an adapter "
+            "costing nothing at all would reach. Bytes: unique storages autograd saves for backward during one training "
             "step (`saved_tensors_hooks`); parameters are saved by reference and cost nothing extra, so they are "
             "listed apart and not in the ratio. Ops: see the op-count section; *top level* counts ptune-rt's custom "
             "op `ptune_rt::lora_linear_fwd` once."]
@@ -444,7 +455,7 @@ def plot(results: dict, path: Path) -> None:
         labels, un, fu = [], [], []
         for r in rows:
             for pass_ in ("forward", "backward"):
-                labels.append(f"{r['shape'].split(' ')[1]}\n{pass_[:3]}")
+                labels.append(f"{r['shape'].split(' ')[1]}\n{'fwd' if pass_ == 'forward' else 'bwd'}")
                 un.append(r[pass_]["unfused"]["bound_s"] * 1e6)
                 fu.append(r[pass_]["fused"]["bound_s"] * 1e6)
         xs = list(range(len(labels)))

@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-SECTIONS = ("equality", "speed", "memory", "ops", "flops", "analytic", "triton")
+#: Run order: timings first (right after the optional wait for a quiet machine).
+SECTIONS = ("speed", "memory", "ops", "flops", "equality", "analytic", "triton")
 
 #: Targets for ptune-rt vs HF PEFT (speed ratios: PEFT time / ptune-rt time; bytes: ptune-rt / PEFT).
 TARGETS = {
@@ -229,12 +230,13 @@ class Bench:
             for m in models.values():
                 m.train()
             fns = {n: (lambda m=m: W.train_step(m, s.input_ids)) for n, m in models.items()}
+            cpu = {}
             times = interleaved(fns, self.repeats, self.warmup, s.device, setup=lambda n: W.zero_grads(models[n]),
-                                tick=self.tick)
+                                tick=self.tick, cpu_times=cpu)
             for m in models.values():
                 W.zero_grads(m)
                 m.eval()
-            res[key] = summarize(times)
+            res[key] = summarize(times, cpu_times=cpu)
             res[key]["what"] = (f"forward + causal-LM loss + backward, batch {self.wl.batch} x seq {self.wl.seq}, "
                                 f"dropout {p:g}; seconds per step")
 
@@ -244,7 +246,9 @@ class Bench:
             m.eval()
         self.status("speed: forward_nograd")
         fns = {n: (lambda m=m: W.forward_logits(m, s.input_ids)) for n, m in models.items()}
-        res["forward_nograd"] = summarize(interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick))
+        cpu = {}
+        res["forward_nograd"] = summarize(interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick,
+                                                      cpu_times=cpu), cpu_times=cpu)
         res["forward_nograd"]["what"] = f"no-grad forward (eval), batch {self.wl.batch} x seq {self.wl.seq}; seconds"
 
         self.status("speed: generate")
@@ -255,8 +259,9 @@ class Bench:
             outs[n] = W.generate(m, s.prompt_ids, new)
 
         fns = {n: (lambda n=n, m=m: gen(n, m)) for n, m in models.items()}
-        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick)
-        res["generate_per_token"] = summarize(times, per=new)
+        cpu = {}
+        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick, cpu_times=cpu)
+        res["generate_per_token"] = summarize(times, per=new, cpu_times=cpu)
         res["generate_per_token"]["what"] = (f"greedy generate, batch {self.wl.gen_batch}, {self.wl.gen_prompt}-token "
                                              f"prompt, {new} new tokens; wall time / new tokens (prefill included)")
         res["generate_per_token"]["new_tokens"] = {n: int(o.shape[1] - s.prompt_ids.shape[1]) for n, o in outs.items()}
@@ -431,7 +436,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
+                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
+    p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for --wait-for-load (s)")
     return p
+
+
+def wait_for_quiet(load: float, max_wait: float) -> dict:
+    """Sleep until the 1-minute load average drops below ``load`` (or ``max_wait`` passes)."""
+    t0 = time.monotonic()
+    while True:
+        cur = os.getloadavg()[0]
+        waited = time.monotonic() - t0
+        if cur < load or waited >= max_wait:
+            return {"threshold": load, "waited_s": waited, "load_when_started": cur, "quiet": cur < load}
+        time.sleep(10)
 
 
 def _progress_total(sections, repeats, warmup) -> int:
@@ -473,6 +492,9 @@ def run(args, argv) -> dict:
     results: dict = {"schema": "ptune-rt-bench-lora/1", "provenance": provenance(device, argv),
                      "workload": wl.to_dict(), "mode": "quick" if args.quick else "default",
                      "repeats": args.repeats, "warmup": args.warmup}
+    if args.wait_for_load is not None and torch.device(device).type == "cpu" and hasattr(os, "getloadavg"):
+        results["provenance"]["wait_for_load"] = wait_for_quiet(args.wait_for_load, args.max_wait)
+        results["provenance"]["load_average_at_start"] = list(os.getloadavg())
     t0 = time.perf_counter()
     progress = tqdm(total=_progress_total(sections, args.repeats, args.warmup), disable=args.no_progress,
                     unit="step", dynamic_ncols=True, file=sys.stderr)
