@@ -13,6 +13,17 @@
   down to the attention function as a keyword argument and, in "shift" mode, passes position ids
   shifted by P.
 
+Mixed-task batches: with ``PrefixConfig(num_tasks=T)`` the encoder holds T prefixes and the
+model's ``forward`` (replaced on the instance by ``PrefixForward``, which only adds the keyword)
+takes ``task_ids`` [batch], also through ``generate``; the pre-hook validates them once per forward
+and hands them down beside ``E``, and every attention call passes the [T, Hkv, P, D] prefix stack
+with the per-row task index to the fused op (no per-row loop, no per-row copy in the glue). The
+prefix gradient of each task is the sum over that task's rows only.
+
+Trained modules besides the prefix: ``PrefixConfig.modules_to_save`` (by default the task head of
+sequence / token classification and question answering models, as PEFT trains it for P-tuning
+v2 on NLU tasks) keep ``requires_grad=True``; the rest of the base model is frozen.
+
 ``apply_prefix(model, config, encoder=...)`` runs a given encoder instead (``ptune_rt.peft_compat``
 builds one over a PEFT prefix model's own parameters): it is not attached and no parameter flag
 changes; ``PrefixState.gate`` can then switch the prefix off per forward.
@@ -51,6 +62,10 @@ logger = logging.getLogger(__name__)
 ATTN_NAME = "ptune_rt_prefix"
 #: Keyword argument carrying the prefix ``E`` from the inner model's forward to the attention function.
 PREFIX_KWARG = "ptune_rt_prefix"
+#: Keyword argument carrying the per-row task index (int32 [batch], or None) down to the attention function.
+TASKS_KWARG = "ptune_rt_prefix_tasks"
+#: The user-facing keyword of ``forward`` / ``generate`` selecting each row's prefix.
+TASK_IDS = "task_ids"
 #: Attention module attributes: its layer index and the model's prefix state.
 LAYER_ATTR = "_ptune_rt_prefix_layer"
 MODULE_STATE_ATTR = "_ptune_rt_prefix_state"
@@ -65,6 +80,11 @@ ADAPTER_NAME = "default"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta")
 
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+#: Model classes (by name suffix) whose task head trains with the prefix by default, and the head
+#: attribute names looked for (PEFT's modules_to_save for SEQ_CLS / TOKEN_CLS / QUESTION_ANS).
+HEAD_MODEL_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
 
 
 class PrefixState:
@@ -86,6 +106,14 @@ class PrefixState:
         self.handles = []
         self.owns_encoder = True  # False: the encoder is someone else's module (not attached by apply_prefix)
         self.gate = None  # None, or a callable; when it returns False the model runs without its prefix
+        self.heads = []  # names of the modules trained next to the prefix (modules_to_save)
+        self.head_params = []  # their parameters
+        self.pending_tasks = []  # task_ids handed from PrefixForward to the pre-hook (a stack: calls may nest)
+        self._checked_tasks = None  # (key, int32 tensor) of the last validated task_ids
+
+    @property
+    def num_tasks(self) -> int:
+        return self.encoder.num_tasks
 
     def enabled(self) -> bool:
         return self.gate is None or bool(self.gate())
@@ -129,17 +157,21 @@ def _visibility(B, L, S, kv_mask, causal, device):
     return vis
 
 
-def _sdpa_concat(q, k, v, pk, pv, kv_mask, causal, scale, dropout):
+def _sdpa_concat(q, k, v, pk, pv, kv_mask, causal, scale, dropout, task_ids=None):
     """Unfused attention over [prefix ; sequence] with torch SDPA: used only where the fused op has no
     counterpart (attention-probability dropout while training) and, without a prefix, for modules
-    that carry none (cross-attention)."""
+    that carry none (cross-attention). ``pk``/``pv`` [Hkv, P, D], or [T, Hkv, P, D] with ``task_ids``."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     vis = _visibility(B, L, S, kv_mask, causal, q.device)
     if pk is not None:
-        P = pk.shape[1]
-        k = torch.cat([pk.to(q.dtype)[None].expand(B, Hkv, P, D), k], dim=2)
-        v = torch.cat([pv.to(q.dtype)[None].expand(B, Hkv, P, D), v], dim=2)
+        P = pk.shape[-2]
+        if pk.dim() == 4:  # per-row prefixes (this unfused fallback gathers them)
+            rows_k, rows_v = pk[task_ids.long()], pv[task_ids.long()]
+        else:
+            rows_k, rows_v = pk[None].expand(B, Hkv, P, D), pv[None].expand(B, Hkv, P, D)
+        k = torch.cat([rows_k.to(q.dtype), k], dim=2)
+        v = torch.cat([rows_v.to(q.dtype), v], dim=2)
         vis = torch.cat([vis.new_ones((B, 1, L, P)), vis], dim=-1)
     else:  # a query that sees nothing attends everywhere (its output is padding anyway)
         vis = vis | ~vis.any(-1, keepdim=True)
@@ -169,21 +201,30 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     e = kwargs.get(PREFIX_KWARG)
     if e is None:  # called outside the model's forward, or the prefix is made per layer (see _pre_hook)
         e = state.encoder()
-    pk, pv = state.encoder.layer_prefix(e, layer)
-    P = pk.shape[1]
+    pk, pv = state.encoder.layer_prefix(e, layer)  # [Hkv, P, D], or [T, Hkv, P, D] for T tasks
+    tasks = None
+    if pk.dim() == 4:
+        tasks = kwargs.get(TASKS_KWARG)
+        if tasks is None:
+            raise ValueError(f"task_ids is required: this model has prefixes for num_tasks={pk.shape[0]} tasks; pass "
+                             f"task_ids=[batch] integers in [0, {pk.shape[0]}) to the model's forward or generate")
+    P = pk.shape[-2]
     window = kwargs.get("sliding_window")
     if window is not None and P + key.shape[2] > window:
         raise NotImplementedError(
             f"prefix ({P}) + sequence ({key.shape[2]}) keys exceed the sliding window ({window}) of layer {layer}; "
             "prefix attention supports sliding-window layers only while everything fits in the window")
-    if pk.shape[0] != key.shape[1] or pk.shape[2] != key.shape[3]:
-        raise ValueError(f"layer {layer}: the prefix has {pk.shape[0]} kv heads of size {pk.shape[2]} but the "
+    if pk.shape[-3] != key.shape[1] or pk.shape[-1] != key.shape[3]:
+        raise ValueError(f"layer {layer}: the prefix has {pk.shape[-3]} kv heads of size {pk.shape[-1]} but the "
                          f"attention module produces {key.shape[1]} of size {key.shape[3]}")
+    if tasks is not None and tasks.shape[0] != query.shape[0]:
+        raise ValueError(f"task_ids has {tasks.shape[0]} entries but layer {layer} runs a batch of {query.shape[0]} "
+                         "rows; expected one task id per row")
     if dropout and dropout > 0.0:
-        out = _sdpa_concat(query, key, value, pk, pv, kv_mask, causal, scaling, dropout)
+        out = _sdpa_concat(query, key, value, pk, pv, kv_mask, causal, scaling, dropout, tasks)
     else:
-        out = prefix_attention(query, key, value, pk, pv, kv_mask=kv_mask, causal=causal, sm_scale=scaling,
-                               backend=state.config.backend)
+        out = prefix_attention(query, key, value, pk, pv, kv_mask=kv_mask, task_ids=tasks, causal=causal,
+                               sm_scale=scaling, backend=state.config.backend)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -296,10 +337,67 @@ def _shifted_positions(state: PrefixState, kwargs: dict):
     return new
 
 
+def _batch_size(kwargs: dict) -> Optional[int]:
+    for name in ("input_ids", "inputs_embeds"):
+        x = kwargs.get(name)
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return int(x.shape[0])
+    return None
+
+
+def check_task_ids(task_ids, batch: Optional[int], num_tasks: int, device) -> Optional[torch.Tensor]:
+    """``task_ids`` as an int32 tensor [batch] on ``device`` (a scalar applies to every row), or None
+    for a one-task prefix; raises ValueError naming what was expected."""
+    if task_ids is None:
+        if num_tasks > 1:
+            raise ValueError(f"task_ids is required: this model has prefixes for num_tasks={num_tasks} tasks; pass "
+                             f"task_ids=[batch] integers in [0, {num_tasks}) (one task per row)")
+        return None
+    if not isinstance(task_ids, torch.Tensor):
+        try:
+            task_ids = torch.as_tensor(task_ids)
+        except Exception:
+            raise ValueError(f"task_ids must be an integer tensor [batch], got {type(task_ids).__name__}") from None
+    if task_ids.dim() == 0 and batch is not None:
+        task_ids = task_ids.expand(batch)
+    if task_ids.dim() != 1 or (batch is not None and task_ids.shape[0] != batch) or \
+            task_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"task_ids must be an integer tensor [batch={batch if batch is not None else '?'}], got "
+                         f"shape {tuple(task_ids.shape)} and dtype {task_ids.dtype}")
+    if task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= num_tasks:
+            raise ValueError(f"task_ids must be in [0, num_tasks={num_tasks}), got values in [{lo}, {hi}]")
+    if num_tasks == 1:
+        return None
+    return task_ids.to(device=device, dtype=torch.int32)
+
+
+def _resolve_tasks(state: PrefixState, task_ids, kwargs: dict, device):
+    """The validated int32 task index of this forward (checked once per distinct tensor: ``generate``
+    passes the same one at every step)."""
+    if task_ids is None and state.pending_tasks:
+        task_ids = state.pending_tasks[-1]
+    batch = _batch_size(kwargs)
+    if isinstance(task_ids, torch.Tensor):
+        key = (id(task_ids), task_ids._version, task_ids.data_ptr(), tuple(task_ids.shape), batch, str(device))
+        hit = state._checked_tasks
+        if hit is not None and hit[0] == key and hit[2] is task_ids:
+            return hit[1]
+        checked = check_task_ids(task_ids, batch, state.num_tasks, device)
+        state._checked_tasks = (key, checked, task_ids)
+        return checked
+    return check_task_ids(task_ids, batch, state.num_tasks, device)
+
+
 def _pre_hook(state: PrefixState, names: list[str], module, args, kwargs):
     if not state.enabled():  # the prefix is switched off: the model runs as it is
+        if TASK_IDS in kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k != TASK_IDS}
+            return args, kwargs
         return None
     kwargs = dict(kwargs)
+    task_ids = kwargs.pop(TASK_IDS, None)  # the inner model called directly with task_ids=...
     for name, a in zip(names, args):
         if name in kwargs:
             raise TypeError(f"{type(module).__name__}.forward got multiple values for argument {name!r}")
@@ -307,6 +405,8 @@ def _pre_hook(state: PrefixState, names: list[str], module, args, kwargs):
     if len(args) > len(names):
         raise TypeError(f"{type(module).__name__}.forward takes {len(names)} positional arguments but "
                         f"{len(args)} were given")
+    device = state.encoder.embedding.weight.device
+    kwargs[TASKS_KWARG] = _resolve_tasks(state, task_ids, kwargs, device)
     if state.config.position_mode == "shift":
         new = _shifted_positions(state, kwargs)
         if new is not None:
@@ -414,8 +514,68 @@ def _lora_parameters(model: nn.Module) -> list:
     return out
 
 
+def _head_modules(model: nn.Module, config: PrefixConfig) -> list[str]:
+    """Names of the modules trained next to the prefix (see ``PrefixConfig.modules_to_save``)."""
+    cls = type(model).__name__
+    if config.modules_to_save is None:
+        if not cls.endswith(HEAD_MODEL_SUFFIXES):
+            return []
+        found = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+        if not found:
+            raise ValueError(f"{cls} is a task model but has none of the head modules {HEAD_NAMES} that prefix "
+                             "tuning trains with the prefix; name its head in PrefixConfig(modules_to_save=[...]) "
+                             "(or pass modules_to_save=[] to train the prefix alone)")
+        return found[:1]
+    names = [n for n, _ in model.named_modules() if n and not (n == ENCODER_ATTR or
+                                                                n.startswith(ENCODER_ATTR + "."))]
+    heads = []
+    for want in config.modules_to_save:
+        hits = [n for n in names if n == want or n.endswith("." + want)]
+        hits = [n for n in hits if not any(n.startswith(o + ".") for o in hits if o != n)]  # outermost only
+        if not hits:
+            raise ValueError(f"PrefixConfig.modules_to_save entry {want!r} matches no module of {cls}; expected a "
+                             "submodule name such as 'classifier' (a whole name or a dotted suffix)")
+        heads += [n for n in hits if n not in heads]
+    return heads
+
+
+class PrefixForward:
+    """The model instance's ``forward``: the model's own plus the keyword ``task_ids`` (so ``generate``
+    accepts it and passes it to every step). It only hands ``task_ids`` to the inner model's
+    pre-hook, which validates it and passes it to the attention. Held in ``model.__dict__["forward"]``;
+    ``remove_prefix`` takes it out."""
+
+    def __init__(self, model: nn.Module, prev):
+        self.model, self.prev = model, prev
+        sig = inspect.signature(prev if prev is not None else type(model).forward.__get__(model))
+        params = list(sig.parameters.values())
+        if TASK_IDS not in sig.parameters:
+            extra = inspect.Parameter(TASK_IDS, inspect.Parameter.KEYWORD_ONLY, default=None)
+            if params and params[-1].kind == inspect.Parameter.VAR_KEYWORD:
+                params = params[:-1] + [extra, params[-1]]
+            else:
+                params = params + [extra]
+        self.__signature__ = sig.replace(parameters=params)
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        state = self.model.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.pending_tasks.append(task_ids)
+        try:
+            if self.prev is not None:
+                return self.prev(*args, **kwargs)
+            return type(self.model).forward(self.model, *args, **kwargs)
+        finally:
+            if state is not None:
+                state.pending_tasks.pop()
+
+
 def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[PrefixEncoder] = None) -> nn.Module:
     """Add a trainable prefix to every self-attention layer of ``model`` (in place); returns the model.
+
+    With ``config.num_tasks > 1`` the model holds one prefix per task and its ``forward`` / ``generate``
+    take ``task_ids`` [batch]. The modules of ``config.modules_to_save`` (by default the head of a
+    classification / question-answering model) train next to the prefix; the rest is frozen.
 
     encoder: use this ``PrefixEncoder`` (e.g. one built over a PEFT model's own parameters) instead
         of a new one. It must have the model's layout and ``config``'s P and projection; it is not
@@ -475,17 +635,22 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
     except RuntimeError as e:
         raise ValueError(f"PrefixConfig.backend={config.backend!r} cannot run on this model: {e}") from None
     own = encoder is None
+    heads = []
     if own:
+        if isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
+            raise ValueError(f"{type(model).__name__} already has a {ENCODER_ATTR!r} module (a soft prompt?); remove it "
+                             "first (ptune_rt.restore(model))")
+        heads = _head_modules(model, config)
         encoder = PrefixEncoder(P, layers, kv_heads, head_dim, config.prefix_projection, config.encoder_hidden_size,
-                                config.dropout, device=device)
+                                config.dropout, device=device, num_tasks=config.num_tasks)
         encoder.train(model.training)
     else:
         got = (encoder.num_virtual_tokens, encoder.num_layers, encoder.num_kv_heads, encoder.head_dim,
-               encoder.prefix_projection)
-        want = (P, layers, kv_heads, head_dim, config.prefix_projection)
+               encoder.prefix_projection, encoder.num_tasks)
+        want = (P, layers, kv_heads, head_dim, config.prefix_projection, config.num_tasks)
         if got != want:
-            raise ValueError(f"encoder has (num_virtual_tokens, layers, kv_heads, head_dim, prefix_projection) = {got}; "
-                             f"this {type(model).__name__} with {config!r} needs {want}")
+            raise ValueError(f"encoder has (num_virtual_tokens, layers, kv_heads, head_dim, prefix_projection, "
+                             f"num_tasks) = {got}; this {type(model).__name__} with {config!r} needs {want}")
         devices = {p.device for p in encoder.parameters()}
         if devices and devices != {torch.device(device)}:
             raise ValueError(f"encoder parameters are on {sorted(map(str, devices))}, the model on {device}; expected "
@@ -506,18 +671,29 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
         raise
     # Nothing below can fail on a validated model.
     changed = []
+    head_params = []
     if own:
+        head_ids = set()
+        for name in heads:
+            for p in model.get_submodule(name).parameters():
+                if id(p) not in head_ids:
+                    head_ids.add(id(p))
+                    head_params.append(p)
         keep = {id(p) for p in _lora_parameters(model)}
-        if not keep:  # the base is frozen; parameters another ptune-rt method made trainable stay so
-            for p in params:
-                if p.requires_grad:
-                    changed.append((p, True))
-                    p.requires_grad_(False)
+        for p in params:
+            # the base is frozen; parameters another ptune-rt method made trainable stay so; heads train
+            want = True if id(p) in head_ids else (p.requires_grad if keep else False)
+            if p.requires_grad != want:
+                changed.append((p, p.requires_grad))
+                p.requires_grad_(want)
         model.add_module(ENCODER_ATTR, nn.ModuleDict({ADAPTER_NAME: encoder}))
         for p in encoder.parameters():
             p.requires_grad_(True)
     state = PrefixState(config, encoder, base, attn_modules, attn_impls, changed, limit, offset, roberta)
     state.owns_encoder = own
+    state.heads, state.head_params = heads, head_params
+    if own:
+        model.__dict__["forward"] = PrefixForward(model, model.__dict__.get("forward"))
     for m, idx in attn_modules.values():
         m.__dict__[LAYER_ATTR] = idx
         m.__dict__[MODULE_STATE_ATTR] = state
@@ -539,6 +715,12 @@ def remove_prefix(model: nn.Module) -> nn.Module:
         m.__dict__.pop(MODULE_STATE_ATTR, None)
     if state.owns_encoder and isinstance(getattr(model, ENCODER_ATTR, None), nn.ModuleDict):
         delattr(model, ENCODER_ATTR)
+    fwd = model.__dict__.get("forward")
+    if isinstance(fwd, PrefixForward):
+        if fwd.prev is None:
+            del model.__dict__["forward"]
+        else:
+            model.__dict__["forward"] = fwd.prev
     for c, impl in state.attn_impls:
         c._attn_implementation_internal = impl
     present = {id(p) for p in model.parameters()}
@@ -550,9 +732,10 @@ def remove_prefix(model: nn.Module) -> nn.Module:
 
 
 def keep_prefix_trainable(model: nn.Module) -> nn.Module:
-    """After another ptune-rt method froze the model, make the prefix trainable again (no-op without
-    one); returns the model."""
+    """After another ptune-rt method froze the model, make the prefix (and the heads trained with it)
+    trainable again (no-op without one); returns the model."""
     if has_prefix(model):
-        for p in prefix_state(model).encoder.parameters():
+        state = prefix_state(model)
+        for p in list(state.encoder.parameters()) + list(state.head_params):
             p.requires_grad_(True)
     return model
