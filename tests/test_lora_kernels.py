@@ -116,3 +116,13 @@ def test_dropout_compiles_without_graph_breaks():
     assert not torch.equal(y1, y2)
     y1.sum().backward()
     assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_inference_fast_path_equals_the_custom_op():
+    """Without autograd the torch path skips the custom-op dispatch; the result is bit-identical."""
+    x, w, b, a, bb = make_case(5, 24, 20, 4, torch.float32)
+    with torch.no_grad():
+        fast = lora_linear(x, w, b, a, bb, 1.5, backend="torch")
+    slow = lora_linear(x, w, b, a.clone().requires_grad_(), bb, 1.5, backend="torch")
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, slow.detach())

@@ -218,6 +218,9 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+_ZERO_SEED = torch.zeros((1,), dtype=torch.int64)
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scale: float, dropout_p: float = 0.0, backend: str = "auto",
                 seed: Optional[int] = None) -> Tensor:
@@ -227,12 +230,20 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     (drawn from torch's RNG when None)."""
     _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     chosen, _ = resolve_backend(backend, x.device)
-    if dropout_p > 0 and seed is None:
-        seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)  # CPU generator, no sync
-    else:
-        seed_t = torch.full((1,), int(seed or 0), dtype=torch.int64)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if chosen == "torch" and dropout_p == 0 and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b))):
+        # Inference on the torch path (e.g. a decode step): no autograd record to keep, so skip the
+        # custom-op dispatch and run the three BLAS calls directly.
+        y, _ = _torch_forward(x2, weight, bias, lora_a, lora_b, float(scale), 0.0, 0)
+        return y.reshape(*lead, weight.shape[0])
+    if dropout_p > 0 and seed is None:
+        seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)  # CPU generator, no sync
+    elif seed:
+        seed_t = torch.full((1,), int(seed), dtype=torch.int64)
+    else:
+        seed_t = _ZERO_SEED  # one shared constant: no allocation per call
     y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
                            seed_t, chosen)
     return y.reshape(*lead, weight.shape[0])
