@@ -6,7 +6,8 @@
   ``LoRALinear`` modules that reuse its very Parameter objects under the same names.
 * ``merge`` / ``unmerge``: fold the adapters into the base weights and back (bit-exact).
 * ``restore``: put the original modules back (the very same objects).
-* ``report`` / ``format_report``: which backend every swapped module takes, and why.
+* ``report`` / ``format_report``: which backend every swapped module, prefixed attention layer
+  and soft prompt takes, and why.
 
 Only the instance passed in is changed, never a class. Every public function validates
 everything it needs before it changes anything, so a failed call leaves the model as it was.
@@ -514,7 +515,21 @@ def restore_lora(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module) -> list[dict]:
-    """One row per swapped module: name, origin, shape, rank, dtype, device, backend and why."""
+    """What ptune-rt runs in ``model``, one row per unit, each with its backend and why.
+
+    * LoRA: one row per swapped module (keys: module, method "lora", source, adapter, in_features,
+      out_features, r, scaling, dropout, dtype, device, backend, why, merged).
+    * prefix: one row per self-attention layer carrying the prefix (keys: module, method "prefix",
+      source, adapter, layer, num_virtual_tokens, num_tasks, kv_heads, head_dim, prefix_projection,
+      position_mode, dtype, device, backend, why, merged False). The backend is the prefix config's,
+      resolved for the layer's device; with attention dropout while training the layer runs an
+      unfused torch SDPA instead.
+    * soft prompt: one row (keys: module, method "prompt_tuning" / "p_tuning", source, adapter,
+      num_virtual_tokens, num_tasks, hidden_size, template_tokens, before_input, encoder,
+      trainable_parameters, dtype, device, backend and why of the input builder, merged False).
+
+    A PEFT model accelerated by ``ptune_rt.accelerate`` reports the prefix of its base model.
+    """
     rows = []
     for n, m in lora_modules(model).items():
         backend, why = m.backend_choice()
@@ -525,25 +540,144 @@ def report(model: nn.Module) -> list[dict]:
                      "r": m.r.get(name), "scaling": m.scaling.get(name), "dropout": m.lora_dropout_p.get(name),
                      "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device),
                      "backend": backend, "why": why, "merged": m.merged})
+    return rows + _prefix_rows(model) + _prompt_rows(model)
+
+
+def _dtype_device(module: nn.Module, fallback) -> tuple[str, str]:
+    t = next(module.parameters(), None)
+    t = fallback if t is None else t
+    return str(t.dtype).replace("torch.", ""), str(t.device)
+
+
+def _attention_dropout(m: nn.Module) -> float:
+    """The attention-probability dropout a transformers attention module passes while training."""
+    if not m.training:
+        return 0.0
+    p = getattr(m, "attention_dropout", None)  # Llama, Qwen, Mistral: a float
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        d = getattr(m, "attn_dropout", None) or getattr(m, "dropout", None)  # GPT-2 / BERT: an nn.Dropout
+        p = getattr(d, "p", 0.0) if isinstance(d, nn.Module) else 0.0
+    return float(p or 0.0)
+
+
+def _carriers(model: nn.Module, has, state_of) -> list[tuple[str, nn.Module]]:
+    """(name prefix, module) of the outermost module carrying each distinct state: the model itself,
+    or a module inside it (a PEFT model's base). ``has(m)``: m carries one; ``state_of(m)``: which."""
+    out, seen = [], set()
+    for n, m in model.named_modules():  # outer modules come first
+        if has(m) and id(state_of(m)) not in seen:
+            seen.add(id(state_of(m)))
+            out.append((f"{n}." if n else "", m))
+    return out
+
+
+def _prefix_rows(model: nn.Module) -> list[dict]:
+    from ptune_rt import hf_attention  # imports transformers: keep swap importable alone
+
+    rows = []
+    for root, carrier in _carriers(model, hf_attention.has_prefix, hf_attention.prefix_state):
+        state = hf_attention.prefix_state(carrier)
+        cfg, enc = state.config, state.encoder
+        for n, (m, layer) in sorted(state.attn_modules.items(), key=lambda item: item[1][1]):
+            dtype, device = _dtype_device(m, enc.embedding.weight)
+            backend, why = resolve_backend(cfg.backend, device)
+            p = _attention_dropout(m)
+            if p > 0.0:
+                backend, why = "torch", (f"attention dropout p={p} while training: unfused torch SDPA over "
+                                         "[prefix; sequence] (the fused op has no dropout)")
+            rows.append({"module": root + n, "method": "prefix",
+                         "source": "apply" if getattr(state, "owns_encoder", True) else "peft",
+                         "adapter": "default", "layer": layer, "num_virtual_tokens": state.num_virtual_tokens,
+                         "num_tasks": getattr(cfg, "num_tasks", 1), "kv_heads": enc.num_kv_heads,
+                         "head_dim": enc.head_dim, "prefix_projection": enc.prefix_projection,
+                         "position_mode": cfg.position_mode, "dtype": dtype, "device": device,
+                         "backend": backend, "why": why, "merged": False})
     return rows
 
 
+def _prompt_rows(model: nn.Module) -> list[dict]:
+    from ptune_rt.methods import prompt  # imports the input-builder op: keep swap importable alone
+
+    rows = []
+    for root, carrier in _carriers(model, prompt.is_prompt_model, lambda m: m.__dict__["forward"]):
+        info = prompt.prompt_report(carrier)
+        w = carrier.get_input_embeddings().weight
+        rows.append({"module": f"{root}{prompt.MODULE_ATTR}.{prompt.ADAPTER}", "method": info["method"],
+                     "source": "apply", "adapter": prompt.ADAPTER, "num_virtual_tokens": info["num_virtual_tokens"],
+                     "num_tasks": info["num_tasks"], "hidden_size": int(w.shape[1]),
+                     "template_tokens": info["template_tokens"], "before_input": info["before_input"],
+                     "encoder": info["encoder"], "trainable_parameters": info["trainable_parameters"],
+                     "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device),
+                     "backend": info["backend"], "why": info["why"], "merged": False})
+    return rows
+
+
+_METHOD_ORDER = ("lora", "prefix", "prompt_tuning", "p_tuning")
+
+
+def _shape_cells(r: dict) -> tuple[str, str, str]:
+    """(shape, r / P, merged) cells of one row, whatever its method."""
+    if r.get("method", "lora") == "lora":
+        return f"{r['in_features']}->{r['out_features']}", str(r["r"]), "yes" if r["merged"] else "no"
+    P = r.get("num_virtual_tokens")
+    if r["method"] == "prefix" and r.get("kv_heads") is not None:
+        shape = f"{r['kv_heads']}x{r['head_dim']} kv"
+    elif r.get("hidden_size") is not None:
+        T = r.get("num_tasks", 1)
+        shape = f"{T}x{P}x{r['hidden_size']}" if T and T > 1 else f"{P}x{r['hidden_size']}"
+    else:
+        shape = "-"
+    return shape, f"P={P}", "-"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _summary(method: str, rows: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["backend"]] = counts.get(r["backend"], 0) + 1
+    backends = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    Ps = "/".join(str(p) for p in sorted({r.get("num_virtual_tokens") for r in rows}, key=str))
+    if method == "lora":
+        head = _plural(len(rows), "LoRA module")
+    elif method == "prefix":  # per-layer rows; a row without a layer (ptune_rt.accelerate's) is a whole prefix
+        tasks = "/".join(str(t) for t in sorted({r.get("num_tasks", 1) for r in rows}))
+        what = f"P={Ps}" if tasks == "1" else f"P={Ps}, {tasks} tasks"
+        if all("layer" in r for r in rows):
+            head = f"{_plural(len(rows), 'prefix layer')} ({what})"
+        else:
+            head = f"{len(rows)} prefix{'' if len(rows) == 1 else 'es'} ({what})"
+    elif method in ("prompt_tuning", "p_tuning"):
+        tasks = "/".join(str(t) for t in sorted({r.get("num_tasks", 1) for r in rows}))
+        encoders = sorted({r["encoder"] for r in rows if r.get("encoder")})
+        extra = f", {'/'.join(encoders)} encoder" if encoders else ""
+        task_word = "task" if tasks == "1" else "tasks"
+        head = f"{_plural(len(rows), f'{method} soft prompt')} (P={Ps}, {tasks} {task_word}{extra})"
+    else:
+        head = f"{len(rows)} {method} rows"
+    return f"{head}: {backends}"
+
+
 def format_report(rows: list[dict]) -> str:
-    """``report`` rows as an aligned text table (one line per module, then a summary line)."""
+    """``report`` rows as an aligned text table (one line per row, then a summary line per method)."""
     if not isinstance(rows, list):
         raise TypeError(f"rows must be the list returned by ptune_rt.report, got {type(rows).__name__}")
     if not rows:
         return "no ptune-rt modules"
-    header = ["module", "shape", "r", "dtype", "backend", "merged", "why"]
-    lines = [[r["module"], f"{r['in_features']}->{r['out_features']}", str(r["r"]), r["dtype"], r["backend"],
-              "yes" if r["merged"] else "no", r["why"]] for r in rows]
+    header = ["module", "method", "shape", "r / P", "dtype", "backend", "merged", "why"]
+    lines = []
+    for r in rows:
+        shape, size, merged = _shape_cells(r)
+        lines.append([r["module"], r.get("method", "lora"), shape, size, r["dtype"], r["backend"], merged, r["why"]])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths), "---")]
     out += [fmt.format(*line) for line in lines]
-    counts = {}
+    by_method: dict[str, list[dict]] = {}
     for r in rows:
-        counts[r["backend"]] = counts.get(r["backend"], 0) + 1
-    out.append(f"{len(rows)} LoRA modules: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        by_method.setdefault(r.get("method", "lora"), []).append(r)
+    order = sorted(by_method, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
+    out += [_summary(m, by_method[m]) for m in order]
     return "\n".join(out)
-

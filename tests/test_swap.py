@@ -127,6 +127,91 @@ def test_report_auto_and_triton_reasons():
     assert rows[0]["in_features"] == 64 and rows[0]["out_features"] == 192  # Conv1D [in, out] layout
 
 
+LORA_ROW_KEYS = {"module", "method", "source", "adapter", "in_features", "out_features", "r", "scaling", "dropout",
+                 "dtype", "device", "backend", "why", "merged"}
+
+
+def test_report_rows_for_prefix_layers():
+    from ptune_rt import PrefixConfig
+
+    model = ptune_rt.apply(tiny_llama(), PrefixConfig(4, backend="torch"))
+    ptune_rt.apply(model, cfg(target_modules=["q_proj"]))
+    rows = ptune_rt.report(model)
+    assert [r["method"] for r in rows] == ["lora", "lora", "prefix", "prefix"]
+    assert all(set(r) == LORA_ROW_KEYS for r in rows[:2])  # LoRA rows keep their keys
+    for i, r in enumerate(rows[2:]):
+        assert r["module"] == f"model.layers.{i}.self_attn" and r["layer"] == i and r["num_virtual_tokens"] == 4
+        assert (r["kv_heads"], r["head_dim"], r["prefix_projection"], r["source"]) == (2, 16, False, "apply")
+        assert r["backend"] == "torch" and r["why"] == "backend='torch' requested" and r["merged"] is False
+    text = ptune_rt.format_report(rows)
+    assert text.splitlines()[-2:] == ["2 LoRA modules: torch 2", "2 prefix layers (P=4): torch 2"]
+    line = next(x for x in text.splitlines() if x.startswith("model.layers.1.self_attn "))
+    assert line.split()[:8] == ["model.layers.1.self_attn", "prefix", "2x16", "kv", "P=4", "float32", "torch", "-"]
+
+    # a prefix alone: no LoRA in the summary; the backend decision is resolve_backend's for the layer's device
+    model = ptune_rt.apply(tiny_gpt2(), PrefixConfig(3, backend="triton"))
+    rows = ptune_rt.report(model)
+    assert [r["module"] for r in rows] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all(r["backend"] == "triton" and "TRITON_INTERPRET=1" in r["why"] for r in rows)
+    text = ptune_rt.format_report(rows)
+    assert "LoRA" not in text and text.splitlines()[-1] == "2 prefix layers (P=3): triton 2"
+    model = ptune_rt.apply(tiny_gpt2(), PrefixConfig(3, backend="auto", num_tasks=2))
+    rows = ptune_rt.report(model)
+    assert all(r["backend"] == "torch" and "cpu tensors" in r["why"] and r["num_tasks"] == 2 for r in rows)
+    assert ptune_rt.format_report(rows).splitlines()[-1] == "2 prefix layers (P=3, 2 tasks): torch 2"
+
+    # attention dropout while training runs an unfused torch SDPA instead of the fused op
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_gpt2().config
+    config.attn_pdrop = 0.25
+    model = ptune_rt.apply(GPT2LMHeadModel(config).train(), PrefixConfig(2, backend="triton"))
+    rows = ptune_rt.report(model)
+    assert all(r["backend"] == "torch" and "attention dropout p=0.25" in r["why"] for r in rows)
+    assert all(r["backend"] == "triton" for r in ptune_rt.report(model.eval()))
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_report_rows_for_an_accelerated_peft_prefix_model():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    pm = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    ptune_rt.accelerate(pm)
+    rows = ptune_rt.report(pm)
+    assert [(r["module"], r["layer"], r["source"]) for r in rows] == [
+        ("base_model.model.layers.0.self_attn", 0, "peft"), ("base_model.model.layers.1.self_attn", 1, "peft")]
+    assert ptune_rt.format_report(rows).splitlines()[-1] == "2 prefix layers (P=5): torch 2"
+
+
+def test_report_rows_for_soft_prompts():
+    from ptune_rt import PromptTuningConfig, PTuningConfig
+
+    model = ptune_rt.apply(tiny_gpt2(), PTuningConfig(4, encoder="lstm", encoder_hidden_size=8, num_tasks=3,
+                                                      backend="triton"))
+    rows = ptune_rt.report(model)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["module"], r["method"], r["num_virtual_tokens"], r["num_tasks"], r["encoder"]) == (
+        "prompt_encoder.default", "p_tuning", 4, 3, "lstm")
+    assert r["backend"] == "triton" and "TRITON_INTERPRET=1" in r["why"] and r["hidden_size"] == 64
+    assert r["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = ptune_rt.format_report(rows)
+    assert text.splitlines()[2].split()[:7] == ["prompt_encoder.default", "p_tuning", "3x4x64", "P=4", "float32",
+                                                "triton", "-"]
+    assert "LoRA" not in text
+    assert text.splitlines()[-1] == "1 p_tuning soft prompt (P=4, 3 tasks, lstm encoder): triton 1"
+
+    model = ptune_rt.apply(tiny_llama(), PromptTuningConfig(6))
+    ptune_rt.apply(model, cfg(target_modules=["v_proj"]))
+    rows = ptune_rt.report(model)
+    assert [r["method"] for r in rows] == ["lora", "lora", "prompt_tuning"]
+    assert rows[2]["backend"] == "torch" and "cpu tensors" in rows[2]["why"] and rows[2]["encoder"] is None
+    assert ptune_rt.format_report(rows).splitlines()[-2:] == ["2 LoRA modules: torch 2",
+                                                              "1 prompt_tuning soft prompt (P=6, 1 task): torch 1"]
+    ptune_rt.restore(model)
+    assert ptune_rt.report(model) == []
+
+
 def test_target_selection_modes():
     model = tiny_llama()
     names = ptune_rt.swap.resolve_targets(model, "all-linear")

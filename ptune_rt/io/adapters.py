@@ -14,8 +14,9 @@ place with ``os.replace``, so a failed save leaves earlier files as they were. L
 the whole checkpoint against the model before changing anything. Pickle checkpoints are refused.
 
 Each PEFT method plugs in as one entry of ``_METHODS`` (own format) and ``_PEFT_TYPES`` (PEFT
-format): LoRA (``ptune_rt.io.lora``) and prefix tuning / P-tuning v2 (``ptune_rt.io.prefix``).
-A method module provides ``has_adapter``, ``collect`` (-> a state with ``config``, ``tensors`` and
+format): LoRA (``ptune_rt.io.lora``), prefix tuning / P-tuning v2 (``ptune_rt.io.prefix``), and
+soft prompts, prompt tuning and P-tuning v1 (``ptune_rt.io.prompt``, one handler per method). A
+method module provides ``has_adapter``, ``collect`` (-> a state with ``config``, ``tensors`` and
 ``fingerprint``), ``to_peft``, ``spec_from_peft``, ``tensors_from_peft``, ``spec_from_ptune`` and
 ``plan_load`` (-> a plan whose ``execute()`` loads all or nothing).
 """
@@ -35,6 +36,7 @@ from ptune_rt.ops.lora_linear import BACKENDS
 from . import lora as lora_io
 from . import peft_config
 from . import prefix as prefix_io
+from . import prompt as prompt_io
 from .common import AdapterError, model_class
 
 FORMATS = ("peft", "ptune")
@@ -48,9 +50,11 @@ FORMAT_NAME = "ptune-rt-adapter"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 #: own-format method name -> its checkpoint module (see the module docstring)
-_METHODS = {lora_io.METHOD: lora_io, prefix_io.METHOD: prefix_io}
+_METHODS = {lora_io.METHOD: lora_io, prefix_io.METHOD: prefix_io,
+            **{m: prompt_io.make_handler(m) for m in prompt_io.PEFT_TYPES}}
 #: PEFT ``peft_type`` -> own method name
-_PEFT_TYPES = {lora_io.PEFT_TYPE: lora_io.METHOD, prefix_io.PEFT_TYPE: prefix_io.METHOD}
+_PEFT_TYPES = {lora_io.PEFT_TYPE: lora_io.METHOD, prefix_io.PEFT_TYPE: prefix_io.METHOD,
+               **{t: m for m, t in prompt_io.PEFT_TYPES.items()}}
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,7 +79,13 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         wrapper would (``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for
         QUESTION_ANS), since a freshly loaded base model has its own randomly initialised head;
         a list names them (module name or dotted suffix); None saves none.
-    method: "lora" or "prefix", for a model that carries both (each is saved on its own).
+        A soft prompt (prompt tuning, P-tuning v1) is written in PEFT's layout as PEFT writes it:
+        the virtual tokens themselves as ``prompt_embeddings`` (for P-tuning the encoder's output);
+        this needs one task and PEFT's placement (all virtual tokens before the input). The own
+        layout keeps the table and the MLP / LSTM encoder weights (task-stacked), the template and
+        the token ids of its anchor text.
+    method: "lora", "prefix", "prompt_tuning" or "p_tuning", for a model that carries several
+        (each is saved on its own).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -155,13 +165,23 @@ def _unwrap_peft(model: nn.Module, adapter_name: Optional[str]):
 
 
 def _refuse_plain_peft_prefix(model: nn.Module) -> None:
-    """A PEFT prefix model runs its prefix through PEFT's own forward, which ptune_rt does not touch."""
+    """A PEFT prefix or soft-prompt model runs its prompt through PEFT's own forward, which ptune_rt
+    does not touch."""
     from ptune_rt import peft_compat
 
     if peft_compat.is_peft_prefix_model(model) and not peft_compat.is_accelerated(model):
         raise AdapterError(f"{model_class(model)} is a PEFT prefix-tuning model that PEFT runs itself: use its "
                            "save_pretrained / load_adapter, or call ptune_rt.accelerate(peft_model) first (then "
                            "ptune_rt.save_adapter / load_adapter work on it)")
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and callable(getattr(model, "get_base_model", None)):
+        for cfg in configs.values():
+            kind = getattr(cfg, "peft_type", None)
+            kind = str(getattr(kind, "value", kind))
+            if kind in prompt_io.PEFT_TYPES.values():
+                raise AdapterError(f"{model_class(model)} is a PEFT {kind} model that PEFT runs itself: use its "
+                                   "save_pretrained / from_pretrained; to run the soft prompt with ptune-rt, load "
+                                   "its checkpoint into the plain base model: ptune_rt.load_adapter(base_model, path)")
 
 
 def _method_of(model: nn.Module, method: Optional[str] = None) -> str:
@@ -173,7 +193,8 @@ def _method_of(model: nn.Module, method: Optional[str] = None) -> str:
         return method
     if not found:
         raise AdapterError(f"{model_class(model)} carries no adapter modules: apply one first "
-                           "(ptune_rt.apply(model, LoRAConfig(...) or PrefixConfig(...))) or load one "
+                           "(ptune_rt.apply(model, LoRAConfig(...), PrefixConfig(...), PromptTuningConfig(...) or "
+                           "PTuningConfig(...))) or load one "
                            "(ptune_rt.load_adapter)")
     if len(found) > 1:
         raise AdapterError(f"{model_class(model)} carries adapters of several methods {found}; save them one by one "
@@ -226,13 +247,16 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     ``ptune_config.json``: own) unless ``format`` is given. A model without adapter modules gets
     them (``ptune_rt.apply``) and then the weights; a model that has them must match the
     checkpoint (same targets, rank and scaling; for a prefix the same P, layers, kv heads, head
-    size, projection and position mode) and gets its weights replaced. A PEFT prefix checkpoint
-    becomes a prefix without projection (PEFT saves the projected prefix, not the MLP). Everything
-    is checked before the model is changed: on any error the model is left exactly as it was.
+    size, projection and position mode; for a soft prompt the same method, P, tasks, template and
+    encoder sizes) and gets its weights replaced. A PEFT prefix checkpoint becomes a prefix without
+    projection (PEFT saves the projected prefix, not the MLP). A PEFT prompt-tuning or P-tuning
+    checkpoint becomes prompt tuning: a table holding the saved virtual tokens (for P-tuning PEFT
+    saves the encoder's output, and runs the file that way itself). Everything is checked before
+    the model is changed: on any error the model is left exactly as it was.
 
     adapter_name: for a model that already has LoRA modules, which of their adapters to fill
-        (default: the active one). A prefix has one adapter: leave it None.
-    backend: backend of newly created LoRA modules or prefix ("auto", "triton", "torch"; default:
+        (default: the active one). A prefix or soft prompt has one adapter: leave it None.
+    backend: backend of newly created LoRA modules, prefix or soft prompt ("auto", "triton", "torch"; default:
         the saved config's for the own format, "auto" for PEFT's).
     """
     if format is not None and format not in FORMATS:

@@ -1,10 +1,13 @@
 """Pieces shared by every adapter method's checkpoint code: the error type, the module view of a
-model (a swapped module counts as one layer), PEFT's target-matching rules, and error reporting."""
+model (a swapped module counts as one layer), PEFT's target-matching rules, error reporting, and
+what the prompt-learning methods (prefix, prompt tuning, P-tuning) share: PEFT's flat
+``prompt_embeddings`` layout, whole heads, tensor checks and all-or-nothing copies."""
 from __future__ import annotations
 
 import re
 from typing import Iterable, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from ptune_rt.methods.lora import Conv1D, LoRALinear
@@ -102,3 +105,142 @@ def raise_problems(header: str, problems: list[str], limit: int = 20) -> None:
 
 def shape_str(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def int_field(d: dict, key: str, source: str, required: bool = True, minimum: int = 1) -> Optional[int]:
+    """``d[key]`` as an integer >= ``minimum`` (None when absent and not ``required``)."""
+    v = d.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise AdapterError(f"{source}: {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt-learning checkpoints (prefix tuning, prompt tuning, P-tuning): PEFT's flat layout and heads
+# ----------------------------------------------------------------------------------------------
+
+#: The one prompt tensor of a PEFT prompt-learning checkpoint.
+PROMPT_KEY = "prompt_embeddings"
+#: Prefix of head keys in a PEFT prompt-learning checkpoint (the PeftModel -> base model path).
+PEFT_HEAD_PREFIX = "base_model."
+#: Top-level module that holds ptune-rt's prefix / soft-prompt encoder: never a head.
+ENCODER_MODULE = "prompt_encoder"
+
+
+def _head_module(m: nn.Module) -> nn.Module:
+    """The module a head's weights live in: for PEFT's ``ModulesToSaveWrapper`` (a PEFT sequence
+    classification model) its active trained copy, else the module itself."""
+    copies, original = getattr(m, "modules_to_save", None), getattr(m, "original_module", None)
+    if isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module):
+        active = list(getattr(m, "active_adapters", []) or [])
+        if active and active[0] in copies and not getattr(m, "disable_adapters", False):
+            return copies[active[0]]
+        return original
+    return m
+
+
+def head_tensors(view: dict[str, nn.Module], head: str) -> dict:
+    """The tensors of the head module ``head`` keyed by module path (the very tensors, not copies)."""
+    return {f"{head}.{k}": t for k, t in _head_module(view[head]).state_dict(keep_vars=True).items()}
+
+
+def _prompt_heads(view: dict[str, nn.Module], head_names, exact: bool) -> dict[str, list[str]]:
+    return {h: [n for n in found if not n.startswith(ENCODER_MODULE + ".")]
+            for h, found in match_heads(view, head_names, dotted=exact).items()}
+
+
+def collect_prompt_heads(model: nn.Module, view: dict[str, nn.Module], head_names, heads_required: bool):
+    """(head module names, the names that selected some, their tensors as CPU copies) for a
+    prompt-learning checkpoint; ``heads_required``: a name that selects nothing is an error."""
+    heads: list[str] = []
+    found_by = _prompt_heads(view, head_names, exact=True)
+    for h, found in found_by.items():
+        if not found and heads_required:
+            raise AdapterError(f"modules_to_save entry {h!r} matches no module of {model_class(model)}")
+        heads += [n for n in found if n not in heads]
+    used = [h for h, found in found_by.items() if found]
+    tensors = {}
+    for h in heads:
+        tensors.update({k: t.detach().to("cpu", copy=True).contiguous() for k, t in head_tensors(view, h).items()})
+    return heads, used, tensors
+
+
+def prompt_head_destinations(view: dict[str, nn.Module], head_names, exact: bool, tensors: dict, cls: str,
+                             problems: list[str]) -> dict:
+    """Model tensors (by checkpoint key) that the heads of a prompt-learning checkpoint load into.
+
+    ``exact`` (own format): every name must be a module of the model (else a problem is added) and
+    every head's tensors are expected. PEFT's suffix names: a head absent from the file keeps the
+    model's own head (as in PEFT); a partly present one is expected whole."""
+    heads: list[str] = []
+    for h, found in _prompt_heads(view, head_names, exact).items():
+        if not found and exact:
+            problems.append(f"module {h!r} (modules_to_save) does not exist in this {cls}")
+        heads += [n for n in found if n not in heads]
+    destinations: dict = {}
+    for h in heads:
+        dst = head_tensors(view, h)
+        if exact or any(k in tensors for k in dst):
+            destinations.update(dst)
+    return destinations
+
+
+def flat_tensors_from_peft(raw: dict, weights_file: str, what: str):
+    """(tensors keyed as the loaders expect, file_key) of a PEFT prompt-learning checkpoint:
+    ``prompt_embeddings`` stays, heads lose PEFT's ``base_model.``. ``what`` names the method."""
+    tensors, keys = {}, {}
+    for k, t in raw.items():
+        if k == PROMPT_KEY:
+            tensors[k] = t
+        elif k.startswith(PEFT_HEAD_PREFIX):
+            tensors[k[len(PEFT_HEAD_PREFIX):]] = t
+            keys[k[len(PEFT_HEAD_PREFIX):]] = k
+        else:
+            raise AdapterError(f"cannot load {weights_file}: key {k!r} is neither {PROMPT_KEY!r} nor a head key "
+                               f"starting with {PEFT_HEAD_PREFIX!r}, as in a PEFT {what} checkpoint")
+
+    def file_key(k: str) -> str:
+        return keys.get(k, k)
+    return tensors, file_key
+
+
+def check_loaded_tensors(expected: dict, why: dict, tensors: dict, view: dict, cls: str, file_key,
+                         problems: list[str]) -> None:
+    """Add to ``problems`` every missing, unexpected, mis-shaped, non-float or non-finite tensor of
+    ``tensors`` against ``expected`` (key -> shape; ``why[key]`` explains the shape)."""
+    for k in expected:
+        if k not in tensors:
+            problems.append(f"missing key {file_key(k)!r} (expected shape {shape_str(expected[k])})")
+    for k in tensors:
+        if k not in expected:
+            module = k.rsplit(".", 1)[0]
+            hint = "" if module in view else f" (there is no module {module!r} in this {cls})"
+            problems.append(f"unexpected key {file_key(k)!r}{hint}")
+    for k, shape in expected.items():
+        t = tensors.get(k)
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(shape):
+            problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(shape)} {why[k]}, found "
+                            f"{shape_str(t.shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
+        elif not bool(torch.isfinite(t).all()):
+            problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
+
+
+def copy_all_or_nothing(copies: list) -> None:
+    """``dst.copy_(src)`` for every pair; if one fails, the ones done are put back, then it raises."""
+    backups = []
+    try:
+        with torch.no_grad():
+            for dst, src in copies:
+                backups.append((dst, dst.detach().clone()))
+                dst.copy_(src)
+    except BaseException:
+        with torch.no_grad():
+            for dst, old in backups:
+                dst.copy_(old)
+        raise

@@ -1,5 +1,6 @@
 """PEFT's ``adapter_config.json``: the fields shared by every method, and LoRA's (writing one PEFT
-loads, reading one into a LoRA spec). Prefix tuning's fields live in ``ptune_rt.io.prefix``.
+loads, reading one into a LoRA spec). Prefix tuning's fields live in ``ptune_rt.io.prefix``, prompt
+tuning's and P-tuning's in ``ptune_rt.io.prompt``.
 
 PEFT itself is not imported: the JSON is written and read here, field by field, so checkpoints
 work with or without PEFT installed. Written fields are those of PEFT's ``LoraConfig`` (present
@@ -18,7 +19,7 @@ from .common import AdapterError
 #: Prefix of every LoRA key in a PEFT checkpoint (the PeftModel -> LoraModel -> base model path).
 PEFT_KEY_PREFIX = "base_model.model."
 #: PEFT types this package loads (each maps to one of its methods).
-SUPPORTED_PEFT_TYPES = ("LORA", "PREFIX_TUNING")
+SUPPORTED_PEFT_TYPES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 #: Heads PEFT's task wrappers always train and save (``modules_to_save``) for these task types.
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],

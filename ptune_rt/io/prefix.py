@@ -17,8 +17,9 @@ as a plain prefix. So does this module: a PEFT checkpoint always loads as a pref
 projection (a model whose prefix has a projection cannot take one).
 
 The own layout (``format="ptune"``) keeps the encoder's parameters as they are (the MLP too, so
-training can resume) under ``prompt_encoder.<name>``, next to the ``PrefixConfig`` and a fingerprint
-of the base model (model type, layers, kv heads, head size, P).
+training can resume; task-stacked ``[T, ...]`` with ``num_tasks=T > 1``, which PEFT's layout cannot
+hold) under ``prompt_encoder.<name>``, next to the ``PrefixConfig`` and a fingerprint of the base
+model (model type, layers, kv heads, head size, P).
 """
 from __future__ import annotations
 
@@ -32,14 +33,12 @@ from ptune_rt import hf_attention
 from ptune_rt.methods.prefix import PrefixConfig
 
 from . import peft_config
-from .common import AdapterError, match_heads, model_class, model_type, module_view, raise_problems, shape_str
+from .common import (PEFT_HEAD_PREFIX, PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
+                     copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class, model_type, module_view,
+                     prompt_head_destinations, raise_problems, shape_str)
 
 METHOD = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
-#: The one prefix tensor of a PEFT checkpoint.
-PROMPT_KEY = "prompt_embeddings"
-#: Prefix of head keys in a PEFT prompt-learning checkpoint (the PeftModel -> base model path).
-PEFT_HEAD_PREFIX = "base_model."
 #: Prefix of the encoder's parameters in the own format.
 ENCODER_PREFIX = "prompt_encoder."
 _MISSING = object()
@@ -79,22 +78,6 @@ def _model_layout(model: nn.Module, P: int) -> Layout:
     return Layout(P, layers, kv_heads, head_dim)
 
 
-def _head_module(m: nn.Module) -> nn.Module:
-    """The module a head's weights live in: for PEFT's ``ModulesToSaveWrapper`` (a PEFT sequence
-    classification model) its active trained copy, else the module itself."""
-    copies, original = getattr(m, "modules_to_save", None), getattr(m, "original_module", None)
-    if isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module):
-        active = list(getattr(m, "active_adapters", []) or [])
-        if active and active[0] in copies and not getattr(m, "disable_adapters", False):
-            return copies[active[0]]
-        return original
-    return m
-
-
-def _head_tensors(view: dict[str, nn.Module], head: str) -> dict[str, torch.Tensor]:
-    return {f"{head}.{k}": t for k, t in _head_module(view[head]).state_dict(keep_vars=True).items()}
-
-
 # ----------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +90,7 @@ class PrefixCheckpoint:
     layout: Layout
     hidden: Optional[int]                       # the MLP's width with projection
     encoder_tensors: dict[str, torch.Tensor]    # encoder parameter name -> CPU copy
-    prompt_embeddings: torch.Tensor             # E [P, 2*L*Hkv*D] (projected if there is an MLP), CPU
+    prompt_embeddings: torch.Tensor             # E [P, 2*L*Hkv*D] (projected if there is an MLP; [T, P, ...]), CPU
     heads: list[str]
     head_names: list[str]
     head_tensors: dict[str, torch.Tensor]       # module-path keys -> CPU copy
@@ -134,6 +117,15 @@ def has_adapter(model: nn.Module) -> bool:
     return hf_attention.has_prefix(model)
 
 
+def _num_tasks(enc: nn.Module) -> int:
+    return int(getattr(enc, "num_tasks", 1))
+
+
+def _mlp_hidden(enc: nn.Module) -> Optional[int]:
+    """The projection MLP's width (None without one); task-stacked linears have weight [T, out, in]."""
+    return int(enc.transform[0].weight.shape[-2]) if enc.prefix_projection else None
+
+
 def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str], heads_required: bool,
             hint: Optional[str] = None) -> PrefixCheckpoint:
     """The prefix of ``model`` (and its heads), validated. ``hint``: the adapter name of the PEFT
@@ -144,34 +136,22 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     state = hf_attention.prefix_state(model)
     enc = state.encoder
     layout = Layout(enc.num_virtual_tokens, enc.num_layers, enc.num_kv_heads, enc.head_dim)
-    hidden = enc.transform[0].out_features if enc.prefix_projection else None
+    hidden = _mlp_hidden(enc)
     with torch.no_grad():
         w = enc.embedding.weight
         e = enc.transform(w) if enc.prefix_projection else w
         prompt = e.detach().to("cpu", copy=True).contiguous()
-    if tuple(prompt.shape) != (layout.P, layout.width):  # pragma: no cover - the encoder guarantees it
-        raise AdapterError(f"the prefix encoder produces {shape_str(prompt.shape)}, expected {layout.split()}")
+    T = _num_tasks(enc)
+    if tuple(prompt.shape) != (T,) * (T > 1) + (layout.P, layout.width):  # pragma: no cover - the encoder's own
+        raise AdapterError(f"the prefix encoder produces {shape_str(prompt.shape)}, expected {layout.split()}"
+                           f"{f' for each of {T} tasks' if T > 1 else ''}")
 
-    view = module_view(model)
-    heads: list[str] = []
-    for h, found in match_heads(view, head_names, dotted=True).items():
-        found = [n for n in found if not n.startswith(hf_attention.ENCODER_ATTR + ".")]
-        if not found and heads_required:
-            raise AdapterError(f"modules_to_save entry {h!r} matches no module of {model_class(model)}")
-        heads += [n for n in found if n not in heads]
-    used = [h for h, found in match_heads(view, head_names, dotted=True).items() if found]
-    head_tensors = {}
-    for h in heads:
-        head_tensors.update(_head_tensors(view, h))
-
-    def cpu(t):
-        return t.detach().to("cpu", copy=True).contiguous()
-
+    heads, used, head_tensors = collect_prompt_heads(model, module_view(model), head_names, heads_required)
     config = dataclasses.replace(state.config, encoder_hidden_size=hidden)
     return PrefixCheckpoint(config=config, layout=layout, hidden=hidden,
-                            encoder_tensors={k: cpu(p) for k, p in enc.named_parameters()},
-                            prompt_embeddings=prompt, heads=heads, head_names=used,
-                            head_tensors={k: cpu(t) for k, t in head_tensors.items()})
+                            encoder_tensors={k: p.detach().to("cpu", copy=True).contiguous()
+                                             for k, p in enc.named_parameters()},
+                            prompt_embeddings=prompt, heads=heads, head_names=used, head_tensors=head_tensors)
 
 
 def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str]) -> tuple[dict, dict]:
@@ -180,6 +160,10 @@ def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str])
         raise AdapterError(f"the prefix numbers positions with position_mode={state.config.position_mode!r}, which "
                            "PEFT's prefix tuning cannot express (PEFT numbers the real tokens after the prefix); "
                            "save it with format='ptune'")
+    if state.prompt_embeddings.dim() == 3:
+        raise AdapterError(f"the prefix holds num_tasks={state.prompt_embeddings.shape[0]} task prefixes, but PEFT's "
+                           "PREFIX_TUNING holds one prefix per adapter, so it cannot be written in PEFT's layout; save "
+                           "it with format='ptune'")
     lay = state.layout
     config = {
         "peft_type": PEFT_TYPE,
@@ -223,25 +207,16 @@ class PrefixSpec:
     heads_exact: bool = False            # heads are exact module names (own format), not PEFT suffixes
 
 
-def _int_field(d: dict, key: str, source: str, required: bool = True, minimum: int = 1) -> Optional[int]:
-    v = d.get(key)
-    if v is None and not required:
-        return None
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise AdapterError(f"{source}: {key!r} must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
 def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
     """A PrefixSpec from PEFT's ``adapter_config.json`` dict for PREFIX_TUNING."""
-    P = _int_field(d, "num_virtual_tokens", source)
+    P = int_field(d, "num_virtual_tokens", source)
     submodules = d.get("num_transformer_submodules", 1)
     if submodules not in (None, 1):
         raise AdapterError(f"{source}: num_transformer_submodules={submodules!r} (an encoder-decoder prefix) is not "
                            "supported; expected 1")
-    layers = _int_field(d, "num_layers", source, required=False)
-    heads = _int_field(d, "num_attention_heads", source, required=False)
-    token_dim = _int_field(d, "token_dim", source, required=False)
+    layers = int_field(d, "num_layers", source, required=False)
+    heads = int_field(d, "num_attention_heads", source, required=False)
+    token_dim = int_field(d, "token_dim", source, required=False)
     layout = None
     fields = f"num_layers={layers}, num_attention_heads={heads}, token_dim={token_dim}"
     if None not in (layers, heads, token_dim):
@@ -265,20 +240,7 @@ def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
 def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
     """(tensors keyed as ``plan_load`` expects, file_key): ``prompt_embeddings`` stays, heads lose
     PEFT's ``base_model.``."""
-    tensors, keys = {}, {}
-    for k, t in raw.items():
-        if k == PROMPT_KEY:
-            tensors[k] = t
-        elif k.startswith(PEFT_HEAD_PREFIX):
-            tensors[k[len(PEFT_HEAD_PREFIX):]] = t
-            keys[k[len(PEFT_HEAD_PREFIX):]] = k
-        else:
-            raise AdapterError(f"cannot load {weights_file}: key {k!r} is neither {PROMPT_KEY!r} nor a head key "
-                               f"starting with {PEFT_HEAD_PREFIX!r}, as in a PEFT prefix-tuning checkpoint")
-
-    def file_key(k: str) -> str:
-        return keys.get(k, k)
-    return tensors, file_key
+    return flat_tensors_from_peft(raw, weights_file, "prefix-tuning")
 
 
 def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
@@ -297,15 +259,15 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
         raise AdapterError(f"{source}: 'prefix' must be an object {{num_virtual_tokens, num_layers, num_kv_heads, "
                            f"head_dim, prefix_projection, encoder_hidden_size}}, got {fp!r}")
     where = f"{source}: prefix"
-    layout = Layout(_int_field(fp, "num_virtual_tokens", where), _int_field(fp, "num_layers", where),
-                    _int_field(fp, "num_kv_heads", where), _int_field(fp, "head_dim", where))
+    layout = Layout(int_field(fp, "num_virtual_tokens", where), int_field(fp, "num_layers", where),
+                    int_field(fp, "num_kv_heads", where), int_field(fp, "head_dim", where))
     if layout.P != config.num_virtual_tokens:
         raise AdapterError(f"{source}: prefix.num_virtual_tokens={layout.P} but config.num_virtual_tokens="
                            f"{config.num_virtual_tokens}")
     if fp.get("prefix_projection", config.prefix_projection) != config.prefix_projection:
         raise AdapterError(f"{source}: prefix.prefix_projection={fp.get('prefix_projection')!r} but "
                            f"config.prefix_projection={config.prefix_projection!r}")
-    hidden = _int_field(fp, "encoder_hidden_size", where, required=config.prefix_projection)
+    hidden = int_field(fp, "encoder_hidden_size", where, required=config.prefix_projection)
     model = d.get("model") or {}
     heads = d.get("modules_to_save") or []
     if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
@@ -328,7 +290,6 @@ class PrefixLoadPlan:
     def execute(self) -> nn.Module:
         model = self.model
         fresh = self.apply_config is not None
-        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
             if fresh:
                 from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
@@ -338,19 +299,11 @@ class PrefixLoadPlan:
                     raise AdapterError(f"cannot load the prefix of {self.source} into this {model_class(model)}: "
                                        f"{e}") from e
             enc = hf_attention.prefix_encoder(model)
-            copies = [(enc.get_parameter(name), src) for name, src in self.encoder_copies] + list(self.other_copies)
-            with torch.no_grad():
-                backups = [(dst, dst.detach().clone()) for dst, _ in copies]
-                for dst, src in copies:
-                    dst.copy_(src)
+            copy_all_or_nothing([(enc.get_parameter(name), src) for name, src in self.encoder_copies] +
+                                list(self.other_copies))
         except BaseException:
-            try:
-                with torch.no_grad():
-                    for dst, old in backups:
-                        dst.copy_(old)
-            finally:
-                if fresh and hf_attention.has_prefix(model):  # the prefix there is came from this call
-                    hf_attention.remove_prefix(model)
+            if fresh and hf_attention.has_prefix(model):  # the prefix there is came from this call
+                hf_attention.remove_prefix(model)
             raise
         return model
 
@@ -380,15 +333,19 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
         raise AdapterError(f"{spec.source}: the adapter was saved for model_type {spec.model_type!r} "
                            f"({spec.model_class}), this model is {mtype!r} ({cls})")
     P = spec.config.num_virtual_tokens
+    T = int(getattr(spec.config, "num_tasks", 1))
     existing = hf_attention.prefix_state(model) if hf_attention.has_prefix(model) else None
 
     problems: list[str] = []
     if existing is not None:
         enc = existing.encoder
         want = Layout(enc.num_virtual_tokens, enc.num_layers, enc.num_kv_heads, enc.head_dim)
-        hidden = enc.transform[0].out_features if enc.prefix_projection else None
+        hidden = _mlp_hidden(enc)
         if want.P != P:
             problems.append(f"the checkpoint has num_virtual_tokens={P}, the model's prefix has {want.P}; "
+                            "ptune_rt.restore(model) first to load it fresh")
+        if _num_tasks(enc) != T:
+            problems.append(f"the checkpoint has num_tasks={T}, the model's prefix has {_num_tasks(enc)}; "
                             "ptune_rt.restore(model) first to load it fresh")
         if spec.flat and enc.prefix_projection:
             problems.append("the checkpoint holds the prefix itself (PEFT's prompt_embeddings), but the model's "
@@ -428,46 +385,17 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
         else:
             shapes = {"embedding.weight": (P, want.width)}
         for name, shape in shapes.items():
-            expected[ENCODER_PREFIX + name] = shape
-            why[ENCODER_PREFIX + name] = f"({want.split()}{f', encoder_hidden_size={hidden}' if hidden else ''})"
+            expected[ENCODER_PREFIX + name] = (T,) * (T > 1) + shape  # task-stacked parameters: [T, ...]
+            why[ENCODER_PREFIX + name] = (f"({f'{T} tasks of ' if T > 1 else ''}{want.split()}"
+                                          f"{f', encoder_hidden_size={hidden}' if hidden else ''})")
             encoder_keys[ENCODER_PREFIX + name] = name
 
     view = module_view(model)
-    heads: list[str] = []
-    for h, found in match_heads(view, spec.heads, dotted=spec.heads_exact).items():
-        found = [n for n in found if not n.startswith(hf_attention.ENCODER_ATTR + ".")]
-        if not found and spec.heads_exact:
-            problems.append(f"module {h!r} (modules_to_save) does not exist in this {cls}")
-        heads += [n for n in found if n not in heads]
-    destinations: dict[str, torch.Tensor] = {}
-    for h in heads:
-        dst = _head_tensors(view, h)
-        # A PEFT head absent from the file keeps the model's own head (as in PEFT); a partly present one is an error.
-        if spec.heads_exact or any(k in tensors for k in dst):
-            destinations.update(dst)
+    destinations = prompt_head_destinations(view, spec.heads, spec.heads_exact, tensors, cls, problems)
     for k, t in destinations.items():
         expected[k] = tuple(t.shape)
         why[k] = "(this model's tensor)"
-
-    for k in expected:
-        if k not in tensors:
-            problems.append(f"missing key {file_key(k)!r} (expected shape {shape_str(expected[k])})")
-    for k in tensors:
-        if k not in expected:
-            module = k.rsplit(".", 1)[0]
-            hint = "" if module in view else f" (there is no module {module!r} in this {cls})"
-            problems.append(f"unexpected key {file_key(k)!r}{hint}")
-    for k, shape in expected.items():
-        t = tensors.get(k)
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(shape)} {why[k]}, found "
-                            f"{shape_str(t.shape)}")
-        elif not t.is_floating_point():
-            problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
-        elif not bool(torch.isfinite(t).all()):
-            problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
+    check_loaded_tensors(expected, why, tensors, view, cls, file_key, problems)
     raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
 
     return PrefixLoadPlan(model, spec.config if existing is None else None, spec.source,
