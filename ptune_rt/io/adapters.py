@@ -91,7 +91,7 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if method is not None and method not in _METHODS:
         raise ValueError(f"method must be None or one of {tuple(_METHODS)}, got {method!r}")
-    _refuse_plain_peft_prefix(model)
+    _refuse_plain_peft_prompt_learning(model)
     model, hints = _unwrap_peft(model, adapter_name)
     if task_type == "auto":
         task_type = peft_config.infer_task_type(model)
@@ -164,7 +164,7 @@ def _unwrap_peft(model: nn.Module, adapter_name: Optional[str]):
     return get_base(), hints
 
 
-def _refuse_plain_peft_prefix(model: nn.Module) -> None:
+def _refuse_plain_peft_prompt_learning(model: nn.Module) -> None:
     """A PEFT prefix or soft-prompt model runs its prompt through PEFT's own forward, which ptune_rt
     does not touch."""
     from ptune_rt import peft_compat
@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     directory, format = _locate(path, format)
-    _refuse_plain_peft_prefix(model)
+    _refuse_plain_peft_prompt_learning(model)
     given, (model, hints) = model, _unwrap_peft(model, adapter_name)
 
     if format == "peft":
