@@ -4,6 +4,9 @@ HF PEFT and ptune-rt (and, where it means something, the frozen base model witho
 run side by side in one process on the same weights and inputs, with interleaved timings. The run
 writes ``lora_<device>.json`` (all numbers plus provenance), ``lora_<device>.md`` (the tables) and
 ``lora_<device>.png`` (a plot), and prints the tables.
+
+``ptune-rt bench --suite mixed-tasks`` runs the mixed-task serving benchmark instead
+(``ptune_rt.bench.mixed_tasks``, with its own options).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Optional
 
 #: Run order: timings first (right after the optional wait for a quiet machine).
 SECTIONS = ("speed", "memory", "ops", "flops", "equality", "analytic", "triton")
+#: Benchmark suites behind ``ptune-rt bench --suite``.
+SUITES = ("lora", "mixed-tasks")
 
 #: Targets for ptune-rt vs HF PEFT (speed ratios: PEFT time / ptune-rt time; bytes: ptune-rt / PEFT).
 TARGETS = {
@@ -426,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ptune-rt bench",
         description="LoRA benchmark + numerical-equality report: HF PEFT vs ptune-rt (and the frozen base model) "
                     "on a Llama-like model with random weights, side by side in one run.")
+    p.add_argument("--suite", choices=SUITES, default="lora",
+                   help="lora (this benchmark, the default) or mixed-tasks (several prompt-/prefix-tuned tasks in one "
+                        "batch vs PEFT task by task: ptune-rt bench --suite mixed-tasks --help)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
@@ -540,6 +548,13 @@ def _bench_model_analytic(wl) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=SUITES, default="lora")
+    chosen, rest = suite.parse_known_args(argv)
+    if chosen.suite == "mixed-tasks":
+        from ptune_rt.bench import mixed_tasks
+
+        return mixed_tasks.main(rest, command_argv=argv)
     args = build_parser().parse_args(argv)
     from ptune_rt.bench import report
 

@@ -1,0 +1,590 @@
+"""``ptune-rt bench --suite mixed-tasks``: serving several tuned tasks in one batch.
+
+T tasks (prompt tuning, and prefix tuning), R rows each, on the Llama-like benchmark model with
+random weights. ptune-rt runs the T x R rows as one mixed batch (``task_ids`` per row: one soft-prompt
+gather at the input, or the fused prefix attention's per-row task index). HF PEFT 0.21.2 cannot mix
+prompt-learning tasks in one batch, so it serves them the way it can: one ``PeftModel`` holding the
+T adapters, and for each task ``set_adapter(task)`` then the task's R rows. Both hold identical
+weights and inputs, and the run checks that they compute the same logits and tokens.
+
+Measured, interleaved round by round (medians of ``--repeats`` runs, >= 3):
+
+* greedy generation of ``new_tokens`` tokens after ``prompt_len``-token prompts (no padding),
+  throughput = generated tokens / wall time;
+* a no-grad forward over the prompts, throughput = prompt tokens / wall time;
+* dispatched ops (``TorchDispatchMode``) of one forward and one whole generate call, and per
+  generated token.
+
+Writes ``mixed_tasks_<device>.json`` (numbers + provenance), ``.md`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("prompt_tuning", "prefix_tuning")
+CASES = ("generate", "forward")
+#: Throughput of ptune-rt's mixed batch over PEFT's task-by-task loop, per method and case.
+TARGET_RATIO = 2.0
+MIN_REPEATS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedWorkload:
+    """Model shape, tasks and batch of one mixed-task run."""
+
+    hidden: int = 512
+    intermediate: int = 1376
+    layers: int = 8
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 32000
+    tasks: int = 8
+    rows_per_task: int = 4
+    num_virtual_tokens: int = 16
+    prompt_len: int = 32
+    new_tokens: int = 16
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def default(cls) -> "MixedWorkload":
+        return cls()
+
+    @classmethod
+    def quick(cls) -> "MixedWorkload":
+        """Tiny shapes for smoke tests (same structure: GQA, several tasks, several rows each)."""
+        return cls(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, tasks=4, rows_per_task=2,
+                   num_virtual_tokens=4, prompt_len=8, new_tokens=4)
+
+    @property
+    def batch(self) -> int:
+        return self.tasks * self.rows_per_task
+
+    def model_workload(self):
+        """The LoRA benchmark's ``Workload`` with this model shape (for its model factory)."""
+        from ptune_rt.bench.workload import Workload
+
+        return Workload(hidden=self.hidden, intermediate=self.intermediate, layers=self.layers, heads=self.heads,
+                        kv_heads=self.kv_heads, vocab=self.vocab, gen_batch=self.batch, gen_prompt=self.prompt_len,
+                        gen_new_tokens=self.new_tokens, dtype=self.dtype, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["batch"] = self.batch
+        d["prompt_tokens"] = self.batch * self.prompt_len
+        d["generated_tokens"] = self.batch * self.new_tokens
+        return d
+
+
+# ----------------------------------------------------------------------------------------
+# setup: one factory for timing, op counts and equality
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MixedSetup:
+    method: str
+    peft: object                 # PeftModel holding adapters task0 .. task{T-1}
+    ptune: object                # the same base with a ptune-rt soft prompt / prefix for T tasks
+    input_ids: object            # [T * R, prompt_len], rows of all tasks interleaved
+    task_ids: object             # [T * R]
+    rows: list                   # rows of task t (index tensors), in batch order
+
+    @staticmethod
+    def adapter(t: int) -> str:
+        return f"task{t}"
+
+
+def _peft_config(method: str, P: int):
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    if method == "prompt_tuning":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+
+
+def build(wl: MixedWorkload, method: str, base, device) -> MixedSetup:
+    """PEFT (T adapters, seeded random prompts) and ptune-rt (T tasks holding the same values) over
+    copies of ``base``, plus the mixed batch."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    import ptune_rt
+    from ptune_rt.hf_attention import prefix_encoder
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    T, P = wl.tasks, wl.num_virtual_tokens
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(wl.seed + 10)
+        peft_model = get_peft_model(copy.deepcopy(base), _peft_config(method, P), adapter_name=MixedSetup.adapter(0))
+        for t in range(1, T):
+            peft_model.add_adapter(MixedSetup.adapter(t), _peft_config(method, P))
+    peft_model.eval()
+    if method == "prompt_tuning":
+        ptune = ptune_rt.apply(copy.deepcopy(base), ptune_rt.PromptTuningConfig(P, num_tasks=T))
+        table = ptune.prompt_encoder["default"].embedding.weight  # [T, P, hidden]
+        with torch.no_grad():
+            for t in range(T):
+                table[t].copy_(peft_model.prompt_encoder[MixedSetup.adapter(t)].embedding.weight)
+    else:
+        ptune = ptune_rt.apply(copy.deepcopy(base), ptune_rt.PrefixConfig(P, num_tasks=T))
+        enc = prefix_encoder(ptune)
+        for t in range(T):
+            enc.load_prompt_embeddings(peft_model.prompt_encoder[MixedSetup.adapter(t)].embedding.weight.detach(),
+                                       task=t)
+    ptune.eval()
+    g = torch.Generator().manual_seed(wl.seed + 3)
+    ids = torch.randint(3, wl.vocab, (wl.batch, wl.prompt_len), generator=g).to(device)
+    task_ids = torch.arange(T).repeat(wl.rows_per_task).to(device)  # every task spread over the batch
+    rows = [(task_ids == t).nonzero().flatten() for t in range(T)]
+    return MixedSetup(method, peft_model, ptune, ids, task_ids, rows)
+
+
+def _gen_kwargs(wl: MixedWorkload) -> dict:
+    return dict(max_new_tokens=wl.new_tokens, min_new_tokens=wl.new_tokens, do_sample=False, pad_token_id=0,
+                eos_token_id=None)
+
+
+def ptune_forward(s: MixedSetup):
+    import torch
+
+    with torch.no_grad():
+        return s.ptune(input_ids=s.input_ids, task_ids=s.task_ids).logits
+
+
+def peft_forward(s: MixedSetup):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for t, rows in enumerate(s.rows):
+            s.peft.set_adapter(MixedSetup.adapter(t))
+            out.append(s.peft(input_ids=s.input_ids[rows]).logits)
+    return out
+
+
+def ptune_generate(s: MixedSetup, wl: MixedWorkload):
+    import torch
+
+    with torch.no_grad():
+        return s.ptune.generate(input_ids=s.input_ids, attention_mask=torch.ones_like(s.input_ids),
+                                task_ids=s.task_ids, **_gen_kwargs(wl))
+
+
+def peft_generate(s: MixedSetup, wl: MixedWorkload):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for t, rows in enumerate(s.rows):
+            s.peft.set_adapter(MixedSetup.adapter(t))
+            ids = s.input_ids[rows]
+            out.append(s.peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **_gen_kwargs(wl)))
+    return out
+
+
+def _scatter(s: MixedSetup, parts: list):
+    """Per-task outputs back into batch order."""
+    full = parts[0].new_empty((s.input_ids.shape[0],) + tuple(parts[0].shape[1:]))
+    for rows, part in zip(s.rows, parts):
+        full[rows] = part
+    return full
+
+
+# ----------------------------------------------------------------------------------------
+# measurements
+# ----------------------------------------------------------------------------------------
+
+
+def equality(s: MixedSetup, wl: MixedWorkload) -> dict:
+    """ptune-rt's mixed batch vs PEFT task by task on the same weights and inputs."""
+    import torch
+
+    mine = ptune_forward(s)
+    theirs = _scatter(s, peft_forward(s))
+    L = wl.prompt_len
+    diff = (mine[:, -L:] - theirs[:, -L:]).abs().max().item()  # the real tokens' logits (both layouts)
+    gen_mine = ptune_generate(s, wl)
+    gen_theirs = _scatter(s, peft_generate(s, wl))
+    same_rows = (gen_mine[:, -wl.new_tokens:] == gen_theirs[:, -wl.new_tokens:]).all(-1)
+    # the tasks really differ: every row run with task 0's prompt instead changes the logits
+    with torch.no_grad():
+        other = s.ptune(input_ids=s.input_ids, task_ids=torch.zeros_like(s.task_ids)).logits
+    effect = (other[:, -L:] - mine[:, -L:]).abs().max().item()
+    return {"logits_shape_ptune": list(mine.shape), "logits_shape_peft": list(theirs.shape),
+            "logits_max_abs_diff": diff, "logits_max_abs": theirs[:, -L:].abs().max().item(),
+            "argmax_agreement": (mine[:, -L:].argmax(-1) == theirs[:, -L:].argmax(-1)).float().mean().item(),
+            "generated_rows_identical": int(same_rows.sum()), "rows": int(same_rows.numel()),
+            "all_generated_tokens_identical": bool(same_rows.all()),
+            "task_effect_max_abs_logit_change": effect}
+
+
+def op_counts(s: MixedSetup, wl: MixedWorkload) -> dict:
+    from ptune_rt.bench.opcount import OpCounter
+
+    def count(fn) -> dict:
+        c = OpCounter(None, descend=True)
+        with c:
+            fn()
+        r = c.result(1)
+        return {k: r[k] for k in ("all", "compute", "custom", "inside_custom_compute", "compute_expanded")} | \
+            {"top_ops": r["top_ops"]}
+
+    out = {}
+    for name, fwd, gen in (("peft", peft_forward, peft_generate), ("ptune-rt", ptune_forward, ptune_generate)):
+        out[name] = {"forward": count(lambda: fwd(s)), "generate": count(lambda: gen(s, wl))}
+        out[name]["generate_per_token_step"] = {k: v / wl.new_tokens for k, v in out[name]["generate"].items()
+                                                if k != "top_ops"}
+    for case in ("forward", "generate"):
+        out[f"{case}_compute_ratio_peft_over_ptune"] = (out["peft"][case]["compute"]
+                                                        / max(1, out["ptune-rt"][case]["compute"]))
+    out["note"] = ("forward: one no-grad forward over all rows (PEFT: one per task); generate: one whole greedy "
+                   "generate call (PEFT: one per task), per token step = that / new tokens. compute = dispatched ops "
+                   "minus metadata-only ones; custom = ptune-rt's own ops (each counted once), expanded = with "
+                   "what they run inside on the torch path")
+    return out
+
+
+def base_forward(base, s: MixedSetup):
+    import torch
+
+    with torch.no_grad():
+        return base(input_ids=s.input_ids).logits
+
+
+def base_generate(base, s: MixedSetup, wl: MixedWorkload):
+    import torch
+
+    with torch.no_grad():
+        return base.generate(input_ids=s.input_ids, attention_mask=torch.ones_like(s.input_ids), **_gen_kwargs(wl))
+
+
+def speed(setups: dict, base, wl: MixedWorkload, repeats: int, warmup: int, device, tick) -> dict:
+    """Interleaved timings per method and case: PEFT task by task, ptune-rt's mixed batch, and the
+    frozen base model on the same rows in one batch without any adapter (a reference point: it
+    processes P fewer positions per row than prompt tuning)."""
+    from ptune_rt.bench.timing import interleaved, summarize
+
+    res = {}
+    for method, s in setups.items():
+        res[method] = {}
+        for case in CASES:
+            if case == "generate":
+                fns = {"peft": lambda s=s: peft_generate(s, wl), "ptune-rt": lambda s=s: ptune_generate(s, wl),
+                       "base": lambda s=s: base_generate(base, s, wl)}
+                tokens = wl.batch * wl.new_tokens
+                what = (f"greedy generate, {wl.batch} rows ({wl.tasks} tasks x {wl.rows_per_task}), "
+                        f"{wl.prompt_len}-token prompts, {wl.new_tokens} new tokens each (prefill included)")
+            else:
+                fns = {"peft": lambda s=s: peft_forward(s), "ptune-rt": lambda s=s: ptune_forward(s),
+                       "base": lambda s=s: base_forward(base, s)}
+                tokens = wl.batch * wl.prompt_len
+                what = f"no-grad forward over {wl.batch} rows x {wl.prompt_len} tokens"
+            cpu: dict = {}
+            d = summarize(interleaved(fns, repeats, warmup, device, tick=tick, cpu_times=cpu), cpu_times=cpu)
+            d["what"] = what
+            d["tokens"] = tokens
+            d["throughput_tokens_per_s"] = {n: tokens / v["median_s"] for n, v in d["variants"].items()}
+            d["throughput_ratio"] = d["speedup"]  # same tokens: time ratio = throughput ratio
+            res[method][case] = d
+    return res
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    rows = []
+    for method, cases in results.get("speed", {}).items():
+        for case in CASES:
+            if case in cases:
+                v = cases[case]["throughput_ratio"]
+                rows.append({"target": f"{method}, {case}: throughput of ptune-rt's mixed batch vs PEFT task by task",
+                             "value": v, "goal": f">= {TARGET_RATIO:g}x", "pass": v >= TARGET_RATIO, "unit": "x"})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+
+
+def file_stem(results: dict) -> str:
+    dev = results["provenance"]["device"].split(":")[0]
+    stem = f"mixed_tasks_{dev}"
+    return stem + "_quick" if results.get("mode") == "quick" else stem
+
+
+def _ms(s) -> str:
+    return f"{s * 1e3:.1f}"
+
+
+def markdown(results: dict) -> str:
+    pv, wl = results["provenance"], results["workload"]
+    v = pv["versions"]
+    commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
+    load0, load1 = pv.get("load_average_at_start"), pv.get("load_average_at_end")
+    loads = f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end" if load0 and load1 else "load unknown"
+    out = [f"# ptune-rt mixed-task serving benchmark ({pv['device']}, {wl['dtype']})", "",
+           f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, {loads}); "
+           f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode "
+           f"{results['mode']}, {results['repeats']} interleaved runs per variant after {results['warmup']} warm-up; "
+           f"command `{pv['command']}`.", "",
+           f"Workload: Llama-like model from a `LlamaConfig` with random weights (hidden {wl['hidden']}, intermediate "
+           f"{wl['intermediate']}, {wl['layers']} layers, {wl['heads']} heads / {wl['kv_heads']} KV heads, vocab "
+           f"{wl['vocab']}), {wl['dtype']}; {wl['tasks']} tasks x {wl['rows_per_task']} rows = {wl['batch']} rows, "
+           f"P = {wl['num_virtual_tokens']} virtual tokens per task, {wl['prompt_len']}-token prompts (no padding), "
+           f"greedy generation of {wl['new_tokens']} new tokens per row.", "",
+           "*ptune-rt*: one mixed batch of all rows, `task_ids` per row. *PEFT*: one `PeftModel` holding the "
+           f"{wl['tasks']} adapters; for each task `set_adapter(task)`, then that task's rows (PEFT "
+           f"{v['peft']} has no mixed-task batches for prompt or prefix tuning). Same weights, same inputs.", ""]
+    cpus = pv.get("cpu_count") or 1
+    top = max([x[0] for x in (load0, load1) if x] or [0.0])
+    if pv["device"].startswith("cpu") and top > 0.5 * cpus:
+        out += [f"> Note: the 1-minute load average reached {top:.1f} on {cpus} CPUs during this run: other processes "
+                "competed for the cores, so the timings are noisy (interleaved runs and medians, but treat small "
+                "ratios with care).", ""]
+    out += ["| Method | Case | PEFT task by task (median ms) | ptune-rt mixed batch (median ms) | base, no adapter "
+            "(median ms) | PEFT tokens/s | ptune-rt tokens/s | throughput ratio | fastest runs ratio | CPU-time ratio | "
+            "ceiling: PEFT / base | Target | Result |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    targets = {t["target"]: t for t in results.get("targets", [])}
+    for method, cases in results.get("speed", {}).items():
+        for case in CASES:
+            d = cases.get(case)
+            if not d:
+                continue
+            t = next((t for k, t in targets.items() if k.startswith(f"{method}, {case}:")), None)
+            tp = d["throughput_tokens_per_s"]
+            base = d["variants"].get("base")
+            cpu = d.get("speedup_cpu_time")
+            ceiling = d.get("ceiling_speedup_zero_cost_adapter")
+            out.append(f"| {method} | {case} | {_ms(d['variants']['peft']['median_s'])} | "
+                       f"{_ms(d['variants']['ptune-rt']['median_s'])} | {_ms(base['median_s']) if base else '–'} | "
+                       f"{tp['peft']:.0f} | {tp['ptune-rt']:.0f} | **{d['throughput_ratio']:.2f}x** | "
+                       f"{d['speedup_of_minima']:.2f}x | {f'{cpu:.2f}x' if cpu else '–'} | "
+                       f"{f'{ceiling:.2f}x' if ceiling else '–'} | "
+                       f"{t['goal'] if t else ''} | {('PASS' if t['pass'] else 'MISS') if t else ''} |")
+    out += ["", "Throughput ratio (the headline, judged against the target) = PEFT median time / ptune-rt median time "
+            "for the same tokens (above 1: ptune-rt serves faster); *fastest runs ratio* compares the quickest run of "
+            "each (contention only slows runs down); *CPU-time ratio* compares median process CPU time. *generate* "
+            "counts generated tokens, *forward* prompt tokens. *base*: the frozen model on the same rows in one batch "
+            "without any adapter (prompt tuning runs P more positions per row than it); *ceiling* = PEFT time / base "
+            "time, the ratio an adapter costing nothing in one batch would reach, so a target above it cannot be met "
+            "by any implementation of the mixed batch.", ""]
+    ops = results.get("ops", {})
+    if ops:
+        out += ["## Dispatched ops", "",
+                "| Method | Step | PEFT compute ops | ptune-rt compute ops (top level / custom ops expanded) | "
+                "ptune-rt custom ops | PEFT / ptune-rt | PEFT all ops | ptune-rt all ops |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for method, d in ops.items():
+            for step, key in (("one forward over all rows", "forward"), ("one generate call", "generate")):
+                p, m = d["peft"][key], d["ptune-rt"][key]
+                out.append(f"| {method} | {step} | {p['compute']} | {m['compute']} / {m['compute_expanded']} | "
+                           f"{m['custom']} | {p['compute'] / max(1, m['compute']):.1f}x | {p['all']} | {m['all']} |")
+            p, m = d["peft"]["generate_per_token_step"], d["ptune-rt"]["generate_per_token_step"]
+            out.append(f"| {method} | per generated-token step (generate / new tokens) | {p['compute']:.0f} | "
+                       f"{m['compute']:.0f} / {m['compute_expanded']:.0f} | {m['custom']:.2f} | "
+                       f"{p['compute'] / max(1, m['compute']):.1f}x | {p['all']:.0f} | {m['all']:.0f} |")
+        out += ["", next(iter(ops.values()))["note"] + ".", ""]
+    eq = results.get("equality", {})
+    if eq:
+        out += ["## Equality (same weights and inputs)", "",
+                "| Method | max abs logit diff (real tokens) | max abs logit | argmax agreement | rows generating identical "
+                "tokens | logit change when every row takes task 0 |", "|---|---:|---:|---:|---:|---:|"]
+        for method, e in eq.items():
+            out.append(f"| {method} | {e['logits_max_abs_diff']:.2e} | {e['logits_max_abs']:.3f} | "
+                       f"{e['argmax_agreement']:.4f} | {e['generated_rows_identical']} / {e['rows']} | "
+                       f"{e['task_effect_max_abs_logit_change']:.3f} |")
+        out.append("")
+    sp = results.get("speed", {})
+    if sp:
+        out += ["## Timing detail", "", "| Method | Case | Variant | median ms | min ms | max ms | runs (ms) |",
+                "|---|---|---|---:|---:|---:|---|"]
+        for method, cases in sp.items():
+            for case, d in cases.items():
+                for n, var in d["variants"].items():
+                    runs = ", ".join(_ms(t) for t in var["runs_s"])
+                    out.append(f"| {method} | {case} | {n} | {_ms(var['median_s'])} | {_ms(var['min_s'])} | "
+                               f"{_ms(var['max_s'])} | {runs} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    wl = results["workload"]
+    fig.suptitle(f"{wl['tasks']} tasks x {wl['rows_per_task']} rows: ptune-rt mixed batch vs PEFT task by task "
+                 f"({results['provenance']['device']}, {wl['dtype']}, {results['mode']})")
+    sp = results.get("speed", {})
+    labels, vals, lo, hi, ceil = [], [], [], [], []
+    for method, cases in sp.items():
+        for case in CASES:
+            if case in cases:
+                d = cases[case]
+                ceil.append(d.get("ceiling_speedup_zero_cost_adapter"))
+                labels.append(f"{method.replace('_', ' ')}\n{case}")
+                vals.append(d["throughput_ratio"])
+                lo.append(max(0.0, d["throughput_ratio"] - d["speedup_paired_min"]))
+                hi.append(max(0.0, d["speedup_paired_max"] - d["throughput_ratio"]))
+    if vals:
+        xs = list(range(len(vals)))
+        ax1.bar(xs, vals, yerr=[lo, hi], capsize=4,
+                color=["tab:green" if v >= TARGET_RATIO else "tab:red" for v in vals])
+        ax1.axhline(TARGET_RATIO, color="black", ls="--", lw=1, label=f"target {TARGET_RATIO:g}x")
+        cx = [x for x, c in zip(xs, ceil) if c]
+        if cx:
+            ax1.scatter(cx, [c for c in ceil if c], marker="_", s=900, color="black", zorder=3,
+                        label="ceiling: PEFT / base (no adapter)")
+        ax1.axhline(1.0, color="gray", lw=0.8)
+        ax1.set_xticks(xs)
+        ax1.set_xticklabels(labels, fontsize=8)
+        ax1.set_ylabel("throughput ratio (PEFT time / ptune-rt time)")
+        ax1.set_title("Throughput ratio (median; bars: paired min-max)")
+        ax1.legend(fontsize=8)
+    ops = results.get("ops", {})
+    if ops:
+        labels, peft_v, mine_v = [], [], []
+        for method, d in ops.items():
+            for key, short in (("forward", "forward"), ("generate_per_token_step", "per token step")):
+                labels.append(f"{method.replace('_', ' ')}\n{short}")
+                peft_v.append(d["peft"][key]["compute"])
+                mine_v.append(d["ptune-rt"][key]["compute"])
+        xs = list(range(len(labels)))
+        ax2.bar([x - 0.2 for x in xs], peft_v, width=0.4, label="PEFT, task by task", color="tab:orange")
+        ax2.bar([x + 0.2 for x in xs], mine_v, width=0.4, label="ptune-rt, mixed batch", color="tab:blue")
+        ax2.set_xticks(xs)
+        ax2.set_xticklabels(labels, fontsize=8)
+        ax2.set_ylabel("dispatched compute ops")
+        ax2.set_title("Dispatched compute ops per step (all rows)")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_all(results: dict, out_dir: Path) -> list[Path]:
+    from ptune_rt.bench.report import check_finite
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_finite(results)
+    stem = file_stem(results)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(results), encoding="utf-8")
+    plot(results, paths[2])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ptune-rt bench --suite mixed-tasks",
+        description="Serving several prompt- / prefix-tuned tasks in one batch: ptune-rt's mixed batch vs HF PEFT "
+                    "task by task, on a Llama-like model with random weights (throughput, ops, equality).")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help=f"timed runs per variant, >= {MIN_REPEATS} (median reported; default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
+                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
+    p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for --wait-for-load (s)")
+    return p
+
+
+def run(args, command_argv) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ptune_rt.bench.runner import provenance, wait_for_quiet
+    from ptune_rt.bench.workload import build_base, default_device
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise SystemExit(f"ptune-rt bench --suite mixed-tasks: --methods must name some of {METHODS}, got {args.methods!r}")
+    if args.repeats < MIN_REPEATS:
+        raise SystemExit(f"ptune-rt bench --suite mixed-tasks: --repeats must be >= {MIN_REPEATS} (a median of at "
+                         f"least {MIN_REPEATS} runs), got {args.repeats}")
+    if args.warmup < 0:
+        raise SystemExit(f"ptune-rt bench --suite mixed-tasks: --warmup must be >= 0, got {args.warmup}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or default_device())
+    wl = MixedWorkload.quick() if args.quick else MixedWorkload.default()
+    waited = None
+    if args.wait_for_load is not None and device.type == "cpu":
+        waited = wait_for_quiet(args.wait_for_load, args.max_wait)
+    results: dict = {"schema": "ptune-rt-bench-mixed-tasks/1", "provenance": provenance(device, command_argv),
+                     "workload": wl.to_dict(), "mode": "quick" if args.quick else "default", "methods": methods,
+                     "repeats": args.repeats, "warmup": args.warmup}
+    if waited is not None:
+        results["provenance"]["wait_for_load"] = waited
+    t0 = time.perf_counter()
+    total = len(methods) * (2 + 3 * len(CASES) * args.repeats)
+    progress = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    try:
+        progress.set_description_str("building models")
+        base = build_base(wl.model_workload(), device)
+        setups = {m: build(wl, m, base, device) for m in methods}
+        results["equality"], results["ops"] = {}, {}
+        for m, s in setups.items():
+            progress.set_description_str(f"equality: {m}")
+            results["equality"][m] = equality(s, wl)
+            progress.update(1)
+            progress.set_description_str(f"ops: {m}")
+            results["ops"][m] = op_counts(s, wl)
+            progress.update(1)
+        progress.set_description_str("timing")
+        results["speed"] = speed(setups, base, wl, args.repeats, args.warmup, device, lambda: progress.update(1))
+    finally:
+        progress.close()
+    results["provenance"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results["provenance"]["wall_time_s"] = time.perf_counter() - t0
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def main(argv=None, command_argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from ptune_rt.bench.runner import default_out_dir
+
+    command_argv = list(command_argv) if command_argv is not None else ["--suite", "mixed-tasks"] + argv
+    out_dir = args.out or default_out_dir()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # PEFT's prompt tuning drops the position ids generate passes (its documented behaviour)
+        warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
+        results = run(args, command_argv)
+    paths = write_all(results, Path(out_dir))
+    print(markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
