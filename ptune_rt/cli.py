@@ -11,11 +11,16 @@ def main(argv=None) -> int:
     sub.add_parser("check", help="numerical-equality report of every kernel vs its eager reference")
     sub.add_parser("bench", add_help=False,
                    help="LoRA benchmark + equality report, HF PEFT vs ptune-rt (ptune-rt bench --help)")
+    sub.add_parser("compile-report", add_help=False,
+                   help="compile every shipped kernel config for sm_80/sm_90 without a GPU and report "
+                        "registers, spills and shared memory (ptune-rt compile-report --help)")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "check":
         from ptune_rt.check import main as run
     if args.cmd == "bench":
         from ptune_rt.bench.runner import main as run
+    if args.cmd == "compile-report":
+        from ptune_rt.compile_report import main as run
     return int(run(rest) or 0)
 
 

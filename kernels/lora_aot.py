@@ -1,0 +1,204 @@
+"""Ahead-of-time compile variants of the LoRA kernels, for ``ptune-rt compile-report``.
+
+The variants are recorded from the real launch wrappers rather than written out by hand:
+:func:`~.lora.lora_forward` and :func:`~.lora.lora_backward` run on ``meta`` tensors (shapes
+and strides, no data) with the module's ``launch`` replaced by a recorder, so every recorded
+launch carries exactly the pointer dtypes, sizes, strides, scalars and flags a model's call
+passes. Triton's launch specialization (16-divisible integers and 16-byte-aligned pointers
+get ``tt.divisibility`` 16, integers equal to 1 become constants) is applied to those values,
+and each launch is compiled with every shipped configuration.
+
+What is covered, on sm_80 and sm_90:
+
+* the shape of a LLaMA-7B MLP projection: in_features K = 4096, out_features N = 11008, and
+  M = 4093 tokens (deliberately not a multiple of 16, so no variant relies on it);
+* frozen weight and bias in the activation dtype, LoRA A/B in fp32 (the adapter dtype
+  ``ptune_rt.methods.lora`` creates); torch's default fp32 matmul precision (no TF32), so the
+  precision flags are what ``lora.py`` picks from those dtypes (3xTF32 beside half activations,
+  IEEE fp32 for fp32 activations);
+* ranks 8, 32, 64 and 128, which reach every ``SKINNY_BLOCK_R`` (16, 32, 64, 128) and
+  every ``FUSED_BLOCK_R`` (16, 32);
+* with and without bias, with dropout 0 and 0.1: the launches and flags are
+  fwd S (skinny, ``HAS_DROPOUT`` false/true), fwd y (fused, ``HAS_BIAS`` false/true),
+  bwd G (skinny), bwd dX (fused, ``LR_DROPOUT`` false/true), bwd dB (skinny) and
+  bwd dA (skinny, ``HAS_DROPOUT`` false/true);
+* every entry of ``FUSED_CONFIGS`` x ``FUSED_BLOCK_R`` for the fused kernel and of
+  ``SKINNY_CONFIGS`` x ``SKINNY_BLOCK_R`` for the skinny kernel, each with:
+
+  - fp16 and bf16 activations: every launch above (aligned);
+  - fp32 activations: the launches of :data:`FP32_SUBSET`, the heaviest flags of each kernel
+    (aligned);
+  - the unaligned fallback: bf16 activations, the launches of :data:`FALLBACK_SUBSET`.
+
+  ``ptune-rt compile-report --full`` (``aot_variants(full=True)``) compiles every launch in
+  every dtype, aligned and unaligned: 2.2 times the builds of the default matrix, and slower
+  ones (unaligned builds spill, which makes ptxas slow).
+
+Launches whose specialization is identical (the fused kernel at ranks 32, 64 and 128 differs
+only in values Triton does not specialize on) are compiled once, labelled with all their ranks.
+Not covered: GPT-2 Conv1D weights (their transposed layout gives the fwd y and bwd dX launches
+each other's weight strides, both compiled here) and TF32 (``allow_tf32``), which only changes
+the IEEE fp32 dots to TF32.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ptune_rt.compile_report import AotVariant, launch_variant
+
+from . import lora as L
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ADAPTER_DTYPE = torch.float32
+TOKENS, IN_FEATURES, OUT_FEATURES = 4093, 4096, 11008
+RANKS = (8, 32, 64, 128)
+DROPOUT_P = 0.1
+SEED = 1234567
+SCALE = 2.0
+
+#: fp32 activations (CUDA-core FMA dots, the most registers) are compiled for the launches with
+#: the heaviest flags; ``--full`` compiles all of them.
+FP32_SUBSET = ("fwd S +dropout", "fwd y +bias", "bwd dX +dropout", "bwd dA +dropout")
+#: Unaligned fallbacks are built for these launches in this dtype (``--full``: for all).
+FALLBACK_DTYPE = torch.bfloat16
+FALLBACK_SUBSET = ("fwd y +bias", "bwd dX +dropout", "fwd S +dropout", "bwd dA +dropout")
+
+_PTX_TYPE = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_TF32 = ("tf32", "tf32x3")
+_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: Names of the launches lora_forward and lora_backward make, in order.
+_FORWARD_LAUNCHES = ("fwd S", "fwd y")
+_BACKWARD_LAUNCHES = ("bwd G", "bwd dX", "bwd dB", "bwd dA")
+_FLAG_NAMES = {"HAS_BIAS": "+bias", "LR_DROPOUT": "+dropout", "HAS_DROPOUT": "+dropout"}
+
+
+@contextlib.contextmanager
+def _recorded_launches():
+    """Replace the launches of :mod:`.lora` by a recorder for the duration of the block."""
+    launches = []
+
+    def record(kernel, grid, config, *args, **constexprs):
+        launches.append((kernel, args, constexprs))
+
+    saved = L.launch, L._check_backend
+    L.launch, L._check_backend = record, lambda *tensors: None
+    try:
+        yield launches
+    finally:
+        L.launch, L._check_backend = saved
+
+
+def _record_step(act: torch.dtype, rank: int, bias: bool, p: float):
+    """The (name, kernel, args, constexprs) of the launches of one training step."""
+    meta = dict(device="meta")
+    M, K, N = TOKENS, IN_FEATURES, OUT_FEATURES
+    x = torch.empty((M, K), dtype=act, **meta)
+    weight = torch.empty((N, K), dtype=act, **meta)
+    b = torch.empty((N,), dtype=act, **meta) if bias else None
+    lora_a = torch.empty((rank, K), dtype=ADAPTER_DTYPE, **meta)
+    lora_b = torch.empty((N, rank), dtype=ADAPTER_DTYPE, **meta)
+    seed = SEED if p > 0 else 0  # the op passes seed 0 when there is no dropout
+    with _recorded_launches() as fwd:
+        _, S = L.lora_forward(x, weight, b, lora_a, lora_b, SCALE, p, seed)
+    dy = torch.empty((M, N), dtype=act, **meta)
+    with _recorded_launches() as bwd:
+        L.lora_backward(dy, x, S, weight, lora_a, lora_b, SCALE, p, seed)
+    out = []
+    for names, launches, where in ((_FORWARD_LAUNCHES, fwd, "lora_forward"),
+                                   (_BACKWARD_LAUNCHES, bwd, "lora_backward")):
+        if len(launches) != len(names):
+            raise RuntimeError(f"{where} launched {len(launches)} kernels, kernels/lora_aot.py expects "
+                               f"{len(names)} ({', '.join(names)}): update its launch names")
+        out += [(name, *launch) for name, launch in zip(names, launches)]
+    return out
+
+
+def _expected_mma(kernel, act: torch.dtype, flags: dict) -> tuple:
+    """PTX operand types the tensor-core MMAs of a launch must use.
+
+    The fused kernel's main loop multiplies in the activation dtype (half activations must stay
+    on f16/bf16 tensor cores, never upcast); fp32 dots run on tf32 tensor cores when their
+    precision flag asks for TF32 or 3xTF32, and on CUDA cores ("ieee") otherwise.
+    """
+    need = []
+    if kernel is L._fused_lowrank_matmul_kernel:
+        if act != torch.float32:
+            need.append(_PTX_TYPE[act])
+        elif flags.get("INPUT_PRECISION") in _TF32:
+            need.append("tf32")
+        if flags.get("LR_PRECISION") in _TF32:
+            need.append("tf32")
+    elif flags.get("INPUT_PRECISION") in _TF32:
+        need.append("tf32")
+    return tuple(dict.fromkeys(need))
+
+
+def _config_name(config, block_r: int) -> str:
+    name = f"{config} R{block_r}"
+    if "GROUP_M" in config.meta:
+        name += f" g{config.meta['GROUP_M']}"
+    return name
+
+
+def aot_variants(full: bool = False) -> list[AotVariant]:
+    """The (launch, shipped config) variants of the LoRA kernels; see the module docstring.
+
+    ``full`` gives every launch of every activation dtype an unaligned fallback build too, and
+    every fp32 launch, instead of the subsets described there.
+    """
+    shipped = {L._fused_lowrank_matmul_kernel: (L.FUSED_CONFIGS, L.FUSED_BLOCK_R),
+               L._skinny_matmul_kernel: (L.SKINNY_CONFIGS, L.SKINNY_BLOCK_R)}
+    # (kernel, launch name, dtype, specialization) -> [ranks], first recorded launch
+    groups: dict = {}
+    for act in ACTIVATION_DTYPES:
+        for rank in RANKS:
+            for bias in (False, True):
+                for p in (0.0, DROPOUT_P):
+                    for name, kernel, args, flags in _record_step(act, rank, bias, p):
+                        if kernel not in shipped:
+                            raise RuntimeError(f"the LoRA wrappers launched {kernel}, which has no "
+                                               "shipped config list in kernels/lora_aot.py")
+                        arg_names = list(kernel.arg_names)
+                        by_name = dict(zip(arg_names, args))
+                        probe = launch_variant("probe", kernel, by_name, {**flags, **shipped[kernel][0][0].meta},
+                                               num_warps=4, num_stages=1, label="")
+                        spec = (tuple(sorted(probe.signature.items())),
+                                tuple(sorted((k, repr(v)) for k, v in probe.constexprs.items())),
+                                tuple(sorted(probe.attrs)))
+                        entry = groups.setdefault((kernel, name, act, spec), ([], by_name, flags))
+                        if rank not in entry[0]:
+                            entry[0].append(rank)
+
+    variants, block_rs_seen = [], {k: set() for k in shipped}
+    for kernel, (configs, block_rs) in shipped.items():
+        kernel_name = kernel.fn.__name__
+        for config in configs:
+            for block_r in block_rs:
+                for (k, name, act, _), (ranks, args, flags) in groups.items():
+                    if k is not kernel or flags["BLOCK_R"] != block_r:
+                        continue
+                    block_rs_seen[kernel].add(block_r)
+                    on = " ".join(_FLAG_NAMES[f] for f in ("HAS_BIAS", "LR_DROPOUT", "HAS_DROPOUT")
+                                  if flags.get(f))
+                    launch = f"{name}{' ' + on if on else ''}"
+                    if act == torch.float32 and not full and launch not in FP32_SUBSET:
+                        continue
+                    label = f"{_SHORT[act]} {launch} r={'/'.join(map(str, ranks))}"
+                    mma_dtypes = _expected_mma(kernel, act, flags)
+                    # A half-precision main loop is a GEMM sm_90 must run on wgmma when the tile allows
+                    # it (warpgroups of 4 warps, 64 rows each).
+                    wgmma = (kernel is L._fused_lowrank_matmul_kernel and act != torch.float32
+                             and config.meta["BLOCK_M"] >= 64 and config.num_warps % 4 == 0)
+                    fallback = full or (act == FALLBACK_DTYPE and launch in FALLBACK_SUBSET)
+                    variants.append(launch_variant(
+                        kernel_name, kernel, args, {**flags, **config.meta}, num_warps=config.num_warps,
+                        num_stages=config.num_stages, label=label, config=_config_name(config, block_r),
+                        mma_dtypes=mma_dtypes, wgmma_on_sm90=wgmma, fallback=fallback))
+    for kernel, (_, block_rs) in shipped.items():
+        missing = set(block_rs) - block_rs_seen[kernel]
+        if missing:
+            raise RuntimeError(f"kernels/lora_aot.py: RANKS {RANKS} never reach BLOCK_R {sorted(missing)} of "
+                               f"{kernel.fn.__name__}: add a rank that does")
+    return variants
