@@ -50,11 +50,15 @@ def test_bench_quick_writes_every_section(tmp_path):
     mem = res["memory"]
     assert mem["dropout0.1"]["ptune-rt"]["activation_bytes"] < mem["dropout0.1"]["peft"]["activation_bytes"]
     assert mem["dropout0"]["ptune-rt"]["activation_bytes"] > 0
-    # ops: ptune-rt's fused op is dispatched once per LoRA linear
-    n = res["ops"]["n_lora_linears"]
-    assert res["ops"]["forward"]["ptune-rt"]["custom"] == n
-    assert res["ops"]["forward"]["ptune-rt"]["per_lora_linear_compute"] >= 1
-    assert res["ops"]["forward"]["peft"]["custom"] == 0
+    # ops: in a training forward ptune-rt's fused op is dispatched once per LoRA linear
+    ops = res["ops"]
+    n = ops["n_lora_linears"]
+    for step in ("forward", "decode_step", "train_forward", "train_step"):
+        assert ops[step]["peft"]["compute"] > 0 and ops[step]["ptune-rt"]["compute"] > 0
+    assert ops["train_forward"]["ptune-rt"]["custom"] == n
+    assert ops["train_forward"]["ptune-rt"]["per_lora_linear_compute"] >= 1
+    assert ops["forward"]["peft"]["custom"] == 0
+    assert res["triton"]["compute_ops_per_lora_linear_train_forward"] >= 1
     assert res["triton"]["kernel_launches_per_lora_linear_forward"] == 2
     # FLOPs: both implementations do the same matrix products
     f = res["flops"]["train_step"]

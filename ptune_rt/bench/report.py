@@ -101,26 +101,32 @@ def summary_table(results: dict) -> list[str]:
                      f"{_mib(d['ptune-rt']['parameter_bytes_by_reference'])} |  |  |  |")
 
     f = ops.get("forward", {})
+    tf = ops.get("train_forward", {})
+    tri = results.get("triton", {})
     if f:
+        backend = "/".join(ops.get("ptune_backend", {}))
+        peft1 = _num(_get(f, "peft", "per_lora_linear_compute"))
+        lines.append(f"| Compute ops per LoRA linear, no-grad forward and decode ({backend} path) | – | {peft1} | "
+                     f"{_num(_get(f, 'ptune-rt', 'per_lora_linear_compute'))} |  |  |  |")
+    if tf:
+        pt = tf.get("ptune-rt", {})
+        lines.append(f"| Compute ops per LoRA linear, training forward, top level (custom op = 1; its torch-path "
+                     f"contents: {_num(pt.get('per_lora_linear_compute_expanded'))}) | – | "
+                     f"{_num(_get(tf, 'peft', 'per_lora_linear_compute'))} | {_num(pt.get('per_lora_linear_compute'))} "
+                     f"|  |  |  |")
+    if "compute_ops_per_lora_linear_forward" in tri:
         goal, res = _target_cell(results, "dispatched ops per LoRA linear")
-        pt = f.get("ptune-rt", {})
-        lines.append(f"| Compute ops per LoRA linear per forward, top level (custom op = 1) | – | "
-                     f"{_num(_get(f, 'peft', 'per_lora_linear_compute'))} | {_num(pt.get('per_lora_linear_compute'))} | "
-                     f" | {goal} | {res} |")
-        lines.append(f"| Compute ops per LoRA linear per forward, ops inside the custom op counted instead (torch path) "
-                     f"| – | {_num(_get(f, 'peft', 'per_lora_linear_compute'))} | "
-                     f"{_num(pt.get('per_lora_linear_compute_expanded'))} |  |  |  |")
-        lines.append(f"| Compute ops per forward, whole model (top level / custom op expanded) | "
-                     f"{_num(_get(f, 'base', 'compute'))} | {_num(_get(f, 'peft', 'compute'))} | "
-                     f"{_num(pt.get('compute'))} / {_num(pt.get('compute_expanded'))} |  |  |  |")
-        lines.append(f"| All dispatched ops per forward, views included (top level) | "
-                     f"{_num(_get(f, 'base', 'all'))} | {_num(_get(f, 'peft', 'all'))} | {_num(pt.get('all'))} |  |  |  |")
-    d = ops.get("decode_step", {})
-    if d:
-        pt = d.get("ptune-rt", {})
-        lines.append(f"| Compute ops per decode step, whole model (top level / custom op expanded) | "
-                     f"{_num(_get(d, 'base', 'compute'))} | {_num(_get(d, 'peft', 'compute'))} | "
-                     f"{_num(pt.get('compute'))} / {_num(pt.get('compute_expanded'))} |  |  |  |")
+        lines.append(f"| Compute ops per LoRA linear, forward, Triton path (interpreter probe; the op = 2 kernel "
+                     f"launches) | – | {_num(_get(f, 'peft', 'per_lora_linear_compute'))} | "
+                     f"{_num(tri['compute_ops_per_lora_linear_forward'])} |  | {goal} | {res} |")
+    for step, label in (("forward", "no-grad forward"), ("decode_step", "decode step"),
+                        ("train_step", "training step (forward + loss + backward)")):
+        d = ops.get(step, {})
+        if d:
+            pt = d.get("ptune-rt", {})
+            lines.append(f"| Compute ops per {label}, whole model (ptune-rt: top level / custom op expanded) | "
+                         f"{_num(_get(d, 'base', 'compute'))} | {_num(_get(d, 'peft', 'compute'))} | "
+                         f"{_num(pt.get('compute'))} / {_num(pt.get('compute_expanded'))} |  |  |  |")
     for key, label in (("train_step", "FLOPs per training step, dropout 0 (measured, GFLOP)"),
                        ("forward", "FLOPs per no-grad forward (measured, GFLOP)")):
         d = fl.get(key)
@@ -217,15 +223,16 @@ def _ops_detail(results) -> list[str]:
     lines = ["| Step | Variant | all ops | compute ops | ops in LoRA linears (all / compute) | custom ops | "
              "compute ops inside the custom op | compute, custom op expanded |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for step in ("forward", "decode_step"):
+    for step in ("forward", "decode_step", "train_forward", "train_step"):
         for n, d in ops.get(step, {}).items():
             lines.append(f"| {step} | {n} | {d['all']} | {d['compute']} | {d['in_lora_all']} / {d['in_lora_compute']} | "
                          f"{d['custom']} | {d['inside_custom_compute']} | {d['compute_expanded']} |")
-    lines += ["", "Ops dispatched per LoRA linear per forward, by name (top level):", ""]
-    for n, d in ops.get("forward", {}).items():
-        per = d.get("per_lora_linear_ops") or {}
-        if per:
-            lines.append(f"- {n}: " + ", ".join(f"`{k}` x{_num(v)}" for k, v in per.items()))
+    lines += ["", "Ops dispatched per LoRA linear, by name (top level):", ""]
+    for step in ("forward", "train_forward"):
+        for n, d in ops.get(step, {}).items():
+            per = d.get("per_lora_linear_ops") or {}
+            if per:
+                lines.append(f"- {step}, {n}: " + ", ".join(f"`{k}` x{_num(v)}" for k, v in per.items()))
     lines += ["",
               f"{ops['n_lora_linears']} LoRA linears; ptune-rt backend in this run: {ops.get('ptune_backend')}. "
               "Counted with a `TorchDispatchMode`, i.e. after autograd and after composite ops such as `aten::linear` "
@@ -234,8 +241,10 @@ def _ops_detail(results) -> list[str]:
               "*in LoRA linears*: dispatched while a LoRA module's forward runs (its frozen base linear included); "
               "*custom ops*: `ptune_rt::lora_linear_fwd`, counted once each in the top-level columns; "
               "*inside the custom op*: what its torch-path implementation dispatches (measured by entering it); "
-              "*expanded*: the custom op replaced by its contents. On the Triton path the custom op is "
-              "2 kernel launches per forward instead (see the Triton section)."]
+              "*expanded*: the custom op replaced by its contents. When nothing needs a gradient (no-grad "
+              "forward, decode) the torch path runs its BLAS calls directly, without the custom op; a training "
+              "forward goes through the custom op. On the Triton path the custom op is 2 kernel launches per "
+              "forward (see the Triton section)."]
     return lines
 
 
@@ -260,6 +269,8 @@ def _triton(results) -> list[str]:
         f"{_num(t['all_ops_per_lora_linear_forward'])} |",
         "| which ops (per LoRA linear per forward) | " + ", ".join(
             f"`{k}` x{_num(v)}" for k, v in t.get("ops_per_lora_linear_forward_by_name", {}).items()) + " |",
+        f"| dispatched compute ops per LoRA linear, training forward | "
+        f"{_num(t.get('compute_ops_per_lora_linear_train_forward'))} |",
         f"| Triton kernel launches per LoRA linear, forward | {_num(t['kernel_launches_per_lora_linear_forward'])} |",
         f"| Triton kernel launches per LoRA linear, backward (average; 4, or 3 where the input needs no "
         f"gradient) | {_num(t['kernel_launches_per_lora_linear_backward'])} |",
@@ -348,6 +359,11 @@ def markdown(results: dict, title: bool = True) -> str:
         "tokens, greedy.",
         "",
     ]
+    qg = pv.get("quiet_gate")
+    if qg:
+        out += [f"Quiet gate: before each of the {qg['rounds']} timed rounds the run waited (up to "
+                f"{qg['max_wait_s']:g} s) for the CPUs to be at least {qg['min_idle']:.0%} idle over one second; "
+                f"{qg['rounds_quiet']} rounds started quiet, {qg['total_wait_s']:.0f} s spent waiting.", ""]
     cpus = pv.get("cpu_count") or 1
     loads = [x[0] for x in (load, pv.get("load_average_at_end")) if x]
     if pv["device"].startswith("cpu") and loads and max(loads) > 0.5 * cpus:
@@ -435,9 +451,12 @@ def plot(results: dict, path: Path) -> None:
     ops = results.get("ops", {})
     f = ops.get("forward", {})
     if f:
-        labels = ["PEFT", "ptune-rt\n(top level)", "ptune-rt\n(torch path\nexpanded)"]
-        vals = [f["peft"]["per_lora_linear_compute"], f["ptune-rt"]["per_lora_linear_compute"],
-                f["ptune-rt"]["per_lora_linear_compute_expanded"]]
+        labels = ["PEFT", "ptune-rt\nno-grad\n(torch path)"]
+        vals = [f["peft"]["per_lora_linear_compute"], f["ptune-rt"]["per_lora_linear_compute"]]
+        tf = ops.get("train_forward", {}).get("ptune-rt")
+        if tf:
+            labels += ["ptune-rt\ntraining fwd\n(top level)", "ptune-rt\ntraining fwd\n(expanded)"]
+            vals += [tf["per_lora_linear_compute"], tf["per_lora_linear_compute_expanded"]]
         tri = results.get("triton", {})
         if "kernel_launches_per_lora_linear_forward" in tri:
             labels.append("ptune-rt Triton\n(kernel launches)")

@@ -129,7 +129,8 @@ def provenance(device, argv) -> dict:
 
 
 class Bench:
-    def __init__(self, workload, device, repeats: int, warmup: int, progress):
+    def __init__(self, workload, device, repeats: int, warmup: int, progress, gate=None):
+        self.gate = gate
         self.wl = workload
         self.device = device
         self.repeats = repeats
@@ -237,7 +238,7 @@ class Bench:
             fns = {n: (lambda m=m: W.train_step(m, s.input_ids)) for n, m in models.items()}
             cpu = {}
             times = interleaved(fns, self.repeats, self.warmup, s.device, setup=lambda n: W.zero_grads(models[n]),
-                                tick=self.tick, cpu_times=cpu)
+                                tick=self.tick, cpu_times=cpu, gate=self.gate)
             for m in models.values():
                 W.zero_grads(m)
                 m.eval()
@@ -253,7 +254,7 @@ class Bench:
         fns = {n: (lambda m=m: W.forward_logits(m, s.input_ids)) for n, m in models.items()}
         cpu = {}
         res["forward_nograd"] = summarize(interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick,
-                                                      cpu_times=cpu), cpu_times=cpu)
+                                                      cpu_times=cpu, gate=self.gate), cpu_times=cpu)
         res["forward_nograd"]["what"] = f"no-grad forward (eval), batch {self.wl.batch} x seq {self.wl.seq}; seconds"
 
         self.status("speed: generate")
@@ -265,7 +266,7 @@ class Bench:
 
         fns = {n: (lambda n=n, m=m: gen(n, m)) for n, m in models.items()}
         cpu = {}
-        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick, cpu_times=cpu)
+        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick, cpu_times=cpu, gate=self.gate)
         res["generate_per_token"] = summarize(times, per=new, cpu_times=cpu)
         res["generate_per_token"]["what"] = (f"greedy generate, batch {self.wl.gen_batch}, {self.wl.gen_prompt}-token "
                                              f"prompt, {new} new tokens; wall time / new tokens (prefill included)")
@@ -323,6 +324,16 @@ class Bench:
                         m(input_ids=nxt, past_key_values=pkv, use_cache=True)
 
                 res["decode_step"][name] = count_ops(m, step, n, descend)
+            if name != "base":  # the frozen model has nothing to train
+                m.train()
+                W.zero_grads(m)
+                res.setdefault("train_forward", {})[name] = count_ops(
+                    m, lambda m=m: m(input_ids=s.input_ids, labels=s.input_ids), n, descend)
+                W.zero_grads(m)
+                res.setdefault("train_step", {})[name] = count_ops(
+                    m, lambda m=m: W.train_step(m, s.input_ids), n, descend)
+                W.zero_grads(m)
+                m.eval()
             self.tick()
         res["n_lora_linears"] = n
         res["ptune_backend"] = s.ptune_backends()
@@ -447,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                    help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
     p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for --wait-for-load (s)")
+    p.add_argument("--quiet-gate", type=float, default=None, metavar="IDLE",
+                   help="CPU runs: before every timed round wait (up to --gate-max-wait s) until the CPUs were at "
+                        "least this fraction idle over one second, e.g. 0.9 (Linux; default: off)")
+    p.add_argument("--gate-max-wait", type=float, default=120.0, help="longest wait per round for --quiet-gate (s)")
     return p
 
 
@@ -506,7 +521,12 @@ def run(args, argv) -> dict:
     t0 = time.perf_counter()
     progress = tqdm(total=_progress_total(sections, args.repeats, args.warmup), disable=args.no_progress,
                     unit="step", dynamic_ncols=True, file=sys.stderr)
-    bench = Bench(wl, device, args.repeats, args.warmup, progress)
+    gate = None
+    if args.quiet_gate is not None and torch.device(device).type == "cpu":
+        from ptune_rt.bench.timing import QuietGate
+
+        gate = QuietGate(args.quiet_gate, args.gate_max_wait)
+    bench = Bench(wl, device, args.repeats, args.warmup, progress, gate)
     try:
         section_s = results["section_wall_s"] = {}
         for sec in SECTIONS:
@@ -524,6 +544,8 @@ def run(args, argv) -> dict:
     finally:
         progress.close()
     results["provenance"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if gate is not None:
+        results["provenance"]["quiet_gate"] = gate.summary()
     results["provenance"]["wall_time_s"] = time.perf_counter() - t0
     results["targets"] = evaluate_targets(results)
     return results

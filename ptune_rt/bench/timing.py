@@ -40,15 +40,66 @@ def _timer(device: torch.device, cpu_times: Optional[list] = None):
     return run
 
 
+def _cpu_jiffies() -> Optional[tuple[int, int]]:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None where there is no /proc."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return idle, sum(fields[:8])
+
+
+def cpu_idle_fraction(interval: float = 1.0) -> Optional[float]:
+    """Fraction of all CPUs' time that was idle during the next ``interval`` seconds (Linux only)."""
+    a = _cpu_jiffies()
+    if a is None:
+        return None
+    time.sleep(interval)
+    b = _cpu_jiffies()
+    total = b[1] - a[1]
+    return (b[0] - a[0]) / total if total > 0 else None
+
+
+class QuietGate:
+    """Before each timed round, wait (sleeping, so we do not load the machine ourselves) until the
+    CPUs were at least ``min_idle`` idle over a one-second window, for at most ``max_wait`` seconds.
+
+    On a shared machine other jobs come in bursts; gating every round keeps most rounds out of
+    them, while interleaving keeps whatever contention remains fair between the variants.
+    """
+
+    def __init__(self, min_idle: float, max_wait: float = 60.0):
+        self.min_idle = min_idle
+        self.max_wait = max_wait
+        self.log: list[dict] = []
+
+    def __call__(self) -> None:
+        t0 = time.monotonic()
+        idle = cpu_idle_fraction()
+        while idle is not None and idle < self.min_idle and time.monotonic() - t0 < self.max_wait:
+            idle = cpu_idle_fraction()
+        self.log.append({"waited_s": round(time.monotonic() - t0, 2), "idle": None if idle is None else round(idle, 3)})
+
+    def summary(self) -> dict:
+        idles = [e["idle"] for e in self.log if e["idle"] is not None]
+        return {"min_idle": self.min_idle, "max_wait_s": self.max_wait, "rounds": len(self.log),
+                "rounds_quiet": sum(1 for i in idles if i >= self.min_idle),
+                "total_wait_s": round(sum(e["waited_s"] for e in self.log), 1),
+                "idle_before_rounds": idles}
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                 device: torch.device = torch.device("cpu"), setup: Optional[Callable[[str], None]] = None,
                 tick: Optional[Callable[[], None]] = None,
-                cpu_times: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
+                cpu_times: Optional[dict[str, list[float]]] = None,
+                gate: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
     """Seconds per call of every function in ``fns``, measured round-robin.
 
     ``setup(name)`` runs (untimed) before each call, e.g. to clear gradients; ``tick()`` after each
     timed call (progress bar). On CPU, ``cpu_times`` (if given) receives the process CPU seconds of
-    every timed call, per name.
+    every timed call, per name. ``gate()`` runs before every timed round (see :class:`QuietGate`).
     """
     names = list(fns)
     cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -60,6 +111,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
+        if gate:
+            gate()
         k = i % len(names)
         for n in names[k:] + names[:k]:
             if setup:

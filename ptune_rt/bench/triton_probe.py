@@ -43,6 +43,13 @@ def probe() -> dict:
         fwd_ops = count_ops(s.ptune, lambda: W.forward_logits(s.ptune, s.input_ids), n, descend=False)
         fwd_launches = launches["n"]
 
+        s.ptune.train()
+        launches["n"] = 0
+        train_fwd_ops = count_ops(s.ptune, lambda: s.ptune(input_ids=s.input_ids, labels=s.input_ids), n,
+                                  descend=False)
+        W.zero_grads(s.ptune)
+        s.ptune.eval()
+
         logits_pt = W.forward_logits(s.ptune, s.input_ids)
         logits_peft = W.forward_logits(s.peft, s.input_ids)
 
@@ -68,6 +75,8 @@ def probe() -> dict:
         "compute_ops_per_lora_linear_forward": fwd_ops["per_lora_linear_compute"],
         "all_ops_per_lora_linear_forward": fwd_ops["per_lora_linear_all"],
         "ops_per_lora_linear_forward_by_name": fwd_ops["per_lora_linear_ops"],
+        "compute_ops_per_lora_linear_train_forward": train_fwd_ops["per_lora_linear_compute"],
+        "ops_per_lora_linear_train_forward_by_name": train_fwd_ops["per_lora_linear_ops"],
         "kernel_launches_per_lora_linear_forward": fwd_launches / n,
         "kernel_launches_per_lora_linear_backward": res["ptune-rt"]["bwd_launches"] / n,
         "kernel_launches_per_lora_linear_train_forward": res["ptune-rt"]["fwd_launches"] / n,
