@@ -448,7 +448,7 @@ def plot(results: dict, path: Path) -> None:
         ax1.axhline(TARGET_RATIO, color="black", ls="--", lw=1, label=f"target {TARGET_RATIO:g}x")
         cx = [x for x, c in zip(xs, ceil) if c]
         if cx:
-            ax1.scatter(cx, [c for c in ceil if c], marker="_", s=900, color="black", zorder=3,
+            ax1.scatter(cx, [c for c in ceil if c], marker="_", s=900, color="tab:purple", zorder=3,
                         label="ceiling: PEFT / base (no adapter)")
         ax1.axhline(1.0, color="gray", lw=0.8)
         ax1.set_xticks(xs)
