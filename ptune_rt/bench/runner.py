@@ -6,7 +6,8 @@ writes ``lora_<device>.json`` (all numbers plus provenance), ``lora_<device>.md`
 ``lora_<device>.png`` (a plot), and prints the tables.
 
 ``ptune-rt bench --suite mixed-tasks`` runs the mixed-task serving benchmark instead
-(``ptune_rt.bench.mixed_tasks``, with its own options).
+(``ptune_rt.bench.mixed_tasks``, with its own options), ``ptune-rt bench --suite prefix`` the
+prefix-tuning benchmark (``ptune_rt.bench.prefix``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Optional
 #: Run order: timings first (right after the optional wait for a quiet machine).
 SECTIONS = ("speed", "memory", "ops", "flops", "equality", "analytic", "triton")
 #: Benchmark suites behind ``ptune-rt bench --suite``.
-SUITES = ("lora", "mixed-tasks")
+SUITES = ("lora", "mixed-tasks", "prefix")
 
 #: Targets for ptune-rt vs HF PEFT (speed ratios: PEFT time / ptune-rt time; bytes: ptune-rt / PEFT).
 TARGETS = {
@@ -443,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA benchmark + numerical-equality report: HF PEFT vs ptune-rt (and the frozen base model) "
                     "on a Llama-like model with random weights, side by side in one run.")
     p.add_argument("--suite", choices=SUITES, default="lora",
-                   help="lora (this benchmark, the default) or mixed-tasks (several prompt-/prefix-tuned tasks in one "
-                        "batch vs PEFT task by task: ptune-rt bench --suite mixed-tasks --help)")
+                   help="lora (this benchmark, the default), mixed-tasks (several prompt-/prefix-tuned tasks in one "
+                        "batch vs PEFT task by task: ptune-rt bench --suite mixed-tasks --help) or prefix "
+                        "(prefix tuning through the fused prefix attention vs PEFT: ptune-rt bench --suite prefix --help)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
@@ -577,6 +579,10 @@ def main(argv=None) -> int:
         from ptune_rt.bench import mixed_tasks
 
         return mixed_tasks.main(rest, command_argv=argv)
+    if chosen.suite == "prefix":
+        from ptune_rt.bench import prefix
+
+        return prefix.main(rest, command_argv=argv)
     args = build_parser().parse_args(argv)
     from ptune_rt.bench import report
 

@@ -1,0 +1,90 @@
+"""Smoke test of ``ptune-rt bench --suite prefix --quick``: every section present with finite numbers, the
+markdown report and the plot. No timing assertions (timings on a shared CPU mean nothing here)."""
+import json
+import math
+
+import pytest
+
+from ptune_rt.cli import main as cli_main
+
+SECTIONS = ("provenance", "workload", "cases", "generate", "ops", "float64", "attention_flops_model", "analytic",
+            "targets")
+
+
+def _numbers(obj, where="results"):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield where, obj
+
+
+def test_bench_prefix_quick(tmp_path):
+    rc = cli_main(["bench", "--suite", "prefix", "--quick", "--out", str(tmp_path), "--repeats", "2",
+                   "--warmup", "0", "--no-progress"])
+    assert rc == 0
+    js, md, png = (tmp_path / f"prefix_cpu_quick.{ext}" for ext in ("json", "md", "png"))
+    for f in (js, md, png):
+        assert f.is_file() and f.stat().st_size > 0, f
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    res = json.loads(js.read_text())
+    for sec in SECTIONS:
+        assert res.get(sec), f"section {sec!r} missing or empty"
+    nums = list(_numbers(res))
+    assert len(nums) > 200
+    bad = [(p, v) for p, v in nums if not math.isfinite(v)]
+    assert not bad, bad[:5]
+    pv = res["provenance"]
+    assert pv["device"] == "cpu" and pv["versions"]["peft"] and "--suite prefix" in pv["command"]
+
+    wl = res["workload"]
+    assert [[c["P"], c["seq"]] for c in res["cases"]] == wl["cases"] and len(wl["cases"]) == 4
+    for c in res["cases"]:
+        for key in ("train", "forward"):
+            d = c["speed"][key]
+            assert set(d["variants"]) == {"peft", "ptune-rt"} and d["speedup"] > 0
+            assert len(d["variants"]["peft"]["runs_s"]) == 2
+        mem = c["memory"]
+        for side in ("peft", "ptune-rt"):
+            assert mem[side]["activation_bytes"] > 0 and mem[side]["largest"]
+        # the fused op keeps no attention-matrix-sized tensor, mask or concatenated K/V for backward;
+        # PEFT keeps its concatenated (GQA-repeated) K/V and its mask
+        assert mem["ptune-rt"]["quadratic_count"] == 0 and mem["ptune-rt"]["concat_kv_count"] == 0
+        assert mem["peft"]["concat_kv_count"] > 0 and mem["peft"]["mask_count"] > 0
+        eq = c["equality"]
+        assert eq["logits_max_abs_diff"] <= 1e-5 * max(1.0, eq["logits_max_abs"])
+        assert eq["prefix_grad_max_abs_diff"] <= 1e-5 * max(1.0, eq["prefix_grad_max_abs"])
+
+    for P in map(str, wl["prefix_lengths"]):
+        g = res["generate"][P]
+        assert g["same_tokens_ptune_vs_peft"] and set(g["new_tokens"].values()) == {wl["gen_new_tokens"]}
+        ops = res["ops"][P]
+        # one fused attention op per layer per forward; PEFT dispatches none
+        assert ops["ptune-rt"]["forward"]["custom"] == wl["layers"]
+        assert ops["ptune-rt"]["train_step"]["custom"] == 2 * wl["layers"]
+        assert ops["peft"]["forward"]["custom"] == 0
+        assert ops["ptune-rt"]["forward"]["compute_expanded"] > ops["ptune-rt"]["forward"]["compute"]
+        f64 = res["float64"][P]
+        assert f64["logits_within_tolerance_rule"] and f64["prefix_effect_max_abs_logit_change"] > 1e-3
+
+    for row in res["analytic"]["rows"]:
+        for pass_ in ("forward", "backward"):
+            assert row[pass_]["fused"]["bytes"] < row[pass_]["unfused"]["bytes"]
+    assert res["analytic"]["rows"][0]["batch"] == 1
+    assert len(res["targets"]) == 3 * len(wl["cases"])
+    assert {t["unit"] for t in res["targets"]} == {"x", "tensors"}
+
+    text = md.read_text()
+    for head in ("## Targets", "## Bytes saved for backward", "## Dispatched ops", "## Equality",
+                 "## Analytic HBM traffic", "Largest saved activations, PEFT", "Largest saved activations, ptune-rt"):
+        assert head in text, head
+    assert "model, not a measurement" in text.lower()
+
+
+def test_bench_prefix_refuses_bad_repeats(tmp_path):
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        cli_main(["bench", "--suite", "prefix", "--quick", "--out", str(tmp_path), "--repeats", "0", "--no-progress"])
