@@ -116,7 +116,9 @@ def train_and_score(task: str, arm: str, seed: int = SEED, steps: int = STEPS) -
     cls_name, num_labels, make = TASKS[task]
     model = _model(cls_name, num_labels, seed=seed)
     if arm == "ptuning_v2":
-        ptune_rt.apply(model, PrefixConfig(P))
+        with torch.random.fork_rng(devices=[]):  # the prefix's random init, from the seed too
+            torch.manual_seed(seed)
+            ptune_rt.apply(model, PrefixConfig(P))
         prefix = list(prefix_encoder(model).parameters())
     elif arm == "head_only":
         model.requires_grad_(False)
