@@ -120,22 +120,27 @@ def _fused_lowrank_matmul_kernel(
     # same accumulator. S is fp32 and so are PEFT-style adapters: the dot keeps them in fp32 with
     # LR_PRECISION (3xTF32 on tensor cores beside half activations, like PEFT's fp32 low-rank path;
     # it costs r/K of the main loop's tensor-core work).
+    # Without dropout the scale is folded into the S tile and the dots accumulate straight into
+    # `acc` (no second BM x BN accumulator: that is what keeps large tiles free of spills). With
+    # dropout (dX only) the keep-mask applies to the low-rank term alone, so it gets its own.
     offs_r = tl.arange(0, BLOCK_R)
     s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-    lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LR_DROPOUT:
+        lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_in = offs_r < R - r0
-        s = tl.load(s_ptrs, mask=m_in & r_in[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=r_in[:, None] & n_in, other=0.0)
-        lowrank = mma(s.to(tl.float32), bt.to(tl.float32), lowrank, LR_PRECISION)
+        s = tl.load(s_ptrs, mask=m_in & r_in[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_ptrs, mask=r_in[:, None] & n_in, other=0.0).to(tl.float32)
+        if LR_DROPOUT:
+            lowrank = mma(s, bt, lowrank, LR_PRECISION)
+        else:
+            acc = mma(s * scale, bt, acc, LR_PRECISION)
         s_ptrs += BLOCK_R * stride_sr
         b_ptrs += BLOCK_R * stride_br
-    lowrank = lowrank * scale
     if LR_DROPOUT:
         keep = dropout_keep(seed, offs_m, offs_n, mask_stride_m, mask_stride_n, p)
-        lowrank = tl.where(keep, lowrank, 0.0)
-    acc += lowrank
+        acc += tl.where(keep, lowrank * scale, 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -149,11 +154,12 @@ def _fused_lowrank_matmul_kernel(
 # --------------------------------------------------------------------------------------
 
 # Only configs that compile without register spills on sm_80 and sm_90 for fp16, bf16 and fp32
-# (ptune-rt compile-report). The fused kernel holds two BM x BN fp32 accumulators (main loop and
-# low-rank term) plus the 3xTF32 epilogue operands: 128-wide tiles, 4 warps on 64x128 and
-# BLOCK_K 64 for the fp32 (FMA) path all spill. The skinny kernel's 3xTF32 dot at BLOCK_R 128
-# needs 8 warps and BLOCK_K 16.
+# (ptune-rt compile-report). Folding the low-rank term into the main accumulator (no second
+# BM x BN fp32 tile without dropout) brought a 128-row tile back; 128x128 tiles still spill
+# 450-600 bytes because of the 3xTF32 epilogue operands, and the fp32 (FMA) path spills with
+# BLOCK_K 64. The skinny kernel's 3xTF32 dot at BLOCK_R 128 needs 8 warps and BLOCK_K 16.
 FUSED_CONFIGS = [
+    KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
     KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, 4, 4),  # decode-sized M
 ]

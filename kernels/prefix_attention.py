@@ -312,20 +312,22 @@ def _attn_bwd_dkdv_kernel(
 # the interpreter uses INTERPRET_CONFIG).
 # --------------------------------------------------------------------------------------
 
+# Only configs that compile without register spills for sm_80 and sm_90 (ptune-rt compile-report):
+# half precision and fp32 (whose FMA dots hold twice the registers) have separate lists.
 FWD_CONFIGS = [
-    KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
     KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2),  # decode-sized query blocks
 ]
-BWD_DQ_CONFIGS = [
-    KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
-    KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
-]
+FWD_CONFIGS_FP32 = [KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2)]
+BWD_DQ_CONFIGS = [KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2)]
+BWD_DQ_CONFIGS_FP32 = [KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1)]
 BWD_DKDV_CONFIGS = [
-    KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
-    KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
+    KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}, 8, 2),
+    KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2),
+    KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2),
 ]
+BWD_DKDV_CONFIGS_FP32 = [KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64}, 8, 1)]
 HEAD_DIMS = (32, 64, 80, 96, 128)
 INTERPRET_CONFIG = KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1)
 #: Target number of programs for the prefix dK/dV reduction (about two waves on a 132-SM GPU).
@@ -336,20 +338,28 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def shipped_configs(name: str, dtype: torch.dtype) -> list:
+    """The configurations shipped for kernel ``name`` ("fwd", "dq", "dkdv") at activation ``dtype``:
+    fp32 tiles carry twice the registers of half ones, so they get their own (spill-free) list."""
+    half, fp32 = {"fwd": (FWD_CONFIGS, FWD_CONFIGS_FP32), "dq": (BWD_DQ_CONFIGS, BWD_DQ_CONFIGS_FP32),
+                  "dkdv": (BWD_DKDV_CONFIGS, BWD_DKDV_CONFIGS_FP32)}[name]
+    return fp32 if dtype == torch.float32 else half
+
+
 @functools.lru_cache(maxsize=None)
-def _autotuned(name: str):
-    kernel, configs, key = {
-        "fwd": (_attn_fwd_kernel, FWD_CONFIGS, ["L", "S", "P", "HEAD_DIM"]),
-        "dq": (_attn_bwd_dq_kernel, BWD_DQ_CONFIGS, ["L", "S", "P", "HEAD_DIM"]),
-        "dkdv": (_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, ["L", "NKEYS", "HEAD_DIM", "IS_PREFIX"]),
+def _autotuned(name: str, dtype: torch.dtype):
+    kernel, key = {
+        "fwd": (_attn_fwd_kernel, ["L", "S", "P", "HEAD_DIM"]),
+        "dq": (_attn_bwd_dq_kernel, ["L", "S", "P", "HEAD_DIM"]),
+        "dkdv": (_attn_bwd_dkdv_kernel, ["L", "NKEYS", "HEAD_DIM", "IS_PREFIX"]),
     }[name]
-    return triton.autotune(configs=[c.to_triton() for c in configs], key=key)(kernel)
+    return triton.autotune(configs=[c.to_triton() for c in shipped_configs(name, dtype)], key=key)(kernel)
 
 
 def _launch(name: str, kernel, grid_fn, config, args, flags):
     """Autotune on CUDA; one explicit config elsewhere (the interpreter cannot autotune)."""
     if config is None and args[0].device.type == "cuda":
-        _autotuned(name)[grid_fn](*args, **flags)
+        _autotuned(name, args[0].dtype)[grid_fn](*args, **flags)
     else:
         config = config or INTERPRET_CONFIG
         launch(kernel, grid_fn(config.meta), config, *args, **flags)
@@ -461,7 +471,7 @@ def prefix_attention_backward(do, q, k, v, prefix_k, prefix_v, o, lse, kv_mask=N
     if P > 0:
         # Split the queries into chunks so that (chunks x rows x kv heads x key blocks) programs
         # fill the GPU; each chunk writes an fp32 partial.
-        bn = (dkdv_cfg or (INTERPRET_CONFIG if q.device.type != "cuda" else BWD_DKDV_CONFIGS[0])).meta["BLOCK_N"]
+        bn = (dkdv_cfg or (INTERPRET_CONFIG if q.device.type != "cuda" else shipped_configs("dkdv", q.dtype)[0])).meta["BLOCK_N"]
         base_programs = triton.cdiv(P, bn) * B * Hkv
         splits = max(1, min(triton.cdiv(L, 64), triton.cdiv(PREFIX_BWD_TARGET_PROGRAMS, base_programs)))
         m_per_split = triton.cdiv(L, splits)

@@ -130,6 +130,18 @@ def test_every_shipped_config_is_covered(report):
                             (kernel, str(config), block_r, arch, dtype)
 
 
+def test_every_shipped_prefix_attention_config_is_covered(report):
+    from ptune_rt.kernels import prefix_attention as PA
+    _, data = report
+    seen = {(r["kernel"], r["config"], r["arch"], r["label"].split()[0]) for r in data["results"] if r["aligned"]}
+    for kernel, configs in (("_attn_fwd_kernel", PA.FWD_CONFIGS), ("_attn_bwd_dq_kernel", PA.BWD_DQ_CONFIGS),
+                            ("_attn_bwd_dkdv_kernel", PA.BWD_DKDV_CONFIGS)):
+        for config in configs:
+            for arch in ("sm_80", "sm_90a"):
+                for dtype in ("fp16", "bf16"):
+                    assert (kernel, str(config), arch, dtype) in seen, (kernel, str(config), arch, dtype)
+
+
 def test_sm90_half_gemms_use_wgmma_and_keep_their_dtype(report):
     _, data = report
     fused = [r for r in data["results"] if r["aligned"] and r["kernel"] == "_fused_lowrank_matmul_kernel"]

@@ -5,8 +5,9 @@ import torch
 
 from ptune_rt.reference import lora_linear_reference
 
-#: (M, K, N, r): odd sizes that are not block multiples, rank 1, a large rank, decode-sized M.
-SHAPES = [(37, 45, 53, 5), (64, 64, 96, 16), (1, 40, 72, 1), (19, 130, 33, 32), (70, 96, 80, 72)]
+#: (M, K, N, r): odd sizes that are not block multiples, rank 1, large ranks up to 256, decode-sized M.
+SHAPES = [(37, 45, 53, 5), (64, 64, 96, 16), (1, 40, 72, 1), (19, 130, 33, 32), (70, 96, 80, 72),
+          (9, 260, 264, 256)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
