@@ -42,11 +42,9 @@ the IEEE fp32 dots to TF32.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ptune_rt.compile_report import AotVariant, launch_variant
+from ptune_rt.compile_report import AotVariant, launch_variant, recorded_launches
 
 from . import lora as L
 
@@ -74,22 +72,6 @@ _BACKWARD_LAUNCHES = ("bwd G", "bwd dX", "bwd dB", "bwd dA")
 _FLAG_NAMES = {"HAS_BIAS": "+bias", "LR_DROPOUT": "+dropout", "HAS_DROPOUT": "+dropout"}
 
 
-@contextlib.contextmanager
-def _recorded_launches():
-    """Replace the launches of :mod:`.lora` by a recorder for the duration of the block."""
-    launches = []
-
-    def record(kernel, grid, config, *args, **constexprs):
-        launches.append((kernel, args, constexprs))
-
-    saved = L.launch, L._check_backend
-    L.launch, L._check_backend = record, lambda *tensors: None
-    try:
-        yield launches
-    finally:
-        L.launch, L._check_backend = saved
-
-
 def _record_step(act: torch.dtype, rank: int, bias: bool, p: float):
     """The (name, kernel, args, constexprs) of the launches of one training step."""
     meta = dict(device="meta")
@@ -100,10 +82,10 @@ def _record_step(act: torch.dtype, rank: int, bias: bool, p: float):
     lora_a = torch.empty((rank, K), dtype=ADAPTER_DTYPE, **meta)
     lora_b = torch.empty((N, rank), dtype=ADAPTER_DTYPE, **meta)
     seed = SEED if p > 0 else 0  # the op passes seed 0 when there is no dropout
-    with _recorded_launches() as fwd:
+    with recorded_launches(L, "_check_backend") as fwd:
         _, S = L.lora_forward(x, weight, b, lora_a, lora_b, SCALE, p, seed)
     dy = torch.empty((M, N), dtype=act, **meta)
-    with _recorded_launches() as bwd:
+    with recorded_launches(L, "_check_backend") as bwd:
         L.lora_backward(dy, x, S, weight, lora_a, lora_b, SCALE, p, seed)
     out = []
     for names, launches, where in ((_FORWARD_LAUNCHES, fwd, "lora_forward"),

@@ -17,11 +17,9 @@ the launches
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ptune_rt.compile_report import AotVariant, launch_variant
+from ptune_rt.compile_report import AotVariant, launch_variant, recorded_launches
 
 from . import prefix_attention as PA
 
@@ -34,21 +32,6 @@ _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _PTX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-@contextlib.contextmanager
-def _recorded():
-    launches = []
-
-    def record(kernel, grid, config, *args, **constexprs):
-        launches.append((kernel, args, constexprs))
-
-    saved = PA.launch, PA._check_device
-    PA.launch, PA._check_device = record, lambda *t: None
-    try:
-        yield launches
-    finally:
-        PA.launch, PA._check_device = saved
-
-
 def _record(dtype, D):
     """(name, kernel, args, flags) of every launch of a training step and a decode step."""
     meta = dict(device="meta", dtype=dtype)
@@ -59,7 +42,7 @@ def _record(dtype, D):
         pk = torch.empty(*((TASKS,) if tasks else ()), HKV, P, D, **meta)
         mask = torch.empty(B, L, device="meta", dtype=torch.bool) if pad else None
         tid = torch.empty(B, device="meta", dtype=torch.int32) if tasks else None
-        with _recorded() as rec:
+        with recorded_launches(PA, "_check_device") as rec:
             o, lse = PA.prefix_attention_forward(q, k, k, pk, pk, mask, tid, causal)
             PA.prefix_attention_backward(o, q, k, k, pk, pk, o, lse, mask, tid, causal, num_tasks=TASKS)
         names = ("fwd", "bwd dq", "bwd dkdv seq", "bwd dkdv prefix")
@@ -67,7 +50,7 @@ def _record(dtype, D):
         out += [(f"{n} {tag}", *r) for n, r in zip(names, rec)]
     q1 = torch.empty(B * 8, HQ, 1, D, **meta)  # decode: one new token per row, 8x the batch
     cache = torch.empty(B * 8, HKV, L, D, **meta)
-    with _recorded() as rec:
+    with recorded_launches(PA, "_check_device") as rec:
         PA.prefix_attention_decode(q1, cache, cache, torch.empty(HKV, P, D, **meta), torch.empty(HKV, P, D, **meta),
                                    torch.empty(B * 8, L, device="meta", dtype=torch.bool))
     out += [(n, *r) for n, r in zip(("decode prefix", "decode cache+pad"), rec)]

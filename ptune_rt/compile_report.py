@@ -148,6 +148,26 @@ def _names_or_indices(fn, attr: str) -> set:
     return {names[i] if isinstance(i, int) else i for i in items}
 
 
+@contextlib.contextmanager
+def recorded_launches(module, device_check: str):
+    """Within the block, the kernel module's ``launch`` records (kernel, args, constexprs) instead of
+    launching, and its device check ``device_check`` accepts anything (wrappers run on ``meta``
+    tensors): the recorded launches carry exactly what a real call passes."""
+    launches = []
+
+    def record(kernel, grid, config, *args, **constexprs):
+        launches.append((kernel, args, constexprs))
+
+    saved = module.launch, getattr(module, device_check)
+    module.launch = record
+    setattr(module, device_check, lambda *tensors: None)
+    try:
+        yield launches
+    finally:
+        module.launch = saved[0]
+        setattr(module, device_check, saved[1])
+
+
 def launch_variant(kernel_name: str, fn, args: dict, constexprs: dict, *, num_warps: int,
                    num_stages: int, label: str, config: str = "", mma_dtypes: tuple = (),
                    wgmma_on_sm90: bool = False, fallback: bool = True) -> AotVariant:
