@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["ptune-rt=ptune_rt.cli:main"]},

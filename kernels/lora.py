@@ -157,11 +157,13 @@ def _fused_lowrank_matmul_kernel(
 # (ptune-rt compile-report). Folding the low-rank term into the main accumulator (no second
 # BM x BN fp32 tile without dropout) brought a 128-row tile back; 128x128 tiles still spill
 # 450-600 bytes because of the 3xTF32 epilogue operands, and the fp32 (FMA) path spills with
-# BLOCK_K 64. The skinny kernel's 3xTF32 dot at BLOCK_R 128 needs 8 warps and BLOCK_K 16.
+# BLOCK_K 64. 16-row decode tiles (16x64x128, 16x64x64, 16x128x64) spill 8-12 bytes on sm_90 at
+# rank chunk 16 (at ~80-130 registers: ptxas's register allocation, not pressure), so decode-sized
+# M runs on the 64-row tile for now. The skinny kernel's 3xTF32 dot at BLOCK_R 128 needs 8 warps
+# and BLOCK_K 16.
 FUSED_CONFIGS = [
     KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
-    KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, 4, 4),  # decode-sized M
 ]
 SKINNY_CONFIGS = [
     KernelConfig({"BLOCK_M": 64, "BLOCK_K": 16}, 8, 3),
