@@ -79,3 +79,13 @@ def test_rejects_bad_input():
         prefix_attention(q, k, v, pk[None], pv[None])
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         prefix_attention(q.double(), k.double(), v.double(), pk, pv)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] == 1], ids=case_id)
+def test_torch_decode_step_outside_autograd_matches_reference(case):
+    """Without autograd, a one-token decode on the torch path takes one SDPA call over [prefix ; cache]."""
+    q, k, v, pk, pv, kv_mask, task_ids, do = make_case(*case, torch.float32)
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, pk, pv, kv_mask=kv_mask, task_ids=task_ids, causal=case[7], backend="torch")
+    ref, gold = reference_and_gold(q, k, v, pk, pv, kv_mask, task_ids, case[7], do)
+    assert_close_to_reference(out, ref[0], gold[0], torch.float32, "decode step")

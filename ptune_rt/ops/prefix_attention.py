@@ -255,6 +255,24 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
         task_ids = task_ids.to(torch.int32)
     if kv_mask is not None:
         kv_mask = kv_mask.to(torch.bool)
-    o, _ = prefix_attention_fwd(q, k, v, prefix_k.to(q.dtype), prefix_v.to(q.dtype), kv_mask, task_ids,
-                                bool(causal), scale, chosen)
+    pk, pv = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
+    if chosen == "torch" and q.shape[2] == 1 and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))):
+        return _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale)
+    o, _ = prefix_attention_fwd(q, k, v, pk, pv, kv_mask, task_ids, bool(causal), scale, chosen)
     return o
+
+
+def _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale):
+    """One decode token on the torch path, outside autograd: the single query sees every prefix and
+    cache key, so one fused SDPA call over [prefix ; cache] (a [P, D] block per kv head in front of
+    the cache) beats the two-part LSE merge, whose half-dozen small ops dominate at this size."""
+    B = q.shape[0]
+    rows_k = pk[task_ids.long()] if task_ids is not None else pk.unsqueeze(0).expand(B, -1, -1, -1)
+    rows_v = pv[task_ids.long()] if task_ids is not None else pv.unsqueeze(0).expand(B, -1, -1, -1)
+    keys, values = torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
+    mask = None
+    if kv_mask is not None:
+        mask = torch.cat([kv_mask.new_ones((B, pk.shape[-2])), kv_mask], dim=1)[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                                            enable_gqa=keys.shape[1] != q.shape[1])
