@@ -63,7 +63,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--rows", type=int, default=18)
     p.add_argument("--device", default=None)
+    p.add_argument("--quiet-gate", type=float, default=None, metavar="IDLE",
+                   help="before each profiled variant, wait until the CPUs were this fraction idle (e.g. 0.9)")
     args = p.parse_args(argv)
+    gate = None
+    if args.quiet_gate is not None:
+        from ptune_rt.bench.timing import QuietGate
+
+        gate = QuietGate(args.quiet_gate, max_wait=600)
     wl = W.Workload.quick() if args.quick else W.Workload.default()
     s = W.build(wl, args.dropout, args.device)
     steps = args.steps or (20 if args.case == "decode" else 3)
@@ -76,6 +83,8 @@ def main(argv=None):
         for _ in range(2):
             fn()
         handles = _lora_ranges(model)
+        if gate:
+            gate()
         try:
             with profile(activities=acts) as prof:
                 for _ in range(steps):
@@ -90,6 +99,8 @@ def main(argv=None):
         print(f"\n=== {name}: {args.case}, dropout {args.dropout:g}: {total / 1e3:.2f} ms per step (CPU wall "
               f"inside the profiler), {lora / 1e3:.2f} ms inside LoRA linears ({wl.n_lora_linears} per step: "
               f"{lora / max(1, wl.n_lora_linears):.1f} us each) ===")
+        if gate:
+            print(f"(CPUs {gate.log[-1]['idle']:.0%} idle before this profile)")
         print(events.table(sort_by=sort, row_limit=args.rows))
     return 0
 

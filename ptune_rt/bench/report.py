@@ -394,6 +394,41 @@ def markdown(results: dict, title: bool = True) -> str:
     return "\n".join(out) + "\n"
 
 
+def readme_section(results: dict, heading: str = "## Benchmark (CPU, fp32)",
+                   results_path: str = "bench/results/lora_cpu") -> str:
+    """The README's benchmark section: the summary table and the targets of one run."""
+    pv = results["provenance"]
+    v = pv["versions"]
+    commit = (pv["git_commit"] or "unknown")[:12]
+    words, cmd = pv.get("command", "ptune-rt bench").split(), []
+    skip = False
+    for w in words:  # the run's own command, minus where it wrote and the progress-bar switch
+        if skip:
+            skip = False
+        elif w == "--out":
+            skip = True
+        elif w != "--no-progress":
+            cmd.append(w)
+    lines = [heading, "",
+             f"HF PEFT vs ptune-rt on the same Llama-like model and weights ({results['workload']['layers']} layers, "
+             f"hidden {results['workload']['hidden']}, batch {results['workload']['batch']} x seq "
+             f"{results['workload']['seq']}, LoRA r={results['workload']['r']} on all seven projections), "
+             f"{pv['device_name']}, {pv['torch_threads']} threads, torch {v['torch']}, transformers {v['transformers']}, "
+             f"peft {v['peft']}, commit {commit}, {results['repeats']} interleaved runs per variant. Full report "
+             f"(timing detail, equality, op counts, FLOPs, H100 HBM/roofline model): [`{results_path}.md`]"
+             f"({results_path}.md), data: [`{results_path}.json`]({results_path}.json), plot: "
+             f"[`{results_path}.png`]({results_path}.png). Reproduce with `{' '.join(cmd)}` "
+             "(`--quick` for a smoke run).", ""]
+    lines += summary_table(results)
+    tg = results.get("targets", [])
+    if tg:
+        lines += ["", "| Target | Measured | Goal | Result |", "|---|---:|---|---|"]
+        for t in tg:
+            val = f"{t['value']:.3f}x" if t["unit"] == "x" else _num(t["value"])
+            lines.append(f"| {t['target']} | {val} | {t['goal']} | {'PASS' if t['pass'] else 'MISS'} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------
 # plot
 # ----------------------------------------------------------------------------------------
