@@ -497,11 +497,11 @@ class PrefixBench:
         n_train = self.train_repeats(L)
         fns = {n: (lambda n=n, m=m: train(n, m)) for n, m in models.items()}
         cpu: dict = {}
-        times = interleaved(fns, n_train, 0, self.device, setup=lambda n: W.zero_grads(models[n]), tick=self.tick,
-                            cpu_times=cpu)
+        times = interleaved(fns, n_train, self.warmup, self.device, setup=lambda n: W.zero_grads(models[n]),
+                            tick=self.tick, cpu_times=cpu)
         train_res = summarize(times, cpu_times=cpu)
         train_res["what"] = (f"forward + causal-LM loss + backward, batch {wl.batch} x seq {L}, P = {P}; seconds "
-                             f"per step ({n_train} interleaved runs after one untimed step)")
+                             f"per step ({n_train} interleaved runs after {self.warmup + 1} untimed steps)")
         train_res["repeats"] = n_train
         gp, gm = prefix_grad(s.peft), prefix_grad(s.ptune)
         eq = {"loss_peft": float(losses["peft"]), "loss_ptune": float(losses["ptune-rt"]),
@@ -781,6 +781,8 @@ def _header(results: dict) -> list[str]:
     if results["long_train_repeats"] != results["repeats"]:
         reps += (f" ({results['long_train_repeats']} for the training step at seq {max(wl['seqs'])}, where one step "
                  "takes seconds)")
+    reps += (f" after {results['warmup']} untimed run(s) per variant (the training step's saved-bytes step runs "
+             "untimed before those)")
     out = [f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, {loads}, "
            f"{pv['wall_time_s']:.0f} s); torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
            f"commit {commit}; mode {results['mode']}; {reps}, medians; command `{pv['command']}`.", "",
@@ -793,12 +795,16 @@ def _header(results: dict) -> list[str]:
            f"{', '.join(results.get('backend', []))}); both hold the same random N(0, {wl['prompt_std']:g}) prompt "
            "embeddings, the only trainable parameter."]
     cpus = pv.get("cpu_count") or 1
-    top = max([x[0] for x in (l0, l1) if x] + [c["load_average_before"][0] for c in results.get("cases", [])
-                                                if c.get("load_average_before")] or [0.0])
-    if pv["device"].startswith("cpu") and top > 0.5 * cpus:
-        out += ["", f"> Note: the 1-minute load average reached {top:.1f} on {cpus} CPUs during this run: other "
-                "processes competed for the cores, so the timings are noisy (interleaved runs and medians, but treat "
-                "small ratios with care)."]
+    own = min(pv.get("torch_threads") or 1, cpus)
+    before = [c["load_average_before"][0] for c in results.get("cases", []) if c.get("load_average_before")]
+    top = max([x[0] for x in (l0, l1) if x] + before or [0.0])
+    if before:
+        out += ["", f"1-minute load average before each case: {', '.join(f'{x:.2f}' for x in before)} (this run's own "
+                f"{own} compute threads included: about {own} is this run alone on {cpus} CPUs)."]
+    if pv["device"].startswith("cpu") and top > own + 0.5:
+        out += ["", f"> Note: the 1-minute load average reached {top:.1f} on {cpus} CPUs during this run, more than this "
+                "run's own threads: other processes competed for the cores, so the timings are noisy (interleaved runs "
+                "and medians, but treat small ratios with care)."]
     return out
 
 
@@ -900,8 +906,8 @@ def _ops_md(results) -> list[str]:
             f"x seq {seq} (forward, training step) and for one whole greedy generate call (batch "
             f"{results['workload']['gen_batch']}, {results['workload']['gen_new_tokens']} new tokens; per token = that "
             "/ new tokens). *compute* = dispatched ops minus metadata-only ones (views, `detach`, ...); *custom* = "
-            "ptune-rt's `ptune_rt::prefix_attention_fwd` / `_bwd`, one each per layer; *expanded* = the custom op "
-            "replaced by what its torch path dispatches. An attention layer includes its q/k/v/o projections and RoPE."]
+            "ptune-rt's own `ptune_rt::` ops dispatched (the fused attention's forward and backward); *expanded* = "
+            "each custom op replaced by what its torch path dispatches. An attention layer includes its q/k/v/o projections and RoPE."]
     return out
 
 
@@ -1022,11 +1028,13 @@ def plot(results: dict, path: Path) -> None:
                    label="training step" if key == "train" else "no-grad forward")
         ax.axhline(SPEED_TARGET, color="black", ls="--", lw=1, label=f"target {SPEED_TARGET:.2f}x")
         ax.axhline(1.0, color="gray", lw=0.8)
+        span = [c["speed"][k][q] for c in cases for k in SPEED_CASES for q in ("speedup_paired_min", "speedup_paired_max")]
+        ax.set_ylim(min(0.8, min(span) - 0.05), max(1.25, max(span) + 0.05))
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("PEFT time / ptune-rt time")
         ax.set_title("Speed vs PEFT (median; bars: paired min-max)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
 
     ax = axs[0][1]
     if cases:
@@ -1044,9 +1052,10 @@ def plot(results: dict, path: Path) -> None:
         ax.bar(xs, quad, bottom=[a + b for a, b in zip(other, kv)], color="tab:red", label="[L, P+L] masks / matrices")
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=6)
+        ax.set_ylim(0, 1.3 * max(o + k + q for o, k, q in zip(other, kv, quad)))  # room for the legend
         ax.set_ylabel("MiB")
         ax.set_title("Activations saved for backward per training step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
 
     ax = axs[1][0]
     ops = results.get("ops") or {}
@@ -1064,6 +1073,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([x + 0.27 for x in xs], mine_x, width=0.27, color="tab:purple", label="ptune-rt (torch path expanded)")
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylim(0, 1.3 * max(peft_v + mine_v + mine_x))
         ax.set_ylabel("dispatched compute ops")
         ax.set_title("Dispatched compute ops per step")
         ax.legend(fontsize=8)
@@ -1121,8 +1131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-train-repeats", type=int, default=None, metavar="N",
                    help="timed runs of the training step at the longest sequence (default: --repeats)")
     p.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs per variant before the forward / generate timings (default 1; the training "
-                        "step's warm-up is the saved-bytes step)")
+                   help="untimed runs per variant before each timing (default 1; the training step also runs the "
+                        "saved-bytes step untimed first)")
     p.add_argument("--prefix-lengths", default=None, metavar="P,P",
                    help="comma-separated prefix lengths (default: 32,128; --quick: 4,12)")
     p.add_argument("--seqs", default=None, metavar="L,L",
