@@ -54,6 +54,12 @@ DEFAULT_CONFIG = CONFIGS[0]
 INTERPRET_CONFIG = KernelConfig({"BLOCK_L": 16, "BLOCK_H": 64}, 4, 1)
 
 
+def _check_device(dev) -> None:
+    if dev.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the Triton input kernel needs CUDA tensors (got {dev}); on CPU it runs only under "
+                           "TRITON_INTERPRET=1")
+
+
 def build_inputs_embeds(src: torch.Tensor, embedding: torch.Tensor, prompts: torch.Tensor,
                         task_ids: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                         config: KernelConfig | None = None) -> torch.Tensor:
@@ -63,9 +69,7 @@ def build_inputs_embeds(src: torch.Tensor, embedding: torch.Tensor, prompts: tor
     here (the op layer validates them before launching).
     """
     dev = src.device
-    if dev.type != "cuda" and not INTERPRET:
-        raise RuntimeError(f"the Triton input kernel needs CUDA tensors (got {dev}); on CPU it runs only under "
-                           "TRITON_INTERPRET=1")
+    _check_device(dev)
     p3 = prompts.unsqueeze(0) if prompts.dim() == 2 else prompts
     B, L_out = src.shape
     V, H = embedding.shape

@@ -46,7 +46,8 @@ import warnings
 from typing import Any, Optional
 
 #: Modules whose ``aot_variants()`` list the kernel variants to compile.
-AOT_MODULES = ("ptune_rt.kernels.lora_aot", "ptune_rt.kernels.prefix_attention_aot")
+AOT_MODULES = ("ptune_rt.kernels.lora_aot", "ptune_rt.kernels.prefix_attention_aot",
+               "ptune_rt.kernels.prompt_inputs_aot")
 
 #: Arch names accepted by ``--arch`` and their compute capability.
 ARCHS = {"sm_80": 80, "sm_90": 90}

@@ -142,6 +142,16 @@ def test_every_shipped_prefix_attention_config_is_covered(report):
                     assert (kernel, str(config), arch, dtype) in seen, (kernel, str(config), arch, dtype)
 
 
+def test_every_shipped_input_builder_config_is_covered(report):
+    from ptune_rt.kernels import prompt_inputs as PI
+    _, data = report
+    seen = {(r["kernel"], r["config"], r["arch"], r["label"].split()[0]) for r in data["results"] if r["aligned"]}
+    for config in PI.CONFIGS:
+        for arch in ("sm_80", "sm_90a"):
+            for dtype in ("fp16", "bf16", "fp32"):
+                assert ("_build_inputs_kernel", str(config), arch, dtype) in seen, (str(config), arch, dtype)
+
+
 def test_sm90_half_gemms_use_wgmma_and_keep_their_dtype(report):
     _, data = report
     fused = [r for r in data["results"] if r["aligned"] and r["kernel"] == "_fused_lowrank_matmul_kernel"]
