@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -318,9 +317,9 @@ def evaluate_targets(results: dict) -> list[dict]:
 
 
 def file_stem(results: dict) -> str:
-    dev = results["provenance"]["device"].split(":")[0]
-    stem = f"mixed_tasks_{dev}"
-    return stem + "_quick" if results.get("mode") == "quick" else stem
+    from ptune_rt.bench.report import suite_stem
+
+    return suite_stem(results, "mixed_tasks")
 
 
 def _ms(s) -> str:
@@ -477,16 +476,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_all(results: dict, out_dir: Path) -> list[Path]:
-    from ptune_rt.bench.report import check_finite
+    from ptune_rt.bench.report import write_outputs
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_finite(results)
-    stem = file_stem(results)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(results), encoding="utf-8")
-    plot(results, paths[2])
-    return paths
+    return write_outputs(results, out_dir, file_stem(results), markdown, plot)
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -711,9 +710,9 @@ def run(args, command_argv) -> dict:
 
 
 def file_stem(results: dict) -> str:
-    dev = results["provenance"]["device"].split(":")[0]
-    stem = f"prefix_{dev}"
-    return stem + "_quick" if results.get("mode") == "quick" else stem
+    from ptune_rt.bench.report import suite_stem
+
+    return suite_stem(results, "prefix")
 
 
 def _target(results, P, L, measure):
@@ -1101,16 +1100,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_all(results: dict, out_dir: Path) -> list[Path]:
-    from ptune_rt.bench.report import check_finite
+    from ptune_rt.bench.report import write_outputs
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_finite(results)
-    stem = file_stem(results)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(results), encoding="utf-8")
-    plot(results, paths[2])
-    return paths
+    return write_outputs(results, out_dir, file_stem(results), markdown, plot)
 
 
 # ----------------------------------------------------------------------------------------

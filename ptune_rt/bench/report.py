@@ -40,10 +40,15 @@ def _get(d, *keys):
     return d
 
 
-def file_stem(results: dict) -> str:
+def suite_stem(results: dict, suite: str) -> str:
+    """Output file stem of a benchmark suite's results: ``<suite>_<device>[_quick]``."""
     dev = results["provenance"]["device"].split(":")[0]
-    stem = f"lora_{dev}"
+    stem = f"{suite}_{dev}"
     return stem + "_quick" if results.get("mode") == "quick" else stem
+
+
+def file_stem(results: dict) -> str:
+    return suite_stem(results, "lora")
 
 
 # ----------------------------------------------------------------------------------------
@@ -541,12 +546,17 @@ def check_finite(obj, where="results") -> None:
         raise ValueError(f"non-finite number at {where}: {obj}")
 
 
-def write_all(results: dict, out_dir: Path) -> list[Path]:
+def write_outputs(results: dict, out_dir: Path, stem: str, to_markdown, to_plot) -> list[Path]:
+    """Check every number is finite, then write ``<stem>.json``, ``.md`` (``to_markdown(results)``)
+    and ``.png`` (``to_plot(results, path)``) into ``out_dir``; shared by every benchmark suite."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = file_stem(results)
     check_finite(results)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(results, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(results), encoding="utf-8")
-    plot(results, paths[2])
+    paths[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    paths[1].write_text(to_markdown(results), encoding="utf-8")
+    to_plot(results, paths[2])
     return paths
+
+
+def write_all(results: dict, out_dir: Path) -> list[Path]:
+    return write_outputs(results, out_dir, file_stem(results), markdown, plot)
