@@ -76,18 +76,45 @@ def test_op_autograd_matches_reference(backend, dtype):
     assert_close_to_reference(bs.grad, dy.sum((0, 1)), gb, dtype, "dbias")
 
 
-def test_op_dropout_torch_path_regenerates_mask():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_op_dropout_torch_path_regenerates_mask(dtype):
     """With dropout the torch path's gradients equal the reference under the very mask forward used."""
     from ptune_rt.ops.lora_linear import _torch_keep
     M, K_, N, r, p, seed = 30, 24, 20, 4, 0.25, 99
-    x, w, b, a, bb = make_case(M, K_, N, r, torch.float32)
-    dy = torch.randn(M, N)
+    x, w, b, a, bb = make_case(M, K_, N, r, dtype)
+    dy = torch.randn(M, N).to(dtype)
     xs, As, Bs = (t.detach().clone().requires_grad_() for t in (x, a, bb))
     y = lora_linear(xs, w, b, As, Bs, 2.0, p, backend="torch", seed=seed)
     y.backward(dy)
-    keep = _torch_keep((M, K_), p, seed, "cpu", torch.float32).bool()
+    keep = _torch_keep((M, K_), p, seed, "cpu").bool()
     ref, gold = reference_and_gold(x, w, b, a, bb, 2.0, keep, p, dy)
-    check_all("op[torch,dropout]", torch.float32, (y, xs.grad, As.grad, Bs.grad), ref, gold)
+    check_all("op[torch,dropout]", dtype, (y, xs.grad, As.grad, Bs.grad), ref, gold)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_torch_path_dropout_mask_statistics(p):
+    """The torch path's keep-mask (four 16-bit words per 64-bit draw): 0/1 in the compute dtype, keep
+    rate within 5 sigma of 1 - p, the words of a draw independent of each other and of their
+    neighbours, seeds that differ give different masks, and one seed gives the same mask (backward
+    regenerates it)."""
+    from ptune_rt.ops.lora_linear import _torch_keep
+    shape = (257, 999)  # odd element count: the last 64-bit draw is half used
+    keep = _torch_keep(shape, p, 1234, "cpu", torch.float16)
+    assert keep.dtype == torch.float16 and keep.shape == shape
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    keep = keep.bool()
+    assert torch.equal(keep, _torch_keep(shape, p, 1234, "cpu").bool())
+    n = keep.numel()
+    q = 1.0 - p
+    sigma = (q * p / n) ** 0.5
+    assert abs(keep.double().mean().item() - q) < 5 * sigma
+    flat = keep.flatten().double()
+    for lag in (1, 2, 3, 4, 9):  # lags 1-3 pair words of one 64-bit draw
+        a, b = flat[:-lag] - q, flat[lag:] - q
+        corr = (a * b).mean().item() / (q * p)
+        assert abs(corr) < 5 / (n - lag) ** 0.5, f"lag {lag}: correlation {corr}"
+    other = _torch_keep(shape, p, 1235, "cpu").bool()
+    assert abs((keep != other).double().mean().item() - 2 * p * q) < 5 * (2 * p * q / n) ** 0.5
 
 
 def test_op_rejects_bad_input():

@@ -362,6 +362,83 @@ def test_dtype_and_device_mismatch():
         layer(torch.randn(2, 3, 65))
 
 
+def test_dtype_and_device_mismatch_without_grad():
+    """The no-grad (decode) path caches its checks: bad input still gets the same clear errors, before
+    and after a good call has filled the cache."""
+    model = ptune_rt.apply(tiny_llama(), cfg(target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for _ in range(2):
+            with pytest.raises(TypeError, match=r"x has dtype torch.bfloat16 but the frozen weight has torch.float32"):
+                layer(torch.randn(2, 3, 64).bfloat16())
+            with pytest.raises(ValueError, match=r"x is on meta but weight is on cpu"):
+                layer(torch.empty(2, 3, 64, device="meta"))
+            with pytest.raises(ValueError, match="last dimension in_features=64"):
+                layer(torch.randn(2, 3, 65))
+            assert layer(torch.randn(1, 1, 64)).shape == (1, 1, 64)
+
+
+@pytest.mark.parametrize("factory,target", [(tiny_llama, "q_proj"), (tiny_gpt2, "c_attn")], ids=["linear", "conv1d"])
+def test_inference_cache_follows_every_change(factory, target):
+    """The no-grad path's cached checks never serve stale weights: after in-place updates, replaced
+    Parameter objects, replaced .data, a dtype change, an adapter switch, disable and merge, its output
+    equals the autograd path's (the checked op) bit for bit."""
+    model = ptune_rt.apply(factory(), cfg(target_modules=[target]))
+    layer = next(m for n, m in model.named_modules() if n.endswith(target))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(2, 5, layer.in_features)
+
+    def both():
+        with torch.no_grad():
+            fast = layer(x)
+        slow = layer(x).detach()  # grad mode: the checked custom-op path
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+        return fast
+
+    def both_bf16(layer, xb):
+        with torch.no_grad():
+            fast = layer(xb)
+        torch.testing.assert_close(fast, layer(xb).detach(), rtol=0, atol=0)
+        return fast
+
+    y0 = both()
+    with torch.no_grad():
+        layer.lora_A["default"].weight.mul_(2.0)  # in place, same Parameter (an optimizer step)
+    y1 = both()
+    assert not torch.equal(y0, y1)
+    layer.lora_B["default"].weight = nn.Parameter(torch.randn_like(layer.lora_B["default"].weight))
+    y2 = both()
+    assert not torch.equal(y1, y2)
+    layer.base_layer.weight.data = torch.randn_like(layer.base_layer.weight)  # same Parameter, new storage
+    y3 = both()
+    assert not torch.equal(y2, y3)
+    layer.bfloat16()
+    with torch.no_grad():  # x still float32 against the bfloat16 model: the clear error, not a stale cache
+        with pytest.raises(TypeError, match="x has dtype torch.float32"):
+            layer(x)
+    assert both_bf16(layer, x.bfloat16()).dtype == torch.bfloat16
+    layer.float()  # back to float32 (values now bf16-rounded)
+    layer.add_adapter("other", 4, 8.0)
+    with torch.no_grad():
+        layer.lora_B["other"].weight.normal_()
+    layer.active_adapter = "other"
+    y_other = both()
+    layer.active_adapter = "default"
+    assert not torch.equal(both(), y_other)
+    layer.disabled = True
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+    layer.disabled = False
+    y_before = both()
+    layer.merge()
+    with torch.no_grad():  # merged: the base layer alone, with the folded weight
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+        assert not torch.equal(layer(x), y_before)  # fp32 rounding of the fold: not the cached unmerged path
+    layer.unmerge()
+    torch.testing.assert_close(both(), y_before, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # merge / unmerge
 # ----------------------------------------------------------------------------------------

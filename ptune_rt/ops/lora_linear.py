@@ -10,7 +10,8 @@ graphs all see one op per LoRA linear. Each op runs one of two backends:
   place (``addmm_``), folds the scale into B and never keeps a dropout copy of x.
 
 Either way backward saves x and the M x r shrink S only: no M x N tensor, no dropout mask
-(it is regenerated from a per-call seed).
+(it is regenerated from a per-call seed: Philox in the kernels, four 16-bit draws per 64-bit
+output of torch's generator on the torch path).
 """
 from __future__ import annotations
 
@@ -68,18 +69,41 @@ def resolve_backend(requested: str, device: torch.device) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------
 
 
-def _torch_keep(shape, p: float, seed: int, device, dtype) -> Tensor:
-    """The torch path's dropout mask, regenerated bit-identically from ``seed`` in backward."""
+def _torch_keep(shape, p: float, seed: int, device, dtype=torch.float32) -> Tensor:
+    """The torch path's dropout keep-mask as 0/1 in ``dtype``, regenerated bit-identically from
+    ``seed`` in backward.
+
+    Element i keeps iff a uniform 16-bit integer u_i is at least ``round(p * 2**16)``: the drop
+    rate is ``p`` rounded to a multiple of 2**-16 (0.1 -> 0.1000061), the inverted-dropout scale
+    stays PEFT's ``1 / (1 - p)``. Four u_i come from each 64-bit output of the generator
+    (``random_`` over the whole int64 range) and the comparison writes the mask straight in the
+    compute dtype: on CPU that is about 8x cheaper than ``bernoulli_``, which draws one double per
+    element, and it is what lets the torch path regenerate the mask in backward instead of storing
+    it."""
+    n = 1
+    for d in shape:
+        n *= int(d)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+    words = torch.empty(((n + 3) // 4,), device=device, dtype=torch.int64)
+    words.random_(-2**63, None, generator=gen)
+    u = words.view(torch.int16)[:n].view(shape)  # uniform over [-2**15, 2**15)
+    keep = torch.empty(shape, device=device, dtype=dtype)
+    return torch.ge(u, _keep_threshold(p), out=keep)
+
+
+def _keep_threshold(p: float) -> int:
+    """Signed 16-bit threshold t: P(u >= t) = 1 - round(p * 2**16) / 2**16 for u uniform over int16."""
+    return -2**15 + min(int(round(p * 2**16)), 2**16 - 1)
 
 
 def _torch_forward(x, weight, bias, lora_a, lora_b, scale, p, seed):
     xa = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
     if p > 0:
-        xa = xa * _torch_keep(x.shape, p, seed, x.device, xa.dtype).mul_(1.0 / (1.0 - p))
+        xa = xa * _torch_keep(x.shape, p, seed, x.device, xa.dtype)
     S = xa @ lora_a.t()  # [M, r]
+    if p > 0:
+        S.mul_(1.0 / (1.0 - p))  # inverted-dropout scale on the small shrink, not on x
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     if y.dtype == lora_b.dtype:
         y.addmm_(S, lora_b.t(), alpha=scale)  # low-rank term straight into the base output
@@ -106,11 +130,13 @@ def _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, p, seed, need_dx):
         dx = dy @ weight
         if keep is None and dx.dtype == lora_a.dtype:
             dx.addmm_(G, lora_a, alpha=scale)
+        elif dx.dtype == lora_a.dtype:
+            dx.addcmul_(G @ lora_a, keep, value=scale / (1.0 - p))
         else:
             lr = (G @ lora_a).mul_(scale / (1.0 - p))
             if keep is not None:
                 lr.mul_(keep)
-            dx = (dx.to(lr.dtype) + lr).to(dy.dtype) if dx.dtype != lr.dtype else dx.add_(lr)
+            dx = (dx.to(lr.dtype) + lr).to(dy.dtype)
     return dx, da, db
 
 
