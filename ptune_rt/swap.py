@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from torch import nn
 
-from ptune_rt.methods.lora import Conv1D, LoRAConfig, LoRALinear, linear_shape
+from ptune_rt.methods.lora import (Conv1D, LoRAConfig, LoRALinear, RecomputeSwiGLUMixin, disable_mlp_recompute,
+                                   enable_mlp_recompute, linear_shape)
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 
 #: Default targets per model type when ``target_modules`` is None (the same choice PEFT makes).
@@ -309,6 +310,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         m.__dict__[SOURCE_ATTR] = "apply"
         m.train(m.base_layer.training)
         _set_submodule(model, n, m)
+    if config.recompute_mlp:
+        enable_mlp_recompute(model)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, REQUIRES_GRAD_ATTR, before)
     return model
@@ -364,6 +367,7 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
         new[n] = lora
     for n, lora in new.items():  # nothing below can fail on a validated model
         _set_submodule(peft_model, n, lora)
+    enable_mlp_recompute(peft_model)  # SwiGLU MLPs: recompute the gated product in backward
     return report(peft_model)
 
 
@@ -497,6 +501,7 @@ def restore_lora(model: nn.Module) -> nn.Module:
     requires_grad flags. After ``accelerate`` PEFT's LoRA layers come back, holding the same
     (possibly trained) adapter parameters."""
     mods = _require_swapped(model, "restore")
+    disable_mlp_recompute(model)
     for m in mods.values():
         m.unmerge()
     for n, m in mods.items():
@@ -518,7 +523,8 @@ def report(model: nn.Module) -> list[dict]:
     """What ptune-rt runs in ``model``, one row per unit, each with its backend and why.
 
     * LoRA: one row per swapped module (keys: module, method "lora", source, adapter, in_features,
-      out_features, r, scaling, dropout, dtype, device, backend, why, merged).
+      out_features, r, scaling, dropout, dtype, device, backend, why, merged, recompute_input: True
+      for the down projection of a SwiGLU MLP that recomputes silu(gate) * up in backward).
     * prefix: one row per self-attention layer carrying the prefix (keys: module, method "prefix",
       source, adapter, layer, num_virtual_tokens, num_tasks, kv_heads, head_dim, prefix_projection,
       position_mode, dtype, device, backend, why, merged False). The backend is the prefix config's,
@@ -531,6 +537,7 @@ def report(model: nn.Module) -> list[dict]:
     A PEFT model accelerated by ``ptune_rt.accelerate`` reports the prefix of its base model.
     """
     rows = []
+    recompute = {f"{n}.down_proj" for n, m in model.named_modules() if isinstance(m, RecomputeSwiGLUMixin)}
     for n, m in lora_modules(model).items():
         backend, why = m.backend_choice()
         w = m.base_layer.weight
@@ -539,7 +546,7 @@ def report(model: nn.Module) -> list[dict]:
                      "adapter": name, "in_features": m.in_features, "out_features": m.out_features,
                      "r": m.r.get(name), "scaling": m.scaling.get(name), "dropout": m.lora_dropout_p.get(name),
                      "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device),
-                     "backend": backend, "why": why, "merged": m.merged})
+                     "backend": backend, "why": why, "merged": m.merged, "recompute_input": n in recompute})
     return rows + _prefix_rows(model) + _prompt_rows(model)
 
 

@@ -23,34 +23,38 @@ def _storage_key(t: torch.Tensor):
 
 
 class _Where:
-    """Tracks (forward hooks) whether execution is inside a LoRA linear and, optionally, which
-    module class runs innermost (a LoRA linear counts as one module: what runs inside it is its own)."""
+    """Tracks whether execution is inside a LoRA linear and, optionally, which module class runs
+    innermost (a LoRA linear counts as one module: what runs inside it is its own).
+
+    Global module hooks (``register_module_forward_pre_hook`` / ``..._forward_hook``), filtered to
+    ``model``'s modules, not hooks on the modules themselves: a hook registered on a LoRA linear
+    would change what runs (ptune-rt's SwiGLU recompute path steps aside for a hooked down
+    projection), a global one does not. Under that path the down projection runs inside its MLP's
+    call, so what it saves is counted under the MLP."""
 
     def __init__(self, model: nn.Module, track_modules: bool = False):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
         self.depth = 0
         self.stack: list[str] = []
-        self.handles = []
-        for m in model.modules():
-            lora = is_lora_module(m)
-            if lora:
-                self.handles.append(m.register_forward_pre_hook(self._enter))
-                self.handles.append(m.register_forward_hook(self._leave))
-            if track_modules:
-                label = "LoRA linear" if lora else type(m).__name__
-                self.handles.append(m.register_forward_pre_hook(lambda *_, label=label: self._push(label)))
-                self.handles.append(m.register_forward_hook(self._pop))
+        self.track_modules = track_modules
+        self.labels = {id(m): ("LoRA linear" if is_lora_module(m) else type(m).__name__) for m in model.modules()}
+        self.lora_ids = {id(m) for m in model.modules() if is_lora_module(m)}
+        self.handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
 
-    def _push(self, label: str) -> None:  # hooks must return None (a value would replace the input)
-        self.stack.append(label)
+    def _pre(self, module, *_) -> None:  # hooks must return None (a value would replace the input)
+        key = id(module)
+        if key in self.lora_ids:
+            self.depth += 1
+        if self.track_modules and key in self.labels:
+            self.stack.append(self.labels[key])
 
-    def _pop(self, *_) -> None:  # ... or the output
-        self.stack.pop()
-
-    def _enter(self, *_):
-        self.depth += 1
-
-    def _leave(self, *_):
-        self.depth -= 1
+    def _post(self, module, *_) -> None:  # ... or the output
+        key = id(module)
+        if key in self.lora_ids:
+            self.depth -= 1
+        if self.track_modules and key in self.labels:
+            self.stack.pop()
 
     def module(self) -> str:
         if self.depth > 0:

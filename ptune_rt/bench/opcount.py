@@ -65,7 +65,9 @@ class OpCounter(TorchDispatchMode):
     def _record(self, func, args, out, custom_depth: int):
         name = f"{func.namespace}::{func.__name__.split('.')[0]}"
         meta = _is_metadata_only(func, args, out) and func.namespace != OWN_NAMESPACE
-        in_lora = self.where is not None and self.where.depth > 0
+        # ptune-rt's own ops count as LoRA-linear ops wherever they run: under the SwiGLU recompute
+        # path the down projection's op runs inside its MLP's call, not inside the LoRA module's
+        in_lora = (self.where is not None and self.where.depth > 0) or func.namespace == OWN_NAMESPACE
         if custom_depth:
             self.counts["inside_custom_all"] += 1
             if not meta:

@@ -14,7 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ptune_rt.ops.lora_linear import BACKENDS, _check_inputs, _torch_forward, lora_linear, resolve_backend
+from ptune_rt.ops.lora_linear import (BACKENDS, _check_inputs, _torch_forward, lora_linear, lora_linear_swiglu,
+                                      resolve_backend)
 
 try:  # GPT-2 style Conv1D: weight is [in_features, out_features]
     from transformers.pytorch_utils import Conv1D
@@ -38,6 +39,10 @@ class LoRAConfig:
     init: "default" (PEFT: Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B) or
         "zeros" (both zero; for loading).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    recompute_mlp: in SwiGLU MLPs (Llama, Mistral, Qwen2, ...: ``down(silu(gate(x)) * up(x))``)
+        whose down projection is a target, keep only gate(x) and up(x) for backward and recompute
+        silu and the product there: two fewer [tokens, intermediate] tensors saved per layer, the
+        same gradients bit for bit, one extra silu and product per layer in backward.
     """
 
     r: int = 8
@@ -48,6 +53,7 @@ class LoRAConfig:
     use_rslora: bool = False
     init: str = "default"
     backend: str = "auto"
+    recompute_mlp: bool = True
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -67,6 +73,8 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {INIT_MODES}, got {self.init!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"LoRAConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.recompute_mlp, bool):
+            raise ValueError(f"LoRAConfig.recompute_mlp must be True or False, got {self.recompute_mlp!r}")
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str) and not all(isinstance(t, str) and t for t in tm):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
@@ -349,6 +357,18 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
                            self.lora_B[name].weight, self.scaling[name], p, backend=self.backend)
 
+    def forward_swiglu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``self(F.silu(g) * u)``; when autograd records, through :func:`lora_linear_swiglu`, which
+        saves g and u instead of silu(g), u and the product. Hooks registered on this layer still
+        run: a hooked layer takes the plain path."""
+        name = self.active_adapter
+        if (self.merged or self.disabled or name not in self.lora_A or not torch.is_grad_enabled()
+                or _has_hooks(self)):
+            return self(nn.functional.silu(g) * u)
+        p = self.lora_dropout_p[name] if self.training else 0.0
+        return lora_linear_swiglu(g, u, self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
+                                  self.lora_B[name].weight, self.scaling[name], p, backend=self.backend)
+
     def _inference_forward(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
         """The decode-step path: no autograd, no dropout. The op's input checks and backend choice
         are done once and cached against the very tensors they were done for (parameter objects,
@@ -396,3 +416,108 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         return (f"in={self.in_features}, out={self.out_features}, r={self.r.get(name)}, "
                 f"scaling={self.scaling.get(name)}, backend={self.backend}, merged={self.merged}")
+
+
+# ----------------------------------------------------------------------------------------
+# SwiGLU MLPs: recompute the gated product in backward
+# ----------------------------------------------------------------------------------------
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Hooks registered on ``m`` itself, or a forward replaced on the instance. Global module hooks (``register_module_forward_hook``, as
+    used by module trackers) do not count: under them the gated path still runs, and such a hook
+    sees the MLP, not its down projection, run."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)  # a wrapped forward (e.g. accelerate's device hooks)
+
+
+_STANDARD_SWIGLU = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+_swiglu_class_cache: dict[type, bool] = {}
+
+
+def _forward_is_standard_swiglu(cls: type) -> bool:
+    """True when ``cls.forward`` is exactly ``return down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+    (directly or through one local variable), checked on its syntax tree once per class."""
+    if cls in _swiglu_class_cache:
+        return _swiglu_class_cache[cls]
+    import ast
+    import inspect
+    import textwrap
+
+    ok = False
+    try:
+        fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+        want = ast.dump(ast.parse(_STANDARD_SWIGLU, mode="eval").body)
+        args = [a.arg for a in fn.args.args]
+        body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+        if args == ["self", "x"] and not (fn.args.vararg or fn.args.kwarg or fn.args.kwonlyargs):
+            if len(body) == 1 and isinstance(body[0], ast.Return):
+                ok = body[0].value is not None and ast.dump(body[0].value) == want
+            elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+                  and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+                  and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+                ok = ast.dump(body[0].value) == want
+    except (OSError, TypeError, SyntaxError, IndexError):
+        ok = False
+    _swiglu_class_cache[cls] = ok
+    return ok
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or (type(act).__name__ == "SiLUActivation"
+                                         and type(act).__module__.startswith("transformers."))
+
+
+class RecomputeSwiGLUMixin:
+    """Mixed into a SwiGLU MLP's class (``mlp.__class__`` becomes a subclass of its own class, so
+    isinstance checks, parameters and state_dict keys are unchanged): the down projection gets
+    silu(gate(x)) and up(x) separately and saves only those two for backward."""
+
+    def forward(self, x):
+        return self.down_proj.forward_swiglu(self.gate_proj(x), self.up_proj(x))
+
+
+_fused_mlp_classes: dict[type, type] = {}
+
+
+def _recompute_class(cls: type) -> type:
+    if cls not in _fused_mlp_classes:
+        _fused_mlp_classes[cls] = type(cls.__name__, (RecomputeSwiGLUMixin, cls),
+                                       {"__module__": __name__, "__qualname__": f"Recompute{cls.__qualname__}",
+                                        "_ptune_rt_plain_class": cls})
+    return _fused_mlp_classes[cls]
+
+
+def swiglu_mlps(model: nn.Module) -> dict[str, nn.Module]:
+    """The MLPs of ``model`` whose recompute path applies: a transformers class whose forward is the
+    standard SwiGLU expression, a SiLU activation and a ``LoRALinear`` down projection."""
+    out = {}
+    for n, m in model.named_modules():
+        cls = getattr(m, "_ptune_rt_plain_class", type(m))
+        if (cls.__module__.startswith("transformers.models.") and isinstance(getattr(m, "down_proj", None), LoRALinear)
+                and isinstance(getattr(m, "gate_proj", None), nn.Module)
+                and isinstance(getattr(m, "up_proj", None), nn.Module)
+                and _is_silu(getattr(m, "act_fn", None)) and _forward_is_standard_swiglu(cls)):
+            out[n] = m
+    return out
+
+
+def enable_mlp_recompute(model: nn.Module) -> list[str]:
+    """Switch every eligible SwiGLU MLP of ``model`` to the recompute forward; returns their names."""
+    names = []
+    for n, m in swiglu_mlps(model).items():
+        if not isinstance(m, RecomputeSwiGLUMixin):
+            m.__class__ = _recompute_class(type(m))
+        names.append(n)
+    return names
+
+
+def disable_mlp_recompute(model: nn.Module) -> None:
+    """Give every MLP switched by :func:`enable_mlp_recompute` its own class back."""
+    for m in model.modules():
+        if isinstance(m, RecomputeSwiGLUMixin):
+            m.__class__ = m._ptune_rt_plain_class
+
+
+def mlp_recompute_active(mlp: nn.Module) -> bool:
+    return isinstance(mlp, RecomputeSwiGLUMixin)

@@ -247,6 +247,16 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
 _ZERO_SEED = torch.zeros((1,), dtype=torch.int64)
 
 
+def _seed_tensor(dropout_p: float, seed: Optional[int]) -> Tensor:
+    """The dropout seed as a one-element CPU int64 tensor (drawn from torch's CPU generator when
+    None: no device synchronization, and torch.compile traces the draw)."""
+    if dropout_p > 0 and seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    if seed:
+        return torch.full((1,), int(seed), dtype=torch.int64)
+    return _ZERO_SEED  # one shared constant: no allocation per call
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scale: float, dropout_p: float = 0.0, backend: str = "auto",
                 seed: Optional[int] = None) -> Tensor:
@@ -264,12 +274,69 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         # custom-op dispatch and run the three BLAS calls directly.
         y, _ = _torch_forward(x2, weight, bias, lora_a, lora_b, float(scale), 0.0, 0)
         return y.reshape(*lead, weight.shape[0])
-    if dropout_p > 0 and seed is None:
-        seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)  # CPU generator, no sync
-    elif seed:
-        seed_t = torch.full((1,), int(seed), dtype=torch.int64)
-    else:
-        seed_t = _ZERO_SEED  # one shared constant: no allocation per call
+    seed_t = _seed_tensor(dropout_p, seed)
     y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
                            seed_t, chosen)
     return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------
+# SwiGLU-gated input: y = lora_linear(silu(g) * u), recomputing the gate in backward
+# ----------------------------------------------------------------------------------------
+
+
+class _SwiGLULoRA(torch.autograd.Function):
+    """``lora_linear(silu(g) * u)`` saving only g and u.
+
+    Autograd on the unfused chain keeps four intermediate-sized tensors per MLP for backward:
+    g (for silu), silu(g) and u (for the product) and h = silu(g) * u (the LoRA shrink's input).
+    This keeps g and u; backward recomputes silu(g) and h with the same ops (so every gradient is
+    bit-identical to the unfused chain's) and then runs the same LoRA backward op."""
+
+    @staticmethod
+    def forward(ctx, g, u, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend):
+        h = torch.nn.functional.silu(g) * u
+        lead = h.shape[:-1]
+        y, S = lora_linear_fwd(h.reshape(-1, h.shape[-1]), weight, bias, lora_a, lora_b, scale, dropout_p,
+                               seed_t, backend)
+        ctx.save_for_backward(g, u, S, weight, lora_a, lora_b, seed_t)
+        ctx.args = (scale, dropout_p, backend, bias is not None)
+        return y.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u, S, weight, lora_a, lora_b, seed_t = ctx.saved_tensors
+        scale, dropout_p, backend, has_bias = ctx.args
+        need_g, need_u, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        silu = torch.nn.functional.silu(g)
+        h = silu * u
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        need_h = need_g or need_u
+        dh, da, db = lora_linear_bwd(dy2, h.reshape(-1, h.shape[-1]), S, weight, lora_a, lora_b, scale,
+                                     dropout_p, seed_t, backend, need_h)
+        dg = du = None
+        if need_h:
+            dh = dh.view(h.shape)
+            if need_u:
+                du = dh * silu
+            if need_g:
+                dg = torch.ops.aten.silu_backward(dh * u, g)
+        dbias = dy2.sum(0) if (has_bias and need_bias) else None
+        return (dg, du, None, dbias, da if need_a else None, db if need_b else None, None, None, None, None)
+
+
+def lora_linear_swiglu(g: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                       lora_b: Tensor, scale: float, dropout_p: float = 0.0, backend: str = "auto",
+                       seed: Optional[int] = None) -> Tensor:
+    """``lora_linear(silu(g) * u, ...)`` (a SwiGLU MLP's down projection) that saves g and u for
+    backward instead of silu(g), u and their product: two fewer [..., intermediate] tensors per
+    MLP. Same results, bit for bit, as calling :func:`lora_linear` on ``F.silu(g) * u``."""
+    if not isinstance(g, Tensor) or not isinstance(u, Tensor):
+        raise TypeError(f"g and u must be torch.Tensors, got {type(g).__name__} and {type(u).__name__}")
+    if g.shape != u.shape or g.dtype != u.dtype or g.device != u.device:
+        raise ValueError(f"g and u must have one shape, dtype and device, got {tuple(g.shape)} {g.dtype} "
+                         f"{g.device} and {tuple(u.shape)} {u.dtype} {u.device}")
+    _check_inputs(g, weight, bias, lora_a, lora_b, scale, dropout_p)
+    chosen, _ = resolve_backend(backend, g.device)
+    seed_t = _seed_tensor(dropout_p, seed)
+    return _SwiGLULoRA.apply(g, u, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t, chosen)
