@@ -6,11 +6,12 @@ an autograd formula, so ``torch.compile`` sees one op). Two backends:
 * ``triton``: ``ptune_rt.kernels.prefix_attention`` (one online-softmax pass over prefix and
   sequence blocks; backward reduces the prefix gradient over rows and the GQA group in-kernel;
   single-token decode computes the shared prefix part once for the whole batch);
-* ``torch``: the sequence part through PyTorch's fused CPU flash-attention kernel (its causal fast
-  path, no [L, P+L] mask, native GQA), the prefix part as one broadcast matmul against the single
-  [Hkv, P, D] prefix (never replicated per row), merged by log-sum-exp. Backward reuses the fused
-  kernel's backward with the merged output and LSE, which is exactly the gradient of the joint
-  softmax, and handles the prefix part with matmuls.
+* ``torch``: two calls of PyTorch's fused CPU flash-attention kernel, merged by log-sum-exp: the
+  sequence part (its causal fast path, no [L, P+L] mask, native GQA) and the prefix part (no mask
+  at all: every query sees every prefix key; the single [Hkv, P, D] prefix broadcast over rows
+  with stride 0, never copied). Backward calls the fused backward twice with the merged output
+  and the joint LSE, which gives exactly the joint softmax's gradient for each key set; the
+  prefix gradient comes out per row and is summed over the batch (or per task).
 
 Both save only q, k, v, the prefix, the output and the LSE for backward: no attention matrix, no
 mask, no concatenated K/V.
@@ -67,58 +68,51 @@ def _rows_without_keys(B, L, S, kv_mask, causal, device):
 
 
 def _prefix_rows(prefix, task_ids, B):
-    """[Hkv, P, D] -> [1, Hkv, 1, P, D] (broadcast, no copy); with tasks [T, ...] -> [B, Hkv, 1, P, D]."""
+    """[Hkv, P, D] -> [B, Hkv, P, D]: a stride-0 broadcast of the one prefix (no copy), or with
+    tasks ([T, Hkv, P, D] and ``task_ids`` [B]) each row's task prefix."""
     if task_ids is not None:
-        return prefix[task_ids.long()].unsqueeze(2)
-    return prefix[None, :, None]
+        return prefix[task_ids.long()]
+    return prefix.unsqueeze(0).expand(B, -1, -1, -1)
 
 
 def _torch_forward(q, k, v, pk, pv, kv_mask, task_ids, causal, scale):
     B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    S = k.shape[2]
     mask, is_causal = _seq_mask(B, L, S, kv_mask, causal, q.dtype, q.device)
     o_s, lse_s = _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     empty = _rows_without_keys(B, L, S, kv_mask, causal, q.device)
     if empty is not None:
         lse_s = lse_s.masked_fill(empty, float("-inf"))
-    q5 = q.view(B, Hkv, G, L, D)
-    scores = (q5 @ _prefix_rows(pk, task_ids, B).transpose(-1, -2)).float() * scale  # [B, Hkv, G, L, P]
-    lse_p = torch.logsumexp(scores, dim=-1)
-    lse = torch.logaddexp(lse_p, lse_s.view(B, Hkv, G, L))
-    probs = torch.exp(scores - lse[..., None]).to(q.dtype)
-    o = probs @ _prefix_rows(pv, task_ids, B)  # prefix share, already weighted by the joint softmax
-    o = o.view(B, Hq, L, D) + o_s * torch.exp(lse_s - lse.view(B, Hq, L))[..., None].to(q.dtype)
-    return o, lse.view(B, Hq, L)
+    # The prefix part: every query sees every prefix key, so the same fused kernel with no mask.
+    o_p, lse_p = _flash_cpu(q, _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B), 0.0, False,
+                            scale=scale)
+    lse = torch.logaddexp(lse_p, lse_s)
+    w_s = torch.exp(lse_s - lse).unsqueeze(-1).to(q.dtype)
+    w_p = torch.exp(lse_p - lse).unsqueeze(-1).to(q.dtype)
+    if empty is not None:  # a row without sequence keys: its sequence part is 0 * (possibly NaN)
+        o_s = o_s.masked_fill(empty.unsqueeze(-1), 0.0)
+    o = torch.addcmul(o_p * w_p, o_s, w_s)
+    return o, lse
 
 
 def _torch_backward(do, q, k, v, pk, pv, o, lse, kv_mask, task_ids, causal, scale, num_tasks):
     B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    S = k.shape[2]
     mask, is_causal = _seq_mask(B, L, S, kv_mask, causal, q.dtype, q.device)
     # With the merged output and the joint LSE the fused backward yields exactly the joint
-    # softmax's gradient restricted to the sequence keys.
-    dq, dk, dv = _flash_cpu_bwd(do, q, k, v, o, lse.to(torch.float32), 0.0, is_causal, attn_mask=mask,
-                                scale=scale)
-    q5, do5 = q.view(B, Hkv, G, L, D), do.view(B, Hkv, G, L, D)
-    pk_r, pv_r = _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B)
-    scores = (q5 @ pk_r.transpose(-1, -2)).float() * scale
-    probs = torch.exp(scores - lse.view(B, Hkv, G, L)[..., None])
-    delta = (do.float() * o.float()).sum(-1).view(B, Hkv, G, L)
-    dp = (do5 @ pv_r.transpose(-1, -2)).float()
-    ds = (probs * (dp - delta[..., None])).to(q.dtype)
-    dq = dq + (ds @ pk_r.to(q.dtype)).view(B, Hq, L, D) * scale
-    probs = probs.to(q.dtype)
+    # softmax's gradient restricted to the keys it is given: once for the sequence keys, once
+    # for the prefix keys (GQA reduced in-kernel), and the two dq parts add up.
+    lse = lse.to(torch.float32)
+    dq, dk, dv = _flash_cpu_bwd(do, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    dq_p, dpk_rows, dpv_rows = _flash_cpu_bwd(do, q, _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B),
+                                              o, lse, 0.0, False, scale=scale)
+    dq = dq.add_(dq_p)
     if task_ids is None:
-        dpk = torch.einsum("bhglp,bhgld->hpd", ds, q5) * scale
-        dpv = torch.einsum("bhglp,bhgld->hpd", probs, do5)
+        dpk, dpv = dpk_rows.float().sum(0), dpv_rows.float().sum(0)
     else:
-        per_row_k = torch.einsum("bhglp,bhgld->bhpd", ds, q5).float() * scale
-        per_row_v = torch.einsum("bhglp,bhgld->bhpd", probs, do5).float()
-        shape = (num_tasks,) + tuple(per_row_k.shape[1:])
-        dpk = per_row_k.new_zeros(shape).index_add_(0, task_ids.long(), per_row_k)
-        dpv = per_row_v.new_zeros(shape).index_add_(0, task_ids.long(), per_row_v)
+        shape = (num_tasks,) + tuple(dpk_rows.shape[1:])
+        dpk = dpk_rows.new_zeros(shape, dtype=torch.float32).index_add_(0, task_ids.long(), dpk_rows.float())
+        dpv = dpv_rows.new_zeros(shape, dtype=torch.float32).index_add_(0, task_ids.long(), dpv_rows.float())
     return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)
 
 
