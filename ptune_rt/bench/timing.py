@@ -156,3 +156,43 @@ def summarize(times: dict[str, list[float]], baseline: str = "peft", candidate: 
         if cpu_times and baseline in cpu_times and candidate in cpu_times:
             out["speedup_cpu_time"] = statistics.median(cpu_times[baseline]) / statistics.median(cpu_times[candidate])
     return out
+
+
+ALLOCATORS = ("steady", "default")
+
+
+def add_allocator_argument(parser) -> None:
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="steady",
+        help="CPU runs on glibc: 'steady' (default) keeps freed memory in the process for reuse "
+             "(mallopt: no mmap for blocks under 1 GiB, no trimming), so large tensors are not "
+             "page-faulted in anew on every call; 'default' leaves glibc's settings. Applies to "
+             "every variant alike; recorded in the provenance")
+
+
+def configure_allocator(mode: str, device) -> dict:
+    """Apply ``--allocator`` for this process; returns what was done (for the provenance).
+
+    With glibc's defaults a tensor above the dynamic mmap threshold gets fresh pages from the OS
+    and returns them when freed, so every step pays page faults on its big temporaries (the
+    logits, their gradient, dropout masks): tens to hundreds of milliseconds that vary from run to
+    run with the allocator's history and penalize whichever variant allocates more. 'steady' is
+    what a long-running training process converges to (and what tcmalloc / jemalloc give)."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    out = {"mode": mode, "applied": False}
+    if mode != "steady" or torch.device(device).type != "cpu" or platform.system() != "Linux":
+        out["why"] = "not requested" if mode != "steady" else "only for CPU runs on Linux (glibc)"
+        return out
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    except (OSError, AttributeError) as e:  # not glibc (e.g. musl): nothing to set
+        out["why"] = f"mallopt unavailable: {e}"
+        return out
+    out["applied"] = bool(ok)
+    out["settings"] = {"M_MMAP_THRESHOLD": 1 << 30, "M_TRIM_THRESHOLD": (1 << 31) - 1}
+    return out
