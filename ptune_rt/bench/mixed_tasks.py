@@ -327,8 +327,6 @@ def _ms(s) -> str:
 
 
 def markdown(results: dict) -> str:
-    from ptune_rt.bench.report import allocator_lines
-
     pv, wl = results["provenance"], results["workload"]
     v = pv["versions"]
     commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
@@ -347,7 +345,6 @@ def markdown(results: dict) -> str:
            "*ptune-rt*: one mixed batch of all rows, `task_ids` per row. *PEFT*: one `PeftModel` holding the "
            f"{wl['tasks']} adapters; for each task `set_adapter(task)`, then that task's rows (PEFT "
            f"{v['peft']} has no mixed-task batches for prompt or prefix tuning). Same weights, same inputs.", ""]
-    out += allocator_lines(pv)
     cpus = pv.get("cpu_count") or 1
     top = max([x[0] for x in (load0, load1) if x] or [0.0])
     if pv["device"].startswith("cpu") and top > 0.5 * cpus:
@@ -490,8 +487,6 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptune_rt.bench.timing import add_allocator_argument
-
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite mixed-tasks",
         description="Serving several prompt- / prefix-tuned tasks in one batch: ptune-rt's mixed batch vs HF PEFT "
@@ -509,7 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                    help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
     p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for --wait-for-load (s)")
-    add_allocator_argument(p)
     return p
 
 
@@ -539,9 +533,6 @@ def run(args, command_argv) -> dict:
     results: dict = {"schema": "ptune-rt-bench-mixed-tasks/1", "provenance": provenance(device, command_argv),
                      "workload": wl.to_dict(), "mode": "quick" if args.quick else "default", "methods": methods,
                      "repeats": args.repeats, "warmup": args.warmup}
-    from ptune_rt.bench.timing import configure_allocator
-
-    results["provenance"]["allocator"] = configure_allocator(args.allocator, device)
     if waited is not None:
         results["provenance"]["wait_for_load"] = waited
     t0 = time.perf_counter()

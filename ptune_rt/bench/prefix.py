@@ -671,9 +671,6 @@ def run(args, command_argv) -> dict:
                      "repeats": args.repeats, "long_train_repeats": long_train, "warmup": args.warmup,
                      "targets_definition": {"speed": SPEED_TARGET,
                                             "saved": "no [.., L, P+L] (attention-matrix or mask) tensor on ptune-rt's side"}}
-    from ptune_rt.bench.timing import configure_allocator
-
-    results["provenance"]["allocator"] = configure_allocator(args.allocator, device)
     if waited is not None:
         results["provenance"]["wait_for_load"] = waited
     t0 = time.perf_counter()
@@ -774,8 +771,6 @@ def generate_table(results: dict) -> list[str]:
 
 
 def _header(results: dict) -> list[str]:
-    from ptune_rt.bench.report import allocator_lines
-
     pv, wl = results["provenance"], results["workload"]
     v = pv["versions"]
     commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
@@ -798,7 +793,6 @@ def _header(results: dict) -> list[str]:
            f"`ptune_rt.apply(copy, PrefixConfig(P))` on an identical copy of the base (backend "
            f"{', '.join(results.get('backend', []))}); both hold the same random N(0, {wl['prompt_std']:g}) prompt "
            "embeddings, the only trainable parameter."]
-    out += ["", *allocator_lines(pv)[:1]] if allocator_lines(pv) else []
     cpus = pv.get("cpu_count") or 1
     own = min(pv.get("torch_threads") or 1, cpus)
     before = [c["load_average_before"][0] for c in results.get("cases", []) if c.get("load_average_before")]
@@ -1117,8 +1111,6 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptune_rt.bench.timing import add_allocator_argument
-
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite prefix",
         description="Prefix-tuning benchmark + equality report: HF PEFT vs ptune-rt's fused prefix attention on a "
@@ -1142,7 +1134,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                    help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
     p.add_argument("--max-wait", type=float, default=1500.0, help="longest wait for --wait-for-load (s)")
-    add_allocator_argument(p)
     return p
 
 

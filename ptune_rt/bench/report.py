@@ -8,18 +8,6 @@ from pathlib import Path
 MiB = 2**20
 
 
-def allocator_lines(pv: dict) -> list[str]:
-    """One markdown paragraph on the ``--allocator`` setting of the run (empty when not recorded)."""
-    a = pv.get("allocator")
-    if not a:
-        return []
-    if a.get("applied"):
-        return ["Allocator: glibc told to keep freed memory for reuse (`--allocator steady`: mallopt M_MMAP_THRESHOLD "
-                "1 GiB, no trimming), for every variant alike, so the timings measure compute rather than page faults "
-                "on fresh large tensors; `--allocator default` leaves glibc's settings.", ""]
-    return [f"Allocator: glibc's defaults (`--allocator {a.get('mode')}`; {a.get('why', 'not applied')}).", ""]
-
-
 def _ms(s) -> str:
     return "–" if s is None else f"{s * 1e3:.1f}"
 
@@ -376,7 +364,6 @@ def markdown(results: dict, title: bool = True) -> str:
         "tokens, greedy.",
         "",
     ]
-    out += allocator_lines(pv)
     qg = pv.get("quiet_gate")
     if qg:
         out += [f"Quiet gate: before each of the {qg['rounds']} timed rounds the run waited (up to "

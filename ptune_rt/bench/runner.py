@@ -439,8 +439,6 @@ def evaluate_targets(results: dict) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptune_rt.bench.timing import add_allocator_argument
-
     p = argparse.ArgumentParser(
         prog="ptune-rt bench",
         description="LoRA benchmark + numerical-equality report: HF PEFT vs ptune-rt (and the frozen base model) "
@@ -466,7 +464,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU runs: before every timed round wait (up to --gate-max-wait s) until the CPUs were at "
                         "least this fraction idle over one second, e.g. 0.9 (Linux; default: off)")
     p.add_argument("--gate-max-wait", type=float, default=120.0, help="longest wait per round for --quiet-gate (s)")
-    add_allocator_argument(p)
     return p
 
 
@@ -520,9 +517,6 @@ def run(args, argv) -> dict:
     results: dict = {"schema": "ptune-rt-bench-lora/1", "provenance": provenance(device, argv),
                      "workload": wl.to_dict(), "mode": "quick" if args.quick else "default",
                      "repeats": args.repeats, "warmup": args.warmup}
-    from ptune_rt.bench.timing import configure_allocator
-
-    results["provenance"]["allocator"] = configure_allocator(args.allocator, device)
     if args.wait_for_load is not None and torch.device(device).type == "cpu" and hasattr(os, "getloadavg"):
         results["provenance"]["wait_for_load"] = wait_for_quiet(args.wait_for_load, args.max_wait)
         results["provenance"]["load_average_at_start"] = list(os.getloadavg())
