@@ -46,8 +46,12 @@ def test_bench_prefix_quick(tmp_path):
     for c in res["cases"]:
         for key in ("train", "forward"):
             d = c["speed"][key]
-            assert set(d["variants"]) == {"peft", "ptune-rt"} and d["speedup"] > 0
+            want = {"peft", "ptune-rt", "base"} if key == "forward" else {"peft", "ptune-rt"}
+            assert set(d["variants"]) == want and d["speedup"] > 0
             assert len(d["variants"]["peft"]["runs_s"]) == 2
+        fw = c["speed"]["forward"]  # the frozen base model runs alongside: PEFT / base is the ceiling
+        assert fw["ceiling_speedup_zero_cost_adapter"] == pytest.approx(
+            fw["variants"]["peft"]["median_s"] / fw["variants"]["base"]["median_s"])
         mem = c["memory"]
         for side in ("peft", "ptune-rt"):
             assert mem[side]["activation_bytes"] > 0 and mem[side]["largest"]
