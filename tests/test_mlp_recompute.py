@@ -198,3 +198,11 @@ def test_op_rejects_mismatched_gate_and_up():
         lora_linear_swiglu(g, g.double(), w, None, a, b, 1.0)
     with pytest.raises(ValueError, match="in_features=8"):
         lora_linear_swiglu(g[:, :5], g[:, :5], w, None, a, b, 1.0)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_checkpoint_carries_the_setting(tmp_path, recompute):
+    m = ptune_rt.apply(tiny_llama(), lora(recompute))
+    ptune_rt.save_adapter(m, tmp_path / "a", format="ptune")
+    fresh = ptune_rt.load_adapter(tiny_llama(), tmp_path / "a")
+    assert any(isinstance(x, RecomputeSwiGLUMixin) for x in fresh.modules()) is recompute

@@ -346,14 +346,14 @@ class LoRALinear(nn.Module):
         return self._merge_record.extra_bytes() if self._merge_record is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            y = self._inference_forward(x)
+            if y is not None:
+                return y
         name = self.active_adapter
         if self.merged or self.disabled or name not in self.lora_A:
             return self.base_layer(x)
         p = self.lora_dropout_p[name] if self.training else 0.0
-        if p == 0.0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            y = self._inference_forward(x, name)
-            if y is not None:
-                return y
         return lora_linear(x, self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
                            self.lora_B[name].weight, self.scaling[name], p, backend=self.backend)
 
@@ -369,35 +369,47 @@ class LoRALinear(nn.Module):
         return lora_linear_swiglu(g, u, self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
                                   self.lora_B[name].weight, self.scaling[name], p, backend=self.backend)
 
-    def _inference_forward(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-        """The decode-step path: no autograd, no dropout. The op's input checks and backend choice
-        are done once and cached against the very tensors they were done for (parameter objects,
-        their dtype and device, the input's dtype and device, the backend setting); any change
-        there rebuilds the cache, and a first call with bad input falls through to the checked
-        path (returns None). Per call this saves the checks, the backend resolution and the
-        custom-op dispatch: a few microseconds each, which is most of a LoRA linear's overhead at
-        batch 1."""
-        a = self.lora_A._modules[name]._parameters["weight"]
-        b = self.lora_B._modules[name]._parameters["weight"]
-        base = self.base_layer._parameters
+    def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The decode-step path (autograd off), or None for the checked path.
+
+        The op's input checks and backend choice run once and are cached against exactly what they
+        were run for: the parameter objects and the storages they point at (so ``.to()``, a new
+        ``.data`` or a replaced Parameter rebuild the cache; in-place updates are seen as they are),
+        the adapter name, the backend setting, and the input's dtype, device and width. A first call
+        with bad input returns None, so the checked path raises its clear error. Per call this saves
+        the checks, the backend resolution, the custom-op dispatch and three transposes: most of a
+        LoRA linear's overhead at batch 1."""
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        name = self.active_adapter
+        la = self._modules["lora_A"]._modules.get(name)
+        if la is None:
+            return self.base_layer(x)
+        if (self.training and self.lora_dropout_p[name] > 0) or torch.compiler.is_compiling():
+            return None
+        a = la._parameters["weight"]
+        b = self._modules["lora_B"]._modules[name]._parameters["weight"]
+        base = self._modules["base_layer"]._parameters
         w, bias = base["weight"], base.get("bias")
         c = self._inference_cache
-        if not (c is not None and c[0] is a and c[1] is b and c[2] is w and c[3] is bias
-                and c[4] == name and c[5] == self.backend and x.dtype == c[6] and x.device == c[7]
-                and w.dtype == c[8] and a.dtype == c[9] and w.device == c[7] and a.device == c[7]
-                and x.shape[-1] == self.in_features):
+        if (c is None or c[0] is not a or c[1] is not b or c[2] is not w or c[3] is not bias or c[4] != name
+                or c[5] != self.backend or x.dtype != c[6] or x.device != c[7] or x.shape[-1] != self.in_features
+                or c[8] != (a.data_ptr(), b.data_ptr(), w.data_ptr())):
             c = self._build_inference_cache(x, name, a, b, w, bias)
             if c is None:
                 return None
-        chosen = c[10]
-        w_nk = w.t() if self.fan_in_fan_out else w
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if chosen == "torch":  # three BLAS calls, no dispatcher round trip
-            y, _ = _torch_forward(x2, w_nk, bias, a, b, self.scaling[name], 0.0, 0)
+        scale = self.scaling[name]
+        x2 = x.reshape(-1, self.in_features)
+        if c[9] == "lean":  # one dtype throughout, torch path: three BLAS calls on cached views
+            w_t, a_t, b_t = c[10]
+            y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
+            y.addmm_(torch.mm(x2, a_t), b_t, alpha=scale)
+        elif c[9] == "torch":
+            y, _ = _torch_forward(x2, w.t() if self.fan_in_fan_out else w, bias, a, b, scale, 0.0, 0)
         else:  # the Triton kernels stay behind the one custom op (one dispatched op per linear)
-            y, _ = lora_linear_fwd(x2, w_nk, bias, a, b, float(self.scaling[name]), 0.0, _ZERO_SEED, chosen)
-        return y.reshape(*lead, self.out_features)
+            y, _ = lora_linear_fwd(x2, w.t() if self.fan_in_fan_out else w, bias, a, b, float(scale), 0.0,
+                                   _ZERO_SEED, c[9])
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _build_inference_cache(self, x, name, a, b, w, bias):
         self._inference_cache = None
@@ -407,8 +419,11 @@ class LoRALinear(nn.Module):
             chosen, _ = resolve_backend(self.backend, x.device)
         except (TypeError, ValueError, RuntimeError):
             return None  # the checked path raises the error
-        self._inference_cache = (a, b, w, bias, name, self.backend, x.dtype, x.device, w.dtype, a.dtype,
-                                 chosen)
+        views = None
+        if chosen == "torch" and a.dtype == x.dtype:
+            chosen, views = "lean", (w_nk.t(), a.t(), b.t())
+        self._inference_cache = (a, b, w, bias, name, self.backend, x.dtype, x.device,
+                                 (a.data_ptr(), b.data_ptr(), w.data_ptr()), chosen, views)
         return self._inference_cache
 
     def extra_repr(self) -> str:
