@@ -55,8 +55,9 @@ def test_bench_quick_writes_every_section(tmp_path):
     n = ops["n_lora_linears"]
     for step in ("forward", "decode_step", "train_forward", "train_step"):
         assert ops[step]["peft"]["compute"] > 0 and ops[step]["ptune-rt"]["compute"] > 0
-    assert ops["train_forward"]["ptune-rt"]["custom"] == n
-    assert ops["train_forward"]["ptune-rt"]["per_lora_linear_compute"] >= 1
+    # the eager torch path runs a plain autograd.Function (no custom op): mm, mm, addmm_ per linear
+    assert ops["train_forward"]["ptune-rt"]["custom"] == 0
+    assert ops["train_forward"]["ptune-rt"]["per_lora_linear_compute"] == 3
     assert ops["forward"]["peft"]["custom"] == 0
     assert res["triton"]["compute_ops_per_lora_linear_train_forward"] >= 1
     assert res["triton"]["kernel_launches_per_lora_linear_forward"] == 2

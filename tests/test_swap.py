@@ -439,6 +439,26 @@ def test_inference_cache_follows_every_change(factory, target):
     torch.testing.assert_close(both(), y_before, rtol=0, atol=0)
 
 
+def test_inference_cache_never_pins_old_weights():
+    """The no-grad path's cache holds views of the weights: .to() / .half(), load_state_dict and
+    deepcopy drop it, so a moved model never keeps its old copies alive."""
+    model = ptune_rt.apply(tiny_llama(), cfg(target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    ids = input_ids()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert layer._inference_cache is not None
+    assert copy.deepcopy(model).model.layers[0].self_attn.q_proj._inference_cache is None
+    model.half()
+    assert layer._inference_cache is None
+    model.float()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert layer._inference_cache is not None
+    model.load_state_dict(model.state_dict())
+    assert layer._inference_cache is None
+
+
 # ----------------------------------------------------------------------------------------
 # merge / unmerge
 # ----------------------------------------------------------------------------------------

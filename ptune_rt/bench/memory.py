@@ -36,6 +36,7 @@ class _Where:
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
         self.depth = 0
+        self.lora_calls = 0  # LoRA modules entered (a SwiGLU-recompute down projection is not)
         self.stack: list[str] = []
         self.track_modules = track_modules
         self.labels = {id(m): ("LoRA linear" if is_lora_module(m) else type(m).__name__) for m in model.modules()}
@@ -46,6 +47,7 @@ class _Where:
         key = id(module)
         if key in self.lora_ids:
             self.depth += 1
+            self.lora_calls += 1
         if self.track_modules and key in self.labels:
             self.stack.append(self.labels[key])
 

@@ -110,7 +110,11 @@ class OpCounter(TorchDispatchMode):
         c = self.counts
         res = {k: int(c.get(k, 0)) for k in ("all", "compute", "in_lora_all", "in_lora_compute", "custom",
                                              "inside_custom_all", "inside_custom_compute")}
-        n = max(1, n_lora)
+        # per LoRA linear that ran as a module (the forward hooks saw it); under the SwiGLU recompute
+        # path a down projection runs inside its MLP instead, so it is left out of the average
+        calls = getattr(self.where, "lora_calls", 0)  # prefix counting swaps in its own scope tracker
+        res["lora_module_calls"] = calls
+        n = max(1, calls if 0 < calls < n_lora else n_lora)
         res["per_lora_linear_all"] = res["in_lora_all"] / n
         res["per_lora_linear_compute"] = res["in_lora_compute"] / n
         # the custom op replaced by what it runs inside (torch path); equal to the plain count when

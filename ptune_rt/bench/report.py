@@ -115,8 +115,11 @@ def summary_table(results: dict) -> list[str]:
                      f"{_num(_get(f, 'ptune-rt', 'per_lora_linear_compute'))} |  |  |  |")
     if tf:
         pt = tf.get("ptune-rt", {})
-        lines.append(f"| Compute ops per LoRA linear, training forward, top level (custom op = 1; its torch-path "
-                     f"contents: {_num(pt.get('per_lora_linear_compute_expanded'))}) | – | "
+        how = ("top level: the custom op = 1; its contents: "
+               f"{_num(pt.get('per_lora_linear_compute_expanded'))}" if pt.get("custom") else
+               "eager torch path: a plain autograd.Function, no custom op; torch.compile and the Triton path see "
+               "one custom op")
+        lines.append(f"| Compute ops per LoRA linear, training forward ({how}) | – | "
                      f"{_num(_get(tf, 'peft', 'per_lora_linear_compute'))} | {_num(pt.get('per_lora_linear_compute'))} "
                      f"|  |  |  |")
     if "compute_ops_per_lora_linear_forward" in tri:
@@ -246,10 +249,12 @@ def _ops_detail(results) -> list[str]:
               "*in LoRA linears*: dispatched while a LoRA module's forward runs (its frozen base linear included); "
               "*custom ops*: `ptune_rt::lora_linear_fwd`, counted once each in the top-level columns; "
               "*inside the custom op*: what its torch-path implementation dispatches (measured by entering it); "
-              "*expanded*: the custom op replaced by its contents. When nothing needs a gradient (no-grad "
-              "forward, decode) the torch path runs its BLAS calls directly, without the custom op; a training "
-              "forward goes through the custom op. On the Triton path the custom op is 2 kernel launches per "
-              "forward (see the Triton section)."]
+              "*expanded*: the custom op replaced by its contents. In eager mode the torch path runs its BLAS "
+              "calls without the custom op (a plain `autograd.Function` when training: the custom op's dispatch "
+              "costs more than a small layer's matmuls on CPU); `torch.compile` and the Triton path see the custom "
+              "op, which on the Triton path is 2 kernel launches per forward (see the Triton section). *Per LoRA "
+              "linear* averages over the LoRA modules whose forward ran; in a training forward a SwiGLU MLP's down "
+              "projection runs inside the MLP (`recompute_mlp`) and is left out."]
     return lines
 
 

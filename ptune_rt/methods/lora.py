@@ -426,6 +426,22 @@ class LoRALinear(nn.Module):
                                  (a.data_ptr(), b.data_ptr(), w.data_ptr()), chosen, views)
         return self._inference_cache
 
+    # The inference cache holds views of the weights: drop it whenever they may move, so that e.g.
+    # ``model.to("cuda")`` or ``model.half()`` never keeps the old copies alive, and never pickle it.
+    def _apply(self, fn, *args, **kwargs):
+        self._inference_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._inference_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_inference_cache"] = None
+        return state
+
     def extra_repr(self) -> str:
         name = self.active_adapter
         return (f"in={self.in_features}, out={self.out_features}, r={self.r.get(name)}, "
@@ -438,9 +454,9 @@ class LoRALinear(nn.Module):
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    """Hooks registered on ``m`` itself, or a forward replaced on the instance. Global module hooks (``register_module_forward_hook``, as
-    used by module trackers) do not count: under them the gated path still runs, and such a hook
-    sees the MLP, not its down projection, run."""
+    """Hooks registered on ``m`` itself, or a forward replaced on the instance. Global module hooks
+    (``register_module_forward_hook``, as used by module trackers) do not count: under them the
+    gated path still runs, and such a hook sees the MLP, not its down projection, run."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or "forward" in m.__dict__)  # a wrapped forward (e.g. accelerate's device hooks)
 

@@ -275,9 +275,40 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         y, _ = _torch_forward(x2, weight, bias, lora_a, lora_b, float(scale), 0.0, 0)
         return y.reshape(*lead, weight.shape[0])
     seed_t = _seed_tensor(dropout_p, seed)
-    y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
-                           seed_t, chosen)
+    if chosen == "torch" and not torch.compiler.is_compiling():
+        # Eager torch path: the same math through a plain autograd.Function. The custom op's
+        # dispatch (Python impl behind the dispatcher, its autograd wrapper, the backward op) costs
+        # about 170 us per linear per training step on CPU, more than a small layer's matmuls;
+        # torch.compile still sees the custom op.
+        y = _TorchLoRA.apply(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t)
+    else:
+        y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
+                               seed_t, chosen)
     return y.reshape(*lead, weight.shape[0])
+
+
+class _TorchLoRA(torch.autograd.Function):
+    """The torch path of ``lora_linear_fwd`` / ``_bwd`` for eager mode (identical math, saved
+    tensors and results; see :func:`lora_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t):
+        seed = int(seed_t.item()) if dropout_p > 0 else 0  # no mask, no seed to read
+        y, S = _torch_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        ctx.save_for_backward(x, S, weight, lora_a, lora_b)
+        ctx.args = (scale, dropout_p, seed, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, S, weight, lora_a, lora_b = ctx.saved_tensors
+        scale, dropout_p, seed, has_bias = ctx.args
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        dx, da, db = _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, need_x)
+        dbias = dy.sum(0) if (has_bias and need_bias) else None
+        return (dx if need_x else None, None, dbias, da.to(lora_a.dtype) if need_a else None,
+                db.to(lora_b.dtype) if need_b else None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,23 +328,34 @@ class _SwiGLULoRA(torch.autograd.Function):
     def forward(ctx, g, u, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend):
         h = torch.nn.functional.silu(g) * u
         lead = h.shape[:-1]
-        y, S = lora_linear_fwd(h.reshape(-1, h.shape[-1]), weight, bias, lora_a, lora_b, scale, dropout_p,
-                               seed_t, backend)
-        ctx.save_for_backward(g, u, S, weight, lora_a, lora_b, seed_t)
+        h2 = h.reshape(-1, h.shape[-1])
+        ctx.eager_torch = backend == "torch" and not torch.compiler.is_compiling()  # see _TorchLoRA
+        if ctx.eager_torch:
+            ctx.seed = int(seed_t.item()) if dropout_p > 0 else 0
+            y, S = _torch_forward(h2, weight, bias, lora_a, lora_b, scale, dropout_p, ctx.seed)
+            ctx.save_for_backward(g, u, S, weight, lora_a, lora_b)
+        else:
+            y, S = lora_linear_fwd(h2, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend)
+            ctx.save_for_backward(g, u, S, weight, lora_a, lora_b, seed_t)
         ctx.args = (scale, dropout_p, backend, bias is not None)
         return y.reshape(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        g, u, S, weight, lora_a, lora_b, seed_t = ctx.saved_tensors
+        g, u, S, weight, lora_a, lora_b = ctx.saved_tensors[:6]
         scale, dropout_p, backend, has_bias = ctx.args
         need_g, need_u, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         silu = torch.nn.functional.silu(g)
         h = silu * u
+        h2 = h.reshape(-1, h.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         need_h = need_g or need_u
-        dh, da, db = lora_linear_bwd(dy2, h.reshape(-1, h.shape[-1]), S, weight, lora_a, lora_b, scale,
-                                     dropout_p, seed_t, backend, need_h)
+        if ctx.eager_torch:
+            dh, da, db = _torch_backward(dy2, h2, S, weight, lora_a, lora_b, scale, dropout_p, ctx.seed, need_h)
+            da, db = da.to(lora_a.dtype), db.to(lora_b.dtype)
+        else:
+            dh, da, db = lora_linear_bwd(dy2, h2, S, weight, lora_a, lora_b, scale, dropout_p, ctx.saved_tensors[6],
+                                         backend, need_h)
         dg = du = None
         if need_h:
             dh = dh.view(h.shape)
