@@ -1,13 +1,16 @@
 """The fused LoRA linear op: ``y = x W^T + b + scale * (dropout(x) A^T) B^T``.
 
 Registered as the torch custom ops ``ptune_rt::lora_linear_fwd`` / ``ptune_rt::lora_linear_bwd``
-with fake implementations and an autograd formula, so eager mode, ``torch.compile`` and CUDA
-graphs all see one op per LoRA linear. Each op runs one of two backends:
+with fake implementations and an autograd formula, so ``torch.compile``, CUDA graphs and the Triton
+path see one op per LoRA linear. Two backends:
 
 * ``triton``: the fused kernels of ``ptune_rt.kernels.lora`` (CUDA tensors; CPU tensors only
-  under ``TRITON_INTERPRET=1`` and only when asked for explicitly);
+  under ``TRITON_INTERPRET=1`` and only when asked for explicitly), always behind the custom op;
 * ``torch``: a short chain of BLAS calls that writes the low-rank term into the base output in
-  place (``addmm_``), folds the scale into B and never keeps a dropout copy of x.
+  place (``addmm_``), scales the small shrink instead of x and never keeps a dropout copy of x.
+  In eager mode it runs through a plain ``autograd.Function`` (``_TorchLoRA``) with the same
+  math and saved tensors, since the custom op's dispatch costs more than a small layer's BLAS
+  calls on CPU; under ``torch.compile`` it is the custom op.
 
 Either way backward saves x and the M x r shrink S only: no M x N tensor, no dropout mask
 (it is regenerated from a per-call seed: Philox in the kernels, four 16-bit draws per 64-bit
