@@ -117,6 +117,29 @@ def test_torch_path_dropout_mask_statistics(p):
     assert abs((keep != other).double().mean().item() - 2 * p * q) < 5 * (2 * p * q / n) ** 0.5
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eager_torch_path_equals_the_custom_op(dtype, p):
+    """In eager mode the torch path runs a plain autograd.Function; the custom op (what torch.compile
+    sees) must give the very same output and gradients, bit for bit, bias and dropout included."""
+    from ptune_rt.ops.lora_linear import lora_linear_fwd
+
+    x, w, b, a, bb = make_case(37, 24, 20, 4, dtype)
+    dy = torch.randn(37, 20).to(dtype)
+    seed = torch.full((1,), 1234, dtype=torch.int64)
+    outs = []
+    for via_op in (False, True):
+        xs, bs, As, Bs = (t.detach().clone().requires_grad_() for t in (x, b, a, bb))
+        if via_op:
+            y, _ = lora_linear_fwd(xs, w, bs, As, Bs, 1.5, p, seed, "torch")
+        else:
+            y = lora_linear(xs, w, bs, As, Bs, 1.5, p, backend="torch", seed=1234)
+        y.backward(dy)
+        outs.append((y.detach(), xs.grad, bs.grad, As.grad, Bs.grad))
+    for name, e, o in zip(("y", "dx", "dbias", "dA", "dB"), *outs):
+        assert torch.equal(e, o), name
+
+
 def test_op_rejects_bad_input():
     x, w, b, a, bb = make_case(4, 8, 6, 2, torch.float32)
     with pytest.raises(TypeError, match="dtype"):
