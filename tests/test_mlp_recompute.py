@@ -76,6 +76,28 @@ def test_same_loss_and_gradients_bit_for_bit(factory, dropout):
         assert torch.equal(grads_p[n], grads_f[n]), n
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_half_base_and_checkpointing_bit_for_bit(checkpointing):
+    """A bfloat16 base with fp32 adapters (PEFT's default) and dropout, with and without HF's
+    (non-reentrant) gradient checkpointing, which reruns the forward in backward."""
+    base = tiny_llama(dtype=torch.bfloat16)
+    plain = ptune_rt.apply(copy.deepcopy(base), lora(False, dropout=0.1))
+    fused = ptune_rt.apply(copy.deepcopy(base), lora(True, dropout=0.1))
+    randomize_lora_b(plain)
+    fused.load_state_dict(plain.state_dict())
+    assert fused.model.layers[0].mlp.down_proj.lora_A["default"].weight.dtype == torch.float32
+    if checkpointing:
+        for m in (plain, fused):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = input_ids(batch=2, seq=9)
+    loss_p, grads_p = train_step(plain, ids)
+    loss_f, grads_f = train_step(fused, ids)
+    assert torch.equal(loss_p, loss_f)
+    for n in grads_p:
+        assert torch.equal(grads_p[n], grads_f[n]), n
+
+
 def test_triton_backend_bit_for_bit_under_the_interpreter():
     plain, fused = pair(lambda: tiny_llama(layers=1), dropout=0.1, backend="triton",
                         target_modules=["gate_proj", "up_proj", "down_proj"])
