@@ -487,23 +487,17 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptune_rt.bench.runner import add_common_arguments
+
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite mixed-tasks",
         description="Serving several prompt- / prefix-tuned tasks in one batch: ptune-rt's mixed batch vs HF PEFT "
                     "task by task, on a Llama-like model with random weights (throughput, ops, equality).")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--repeats", type=int, default=5,
                    help=f"timed runs per variant, >= {MIN_REPEATS} (median reported; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
-                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
-    p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for --wait-for-load (s)")
+    add_common_arguments(p, max_wait=1800.0)
     return p
 
 

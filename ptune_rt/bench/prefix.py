@@ -1121,14 +1121,12 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptune_rt.bench.runner import add_common_arguments
+
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite prefix",
         description="Prefix-tuning benchmark + equality report: HF PEFT vs ptune-rt's fused prefix attention on a "
                     "Llama-like model with random weights, side by side in one run.")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant and case (median; default 5)")
     p.add_argument("--long-train-repeats", type=int, default=None, metavar="N",
                    help="timed runs of the training step at the longest sequence (default: --repeats)")
@@ -1139,11 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated prefix lengths (default: 32,128; --quick: 4,12)")
     p.add_argument("--seqs", default=None, metavar="L,L",
                    help="comma-separated sequence lengths (default: 256,1024; --quick: 24,40)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
-                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
-    p.add_argument("--max-wait", type=float, default=1500.0, help="longest wait for --wait-for-load (s)")
+    add_common_arguments(p, max_wait=1500.0)
     return p
 
 

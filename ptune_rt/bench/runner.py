@@ -438,6 +438,20 @@ def evaluate_targets(results: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 
 
+def add_common_arguments(p: argparse.ArgumentParser, *, max_wait: float) -> None:
+    """The options every ``ptune-rt bench`` suite takes, with one meaning each: --quick, --out,
+    --device, --threads, --no-progress, --wait-for-load and --max-wait (default ``max_wait``)."""
+    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
+                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
+    p.add_argument("--max-wait", type=float, default=max_wait, help="longest wait for --wait-for-load (s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptune-rt bench",
@@ -447,23 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lora (this benchmark, the default), mixed-tasks (several prompt-/prefix-tuned tasks in one "
                         "batch vs PEFT task by task: ptune-rt bench --suite mixed-tasks --help) or prefix "
                         "(prefix tuning through the fused prefix attention vs PEFT: ptune-rt bench --suite prefix --help)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
-                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
-    p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for --wait-for-load (s)")
     p.add_argument("--quiet-gate", type=float, default=None, metavar="IDLE",
                    help="CPU runs: before every timed round wait (up to --gate-max-wait s) until the CPUs were at "
                         "least this fraction idle over one second, e.g. 0.9 (Linux; default: off)")
     p.add_argument("--gate-max-wait", type=float, default=120.0, help="longest wait per round for --quiet-gate (s)")
+    add_common_arguments(p, max_wait=1800.0)
     return p
 
 
