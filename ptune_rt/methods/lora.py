@@ -350,24 +350,29 @@ class LoRALinear(nn.Module):
             y = self._inference_forward(x)
             if y is not None:
                 return y
-        name = self.active_adapter
-        if self.merged or self.disabled or name not in self.lora_A:
+        args = self._op_args()
+        if args is None:
             return self.base_layer(x)
-        p = self.lora_dropout_p[name] if self.training else 0.0
-        return lora_linear(x, self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
-                           self.lora_B[name].weight, self.scaling[name], p, backend=self.backend)
+        return lora_linear(x, *args, backend=self.backend)
 
     def forward_swiglu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``self(F.silu(g) * u)``; when autograd records, through :func:`lora_linear_swiglu`, which
         saves g and u instead of silu(g), u and the product. Hooks registered on this layer still
         run: a hooked layer takes the plain path."""
-        name = self.active_adapter
-        if (self.merged or self.disabled or name not in self.lora_A or not torch.is_grad_enabled()
-                or _has_hooks(self)):
+        args = self._op_args() if torch.is_grad_enabled() and not _has_hooks(self) else None
+        if args is None:
             return self(nn.functional.silu(g) * u)
+        return lora_linear_swiglu(g, u, *args, backend=self.backend)
+
+    def _op_args(self) -> Optional[tuple]:
+        """(weight [out, in], bias, A, B, scale, dropout rate) of the active adapter for the op, or
+        None when the base layer alone runs (merged, disabled, or no such adapter)."""
+        name = self.active_adapter
+        if self.merged or self.disabled or name not in self.lora_A:
+            return None
         p = self.lora_dropout_p[name] if self.training else 0.0
-        return lora_linear_swiglu(g, u, self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
-                                  self.lora_B[name].weight, self.scaling[name], p, backend=self.backend)
+        return (self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name], p)
 
     def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The decode-step path (autograd off), or None for the checked path.

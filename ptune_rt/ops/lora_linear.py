@@ -278,11 +278,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         y, _ = _torch_forward(x2, weight, bias, lora_a, lora_b, float(scale), 0.0, 0)
         return y.reshape(*lead, weight.shape[0])
     seed_t = _seed_tensor(dropout_p, seed)
-    if chosen == "torch" and not torch.compiler.is_compiling():
-        # Eager torch path: the same math through a plain autograd.Function. The custom op's
-        # dispatch (Python impl behind the dispatcher, its autograd wrapper, the backward op) costs
-        # about 170 us per linear per training step on CPU, more than a small layer's matmuls;
-        # torch.compile still sees the custom op.
+    if _eager_torch(chosen):
         y = _TorchLoRA.apply(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t)
     else:
         y, _ = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
@@ -290,14 +286,41 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     return y.reshape(*lead, weight.shape[0])
 
 
+def _eager_torch(backend: str) -> bool:
+    """Whether the torch path runs its math directly (inside a plain ``autograd.Function``) rather
+    than through the custom op: in eager mode. The custom op's dispatch (Python impl behind the
+    dispatcher, its autograd wrapper, the backward op) costs about 170 us per linear per training
+    step on CPU, more than a small layer's matmuls; torch.compile still sees the custom op."""
+    return backend == "torch" and not torch.compiler.is_compiling()
+
+
+def _fwd(eager: bool, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend):
+    """(y, S, seed for backward): the torch math directly when ``eager`` (the seed as a Python int,
+    so nothing extra is saved), else the custom op (the seed stays a tensor)."""
+    if eager:
+        seed = int(seed_t.item()) if dropout_p > 0 else 0  # no mask, no seed to read
+        y, S = _torch_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        return y, S, seed
+    y, S = lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend)
+    return y, S, seed_t
+
+
+def _bwd(eager: bool, dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, backend, need_dx):
+    """(dx or None, dA, dB in the adapters' dtype), the counterpart of :func:`_fwd`."""
+    if eager:
+        dx, da, db = _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx)
+        return dx, da.to(lora_a.dtype), db.to(lora_b.dtype)
+    dx, da, db = lora_linear_bwd(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, backend, need_dx)
+    return (dx if need_dx else None), da, db
+
+
 class _TorchLoRA(torch.autograd.Function):
     """The torch path of ``lora_linear_fwd`` / ``_bwd`` for eager mode (identical math, saved
-    tensors and results; see :func:`lora_linear`)."""
+    tensors and results; see :func:`_eager_torch`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t):
-        seed = int(seed_t.item()) if dropout_p > 0 else 0  # no mask, no seed to read
-        y, S = _torch_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        y, S, seed = _fwd(True, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, "torch")
         ctx.save_for_backward(x, S, weight, lora_a, lora_b)
         ctx.args = (scale, dropout_p, seed, bias is not None)
         return y
@@ -308,10 +331,9 @@ class _TorchLoRA(torch.autograd.Function):
         scale, dropout_p, seed, has_bias = ctx.args
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
-        dx, da, db = _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, need_x)
+        dx, da, db = _bwd(True, dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, "torch", need_x)
         dbias = dy.sum(0) if (has_bias and need_bias) else None
-        return (dx if need_x else None, None, dbias, da.to(lora_a.dtype) if need_a else None,
-                db.to(lora_b.dtype) if need_b else None, None, None, None)
+        return (dx, None, dbias, da if need_a else None, db if need_b else None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,34 +353,29 @@ class _SwiGLULoRA(torch.autograd.Function):
     def forward(ctx, g, u, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend):
         h = torch.nn.functional.silu(g) * u
         lead = h.shape[:-1]
-        h2 = h.reshape(-1, h.shape[-1])
-        ctx.eager_torch = backend == "torch" and not torch.compiler.is_compiling()  # see _TorchLoRA
-        if ctx.eager_torch:
-            ctx.seed = int(seed_t.item()) if dropout_p > 0 else 0
-            y, S = _torch_forward(h2, weight, bias, lora_a, lora_b, scale, dropout_p, ctx.seed)
+        ctx.eager = _eager_torch(backend)
+        y, S, seed = _fwd(ctx.eager, h.reshape(-1, h.shape[-1]), weight, bias, lora_a, lora_b, scale, dropout_p,
+                          seed_t, backend)
+        if ctx.eager:  # an int: nothing to save
+            ctx.seed = seed
             ctx.save_for_backward(g, u, S, weight, lora_a, lora_b)
         else:
-            y, S = lora_linear_fwd(h2, weight, bias, lora_a, lora_b, scale, dropout_p, seed_t, backend)
-            ctx.save_for_backward(g, u, S, weight, lora_a, lora_b, seed_t)
+            ctx.save_for_backward(g, u, S, weight, lora_a, lora_b, seed)
         ctx.args = (scale, dropout_p, backend, bias is not None)
         return y.reshape(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         g, u, S, weight, lora_a, lora_b = ctx.saved_tensors[:6]
+        seed = ctx.seed if ctx.eager else ctx.saved_tensors[6]
         scale, dropout_p, backend, has_bias = ctx.args
         need_g, need_u, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         silu = torch.nn.functional.silu(g)
         h = silu * u
-        h2 = h.reshape(-1, h.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         need_h = need_g or need_u
-        if ctx.eager_torch:
-            dh, da, db = _torch_backward(dy2, h2, S, weight, lora_a, lora_b, scale, dropout_p, ctx.seed, need_h)
-            da, db = da.to(lora_a.dtype), db.to(lora_b.dtype)
-        else:
-            dh, da, db = lora_linear_bwd(dy2, h2, S, weight, lora_a, lora_b, scale, dropout_p, ctx.saved_tensors[6],
-                                         backend, need_h)
+        dh, da, db = _bwd(ctx.eager, dy2, h.reshape(-1, h.shape[-1]), S, weight, lora_a, lora_b, scale, dropout_p,
+                          seed, backend, need_h)
         dg = du = None
         if need_h:
             dh = dh.view(h.shape)
