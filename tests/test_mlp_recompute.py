@@ -41,6 +41,18 @@ def train_step(model, ids, seed=7):
     return loss.detach(), grads
 
 
+def assert_same_step(plain, fused, ids) -> dict:
+    """One training step of each, same seed: the loss and every gradient bit for bit; returns the
+    gradients."""
+    loss_p, grads_p = train_step(plain, ids)
+    loss_f, grads_f = train_step(fused, ids)
+    assert torch.equal(loss_p, loss_f)
+    assert set(grads_p) == set(grads_f)
+    for n in grads_p:
+        assert torch.equal(grads_p[n], grads_f[n]), n
+    return grads_p
+
+
 def saved_bytes(model, ids) -> int:
     """Unique storages autograd saves during one training step (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -68,12 +80,7 @@ def test_same_loss_and_gradients_bit_for_bit(factory, dropout):
     assert not any(isinstance(m, RecomputeSwiGLUMixin) for m in plain.modules())
     assert sum(isinstance(m, RecomputeSwiGLUMixin) for m in fused.modules()) == 2
     ids = input_ids(batch=2, seq=9)
-    loss_p, grads_p = train_step(plain, ids)
-    loss_f, grads_f = train_step(fused, ids)
-    assert torch.equal(loss_p, loss_f)
-    assert set(grads_p) == set(grads_f) and len(grads_p) == 2 * 7 * 2
-    for n in grads_p:
-        assert torch.equal(grads_p[n], grads_f[n]), n
+    assert len(assert_same_step(plain, fused, ids)) == 2 * 7 * 2
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
@@ -81,32 +88,20 @@ def test_same_loss_and_gradients_bit_for_bit(factory, dropout):
 def test_half_base_and_checkpointing_bit_for_bit(checkpointing):
     """A bfloat16 base with fp32 adapters (PEFT's default) and dropout, with and without HF's
     (non-reentrant) gradient checkpointing, which reruns the forward in backward."""
-    base = tiny_llama(dtype=torch.bfloat16)
-    plain = ptune_rt.apply(copy.deepcopy(base), lora(False, dropout=0.1))
-    fused = ptune_rt.apply(copy.deepcopy(base), lora(True, dropout=0.1))
-    randomize_lora_b(plain)
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = pair(lambda: tiny_llama(dtype=torch.bfloat16), dropout=0.1)
     assert fused.model.layers[0].mlp.down_proj.lora_A["default"].weight.dtype == torch.float32
     if checkpointing:
         for m in (plain, fused):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = input_ids(batch=2, seq=9)
-    loss_p, grads_p = train_step(plain, ids)
-    loss_f, grads_f = train_step(fused, ids)
-    assert torch.equal(loss_p, loss_f)
-    for n in grads_p:
-        assert torch.equal(grads_p[n], grads_f[n]), n
+    assert_same_step(plain, fused, ids)
 
 
 def test_triton_backend_bit_for_bit_under_the_interpreter():
     plain, fused = pair(lambda: tiny_llama(layers=1), dropout=0.1, backend="triton",
                         target_modules=["gate_proj", "up_proj", "down_proj"])
     ids = input_ids(batch=2, seq=5)
-    loss_p, grads_p = train_step(plain, ids)
-    loss_f, grads_f = train_step(fused, ids)
-    assert torch.equal(loss_p, loss_f)
-    for n in grads_p:
-        assert torch.equal(grads_p[n], grads_f[n]), n
+    assert_same_step(plain, fused, ids)
 
 
 def test_saves_two_intermediate_tensors_fewer_per_layer():
@@ -150,10 +145,9 @@ def test_hooks_on_the_down_projection_still_fire():
     seen = []
     fused.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
     ids = input_ids(batch=2, seq=9)
-    loss_p, grads_p = train_step(plain, ids)
-    loss_f, grads_f = train_step(fused, ids)
+    assert_same_step(plain, fused, ids)
     assert seen == [torch.Size([2, 9, plain.config.intermediate_size])]
-    assert torch.equal(loss_p, loss_f)
+    loss_p = train_step(plain, ids)[0]
     # a forward wrapped on the instance (as accelerate's device-placement hooks do) is called too
     down = fused.model.layers[1].mlp.down_proj
     inner, calls = down.forward, []
