@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ptune_rt.methods._config import config_kwargs
 from ptune_rt.ops.lora_linear import (_ZERO_SEED, BACKENDS, _check_inputs, _torch_forward, lora_linear,
                                       lora_linear_fwd, lora_linear_swiglu, resolve_backend)
 
@@ -91,15 +92,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
-        d = dict(d)
-        method = d.pop("method", "lora")
-        if method != "lora":
-            raise ValueError(f"not a LoRA config: method={method!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown LoRAConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**config_kwargs(cls, d, "lora", "LoRA config"))
 
     @classmethod
     def from_json(cls, s: str) -> "LoRAConfig":

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ptune_rt.methods._config import config_kwargs
 from ptune_rt.methods.prompt import PromptTable, TaskLinear
 from ptune_rt.ops.lora_linear import BACKENDS
 
@@ -102,17 +103,7 @@ class PrefixConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrefixConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"PrefixConfig.from_dict expects a dict, got {type(d).__name__}")
-        d = dict(d)
-        method = d.pop("method", "prefix")
-        if method != "prefix":
-            raise ValueError(f"not a prefix config: method={method!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown PrefixConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**config_kwargs(cls, d, "prefix", "prefix config"))
 
     @classmethod
     def from_json(cls, s: str) -> "PrefixConfig":

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptune_rt.methods._config import config_kwargs
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
 
@@ -104,14 +105,7 @@ class _ConfigIO:
 
     @classmethod
     def from_dict(cls, d: dict, tokenizer=None):
-        d = dict(d)
-        method = d.pop("method", cls.METHOD)
-        if method != cls.METHOD:
-            raise ValueError(f"not a {cls.__name__}: method={method!r}, expected {cls.METHOD!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        d = config_kwargs(cls, d, cls.METHOD, cls.__name__)
         if tokenizer is not None:
             d["tokenizer"] = tokenizer
         return cls(**d)
