@@ -4,8 +4,9 @@ what the prompt-learning methods (prefix, prompt tuning, P-tuning) share: PEFT's
 ``prompt_embeddings`` layout, whole heads, tensor checks and all-or-nothing copies."""
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -93,6 +94,23 @@ def match_heads(view: dict[str, nn.Module], head_names: Iterable[str], dotted: b
 def exact_regex(names: Iterable[str]) -> str:
     """A ``target_modules`` regex matching exactly these module names (and nothing else)."""
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def config_from_ptune(d: dict, source: str, backend: Optional[str], cls, what: str,
+                      build: Optional[Callable[[dict], Any]] = None):
+    """The config object of an own-format checkpoint (``d["config"]``, built by ``build``, default
+    ``cls.from_dict``), with ``backend`` swapped in when given; anything wrong is an AdapterError
+    naming ``source``."""
+    cfg = d.get("config")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{source}: 'config' must be an object with the {cls.__name__} fields, got {cfg!r}")
+    try:
+        config = build(cfg) if build is not None else cls.from_dict(cfg)
+        if backend is not None:
+            config = dataclasses.replace(config, backend=backend)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{source}: invalid {what} config: {e}") from e
+    return config
 
 
 def raise_problems(header: str, problems: list[str], limit: int = 20) -> None:

@@ -26,8 +26,8 @@ from ptune_rt import swap
 from ptune_rt.swap import DEFAULT_TARGETS, restore_lora
 
 from . import peft_config
-from .common import (AdapterError, exact_regex, is_linear_like, match_heads, match_targets, model_class,
-                     model_type, module_view, raise_problems, shape_str)
+from .common import (AdapterError, config_from_ptune, exact_regex, is_linear_like, match_heads, match_targets,
+                     model_class, model_type, module_view, raise_problems, shape_str)
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
@@ -225,15 +225,7 @@ def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
 
 def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
     """A LoRASpec from the own format's config dict (``ptune_config.json``)."""
-    cfg = d.get("config")
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{source}: 'config' must be an object with the LoRAConfig fields, got {cfg!r}")
-    try:
-        config = LoRAConfig.from_dict(cfg)
-        if backend is not None:
-            config = dataclasses.replace(config, backend=backend)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{source}: invalid LoRA config: {e}") from e
+    config = config_from_ptune(d, source, backend, LoRAConfig, "LoRA")
     targets = {}
     entries = d.get("targets")
     if not isinstance(entries, list) or not entries:

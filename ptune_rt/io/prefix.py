@@ -34,8 +34,8 @@ from ptune_rt.methods.prefix import PrefixConfig
 
 from . import peft_config
 from .common import (PEFT_HEAD_PREFIX, PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
-                     copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class, model_type, module_view,
-                     prompt_head_destinations, raise_problems, shape_str)
+                     config_from_ptune, copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class,
+                     model_type, module_view, prompt_head_destinations, raise_problems, shape_str)
 
 METHOD = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
@@ -245,15 +245,7 @@ def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
 
 def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
     """A PrefixSpec from the own format's ``ptune_config.json`` dict."""
-    cfg = d.get("config")
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{source}: 'config' must be an object with the PrefixConfig fields, got {cfg!r}")
-    try:
-        config = PrefixConfig.from_dict(cfg)
-        if backend is not None:
-            config = dataclasses.replace(config, backend=backend)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{source}: invalid prefix config: {e}") from e
+    config = config_from_ptune(d, source, backend, PrefixConfig, "prefix")
     fp = d.get("prefix")
     if not isinstance(fp, dict):
         raise AdapterError(f"{source}: 'prefix' must be an object {{num_virtual_tokens, num_layers, num_kv_heads, "

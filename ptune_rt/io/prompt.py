@@ -44,8 +44,8 @@ from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningE
 
 from . import peft_config
 from .common import (PEFT_HEAD_PREFIX, PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
-                     copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class, model_type, module_view,
-                     prompt_head_destinations, raise_problems)
+                     config_from_ptune, copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class,
+                     model_type, module_view, prompt_head_destinations, raise_problems)
 
 #: own method name -> PEFT peft_type
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
@@ -415,16 +415,9 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str], method: str) -
     for e in tokens:
         _int_list(e.get("ids"), f"{where}.tokens[{e['text']!r}].ids")
     cfg = d.get("config")
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{source}: 'config' must be an object with the {cls.__name__} fields, got {cfg!r}")
-    name = cfg.get("tokenizer")
+    name = cfg.get("tokenizer") if isinstance(cfg, dict) else None
     tokenizer = SavedTokens(name if isinstance(name, str) else None, tokens) if tokens or name is not None else None
-    try:
-        config = cls.from_dict(cfg, tokenizer=tokenizer)
-        if backend is not None:
-            config = dataclasses.replace(config, backend=backend)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{source}: invalid {method} config: {e}") from e
+    config = config_from_ptune(d, source, backend, cls, method, lambda c: cls.from_dict(c, tokenizer=tokenizer))
     layout = {"method": method,
               "num_virtual_tokens": int_field(fp, "num_virtual_tokens", where),
               "num_tasks": int_field(fp, "num_tasks", where),
