@@ -1,39 +1,23 @@
 """Smoke test of ``ptune-rt bench --suite mixed-tasks --quick``: every section with finite numbers, the
 markdown report and the plot, equality of the mixed batch with PEFT task by task, op counts. No
 timing assertions (timings on a shared CPU mean nothing here)."""
-import json
 import math
 
 import pytest
 
 from ptune_rt.cli import main as cli_main
 
+from helpers_bench import json_numbers, run_quick
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*right-padding was detected.*")
 
 
-def _numbers(obj, where="results"):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{where}[{i}]")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield where, obj
-
-
 def test_bench_mixed_tasks_quick(tmp_path):
-    rc = cli_main(["bench", "--suite", "mixed-tasks", "--quick", "--out", str(tmp_path), "--repeats", "3",
-                   "--warmup", "0", "--no-progress"])
-    assert rc == 0
-    js, md, png = (tmp_path / f"mixed_tasks_cpu_quick.{ext}" for ext in ("json", "md", "png"))
-    for f in (js, md, png):
-        assert f.is_file() and f.stat().st_size > 0, f
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = json.loads(js.read_text())
+    res, text = run_quick(tmp_path, "mixed_tasks_cpu_quick", "--suite", "mixed-tasks", "--repeats", "3",
+                          "--warmup", "0")
     for sec in ("provenance", "workload", "equality", "ops", "speed", "targets"):
         assert res.get(sec), f"section {sec!r} missing or empty"
-    bad = [(p, v) for p, v in _numbers(res) if not math.isfinite(v)]
+    bad = [(p, v) for p, v in json_numbers(res) if not math.isfinite(v)]
     assert not bad, bad[:5]
     pv = res["provenance"]
     assert pv["device"] == "cpu" and pv["versions"]["peft"] and "--suite mixed-tasks" in pv["command"]
@@ -56,7 +40,6 @@ def test_bench_mixed_tasks_quick(tmp_path):
     # prefix tuning: one fused attention op per layer for all rows and tasks
     assert res["ops"]["prefix_tuning"]["ptune-rt"]["forward"]["custom"] == wl["layers"]
     assert len(res["targets"]) == 4 and {t["unit"] for t in res["targets"]} == {"x"}
-    text = md.read_text()
     for head in ("## Dispatched ops", "## Equality", "throughput ratio", "PASS" if any(
             t["pass"] for t in res["targets"]) else "MISS"):
         assert head in text

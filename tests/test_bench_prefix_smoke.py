@@ -1,40 +1,23 @@
 """Smoke test of ``ptune-rt bench --suite prefix --quick``: every section present with finite numbers, the
 markdown report and the plot. No timing assertions (timings on a shared CPU mean nothing here)."""
-import json
 import math
 
 import pytest
 
 from ptune_rt.cli import main as cli_main
 
+from helpers_bench import json_numbers, run_quick
+
 SECTIONS = ("provenance", "workload", "cases", "generate", "ops", "float64", "attention_flops_model", "analytic",
             "targets")
 
 
-def _numbers(obj, where="results"):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{where}[{i}]")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield where, obj
-
-
 def test_bench_prefix_quick(tmp_path):
-    rc = cli_main(["bench", "--suite", "prefix", "--quick", "--out", str(tmp_path), "--repeats", "2",
-                   "--warmup", "0", "--no-progress"])
-    assert rc == 0
-    js, md, png = (tmp_path / f"prefix_cpu_quick.{ext}" for ext in ("json", "md", "png"))
-    for f in (js, md, png):
-        assert f.is_file() and f.stat().st_size > 0, f
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res, text = run_quick(tmp_path, "prefix_cpu_quick", "--suite", "prefix", "--repeats", "2", "--warmup", "0")
 
-    res = json.loads(js.read_text())
     for sec in SECTIONS:
         assert res.get(sec), f"section {sec!r} missing or empty"
-    nums = list(_numbers(res))
+    nums = list(json_numbers(res))
     assert len(nums) > 200
     bad = [(p, v) for p, v in nums if not math.isfinite(v)]
     assert not bad, bad[:5]
@@ -82,7 +65,6 @@ def test_bench_prefix_quick(tmp_path):
     assert len(res["targets"]) == 3 * len(wl["cases"])
     assert {t["unit"] for t in res["targets"]} == {"x", "tensors"}
 
-    text = md.read_text()
     for head in ("## Targets", "## Bytes saved for backward", "## Dispatched ops", "## Equality",
                  "## Analytic HBM traffic", "Largest saved activations, PEFT", "Largest saved activations, ptune-rt"):
         assert head in text, head

@@ -1,38 +1,19 @@
 """Smoke test of ``ptune-rt bench --quick``: every section is produced, with finite numbers, plus the
 markdown report and the plot. No timing assertions (timings on a shared CPU mean nothing here)."""
-import json
 import math
 
-from ptune_rt.cli import main as cli_main
+from helpers_bench import json_numbers, run_quick
 
 SECTIONS = ("provenance", "workload", "equality", "speed", "memory", "ops", "flops", "analytic", "triton", "targets")
 
 
-def _numbers(obj, where="results"):
-    """Yield (path, number) for every int/float in a JSON tree."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{where}[{i}]")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield where, obj
-
-
 def test_bench_quick_writes_every_section(tmp_path):
-    rc = cli_main(["bench", "--quick", "--out", str(tmp_path), "--repeats", "2", "--warmup", "0", "--no-progress"])
-    assert rc == 0
-    js, md, png = (tmp_path / f"lora_cpu_quick.{ext}" for ext in ("json", "md", "png"))
-    for f in (js, md, png):
-        assert f.is_file() and f.stat().st_size > 0, f
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res, text = run_quick(tmp_path, "lora_cpu_quick", "--repeats", "2", "--warmup", "0")
 
-    res = json.loads(js.read_text())
     for sec in SECTIONS:
         assert res.get(sec), f"section {sec!r} missing or empty"
     assert "error" not in res["triton"], res["triton"]
-    nums = list(_numbers(res))
+    nums = list(json_numbers(res))
     assert len(nums) > 100
     bad = [(p, v) for p, v in nums if not math.isfinite(v)]
     assert not bad, bad[:5]
@@ -50,11 +31,14 @@ def test_bench_quick_writes_every_section(tmp_path):
     mem = res["memory"]
     assert mem["dropout0.1"]["ptune-rt"]["activation_bytes"] < mem["dropout0.1"]["peft"]["activation_bytes"]
     assert mem["dropout0"]["ptune-rt"]["activation_bytes"] > 0
-    # ops: in a training forward ptune-rt's fused op is dispatched once per LoRA linear
+    # ops: every LoRA module runs as a module in a no-grad forward; in a training forward the SwiGLU
+    # MLPs' down projections run inside their MLP (recompute_mlp)
     ops = res["ops"]
     n = ops["n_lora_linears"]
     for step in ("forward", "decode_step", "train_forward", "train_step"):
         assert ops[step]["peft"]["compute"] > 0 and ops[step]["ptune-rt"]["compute"] > 0
+    assert ops["forward"]["ptune-rt"]["lora_module_calls"] == n
+    assert ops["train_forward"]["ptune-rt"]["lora_module_calls"] == n - res["workload"]["layers"]
     # the eager torch path runs a plain autograd.Function (no custom op): mm, mm, addmm_ per linear
     assert ops["train_forward"]["ptune-rt"]["custom"] == 0
     assert ops["train_forward"]["ptune-rt"]["per_lora_linear_compute"] == 3
@@ -74,7 +58,6 @@ def test_bench_quick_writes_every_section(tmp_path):
     # targets are evaluated (PASS or MISS, whatever was measured)
     assert {t["unit"] for t in res["targets"]} <= {"x", "ops"} and len(res["targets"]) == 6
 
-    text = md.read_text()
     for head in ("## Targets", "## Equality", "## Op counts", "## Analytic HBM traffic", "PEFT", "ptune-rt"):
         assert head in text
     assert "model, not a measurement" in text.lower()
