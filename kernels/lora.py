@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (INTERPRET, TORCH_TO_TL, KernelConfig, dropout_keep, fp32_input_precision,
+from ._triton_utils import (INTERPRET, KernelConfig, dropout_keep, fp32_input_precision,
                             launch, mma)
 
 # --------------------------------------------------------------------------------------

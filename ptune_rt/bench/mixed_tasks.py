@@ -26,7 +26,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 METHODS = ("prompt_tuning", "prefix_tuning")
 CASES = ("generate", "forward")

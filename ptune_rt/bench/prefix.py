@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -464,8 +463,6 @@ class PrefixBench:
     # -- one (P, seq) case: bytes saved, training step, forward, equality ------------------------
 
     def case(self, P: int, L: int) -> dict:
-        import torch
-
         from ptune_rt.bench import workload as W
         from ptune_rt.bench.timing import interleaved, summarize
 

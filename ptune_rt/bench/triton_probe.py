@@ -18,8 +18,6 @@ import sys
 def probe() -> dict:
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("run with TRITON_INTERPRET=1")
-    import torch
-
     from ptune_rt.bench import workload as W
     from ptune_rt.bench.opcount import count_ops
     from ptune_rt.kernels import lora as K

@@ -886,7 +886,6 @@ def remove_prompt(model: nn.Module) -> nn.Module:
     if not is_prompt_model(model):
         raise ValueError(f"{type(model).__name__} carries no ptune-rt soft prompt; expected a model from "
                          "ptune_rt.apply(model, PromptTuningConfig(...) or PTuningConfig(...))")
-    fwd = model.__dict__["forward"]
     for name, wrapper_type in (("forward", PromptForward), ("generate", PromptGenerate)):
         wrapper = model.__dict__.get(name)
         if isinstance(wrapper, wrapper_type):
