@@ -18,7 +18,8 @@ import re
 from torch import nn
 
 from ptune_rt.methods.lora import (Conv1D, LoRAConfig, LoRALinear, RecomputeSwiGLUMixin, disable_mlp_recompute,
-                                   enable_mlp_recompute, linear_shape)
+                                   disable_projection_groups, enable_mlp_recompute, enable_projection_groups,
+                                   linear_shape, projection_group_names)
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 
 #: Default targets per model type when ``target_modules`` is None (the same choice PEFT makes).
@@ -312,6 +313,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         _set_submodule(model, n, m)
     if config.recompute_mlp:
         enable_mlp_recompute(model)
+    if config.group_projections:
+        enable_projection_groups(model)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, REQUIRES_GRAD_ATTR, before)
     return model
@@ -368,6 +371,7 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     for n, lora in new.items():  # nothing below can fail on a validated model
         _set_submodule(peft_model, n, lora)
     enable_mlp_recompute(peft_model)  # SwiGLU MLPs: recompute the gated product in backward
+    enable_projection_groups(peft_model)  # q/k/v, gate/up: one shrink, dA and dX per group
     return report(peft_model)
 
 
@@ -502,6 +506,7 @@ def restore_lora(model: nn.Module) -> nn.Module:
     (possibly trained) adapter parameters."""
     mods = _require_swapped(model, "restore")
     disable_mlp_recompute(model)
+    disable_projection_groups(model)
     for m in mods.values():
         m.unmerge()
     for n, m in mods.items():
@@ -524,7 +529,9 @@ def report(model: nn.Module) -> list[dict]:
 
     * LoRA: one row per swapped module (keys: module, method "lora", source, adapter, in_features,
       out_features, r, scaling, dropout, dtype, device, backend, why, merged, recompute_input: True
-      for the down projection of a SwiGLU MLP that recomputes silu(gate) * up in backward).
+      for the down projection of a SwiGLU MLP that recomputes silu(gate) * up in backward,
+      input_group: e.g. "q_proj+k_proj+v_proj" for a layer that trains in a projection group, else
+      None).
     * prefix: one row per self-attention layer carrying the prefix (keys: module, method "prefix",
       source, adapter, layer, num_virtual_tokens, num_tasks, kv_heads, head_dim, prefix_projection,
       position_mode, dtype, device, backend, why, merged False). The backend is the prefix config's,
@@ -538,6 +545,7 @@ def report(model: nn.Module) -> list[dict]:
     """
     rows = []
     recompute = {f"{n}.down_proj" for n, m in model.named_modules() if isinstance(m, RecomputeSwiGLUMixin)}
+    groups = projection_group_names(model)
     for n, m in lora_modules(model).items():
         backend, why = m.backend_choice()
         w = m.base_layer.weight
@@ -546,7 +554,8 @@ def report(model: nn.Module) -> list[dict]:
                      "adapter": name, "in_features": m.in_features, "out_features": m.out_features,
                      "r": m.r.get(name), "scaling": m.scaling.get(name), "dropout": m.lora_dropout_p.get(name),
                      "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device),
-                     "backend": backend, "why": why, "merged": m.merged, "recompute_input": n in recompute})
+                     "backend": backend, "why": why, "merged": m.merged, "recompute_input": n in recompute,
+                     "input_group": groups.get(n)})
     return rows + _prefix_rows(model) + _prompt_rows(model)
 
 

@@ -2,6 +2,8 @@
 markdown report and the plot. No timing assertions (timings on a shared CPU mean nothing here)."""
 import math
 
+import pytest
+
 from helpers_bench import json_numbers, run_quick
 
 SECTIONS = ("provenance", "workload", "equality", "speed", "memory", "ops", "flops", "analytic", "triton", "targets")
@@ -39,9 +41,11 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert ops[step]["peft"]["compute"] > 0 and ops[step]["ptune-rt"]["compute"] > 0
     assert ops["forward"]["ptune-rt"]["lora_module_calls"] == n
     assert ops["train_forward"]["ptune-rt"]["lora_module_calls"] == n - res["workload"]["layers"]
-    # the eager torch path runs a plain autograd.Function (no custom op): mm, mm, addmm_ per linear
+    # the eager torch path runs plain autograd.Functions (no custom op): mm, mm, addmm_ per linear,
+    # but q/k/v and gate/up train as projection groups (one cat of the A's and one shrink per group,
+    # then mm + addmm_ per member): per layer 8 + 3 (o_proj) + 6 ops over the 6 linears run as modules
     assert ops["train_forward"]["ptune-rt"]["custom"] == 0
-    assert ops["train_forward"]["ptune-rt"]["per_lora_linear_compute"] == 3
+    assert ops["train_forward"]["ptune-rt"]["per_lora_linear_compute"] == pytest.approx(17 / 6)
     assert ops["forward"]["peft"]["custom"] == 0
     assert res["triton"]["compute_ops_per_lora_linear_train_forward"] >= 1
     assert res["triton"]["kernel_launches_per_lora_linear_forward"] == 2

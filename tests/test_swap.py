@@ -128,7 +128,7 @@ def test_report_auto_and_triton_reasons():
 
 
 LORA_ROW_KEYS = {"module", "method", "source", "adapter", "in_features", "out_features", "r", "scaling", "dropout",
-                 "dtype", "device", "backend", "why", "merged", "recompute_input"}
+                 "dtype", "device", "backend", "why", "merged", "recompute_input", "input_group"}
 
 
 def test_report_rows_for_prefix_layers():

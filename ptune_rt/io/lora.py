@@ -136,7 +136,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
                             target_modules=_targets_spec(model, view, list(mods), cfg0),
                             bias=cfg0.bias if cfg0 is not None else "none", use_rslora=use_rslora,
                             init=cfg0.init if cfg0 is not None else "default", backend=backend,
-                            recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True)
+                            recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True,
+                            group_projections=cfg0.group_projections if cfg0 is not None else True)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"the model's LoRA adapter cannot be described by a LoRAConfig: {e}") from e
 

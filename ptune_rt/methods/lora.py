@@ -16,7 +16,8 @@ from torch import nn
 
 from ptune_rt.methods._config import config_kwargs
 from ptune_rt.ops.lora_linear import (_ZERO_SEED, BACKENDS, _check_inputs, _torch_forward, lora_linear,
-                                      lora_linear_fwd, lora_linear_swiglu, resolve_backend)
+                                      lora_linear_fwd, lora_linear_group, lora_linear_swiglu,
+                                      resolve_backend)
 
 try:  # GPT-2 style Conv1D: weight is [in_features, out_features]
     from transformers.pytorch_utils import Conv1D
@@ -44,6 +45,10 @@ class LoRAConfig:
         whose down projection is a target, keep only gate(x) and up(x) for backward and recompute
         silu and the product there: two fewer [tokens, intermediate] tensors saved per layer, the
         same gradients bit for bit, one extra silu and product per layer in backward.
+    group_projections: targets that read one input in one block (q/k/v, gate/up; query/key/value)
+        run as a group on the eager torch path while training without dropout: one shrink GEMM,
+        one dA GEMM and one dX buffer for all of them (results within fp rounding of separate
+        layers, not bit for bit). Other paths are unaffected.
     """
 
     r: int = 8
@@ -55,6 +60,7 @@ class LoRAConfig:
     init: str = "default"
     backend: str = "auto"
     recompute_mlp: bool = True
+    group_projections: bool = True
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -74,8 +80,9 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {INIT_MODES}, got {self.init!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"LoRAConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.recompute_mlp, bool):
-            raise ValueError(f"LoRAConfig.recompute_mlp must be True or False, got {self.recompute_mlp!r}")
+        for flag in ("recompute_mlp", "group_projections"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoRAConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str) and not all(isinstance(t, str) and t for t in tm):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
@@ -170,6 +177,8 @@ class LoRALinear(nn.Module):
         self.disabled = False
         self._merge_record: Optional[_MergeRecord] = None
         self._inference_cache: Optional[tuple] = None  # see _inference_forward
+        self._group: Optional[tuple] = None  # sibling projections of one input: see _grouped_forward
+        self._stash: Optional[tuple] = None  # (input, output) a sibling computed for this layer
 
     @classmethod
     def from_adapter_modules(cls, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, *,
@@ -343,6 +352,10 @@ class LoRALinear(nn.Module):
             y = self._inference_forward(x)
             if y is not None:
                 return y
+        elif self._group is not None:
+            y = self._grouped_forward(x)
+            if y is not None:
+                return y
         args = self._op_args()
         if args is None:
             return self.base_layer(x)
@@ -366,6 +379,48 @@ class LoRALinear(nn.Module):
         p = self.lora_dropout_p[name] if self.training else 0.0
         return (self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                 self.scaling[name], p)
+
+    def _grouped_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Training path of a layer in a projection group (q/k/v or gate/up of one block, see
+        :func:`enable_projection_groups`), or None for the layer's own path.
+
+        The first member called computes every member's output in one :func:`lora_linear_group`
+        and leaves each sibling its output with the input it was computed for; a sibling then
+        called with that very tensor returns it (its own hooks run as usual, around this forward).
+        The group only runs when every member would take the eager torch path without dropout, in
+        x's dtype, without hooks. A sibling called with another tensor, or never called, shows that
+        the model does not feed these layers one input: the group is switched off for good (the
+        call that finds out runs on its own, so results never depend on it)."""
+        grp = self._group
+        st = self._stash
+        if st is not None:
+            self._stash = None
+            if st[0] is x:
+                return st[1]
+            _ungroup(grp)  # computed for another input: these layers do not share one
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        members = []
+        for m in grp:
+            if m._stash is not None:  # a sibling never came for its last output: same conclusion
+                _ungroup(grp)
+                return None
+            if _has_hooks(m):
+                return None
+            args = m._op_args()
+            if (args is None or args[5] != 0.0 or m.backend_choice()[0] != "torch"
+                    or not (x.dtype == args[0].dtype == args[2].dtype == args[3].dtype)):
+                return None
+            members.append(args[:5])
+        outs = lora_linear_group(x, members)
+        mine = None
+        for m, y in zip(grp, outs):
+            if m is self:
+                mine = y
+            else:
+                m._stash = (x, y)
+        return mine
 
     def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The decode-step path (autograd off), or None for the checked path.
@@ -438,6 +493,7 @@ class LoRALinear(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state["_inference_cache"] = None
+        state["_stash"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -504,6 +560,12 @@ class RecomputeSwiGLUMixin:
     def forward(self, x):
         return self.down_proj.forward_swiglu(self.gate_proj(x), self.up_proj(x))
 
+    def __reduce_ex__(self, protocol):
+        # the subclass is made at run time, so pickle cannot look it up by name: rebuild it from
+        # the plain class (deepcopy and torch.save of the whole model go through here)
+        rv = super().__reduce_ex__(protocol)
+        return (_new_recompute_instance, (self._ptune_rt_plain_class,)) + tuple(rv[2:])
+
 
 _fused_mlp_classes: dict[type, type] = {}
 
@@ -514,6 +576,10 @@ def _recompute_class(cls: type) -> type:
                                        {"__module__": __name__, "__qualname__": f"Recompute{cls.__qualname__}",
                                         "_ptune_rt_plain_class": cls})
     return _fused_mlp_classes[cls]
+
+
+def _new_recompute_instance(plain_cls: type):
+    return object.__new__(_recompute_class(plain_cls))
 
 
 def swiglu_mlps(model: nn.Module) -> dict[str, nn.Module]:
@@ -549,3 +615,51 @@ def disable_mlp_recompute(model: nn.Module) -> None:
 
 def mlp_recompute_active(mlp: nn.Module) -> bool:
     return isinstance(mlp, RecomputeSwiGLUMixin)
+
+
+# ----------------------------------------------------------------------------------------
+# projection groups: siblings that read one input share the shrink, dA and dX
+# ----------------------------------------------------------------------------------------
+
+#: Attribute names of the projections that read one input inside one transformers block.
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def enable_projection_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Link the ``LoRALinear`` siblings of every block that read one input (the names in
+    :data:`PROJECTION_GROUPS`, two or more of them swapped, one in_features): in training they run
+    as one :func:`~ptune_rt.ops.lora_linear.lora_linear_group` (see ``LoRALinear._grouped_forward``).
+    Returns the groups as tuples of full module names."""
+    found = []
+    for n, parent in model.named_modules():
+        for names in PROJECTION_GROUPS:
+            mods = [(a, getattr(parent, a, None)) for a in names]
+            mods = [(a, m) for a, m in mods if isinstance(m, LoRALinear)]
+            if len(mods) < 2 or len({m.in_features for _, m in mods}) != 1:
+                continue
+            grp = tuple(m for _, m in mods)
+            for m in grp:
+                m._group, m._stash = grp, None
+            found.append(tuple(f"{n}.{a}" if n else a for a, _ in mods))
+    return found
+
+
+def _ungroup(grp) -> None:
+    for m in grp:
+        m._group = m._stash = None
+
+
+def disable_projection_groups(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m._group = m._stash = None
+
+
+def projection_group_names(model: nn.Module) -> dict[str, str]:
+    """Module name -> "+"-joined names of its group's members (short names), for ``report``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m._group is not None:
+            out[n] = "+".join(names.get(id(g), "?").rpartition(".")[2] for g in m._group)
+    return out
