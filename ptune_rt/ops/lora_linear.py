@@ -380,13 +380,14 @@ class _TorchLoRAGroup(torch.autograd.Function):
         x2, S, acat, *rest = ctx.saved_tensors
         ws, Bs = rest[:n], rest[n:]
         need = ctx.needs_input_grad
-        grads: list = [None, None]
+        grads: list = [None, None]  # x, scales; then (weight, bias, A, B) per member from index 2
+        slots = range(2, 2 + 4 * n, 4)  # where each member's four start
         dx, Gs, off = None, [], 0
-        for i, (dy, w, lb, s, r) in enumerate(zip(dys, ws, Bs, scales, ranks)):
+        for j, dy, w, lb, s, r, hb in zip(slots, dys, ws, Bs, scales, ranks, has_bias):
             dy = dy.reshape(-1, dy.shape[-1]).contiguous()
             Gs.append((dy @ lb).mul_(s))  # [M, r_i], the scale folded in
-            db = (S[:, off:off + r].t() @ dy).mul_(s).t().contiguous() if need[2 + 4 * i + 3] else None
-            dbias = dy.sum(0) if has_bias[i] and need[2 + 4 * i + 1] else None
+            db = (S[:, off:off + r].t() @ dy).mul_(s).t().contiguous() if need[j + 3] else None
+            dbias = dy.sum(0) if hb and need[j + 1] else None
             grads += [None, dbias, None, db]
             if need[0]:
                 if dx is None:
@@ -395,12 +396,12 @@ class _TorchLoRAGroup(torch.autograd.Function):
                     dx.addmm_(dy, w)
             off += r
         G = torch.cat(Gs, 1) if n > 1 else Gs[0]
-        if any(need[2 + 4 * i + 2] for i in range(n)):
+        if any(need[j + 2] for j in slots):
             da = G.t() @ x2
             off = 0
-            for i, r in enumerate(ranks):
-                if need[2 + 4 * i + 2]:
-                    grads[2 + 4 * i + 2] = da[off:off + r]
+            for j, r in zip(slots, ranks):
+                if need[j + 2]:
+                    grads[j + 2] = da[off:off + r]
                 off += r
         if dx is not None:
             dx.addmm_(G, acat)
