@@ -21,7 +21,9 @@ setup(
         # 2.13.0 is the CPU build used in CI; any 2.5+ with torch.library.custom_op works.
         "torch>=2.5,<2.15",
         "triton>=3.1",
-        "transformers>=4.56",
+        # 5.24 reworked the cache and decode-time mask plumbing (past_key_values -> cache); the
+        # prefix / prompt glue is validated against releases up to 5.23
+        "transformers>=4.56,<5.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
     ],

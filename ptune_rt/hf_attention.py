@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ptune_rt._cache_names import cache_from_kwargs
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
 from ptune_rt.ops.prefix_attention import prefix_attention
@@ -313,7 +314,7 @@ def _shifted_positions(state: PrefixState, kwargs: dict):
     if ref is None:
         return None
     L = ref.shape[1] if ref.dim() >= 2 else ref.shape[-1]
-    cache = kwargs.get("past_key_values")
+    cache = cache_from_kwargs(kwargs)
     past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
     pos = kwargs.get("position_ids")
     limit = state.position_limit

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptune_rt._cache_names import cache_from_kwargs, cache_from_output
 from ptune_rt.methods._config import config_kwargs
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
@@ -586,13 +587,13 @@ class PromptForward:
             if name in kwargs:
                 raise TypeError(f"forward got multiple values for argument {name!r}")
             kwargs[name] = a
-        past = kwargs.get("past_key_values")
+        past = cache_from_kwargs(kwargs)
         past_len = _cache_length(past)
         if past_len > 0:
             return self._call_model(self._decode(kwargs, past, past_len))
         kwargs, layout = self._prefill(kwargs, task_ids)
         out = self._call_model(kwargs)
-        cache = past if past is not None else getattr(out, "past_key_values", None)
+        cache = past if past is not None else cache_from_output(out)
         if cache is not None and not isinstance(cache, (tuple, list)):
             try:
                 setattr(cache, LAYOUT_ATTR, layout)
@@ -697,7 +698,7 @@ class PromptForward:
         if kw.get("token_type_ids") is not None:
             tt = kw["token_type_ids"]
             out["token_type_ids"] = torch.where(is_tmpl, torch.zeros_like(col), tt.gather(1, col).long()).to(tt.dtype)
-        self._check_static_cache(kw.get("past_key_values"), L + E)
+        self._check_static_cache(cache_from_kwargs(kw), L + E)
         return out, (n_left, end, pad_before, L)
 
     def _check_static_cache(self, past, needed: int) -> None:
