@@ -28,6 +28,8 @@ def test_bench_quick_writes_every_section(tmp_path):
         d = res["speed"][case]
         assert {"peft", "ptune-rt"} <= set(d["variants"]) and d["speedup"] > 0
         assert len(d["variants"]["peft"]["runs_s"]) == 2
+        lo, hi = d["speedup_ci95"]
+        assert lo <= d["speedup"] <= hi
     assert res["speed"]["generate_per_token"]["same_tokens_ptune_vs_peft"]
     # bytes saved for backward: dropout regenerated from a seed saves less than PEFT's dropout copy
     mem = res["memory"]

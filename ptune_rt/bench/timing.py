@@ -7,6 +7,7 @@ On CUDA each call is bracketed by CUDA events after a synchronize.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable, Optional
@@ -125,11 +126,30 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     return times
 
 
+def bootstrap_ratio_ci(baseline: list[float], candidate: list[float], level: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Confidence interval of median(baseline) / median(candidate) by a paired bootstrap: the
+    interleaved rounds (one run of each variant) are resampled with replacement, so round-to-round
+    drift of the machine moves both sides together. Deterministic for a given ``seed``."""
+    if len(baseline) != len(candidate) or not baseline:
+        raise ValueError(f"baseline and candidate must be paired runs of one length, got {len(baseline)} "
+                         f"and {len(candidate)}")
+    rng = random.Random(seed)
+    n = len(baseline)
+    ratios = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(baseline[i] for i in idx) / statistics.median(candidate[i] for i in idx))
+    ratios.sort()
+    tail = (1.0 - level) / 2
+    return ratios[int(tail * (resamples - 1))], ratios[int(round((1.0 - tail) * (resamples - 1)))]
+
+
 def summarize(times: dict[str, list[float]], baseline: str = "peft", candidate: str = "ptune-rt",
               per: float = 1.0, cpu_times: Optional[dict[str, list[float]]] = None) -> dict:
     """Medians (divided by ``per``, e.g. tokens), spread, and the speed ratio baseline / candidate.
 
-    Besides the ratio of medians (the headline), the ratio of the fastest runs (contention only
+    Besides the ratio of medians (the headline) and its 95% paired-bootstrap interval, the ratio of the fastest runs (contention only
     ever slows a run down, so minima are the least disturbed) and, on CPU, the ratio of median
     process CPU times are reported.
     """
@@ -151,6 +171,8 @@ def summarize(times: dict[str, list[float]], baseline: str = "peft", candidate: 
         out["speedup_paired_min"] = min(paired)
         out["speedup_paired_max"] = max(paired)
         out["speedup_of_minima"] = min(times[baseline]) / min(times[candidate])
+        if len(times[baseline]) == len(times[candidate]):
+            out["speedup_ci95"] = list(bootstrap_ratio_ci(times[baseline], times[candidate]))
         if "base" in times:  # what an adapter costing nothing at all would reach
             out["ceiling_speedup_zero_cost_adapter"] = mb / out["variants"]["base"]["median_s"]
         if cpu_times and baseline in cpu_times and candidate in cpu_times:
