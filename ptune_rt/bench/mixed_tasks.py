@@ -326,6 +326,8 @@ def _ms(s) -> str:
 
 
 def markdown(results: dict) -> str:
+    from ptune_rt.bench.report import ci_cell
+
     pv, wl = results["provenance"], results["workload"]
     v = pv["versions"]
     commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
@@ -351,9 +353,9 @@ def markdown(results: dict) -> str:
                 "competed for the cores, so the timings are noisy (interleaved runs and medians, but treat small "
                 "ratios with care).", ""]
     out += ["| Method | Case | PEFT task by task (median ms) | ptune-rt mixed batch (median ms) | base, no adapter "
-            "(median ms) | PEFT tokens/s | ptune-rt tokens/s | throughput ratio | fastest runs ratio | CPU-time ratio | "
-            "ceiling: PEFT / base | Target | Result |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+            "(median ms) | PEFT tokens/s | ptune-rt tokens/s | throughput ratio | 95% interval | fastest runs ratio | "
+            "CPU-time ratio | ceiling: PEFT / base | Target | Result |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     targets = {t["target"]: t for t in results.get("targets", [])}
     for method, cases in results.get("speed", {}).items():
         for case in CASES:
@@ -367,7 +369,7 @@ def markdown(results: dict) -> str:
             ceiling = d.get("ceiling_speedup_zero_cost_adapter")
             out.append(f"| {method} | {case} | {_ms(d['variants']['peft']['median_s'])} | "
                        f"{_ms(d['variants']['ptune-rt']['median_s'])} | {_ms(base['median_s']) if base else '–'} | "
-                       f"{tp['peft']:.0f} | {tp['ptune-rt']:.0f} | **{d['throughput_ratio']:.2f}x** | "
+                       f"{tp['peft']:.0f} | {tp['ptune-rt']:.0f} | **{d['throughput_ratio']:.2f}x** | {ci_cell(d)} | "
                        f"{d['speedup_of_minima']:.2f}x | {f'{cpu:.2f}x' if cpu else '–'} | "
                        f"{f'{ceiling:.2f}x' if ceiling else '–'} | "
                        f"{t['goal'] if t else ''} | {('PASS' if t['pass'] else 'MISS') if t else ''} |")

@@ -826,13 +826,13 @@ def _targets_md(results) -> list[str]:
 
 
 def _timing_md(results) -> list[str]:
-    from ptune_rt.bench.report import _ms, _x
+    from ptune_rt.bench.report import _ms, _x, ci_cell
 
     out = ["| P | seq | case | variant | median ms | min ms | max ms | median CPU ms | runs (ms) |",
            "|---:|---:|---|---|---:|---:|---:|---:|---|"]
-    ratios = ["| P | seq | case | ratio of medians (headline) | median of paired ratios | paired min / max | "
-              "ratio of fastest runs | ratio of median CPU times | load before the case |",
-              "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    ratios = ["| P | seq | case | ratio of medians (headline) | 95% interval | median of paired ratios | "
+              "paired min / max | ratio of fastest runs | ratio of median CPU times | load before the case |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [(c["P"], c["seq"], k, c["speed"][k], c.get("load_average_before")) for c in results.get("cases", [])
             for k in SPEED_CASES]
     rows += [(P, "–", "generate / token", d, None) for P, d in (results.get("generate") or {}).items()]
@@ -841,11 +841,12 @@ def _timing_md(results) -> list[str]:
             runs = ", ".join(f"{t * 1e3:.0f}" if t > 0.1 else f"{t * 1e3:.1f}" for t in v["runs_s"])
             out.append(f"| {P} | {L} | {k} | {n} | {_ms(v['median_s'])} | {_ms(v['min_s'])} | {_ms(v['max_s'])} | "
                        f"{_ms(v.get('cpu_median_s'))} | {runs} |")
-        ratios.append(f"| {P} | {L} | {k} | {_x(d['speedup'])} | {_x(d['speedup_paired_median'])} | "
+        ratios.append(f"| {P} | {L} | {k} | {_x(d['speedup'])} | {ci_cell(d)} | {_x(d['speedup_paired_median'])} | "
                       f"{_x(d['speedup_paired_min'])} / {_x(d['speedup_paired_max'])} | {_x(d['speedup_of_minima'])} | "
                       f"{_x(d.get('speedup_cpu_time'))} | {f'{load[0]:.2f}' if load else '–'} |")
     return out + [""] + ratios + [
-        "", "All ratios are PEFT / ptune-rt (above 1: ptune-rt faster). *Paired*: per interleaved round. *Fastest "
+        "", "All ratios are PEFT / ptune-rt (above 1: ptune-rt faster). *95% interval*: paired bootstrap of the "
+        "ratio of medians over the rounds. *Paired*: per interleaved round. *Fastest "
         "runs*: contention only slows runs down, so the minima are the least disturbed. *CPU time*: process CPU "
         "seconds (all threads) per call."]
 

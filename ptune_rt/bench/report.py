@@ -20,6 +20,12 @@ def _x(v) -> str:
     return "–" if v is None else f"{v:.2f}x"
 
 
+def ci_cell(d: dict) -> str:
+    """A speed summary's 95% paired-bootstrap interval as a table cell ("–" when there is none)."""
+    ci = d.get("speedup_ci95")
+    return f"{_x(ci[0])} - {_x(ci[1])}" if ci else "–"
+
+
 def _num(v) -> str:
     if v is None:
         return "–"
@@ -175,9 +181,7 @@ def _speed_detail(results) -> list[str]:
                  "paired max | ratio of fastest runs | ratio of median CPU times |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for key, d in sp.items():
-        ci = d.get("speedup_ci95")
-        ci_cell = f"{_x(ci[0])} - {_x(ci[1])}" if ci else "–"
-        lines.append(f"| {key} | {_x(d['speedup'])} | {ci_cell} | {_x(d['speedup_paired_median'])} | "
+        lines.append(f"| {key} | {_x(d['speedup'])} | {ci_cell(d)} | {_x(d['speedup_paired_median'])} | "
                      f"{_x(d['speedup_paired_min'])} | {_x(d['speedup_paired_max'])} | {_x(d.get('speedup_of_minima'))} | "
                      f"{_x(d.get('speedup_cpu_time'))} |")
     lines += ["", "All ratios are PEFT / ptune-rt (above 1: ptune-rt faster). *Paired*: per interleaved round. "
