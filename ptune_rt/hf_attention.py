@@ -55,7 +55,7 @@ from torch import nn
 from ptune_rt._cache_names import cache_from_kwargs
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
-from ptune_rt.ops.prefix_attention import prefix_attention
+from ptune_rt.ops.prefix_attention import _prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -224,8 +224,10 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if dropout and dropout > 0.0:
         out = _sdpa_concat(query, key, value, pk, pv, kv_mask, causal, scaling, dropout, tasks)
     else:
-        out = prefix_attention(query, key, value, pk, pv, kv_mask=kv_mask, task_ids=tasks, causal=causal,
-                               sm_scale=scaling, backend=state.config.backend)
+        # tasks come from check_task_ids (once per forward): the op skips its per-layer range check,
+        # which reads the ids (a device synchronization per layer on a GPU)
+        out = _prefix_attention(query, key, value, pk, pv, kv_mask, tasks, causal, scaling, state.config.backend,
+                                check_task_range=False)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -326,6 +326,35 @@ def test_sdpa_fallback_takes_per_row_prefixes():
 # ----------------------------------------------------------------------------------------
 
 
+def test_task_ids_are_read_once_per_forward_not_per_layer(monkeypatch):
+    """Range-checking task ids reads their values (a device synchronization on a GPU): the model glue
+    does it once per forward and the layers' attention op skips it; the op called directly checks."""
+    from ptune_rt.ops import prefix_attention as op
+
+    reads = []
+    real_min = torch.Tensor.min
+
+    def counting_min(self, *a, **k):
+        reads.append(self.dtype)
+        return real_min(self, *a, **k)
+
+    model = _model("llama")
+    ids, mask = _batch("right")
+    tasks = torch.tensor(TASKS)
+    monkeypatch.setattr(torch.Tensor, "min", counting_min)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, task_ids=tasks)
+        assert len(reads) == 1, f"task ids read {len(reads)} times in one forward of 2 layers"
+        reads.clear()
+        model(input_ids=ids, attention_mask=mask, task_ids=tasks)  # the same tensor: validated already
+        assert not reads
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    pk = torch.randn(T, 2, 2, 8, generator=g)
+    with pytest.raises(ValueError, match=rf"task_ids must be in \[0, {T}\), got values in \[0, {T}\]"):
+        op.prefix_attention(q, k, k, pk, pk, task_ids=torch.tensor([0, T]), backend="torch")
+
+
 def test_bad_task_ids_raise_before_anything_runs():
     model = _model("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}

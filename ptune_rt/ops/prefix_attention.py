@@ -191,7 +191,15 @@ prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------
 
 
-def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids):
+def _check_task_range(task_ids: Tensor, num_tasks: int) -> None:
+    """Every task id in [0, num_tasks). Reads the values (a device synchronization on a GPU), so the
+    prefix-tuned model validates its task_ids once per forward and its layers skip this."""
+    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+        raise ValueError(f"task_ids must be in [0, {num_tasks}), got values in [{int(task_ids.min())}, "
+                         f"{int(task_ids.max())}]")
+
+
+def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4D tensor [batch, heads, seq, head_dim], got "
@@ -226,10 +234,8 @@ def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids):
         if tuple(task_ids.shape) != (B,) or task_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"task_ids must be an integer tensor [batch={B}], got {tuple(task_ids.shape)} "
                              f"{task_ids.dtype}")
-        T = prefix_k.shape[0]
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= T):
-            raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(task_ids.min())}, "
-                             f"{int(task_ids.max())}]")
+        if check_task_range:
+            _check_task_range(task_ids, prefix_k.shape[0])
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
@@ -242,7 +248,14 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     0 for padding. Causal masking is bottom-right aligned (query i sees key t iff t <= S - L + i);
     every query sees the whole prefix.
     """
-    _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids)
+    return _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm_scale, backend, True)
+
+
+def _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm_scale, backend,
+                      check_task_range: bool) -> Tensor:
+    """:func:`prefix_attention`; ``check_task_range=False`` for task_ids already validated against
+    this prefix stack (the model glue checks them once per forward, not once per layer)."""
+    _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range)
     chosen, _ = resolve_backend(backend, q.device)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if task_ids is not None:
