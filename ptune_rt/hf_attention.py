@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ptune_rt._cache_names import cache_from_kwargs
+from ptune_rt.methods._heads import head_modules
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
 from ptune_rt.ops.prefix_attention import _prefix_attention
@@ -82,10 +83,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "
 
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
-#: Model classes (by name suffix) whose task head trains with the prefix by default, and the head
-#: attribute names looked for (PEFT's modules_to_save for SEQ_CLS / TOKEN_CLS / QUESTION_ANS).
-HEAD_MODEL_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
-HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
 
 
 class PrefixState:
@@ -519,27 +516,7 @@ def _lora_parameters(model: nn.Module) -> list:
 
 def _head_modules(model: nn.Module, config: PrefixConfig) -> list[str]:
     """Names of the modules trained next to the prefix (see ``PrefixConfig.modules_to_save``)."""
-    cls = type(model).__name__
-    if config.modules_to_save is None:
-        if not cls.endswith(HEAD_MODEL_SUFFIXES):
-            return []
-        found = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-        if not found:
-            raise ValueError(f"{cls} is a task model but has none of the head modules {HEAD_NAMES} that prefix "
-                             "tuning trains with the prefix; name its head in PrefixConfig(modules_to_save=[...]) "
-                             "(or pass modules_to_save=[] to train the prefix alone)")
-        return found[:1]
-    names = [n for n, _ in model.named_modules() if n and not (n == ENCODER_ATTR or
-                                                                n.startswith(ENCODER_ATTR + "."))]
-    heads = []
-    for want in config.modules_to_save:
-        hits = [n for n in names if n == want or n.endswith("." + want)]
-        hits = [n for n in hits if not any(n.startswith(o + ".") for o in hits if o != n)]  # outermost only
-        if not hits:
-            raise ValueError(f"PrefixConfig.modules_to_save entry {want!r} matches no module of {cls}; expected a "
-                             "submodule name such as 'classifier' (a whole name or a dotted suffix)")
-        heads += [n for n in hits if n not in heads]
-    return heads
+    return head_modules(model, config.modules_to_save, "PrefixConfig", ENCODER_ATTR)
 
 
 class PrefixForward:

@@ -176,6 +176,63 @@ def test_matches_peft(name, kind):
     assert torch.equal(greedy(ours, ids), expected)
 
 
+@pytest.mark.parametrize("kind", ["prompt", "mlp"])
+def test_classification_head_trains_with_the_prompt_as_in_peft(kind):
+    """A sequence classifier's head starts random: PEFT trains it next to the prompt (modules_to_save
+    for SEQ_CLS), and so does ptune-rt by default; the same losses step by step, the same head after."""
+    from peft import PromptEncoderConfig, get_peft_model
+    from peft import PromptTuningConfig as PeftPromptTuningConfig
+    from transformers import LlamaForSequenceClassification
+
+    cfg = tiny_llama().config
+    cfg.num_labels = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = LlamaForSequenceClassification(cfg)
+    if kind == "prompt":
+        pcfg = PeftPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
+    else:
+        pcfg = PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=P, encoder_hidden_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), pcfg)
+    ours = ptune_rt.apply(copy.deepcopy(base), our_config(kind))
+    ours.prompt_encoder.load_state_dict(peft_model.prompt_encoder.state_dict())
+    peft_names = sorted(n.replace("base_model.", "").replace("modules_to_save.default.", "")
+                        for n in trainable(peft_model))
+    assert sorted(trainable(ours)) == peft_names and "score.weight" in peft_names
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(1, 128, (3, 7), generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
+    losses = {}
+    for tag, model in (("peft", peft_model), ("ours", ours)):
+        opt = torch.optim.AdamW(list(trainable(model).values()), lr=3e-3)
+        run = []
+        for step in range(10):
+            ids, labels = batches[step % 2]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses[tag] = run
+    assert losses["ours"][-2] < losses["ours"][0]
+    torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["peft"]), rtol=1e-5, atol=1e-6)
+    trained = peft_model.base_model.score.modules_to_save["default"].weight
+    assert not torch.equal(ours.score.weight, base.score.weight)
+    torch.testing.assert_close(ours.score.weight, trained, rtol=1e-5, atol=1e-6)
+
+    # modules_to_save=[]: the prompt alone trains, as before; a name that matches nothing is refused first
+    alone = ptune_rt.apply(copy.deepcopy(base), our_config(kind, modules_to_save=[]))
+    assert "score.weight" not in trainable(alone)
+    plain = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="modules_to_save entry 'head' matches no module"):
+        ptune_rt.apply(plain, our_config(kind, modules_to_save=["head"]))
+    assert not is_prompt_model(plain) and all(p.requires_grad for p in plain.parameters())
+
+
 def test_text_and_vocab_init_match_peft(tmp_path):
     from peft import PromptTuningConfig as PeftPromptTuningConfig
     from peft import get_peft_model

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ptune_rt.methods._config import config_kwargs
+from ptune_rt.methods._heads import check_modules_to_save
 from ptune_rt.methods.prompt import PromptTable, TaskLinear
 from ptune_rt.ops.lora_linear import BACKENDS
 
@@ -90,10 +91,7 @@ class PrefixConfig:
         t = self.num_tasks
         if not isinstance(t, int) or isinstance(t, bool) or t < 1:
             raise ValueError(f"PrefixConfig.num_tasks must be an integer >= 1, got {t!r}")
-        m = self.modules_to_save
-        if m is not None and (not isinstance(m, list) or not all(isinstance(n, str) and n.strip() for n in m)):
-            raise ValueError(f"PrefixConfig.modules_to_save must be None or a list of module names such as "
-                             f"['classifier'], got {m!r}")
+        check_modules_to_save("PrefixConfig", self.modules_to_save)
 
     def to_dict(self) -> dict:
         return {"method": "prefix", **dataclasses.asdict(self)}

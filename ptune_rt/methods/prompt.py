@@ -62,6 +62,7 @@ from torch import nn
 
 from ptune_rt._cache_names import cache_from_kwargs, cache_from_output
 from ptune_rt.methods._config import config_kwargs
+from ptune_rt.methods._heads import check_modules_to_save, head_modules
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
 
@@ -128,6 +129,10 @@ class PromptTuningConfig(_ConfigIO):
     tokenizer: a Hugging Face tokenizer, or a name/path for ``AutoTokenizer.from_pretrained``.
     num_tasks: T; with T > 1 every forward / generate call takes ``task_ids`` [batch].
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch" for the input builder.
+    modules_to_save: modules trained next to the prompt (PEFT's modules_to_save): None picks the task
+        head of sequence / token classification and question answering models (``classifier``,
+        ``score``, ...) and nothing elsewhere; ``[]`` trains the prompt alone; a list names modules
+        (a whole name or a dotted suffix).
     """
 
     METHOD = "prompt_tuning"
@@ -138,8 +143,11 @@ class PromptTuningConfig(_ConfigIO):
     tokenizer: Any = None
     num_tasks: int = 1
     backend: str = "auto"
+    modules_to_save: Optional[list] = None
 
     def __post_init__(self):
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
@@ -158,6 +166,7 @@ class PromptTuningConfig(_ConfigIO):
             raise ValueError(f"PromptTuningConfig.init_text is only used with init='text', got init={self.init!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"PromptTuningConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_modules_to_save("PromptTuningConfig", self.modules_to_save)
 
 
 @dataclasses.dataclass
@@ -179,6 +188,7 @@ class PTuningConfig(_ConfigIO):
     num_tasks: T; each task has its own embedding table and encoder weights (stacked on a leading
         task dimension when T > 1), all tasks are encoded in one batched call.
     backend: "auto", "triton" or "torch" for the input builder.
+    modules_to_save: modules trained next to the prompt, as in :class:`PromptTuningConfig`.
     """
 
     METHOD = "p_tuning"
@@ -193,8 +203,11 @@ class PTuningConfig(_ConfigIO):
     tokenizer: Any = None
     num_tasks: int = 1
     backend: str = "auto"
+    modules_to_save: Optional[list] = None
 
     def __post_init__(self):
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
         if self.anchors is not None and not isinstance(self.anchors, dict):
             raise ValueError(f"PTuningConfig.anchors must be a dict of name -> text, got {self.anchors!r}")
         if self.anchors is not None:
@@ -216,6 +229,7 @@ class PTuningConfig(_ConfigIO):
             raise ValueError(f"PTuningConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"PTuningConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_modules_to_save("PTuningConfig", self.modules_to_save)
         if self.template is not None and not isinstance(self.template, str):
             raise ValueError(f"PTuningConfig.template must be a string such as '[P*3] {{input}} [P*2]', got "
                              f"{self.template!r}")
@@ -556,6 +570,9 @@ class PromptForward:
     def __init__(self, model: nn.Module, prev, method: str, backend: str, A: int, E: int, num_tasks: int):
         self.model, self.prev, self.method, self.backend = model, prev, method, backend
         self.A, self.E, self.num_tasks = A, E, num_tasks
+        # a sequence classifier's labels are one per row (or per row and label), not per token:
+        # they pass through as they are, as in PEFT
+        self.row_labels = type(model).__name__.endswith("ForSequenceClassification")
         self._generating = 0
         base_sig = inspect.signature(prev if prev is not None else type(model).forward.__get__(model))
         params = list(base_sig.parameters.values())
@@ -690,7 +707,13 @@ class PromptForward:
             out["attention_mask"] = new_mask
         if "position_ids" in self.accepts or self.var_kw:
             out["position_ids"] = pos
-        if kw.get("labels") is not None:
+        if kw.get("labels") is not None and self.row_labels:
+            labels = kw["labels"]
+            if labels.dim() == 0 or labels.shape[0] != B:
+                raise ValueError(f"labels of a sequence classifier must have one row per input row [batch={B}, ...], "
+                                 f"got {tuple(labels.shape)}")
+            out["labels"] = labels
+        elif kw.get("labels") is not None:
             labels = kw["labels"]
             if tuple(labels.shape) != (B, L):
                 raise ValueError(f"labels must be [batch={B}, seq={L}] like input_ids, got {tuple(labels.shape)}")
@@ -780,8 +803,9 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 def apply_prompt(model: nn.Module, config) -> nn.Module:
     """Give ``model`` (in place) the soft prompt of ``config``, freeze everything else, return it.
 
-    Afterwards exactly the prompt parameters (``prompt_encoder.default.*``) train. Every check runs
-    before the first change; the previous requires_grad flags are kept for ``remove_prompt``.
+    Afterwards exactly the prompt parameters (``prompt_encoder.default.*``) and the modules of
+    ``config.modules_to_save`` (by default a classification / QA model's task head) train. Every
+    check runs before the first change; the previous requires_grad flags are kept for ``remove_prompt``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
@@ -843,6 +867,7 @@ def apply_prompt(model: nn.Module, config) -> nn.Module:
         init_ids = torch.tensor(ids, dtype=torch.long, device=weight.device)
     if isinstance(config, PTuningConfig):
         enc_h = config.encoder_hidden_size or H
+    heads = head_modules(model, config.modules_to_save, type(config).__name__, MODULE_ATTR)
 
     # build the parameters
     kw = dict(device=weight.device, dtype=_adapter_dtype(weight))
@@ -872,6 +897,8 @@ def apply_prompt(model: nn.Module, config) -> nn.Module:
     before_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in heads:  # the task head trains with the prompt, as PEFT's modules_to_save
+        model.get_submodule(name).requires_grad_(True)
     setattr(model, MODULE_ATTR, nn.ModuleDict({ADAPTER: module}))
     model.__dict__[REQUIRES_GRAD_ATTR] = before_flags
     model.__dict__["_ptune_prompt_config"] = config
