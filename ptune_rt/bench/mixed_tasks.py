@@ -27,6 +27,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ptune_rt.bench.workload import ModelShape
+
 METHODS = ("prompt_tuning", "prefix_tuning")
 CASES = ("generate", "forward")
 #: Throughput of ptune-rt's mixed batch over PEFT's task-by-task loop, per method and case.
@@ -35,22 +37,14 @@ MIN_REPEATS = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class MixedWorkload:
+class MixedWorkload(ModelShape):
     """Model shape, tasks and batch of one mixed-task run."""
 
-    hidden: int = 512
-    intermediate: int = 1376
-    layers: int = 8
-    heads: int = 8
-    kv_heads: int = 4
-    vocab: int = 32000
     tasks: int = 8
     rows_per_task: int = 4
     num_virtual_tokens: int = 16
     prompt_len: int = 32
     new_tokens: int = 16
-    dtype: str = "float32"
-    seed: int = 0
 
     @classmethod
     def default(cls) -> "MixedWorkload":
@@ -59,8 +53,7 @@ class MixedWorkload:
     @classmethod
     def quick(cls) -> "MixedWorkload":
         """Tiny shapes for smoke tests (same structure: GQA, several tasks, several rows each)."""
-        return cls(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, tasks=4, rows_per_task=2,
-                   num_virtual_tokens=4, prompt_len=8, new_tokens=4)
+        return cls(**cls.QUICK, tasks=4, rows_per_task=2, num_virtual_tokens=4, prompt_len=8, new_tokens=4)
 
     @property
     def batch(self) -> int:
@@ -70,9 +63,8 @@ class MixedWorkload:
         """The LoRA benchmark's ``Workload`` with this model shape (for its model factory)."""
         from ptune_rt.bench.workload import Workload
 
-        return Workload(hidden=self.hidden, intermediate=self.intermediate, layers=self.layers, heads=self.heads,
-                        kv_heads=self.kv_heads, vocab=self.vocab, gen_batch=self.batch, gen_prompt=self.prompt_len,
-                        gen_new_tokens=self.new_tokens, dtype=self.dtype, seed=self.seed)
+        return Workload(**self.model_fields(), gen_batch=self.batch, gen_prompt=self.prompt_len,
+                        gen_new_tokens=self.new_tokens)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -34,6 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from ptune_rt.bench.workload import ModelShape
+
 #: Speed of ptune-rt vs PEFT (PEFT time / ptune-rt time) per training step and per no-grad forward.
 SPEED_TARGET = 1.10
 SPEED_CASES = ("train", "forward")
@@ -46,23 +48,15 @@ MiB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefixWorkload:
+class PrefixWorkload(ModelShape):
     """Model shape, prefix lengths, batch and sequence lengths of one prefix-tuning run."""
 
-    hidden: int = 512
-    intermediate: int = 1376
-    layers: int = 8
-    heads: int = 8
-    kv_heads: int = 4
-    vocab: int = 32000
     batch: int = 4
     seqs: tuple = (256, 1024)
     prefix_lengths: tuple = (32, 128)
     gen_batch: int = 1
     gen_prompt: int = 64
     gen_new_tokens: int = 32
-    dtype: str = "float32"
-    seed: int = 0
     #: standard deviation of the random prompt embeddings (PEFT's own nn.Embedding init is N(0, 1))
     prompt_std: float = 1.0
 
@@ -73,12 +67,7 @@ class PrefixWorkload:
     @classmethod
     def quick(cls) -> "PrefixWorkload":
         """Tiny shapes for smoke tests: same structure (GQA, two prefix lengths, two sequence lengths)."""
-        return cls(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, batch=2, seqs=(24, 40),
-                   prefix_lengths=(4, 12), gen_prompt=8, gen_new_tokens=4)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return cls(**cls.QUICK, batch=2, seqs=(24, 40), prefix_lengths=(4, 12), gen_prompt=8, gen_new_tokens=4)
 
     @property
     def cases(self) -> list[tuple[int, int]]:
@@ -90,10 +79,8 @@ class PrefixWorkload:
         from ptune_rt.bench.workload import Workload
 
         longest = max(self.prefix_lengths) + max(max(self.seqs), self.gen_prompt + self.gen_new_tokens)
-        return Workload(hidden=self.hidden, intermediate=self.intermediate, layers=self.layers, heads=self.heads,
-                        kv_heads=self.kv_heads, vocab=self.vocab, batch=self.batch, seq=longest,
-                        gen_batch=self.gen_batch, gen_prompt=self.gen_prompt, gen_new_tokens=self.gen_new_tokens,
-                        dtype=self.dtype, seed=self.seed)
+        return Workload(**self.model_fields(), batch=self.batch, seq=longest, gen_batch=self.gen_batch,
+                        gen_prompt=self.gen_prompt, gen_new_tokens=self.gen_new_tokens)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

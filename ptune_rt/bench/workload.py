@@ -22,8 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclasses.dataclass(frozen=True)
-class Workload:
-    """Model shape, batch and adapter of one benchmark run."""
+class ModelShape:
+    """The Llama-like model every benchmark suite runs (random weights from a ``LlamaConfig``)."""
 
     hidden: int = 512
     intermediate: int = 1376
@@ -31,6 +31,29 @@ class Workload:
     heads: int = 8
     kv_heads: int = 4
     vocab: int = 32000
+    dtype: str = "float32"
+    seed: int = 0
+
+    #: the tiny shape of every suite's ``--quick`` run: same structure (GQA), seconds to run
+    QUICK = {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 512}
+
+    def model_fields(self) -> dict:
+        """This shape's fields (with dtype and seed) as keyword arguments, e.g. for :class:`Workload`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelShape)}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload(ModelShape):
+    """Model shape, batch and adapter of one benchmark run."""
+
     batch: int = 4
     seq: int = 256
     r: int = 16
@@ -39,8 +62,6 @@ class Workload:
     gen_batch: int = 1
     gen_prompt: int = 64
     gen_new_tokens: int = 32
-    dtype: str = "float32"
-    seed: int = 0
     #: standard deviation of the random (non-zero) lora_B, large enough that the low-rank term
     #: visibly changes the logits
     lora_b_std: float = 0.02
@@ -52,12 +73,7 @@ class Workload:
     @classmethod
     def quick(cls) -> "Workload":
         """Tiny shapes for smoke tests: same structure (GQA, all seven targets), seconds to run."""
-        return cls(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, batch=2, seq=32,
-                   r=8, alpha=16.0, gen_prompt=8, gen_new_tokens=4)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return cls(**cls.QUICK, batch=2, seq=32, r=8, alpha=16.0, gen_prompt=8, gen_new_tokens=4)
 
     @property
     def scaling(self) -> float:
