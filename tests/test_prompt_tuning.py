@@ -233,6 +233,58 @@ def test_classification_head_trains_with_the_prompt_as_in_peft(kind):
     assert not is_prompt_model(plain) and all(p.requires_grad for p in plain.parameters())
 
 
+def test_question_answering_positions_follow_the_prompt():
+    """start/end positions index the input's tokens; with the soft prompt in front they must index
+    the same tokens of the longer sequence (PEFT 0.21.2 passes them on unshifted, so its loss reads
+    the logits of other tokens: fed shifted positions by hand, it gives our loss)."""
+    from peft import PromptTuningConfig as PeftPromptTuningConfig
+    from peft import get_peft_model
+    from transformers import LlamaForQuestionAnswering
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = LlamaForQuestionAnswering(tiny_llama().config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), PeftPromptTuningConfig(task_type="QUESTION_ANS",
+                                                                               num_virtual_tokens=P))
+    ours = ptune_rt.apply(copy.deepcopy(base), our_config("prompt"))
+    ours.prompt_encoder.load_state_dict(peft_model.prompt_encoder.state_dict())
+    assert "qa_outputs.weight" in trainable(ours)  # the head trains with the prompt, as PEFT's QUESTION_ANS
+
+    ids = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(4))
+    start, end = torch.tensor([1, 4, 6]), torch.tensor([2, 5, 9])  # 9: past the input, ignored by the loss
+    got = ours(input_ids=ids, start_positions=start, end_positions=end).loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft_model(input_ids=ids, start_positions=start + P, end_positions=torch.tensor([2 + P, 5 + P, 99])).loss
+        unshifted = peft_model(input_ids=ids, start_positions=start, end_positions=end).loss
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert (got - unshifted).abs() > 1e-3
+
+    # left padding: each row's positions still point at its own tokens. The target slot of every
+    # row is found by value: the one whose logit equals that token's logit in the row run alone.
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    pos = torch.tensor([3, 4, 6])
+    with torch.no_grad():
+        out = ours(input_ids=ids, attention_mask=mask)
+        loss = ours(input_ids=ids, attention_mask=mask, start_positions=pos, end_positions=pos).loss
+        targets = []
+        for b in range(3):
+            real = mask[b].bool()
+            alone = ours(input_ids=ids[b:b + 1, real]).start_logits[0]
+            want = alone[P + int(pos[b]) - int((~real).sum())]
+            gap = (out.start_logits[b] - want).abs()
+            assert gap.min() < 1e-5
+            targets.append(int(gap.argmin()))
+    t = torch.tensor(targets)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(loss, (ce(out.start_logits, t) + ce(out.end_logits, t)) / 2, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"start_positions must be an integer tensor with one token index per row"):
+        ours(input_ids=ids, start_positions=torch.tensor([0.5, 1.0, 2.0]), end_positions=end)
+
+
 def test_text_and_vocab_init_match_peft(tmp_path):
     from peft import PromptTuningConfig as PeftPromptTuningConfig
     from peft import get_peft_model

@@ -491,6 +491,23 @@ def _cache_length(past) -> int:
     return 0
 
 
+def _moved_positions(p: torch.Tensor, col: torch.Tensor, is_tmpl: torch.Tensor, B: int, L: int,
+                     name: str) -> torch.Tensor:
+    """A question-answering model's ``start_positions`` / ``end_positions`` (one input token index
+    per row) as indices into the laid-out sequence, where the soft prompt and any template text
+    sit around the input. As the model reads them: a negative index means 0, and one at or past
+    the input's length is ignored by the loss (it stays past the new length)."""
+    if not isinstance(p, torch.Tensor) or p.numel() != B or p.dtype.is_floating_point or p.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor with one token index per row [batch={B}], got "
+                         f"{tuple(getattr(p, 'shape', ()))} {getattr(p, 'dtype', type(p).__name__)}")
+    flat = p.reshape(B).to(device=col.device, dtype=torch.long)
+    inside = flat.clamp(min=0, max=L - 1)
+    where = (col == inside[:, None]) & ~is_tmpl  # exactly one slot per row holds input column `inside`
+    moved = where.int().argmax(dim=1)
+    moved = torch.where(flat >= L, torch.full_like(moved, col.shape[1]), moved)
+    return moved.to(p.dtype).reshape(p.shape)
+
+
 def _row_spans(mask: Optional[torch.Tensor], B: int, L: int, device, what: str):
     """(first real column, end of the real columns) per row of a 2D padding mask."""
     if mask is None:
@@ -718,6 +735,9 @@ class PromptForward:
             if tuple(labels.shape) != (B, L):
                 raise ValueError(f"labels must be [batch={B}, seq={L}] like input_ids, got {tuple(labels.shape)}")
             out["labels"] = torch.where(is_tmpl, torch.full_like(col, -100), labels.gather(1, col))
+        for name in ("start_positions", "end_positions"):  # question answering: token indices into the input
+            if kw.get(name) is not None:
+                out[name] = _moved_positions(kw[name], col, is_tmpl, B, L, name)
         if kw.get("token_type_ids") is not None:
             tt = kw["token_type_ids"]
             out["token_type_ids"] = torch.where(is_tmpl, torch.zeros_like(col), tt.gather(1, col).long()).to(tt.dtype)
