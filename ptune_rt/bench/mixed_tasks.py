@@ -47,10 +47,6 @@ class MixedWorkload(ModelShape):
     new_tokens: int = 16
 
     @classmethod
-    def default(cls) -> "MixedWorkload":
-        return cls()
-
-    @classmethod
     def quick(cls) -> "MixedWorkload":
         """Tiny shapes for smoke tests (same structure: GQA, several tasks, several rows each)."""
         return cls(**cls.QUICK, tasks=4, rows_per_task=2, num_virtual_tokens=4, prompt_len=8, new_tokens=4)

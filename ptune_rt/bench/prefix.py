@@ -61,10 +61,6 @@ class PrefixWorkload(ModelShape):
     prompt_std: float = 1.0
 
     @classmethod
-    def default(cls) -> "PrefixWorkload":
-        return cls()
-
-    @classmethod
     def quick(cls) -> "PrefixWorkload":
         """Tiny shapes for smoke tests: same structure (GQA, two prefix lengths, two sequence lengths)."""
         return cls(**cls.QUICK, batch=2, seqs=(24, 40), prefix_lengths=(4, 12), gen_prompt=8, gen_new_tokens=4)

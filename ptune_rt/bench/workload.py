@@ -37,6 +37,11 @@ class ModelShape:
     #: the tiny shape of every suite's ``--quick`` run: same structure (GQA), seconds to run
     QUICK = {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 512}
 
+    @classmethod
+    def default(cls):
+        """The suite's default workload (every field at its default)."""
+        return cls()
+
     def model_fields(self) -> dict:
         """This shape's fields (with dtype and seed) as keyword arguments, e.g. for :class:`Workload`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelShape)}
@@ -65,10 +70,6 @@ class Workload(ModelShape):
     #: standard deviation of the random (non-zero) lora_B, large enough that the low-rank term
     #: visibly changes the logits
     lora_b_std: float = 0.02
-
-    @classmethod
-    def default(cls) -> "Workload":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Workload":

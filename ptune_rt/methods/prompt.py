@@ -116,6 +116,18 @@ class _ConfigIO:
     def from_json(cls, s: str, tokenizer=None):
         return cls.from_dict(json.loads(s), tokenizer=tokenizer)
 
+    def _check_common(self) -> None:
+        """The fields both soft-prompt configs share: counts, backend and modules_to_save (a tuple of
+        names is kept as a list, so the JSON round trip compares equal)."""
+        name = type(self).__name__
+        _check_int(f"{name}.num_virtual_tokens", self.num_virtual_tokens)
+        _check_int(f"{name}.num_tasks", self.num_tasks)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{name}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        check_modules_to_save(name, self.modules_to_save)
+
 
 @dataclasses.dataclass
 class PromptTuningConfig(_ConfigIO):
@@ -146,13 +158,10 @@ class PromptTuningConfig(_ConfigIO):
     modules_to_save: Optional[list] = None
 
     def __post_init__(self):
-        if isinstance(self.modules_to_save, tuple):
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
-        _check_int("PromptTuningConfig.num_virtual_tokens", self.num_virtual_tokens)
-        _check_int("PromptTuningConfig.num_tasks", self.num_tasks)
+        self._check_common()
         if self.init not in PROMPT_INITS:
             raise ValueError(f"PromptTuningConfig.init must be one of {PROMPT_INITS}, got {self.init!r}")
         if self.init == "text":
@@ -164,9 +173,6 @@ class PromptTuningConfig(_ConfigIO):
                                  "tokenizer or a name/path for AutoTokenizer.from_pretrained)")
         elif self.init_text is not None:
             raise ValueError(f"PromptTuningConfig.init_text is only used with init='text', got init={self.init!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"PromptTuningConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        check_modules_to_save("PromptTuningConfig", self.modules_to_save)
 
 
 @dataclasses.dataclass
@@ -206,8 +212,6 @@ class PTuningConfig(_ConfigIO):
     modules_to_save: Optional[list] = None
 
     def __post_init__(self):
-        if isinstance(self.modules_to_save, tuple):
-            self.modules_to_save = list(self.modules_to_save)
         if self.anchors is not None and not isinstance(self.anchors, dict):
             raise ValueError(f"PTuningConfig.anchors must be a dict of name -> text, got {self.anchors!r}")
         if self.anchors is not None:
@@ -215,8 +219,7 @@ class PTuningConfig(_ConfigIO):
         self.validate()
 
     def validate(self) -> None:
-        _check_int("PTuningConfig.num_virtual_tokens", self.num_virtual_tokens)
-        _check_int("PTuningConfig.num_tasks", self.num_tasks)
+        self._check_common()
         if self.encoder not in ENCODERS:
             raise ValueError(f"PTuningConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder_hidden_size is not None:
@@ -227,9 +230,6 @@ class PTuningConfig(_ConfigIO):
                              f"three linear layers); expected the default 2, got {self.encoder_num_layers!r}")
         if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= float(self.encoder_dropout) < 1.0:
             raise ValueError(f"PTuningConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"PTuningConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        check_modules_to_save("PTuningConfig", self.modules_to_save)
         if self.template is not None and not isinstance(self.template, str):
             raise ValueError(f"PTuningConfig.template must be a string such as '[P*3] {{input}} [P*2]', got "
                              f"{self.template!r}")
