@@ -33,9 +33,10 @@ from ptune_rt import hf_attention
 from ptune_rt.methods.prefix import PrefixConfig
 
 from . import peft_config
-from .common import (PEFT_HEAD_PREFIX, PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
+from .common import (PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
                      config_from_ptune, copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class,
-                     model_type, module_view, prompt_head_destinations, raise_problems, shape_str)
+                     model_type, module_view, peft_prompt_learning_export, prompt_head_destinations, raise_problems,
+                     shape_str)
 
 METHOD = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
@@ -165,26 +166,12 @@ def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str])
                            "PREFIX_TUNING holds one prefix per adapter, so it cannot be written in PEFT's layout; save "
                            "it with format='ptune'")
     lay = state.layout
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": task_type,
-        "auto_mapping": peft_config.auto_mapping(model, task_type),
-        "base_model_name_or_path": peft_config.name_or_path(model),
-        "revision": None,
-        "inference_mode": True,
-        "num_virtual_tokens": lay.P,
-        "token_dim": lay.token_dim,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": lay.kv_heads,
-        "num_layers": lay.layers,
-        "encoder_hidden_size": state.hidden if state.hidden is not None else lay.token_dim,
-        "prefix_projection": bool(state.config.prefix_projection),
-        "init_weights": None,
-        "modules_to_save": list(state.head_names) if state.head_names else None,
-    }
-    tensors = {PROMPT_KEY: state.prompt_embeddings}
-    tensors.update({PEFT_HEAD_PREFIX + k: t for k, t in state.head_tensors.items()})
-    return config, tensors
+    return peft_prompt_learning_export(
+        model, PEFT_TYPE, task_type, num_virtual_tokens=lay.P, token_dim=lay.token_dim,
+        num_attention_heads=lay.kv_heads, num_layers=lay.layers, head_names=state.head_names,
+        prompt_embeddings=state.prompt_embeddings, head_tensors=state.head_tensors,
+        encoder_hidden_size=state.hidden if state.hidden is not None else lay.token_dim,
+        prefix_projection=bool(state.config.prefix_projection), init_weights=None)
 
 
 # ----------------------------------------------------------------------------------------------

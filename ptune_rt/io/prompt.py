@@ -43,9 +43,9 @@ from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningE
                                      is_prompt_model)
 
 from . import peft_config
-from .common import (PEFT_HEAD_PREFIX, PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
+from .common import (PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
                      config_from_ptune, copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class,
-                     model_type, module_view, prompt_head_destinations, raise_problems)
+                     model_type, module_view, peft_prompt_learning_export, prompt_head_destinations, raise_problems)
 
 #: own method name -> PEFT peft_type
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
@@ -315,36 +315,20 @@ def to_peft(state: PromptCheckpoint, model: nn.Module, task_type: Optional[str])
                            "elsewhere than all before the input, but PEFT always puts the prompt first "
                            "('[P*n] {input}'), so it cannot be written in PEFT's layout; save it with format='ptune'")
     heads_n, layers_n = _model_counts(model)
-    config = {
-        "peft_type": peft_type,
-        "task_type": task_type,
-        "auto_mapping": peft_config.auto_mapping(model, task_type),
-        "base_model_name_or_path": peft_config.name_or_path(model),
-        "revision": None,
-        "inference_mode": True,
-        "num_virtual_tokens": lay["num_virtual_tokens"],
-        "token_dim": lay["hidden_size"],
-        "num_transformer_submodules": 1,
-        "num_attention_heads": heads_n,
-        "num_layers": layers_n,
-        "modules_to_save": list(state.head_names) if state.head_names else None,
-    }
     if state.method == "prompt_tuning":
         # PEFT's config insists on a tokenizer name with TEXT; without one the (spent) init is written as RANDOM
         tok_name = prompt_mod._tokenizer_to_dict(cfg.tokenizer) if cfg.init == "text" else None
         init = _PEFT_INITS[cfg.init] if cfg.init != "text" or tok_name else "RANDOM"
-        config.update({"prompt_tuning_init": init,
-                       "prompt_tuning_init_text": cfg.init_text if init == "TEXT" else None,
-                       "tokenizer_name_or_path": tok_name if init == "TEXT" else None,
-                       "tokenizer_kwargs": None})
+        fields = {"prompt_tuning_init": init, "prompt_tuning_init_text": cfg.init_text if init == "TEXT" else None,
+                  "tokenizer_name_or_path": tok_name if init == "TEXT" else None, "tokenizer_kwargs": None}
     else:
-        config.update({"encoder_reparameterization_type": _PEFT_ENCODERS[lay["encoder"]],
-                       "encoder_hidden_size": lay["encoder_hidden_size"],
-                       "encoder_num_layers": int(cfg.encoder_num_layers),
-                       "encoder_dropout": float(cfg.encoder_dropout)})
-    tensors = {PROMPT_KEY: state.prompt_embeddings}
-    tensors.update({PEFT_HEAD_PREFIX + k: t for k, t in state.head_tensors.items()})
-    return config, tensors
+        fields = {"encoder_reparameterization_type": _PEFT_ENCODERS[lay["encoder"]],
+                  "encoder_hidden_size": lay["encoder_hidden_size"],
+                  "encoder_num_layers": int(cfg.encoder_num_layers), "encoder_dropout": float(cfg.encoder_dropout)}
+    return peft_prompt_learning_export(
+        model, peft_type, task_type, num_virtual_tokens=lay["num_virtual_tokens"], token_dim=lay["hidden_size"],
+        num_attention_heads=heads_n, num_layers=layers_n, head_names=state.head_names,
+        prompt_embeddings=state.prompt_embeddings, head_tensors=state.head_tensors, **fields)
 
 
 # ----------------------------------------------------------------------------------------------
