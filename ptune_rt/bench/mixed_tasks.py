@@ -412,6 +412,8 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from ptune_rt.bench.report import bar_groups
+
     fig = Figure(figsize=(12, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
@@ -452,14 +454,9 @@ def plot(results: dict, path: Path) -> None:
                 labels.append(f"{method.replace('_', ' ')}\n{short}")
                 peft_v.append(d["peft"][key]["compute"])
                 mine_v.append(d["ptune-rt"][key]["compute"])
-        xs = list(range(len(labels)))
-        ax2.bar([x - 0.2 for x in xs], peft_v, width=0.4, label="PEFT, task by task", color="tab:orange")
-        ax2.bar([x + 0.2 for x in xs], mine_v, width=0.4, label="ptune-rt, mixed batch", color="tab:blue")
-        ax2.set_xticks(xs)
-        ax2.set_xticklabels(labels, fontsize=8)
-        ax2.set_ylabel("dispatched compute ops")
-        ax2.set_title("Dispatched compute ops per step (all rows)")
-        ax2.legend(fontsize=8)
+        bar_groups(ax2, labels, [(peft_v, "PEFT, task by task", "tab:orange"),
+                                 (mine_v, "ptune-rt, mixed batch", "tab:blue")],
+                   "dispatched compute ops", "Dispatched compute ops per step (all rows)")
     fig.tight_layout()
     fig.savefig(path)
 

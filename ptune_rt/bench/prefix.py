@@ -998,6 +998,8 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from ptune_rt.bench.report import bar_groups
+
     fig = Figure(figsize=(13, 9.5), dpi=110)
     FigureCanvasAgg(fig)
     axs = fig.subplots(2, 2)
@@ -1057,16 +1059,10 @@ def plot(results: dict, path: Path) -> None:
                 peft_v.append(d["peft"][step]["compute"])
                 mine_v.append(d["ptune-rt"][step]["compute"])
                 mine_x.append(d["ptune-rt"][step]["compute_expanded"])
-        xs = list(range(len(labels)))
-        ax.bar([x - 0.27 for x in xs], peft_v, width=0.27, color="tab:orange", label="PEFT")
-        ax.bar(xs, mine_v, width=0.27, color="tab:blue", label="ptune-rt (top level)")
-        ax.bar([x + 0.27 for x in xs], mine_x, width=0.27, color="tab:purple", label="ptune-rt (torch path expanded)")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=7)
+        bar_groups(ax, labels, [(peft_v, "PEFT", "tab:orange"), (mine_v, "ptune-rt (top level)", "tab:blue"),
+                                (mine_x, "ptune-rt (torch path expanded)", "tab:purple")],
+                   "dispatched compute ops", "Dispatched compute ops per step", fontsize=7)
         ax.set_ylim(0, 1.3 * max(peft_v + mine_v + mine_x))
-        ax.set_ylabel("dispatched compute ops")
-        ax.set_title("Dispatched compute ops per step")
-        ax.legend(fontsize=8)
 
     ax = axs[1][1]
     a = results.get("analytic")
@@ -1077,15 +1073,9 @@ def plot(results: dict, path: Path) -> None:
                 labels.append(f"batch {r['batch']}\n{pass_}")
                 un.append(r[pass_]["unfused"]["bound_s"] * 1e6)
                 fu.append(r[pass_]["fused"]["bound_s"] * 1e6)
-        xs = list(range(len(labels)))
-        ax.bar([x - 0.2 for x in xs], un, width=0.4, color="tab:orange", label="PEFT chain")
-        ax.bar([x + 0.2 for x in xs], fu, width=0.4, color="tab:blue", label="fused Triton kernels")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("roofline time bound per layer, us")
         sh = a["shape"]
-        ax.set_title(f"MODEL: H100 SXM, 7B layer, P={sh['P']}, L={sh['L']}, bf16")
-        ax.legend(fontsize=8)
+        bar_groups(ax, labels, [(un, "PEFT chain", "tab:orange"), (fu, "fused Triton kernels", "tab:blue")],
+                   "roofline time bound per layer, us", f"MODEL: H100 SXM, 7B layer, P={sh['P']}, L={sh['L']}, bf16")
     fig.tight_layout()
     fig.savefig(path)
 

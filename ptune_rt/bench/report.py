@@ -459,6 +459,21 @@ def readme_section(results: dict, heading: str = "## Benchmark (CPU, fp32)",
 # ----------------------------------------------------------------------------------------
 
 
+def bar_groups(ax, labels: list[str], series: list[tuple], ylabel: str, title: str, fontsize: int = 8) -> None:
+    """Side-by-side bars: one group per label, one bar per ``(values, legend label, color)`` in
+    ``series`` (PEFT first), with the x labels, axis label, title and legend every plot here uses."""
+    xs = list(range(len(labels)))
+    width = 0.8 / len(series)
+    for k, (values, label, color) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], values, width=width, label=label, color=color)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def plot(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -537,14 +552,10 @@ def plot(results: dict, path: Path) -> None:
                 labels.append(f"{r['shape'].split(' ')[1]}\n{'fwd' if pass_ == 'forward' else 'bwd'}")
                 un.append(r[pass_]["unfused"]["bound_s"] * 1e6)
                 fu.append(r[pass_]["fused"]["bound_s"] * 1e6)
-        xs = list(range(len(labels)))
-        ax.bar([x - 0.2 for x in xs], un, width=0.4, label="unfused (PEFT chain)", color="tab:orange")
-        ax.bar([x + 0.2 for x in xs], fu, width=0.4, label="fused (ptune-rt Triton)", color="tab:blue")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel("roofline time bound, us")
-        ax.set_title(f"MODEL: H100 SXM roofline, 7B shapes, bf16, dropout {rows[0]['dropout']:g}" if rows else "")
-        ax.legend(fontsize=8)
+        bar_groups(ax, labels, [(un, "unfused (PEFT chain)", "tab:orange"), (fu, "fused (ptune-rt Triton)", "tab:blue")],
+                   "roofline time bound, us",
+                   f"MODEL: H100 SXM roofline, 7B shapes, bf16, dropout {rows[0]['dropout']:g}" if rows else "",
+                   fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
