@@ -92,6 +92,22 @@ def input_ids(batch: int = 2, seq: int = 8, vocab: int = VOCAB, seed: int = 1) -
     return torch.randint(3, vocab, (batch, seq), generator=g)
 
 
+def padded_batch(batch: int = 2, seq: int = 8, side: Optional[str] = "right", seed: int = 1):
+    """(input_ids, attention_mask): row 0 has 3 pad tokens (id 0) on ``side`` (None: no padding)."""
+    ids = input_ids(batch, seq, seed=seed)
+    mask = torch.ones_like(ids)
+    if side is not None:
+        sl = slice(seq - 3, None) if side == "right" else slice(0, 3)
+        mask[0, sl] = 0
+        ids[0, sl] = 0
+    return ids, mask
+
+
+def main_output(o) -> torch.Tensor:
+    """The logits of a model output, or the last hidden state of a bare encoder."""
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
 def peft_lora_model(base: nn.Module, targets: Sequence[str] | str, r: int = 4, alpha: float = 8.0,
                     dropout: float = 0.0, use_rslora: bool = False, fan_in_fan_out: Optional[bool] = None,
                     random_b: bool = True, seed: int = 0, bias: str = "none", **lora_kwargs):

@@ -14,7 +14,8 @@ import ptune_rt
 from ptune_rt import hf_attention, peft_compat
 from ptune_rt.testing.tolerances import FP32_END_TO_END, assert_fp32_end_to_end_close
 
-from helpers_models import HIDDEN, VOCAB, input_ids, peft_lora_model, tiny_gpt2, tiny_llama
+from helpers_models import (HIDDEN, VOCAB, main_output, padded_batch, peft_lora_model, tiny_gpt2,
+                            tiny_llama)
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
@@ -80,18 +81,6 @@ def _peft(name: str, projection: bool = False, seed: int = 7, **kw):
     return base, pm, copy.deepcopy(pm)
 
 
-def _padded(batch=2, seq=8, side="right", seed=1):
-    ids = input_ids(batch, seq, seed=seed)
-    mask = torch.ones_like(ids)
-    if side is not None:
-        sl = slice(seq - 3, None) if side == "right" else slice(0, 3)
-        mask[0, sl] = 0
-        ids[0, sl] = 0
-    return ids, mask
-
-
-def _out(o):
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
 def _labels(name, ids, mask):
@@ -106,7 +95,7 @@ def _loss(name, model, ids, mask):
     labels = _labels(name, ids, mask)
     if labels is not None:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    out = _out(model(input_ids=ids, attention_mask=mask))
+    out = main_output(model(input_ids=ids, attention_mask=mask))
     w = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(3))
     return ((out * w).sum(-1) * mask).sum() / mask.sum()
 
@@ -162,11 +151,11 @@ def test_logits_match_and_parameters_are_peft_s(name, projection):
     assert enc.embedding is pm.prompt_encoder["default"].embedding
     assert pm.base_model.config._attn_implementation == hf_attention.ATTN_NAME
     for side in (None, "right", "left"):
-        ids, mask = _padded(side=side)
+        ids, mask = padded_batch(side=side)
         with torch.no_grad():
-            got = _out(pm(input_ids=ids, attention_mask=mask))
-            ref = _out(twin(input_ids=ids, attention_mask=mask))
-            plain = _out(base(input_ids=ids, attention_mask=mask))
+            got = main_output(pm(input_ids=ids, attention_mask=mask))
+            ref = main_output(twin(input_ids=ids, attention_mask=mask))
+            plain = main_output(base(input_ids=ids, attention_mask=mask))
         _close(got, ref, f"{name} {side} padding")
         assert (plain - ref).abs().max() > 1e-3, "the prefix must change the output"
     if CASES[name][1] == "CAUSAL_LM":  # positional arguments keep PEFT's order; explicit positions get +P
@@ -187,7 +176,7 @@ def test_training_with_an_optimizer_made_before_accelerate(name, projection):
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     opt_ref = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
     ptune_rt.accelerate(pm)
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     losses = []
     for _ in range(10):
         for model, o in ((pm, opt), (twin, opt_ref)):
@@ -212,7 +201,7 @@ def test_generate_matches_twin(name):
     ptune_rt.accelerate(pm)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     for side in ("left", None):
-        ids, mask = _padded(seq=6, side=side)
+        ids, mask = padded_batch(seq=6, side=side)
         ref = twin.generate(input_ids=ids, attention_mask=mask, **kw)
         got = pm.generate(input_ids=ids, attention_mask=mask, **kw)
         assert torch.equal(got, ref), f"{name} {side}: {got.tolist()} vs {ref.tolist()}"
@@ -220,7 +209,7 @@ def test_generate_matches_twin(name):
     assert "prepare_inputs_for_generation" not in pm.base_model.__dict__ or \
         pm.base_model.prepare_inputs_for_generation == pm.base_model_prepare_inputs_for_generation
     # the returned cache holds the real tokens only: a hand-written decoding loop over peft_model(...) works
-    ids, mask = _padded(seq=6, side=None)
+    ids, mask = padded_batch(seq=6, side=None)
     with torch.no_grad():
         out = pm(input_ids=ids, attention_mask=mask, use_cache=True)
         assert out.past_key_values.get_seq_length() == ids.shape[1]
@@ -236,7 +225,7 @@ def test_triton_backend_forward_and_backward():
     _, pm, twin = _peft("llama")
     ptune_rt.accelerate(pm, backend="triton")
     pm.train(), twin.train()
-    ids, mask = _padded(side="right")
+    ids, mask = padded_batch(side="right")
     got, ref = _loss("llama", pm, ids, mask), _loss("llama", twin, ids, mask)
     assert abs(got.item() - ref.item()) <= FP32_END_TO_END * max(1.0, abs(ref.item()))
     got.backward(), ref.backward()
@@ -256,7 +245,7 @@ def test_save_pretrained_after_training_loads_in_peft(name, projection, tmp_path
     ptune_rt.accelerate(pm)
     pm.train()
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
-    ids, mask = _padded(side="right")
+    ids, mask = padded_batch(side="right")
     for _ in range(2):
         opt.zero_grad()
         _loss(name, pm, ids, mask).backward()
@@ -265,19 +254,19 @@ def test_save_pretrained_after_training_loads_in_peft(name, projection, tmp_path
     pm.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     with torch.no_grad():
-        _close(_out(pm(input_ids=ids, attention_mask=mask)), _out(loaded(input_ids=ids, attention_mask=mask)),
+        _close(main_output(pm(input_ids=ids, attention_mask=mask)), main_output(loaded(input_ids=ids, attention_mask=mask)),
                f"{name} saved by PEFT after accelerate")
         # an inference-mode PEFT model (the prefix is embedding.weight itself) accelerates too
         twin = copy.deepcopy(loaded)
         ptune_rt.accelerate(loaded)
         assert not hf_attention.prefix_encoder(loaded.base_model).prefix_projection
-        _close(_out(loaded(input_ids=ids, attention_mask=mask)), _out(twin(input_ids=ids, attention_mask=mask)),
+        _close(main_output(loaded(input_ids=ids, attention_mask=mask)), main_output(twin(input_ids=ids, attention_mask=mask)),
                f"{name} inference-mode PEFT model")
 
 
 def test_disable_adapter_restore_and_reaccelerate():
     base, pm, twin = _peft("llama")
-    ids, mask = _padded(side="right")
+    ids, mask = padded_batch(side="right")
     with torch.no_grad():
         ref = pm(input_ids=ids, attention_mask=mask).logits
         plain = base(input_ids=ids, attention_mask=mask).logits
@@ -308,7 +297,7 @@ def test_disable_adapter_restore_and_reaccelerate():
 def test_token_type_ids_are_treated_as_peft_treats_them():
     _, pm, twin = _peft("bert")
     ptune_rt.accelerate(pm)
-    ids, mask = _padded(side="right")
+    ids, mask = padded_batch(side="right")
     tt = torch.ones_like(ids)
     with torch.no_grad(), pytest.warns(UserWarning, match="token_type_ids"):
         got = pm(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state

@@ -19,7 +19,7 @@ from ptune_rt.hf_attention import prefix_encoder
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
-from helpers_models import HIDDEN, VOCAB, input_ids, tiny_gpt2, tiny_llama
+from helpers_models import HIDDEN, VOCAB, input_ids, main_output, tiny_gpt2, tiny_llama
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
               pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning"),
@@ -87,13 +87,10 @@ def _positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _out(o):
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
-
 
 def _run(model, ids, mask, tasks, side):
     kw = {"position_ids": _positions(mask)} if side == "left" else {}
-    return _out(model(input_ids=ids, attention_mask=mask, task_ids=tasks, **kw))
+    return main_output(model(input_ids=ids, attention_mask=mask, task_ids=tasks, **kw))
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,10 +176,10 @@ def test_mixed_forward_equals_rows_alone(name, side, projection):
         diffs = []
         for i, t in enumerate(TASKS):
             real = mask[i].bool()
-            alone = _out(model(input_ids=ids[i:i + 1, real], task_ids=tasks[i:i + 1]))[0]
+            alone = main_output(model(input_ids=ids[i:i + 1, real], task_ids=tasks[i:i + 1]))[0]
             diffs.append(assert_fp32_end_to_end_close(out[i, real], alone, f"{name} row {i} (task {t}) vs alone"))
             # the stacked path equals the one-task path on the task's own weights
-            one = _out(singles[t](input_ids=ids[i:i + 1, real]))[0]
+            one = main_output(singles[t](input_ids=ids[i:i + 1, real]))[0]
             assert_fp32_end_to_end_close(out[i, real], one, f"{name} row {i} vs the one-task model of task {t}")
         # the prefix matters: another task gives another output
         other = _run(model, ids, mask, torch.tensor([1, 1, 1, 1]), side)
@@ -198,7 +195,7 @@ def test_mixed_backward_per_task_gradients(name, projection):
     model.train()
     ids, mask = _batch("right")
     tasks = torch.tensor(TASKS)
-    out = _out(model(input_ids=ids, attention_mask=mask, task_ids=tasks))
+    out = main_output(model(input_ids=ids, attention_mask=mask, task_ids=tasks))
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     ((out * w).sum(-1) * mask).sum().backward()
     params = dict(prefix_encoder(model).named_parameters())
@@ -208,7 +205,7 @@ def test_mixed_backward_per_task_gradients(name, projection):
         for p in params.values():
             p.grad = None
         real = mask[i].bool()
-        o = _out(model(input_ids=ids[i:i + 1, real], task_ids=tasks[i:i + 1]))[0]
+        o = main_output(model(input_ids=ids[i:i + 1, real], task_ids=tasks[i:i + 1]))[0]
         ((o * w[i, real]).sum(-1)).sum().backward()
         for n, p in params.items():
             alone[n] += p.grad

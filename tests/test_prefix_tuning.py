@@ -18,8 +18,8 @@ from ptune_rt.hf_attention import ATTN_NAME, has_prefix, prefix_encoder, remove_
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.testing.tolerances import FP32_END_TO_END, assert_fp32_end_to_end_close
 
-from helpers_models import (HIDDEN, VOCAB, copy_peft_lora_weights, input_ids, peft_lora_model, tiny_gpt2,
-                            tiny_llama, tiny_qwen2)
+from helpers_models import (HIDDEN, VOCAB, copy_peft_lora_weights, input_ids, main_output, padded_batch,
+                            peft_lora_model, tiny_gpt2, tiny_llama, tiny_qwen2)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
               pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")]
@@ -106,19 +106,6 @@ def _pair(name: str, num_virtual_tokens: int = P, projection: bool = False, **cf
     return base, peft_model, mine
 
 
-def _padded(batch=2, seq=8, side="right", seed=1):
-    """(input_ids, attention_mask): row 0 has 3 pad tokens on ``side`` (None: no padding)."""
-    ids = input_ids(batch, seq, seed=seed)
-    mask = torch.ones_like(ids)
-    if side is not None:
-        sl = slice(seq - 3, None) if side == "right" else slice(0, 3)
-        mask[0, sl] = 0
-        ids[0, sl] = 0
-    return ids, mask
-
-
-def _out(o):
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
 def _prefix_grads(model) -> dict:
@@ -131,7 +118,7 @@ def _loss(name, model, ids, mask, weight=None):
     if name in DECODERS:
         labels = ids.masked_fill(mask == 0, -100)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    out = _out(model(input_ids=ids, attention_mask=mask))
+    out = main_output(model(input_ids=ids, attention_mask=mask))
     return ((out * weight[: out.shape[-1]]).sum(-1) * mask).sum() / mask.sum()
 
 
@@ -204,23 +191,23 @@ def test_logits_match_peft(name):
     base, peft_model, mine = _pair(name)
     assert mine.config._attn_implementation == ATTN_NAME
     for side in (None, "right", "left"):
-        ids, mask = _padded(side=side)
+        ids, mask = padded_batch(side=side)
         with torch.no_grad():
-            ref = _out(peft_model(input_ids=ids, attention_mask=mask))
-            out = _out(mine(input_ids=ids, attention_mask=mask))
-            plain = _out(base(input_ids=ids, attention_mask=mask))
+            ref = main_output(peft_model(input_ids=ids, attention_mask=mask))
+            out = main_output(mine(input_ids=ids, attention_mask=mask))
+            plain = main_output(base(input_ids=ids, attention_mask=mask))
         _close(out, ref, f"{name} {side} padding")
         assert (plain - ref).abs().max() > 1e-3, "the prefix must change the output"
     if name not in ("bert", "roberta"):  # no mask at all (transformers then skips the causal mask)
         with torch.no_grad():
-            _close(_out(mine(input_ids=ids)), _out(peft_model(input_ids=ids)), f"{name} without a mask")
+            _close(main_output(mine(input_ids=ids)), main_output(peft_model(input_ids=ids)), f"{name} without a mask")
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert"])
 def test_prefix_gradients_match_peft(name):
     _, peft_model, mine = _pair(name)
     mine.train(), peft_model.train()
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     weight = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3))
     _loss(name, peft_model, ids, mask, weight).backward()
     _loss(name, mine, ids, mask, weight).backward()
@@ -236,7 +223,7 @@ def test_training_run_matches_peft(name):
     """20 AdamW steps on the same batch: the same loss at every step."""
     _, peft_model, mine = _pair(name)
     mine.train(), peft_model.train()
-    ids, mask = _padded(side="right")
+    ids, mask = padded_batch(side="right")
     weight = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3))
     opt_ref = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     trainable = [p for p in mine.parameters() if p.requires_grad]
@@ -264,7 +251,7 @@ def test_prefix_projection_matches_peft():
     assert enc.embedding.weight.shape == (P, 2 * 16)  # kv_heads * head_dim, PEFT's token_dim
     mine.train(), peft_model.train()
     for side in ("right", "left"):
-        ids, mask = _padded(side=side)
+        ids, mask = padded_batch(side=side)
         _close(mine(input_ids=ids, attention_mask=mask).logits, peft_model(input_ids=ids, attention_mask=mask).logits,
                f"projection logits {side}")
     _loss("llama", peft_model, ids, mask).backward()
@@ -279,7 +266,7 @@ def test_prefix_projection_matches_peft():
 def test_generate_matches_peft(name):
     base, peft_model, mine = _pair(name)
     for side in ("left", None):
-        ids, mask = _padded(seq=6, side=side)
+        ids, mask = padded_batch(seq=6, side=side)
         kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
         ref = peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
         got = mine.generate(input_ids=ids, attention_mask=mask, **kw)
@@ -314,10 +301,10 @@ def test_decode_loop_matches_generate(name):
     _, peft_model, mine = _pair(name)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        ids, mask = _padded(seq=6, side=None)
+        ids, mask = padded_batch(seq=6, side=None)
         ref = peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
         assert torch.equal(_decode_loop(mine, ids, mask, 6), ref)
-        ids, mask = _padded(seq=6, side="left")  # left padding: positions as generate numbers them
+        ids, mask = padded_batch(seq=6, side="left")  # left padding: positions as generate numbers them
         ref = peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
         assert torch.equal(_decode_loop(mine, ids, mask, 6, positions=True), ref)
         assert torch.equal(mine.generate(input_ids=ids, attention_mask=mask, **kw), ref)
@@ -332,7 +319,7 @@ def test_position_ids_shift_and_none():
     """shift: explicit position_ids get +P as in PEFT; none: the model's own positions (ChatGLM style),
     i.e. PEFT's model fed position_ids - P."""
     _, peft_model, mine = _pair("llama")
-    ids, mask = _padded(side="right")
+    ids, mask = padded_batch(side="right")
     pos = torch.arange(ids.shape[1]).unsqueeze(0) + 5
     with torch.no_grad():
         _close(mine(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
@@ -350,7 +337,7 @@ def test_position_ids_shift_and_none():
         ref = peft_model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None] - P).logits
         _close(got, ref, "position_mode='none'")
         assert (got - shifted).abs().max() > 1e-3
-        ids, mask = _padded(seq=6, side=None)
+        ids, mask = padded_batch(seq=6, side=None)
         gen = none.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(_decode_loop(none, ids, mask, 5), gen)
 
@@ -383,7 +370,7 @@ def test_too_long_sequence_raises_before_running():
                                                        ("gpt2", False, False), ("gpt2", True, True)])
 def test_gradient_checkpointing_same_grads(name, projection, reentrant):
     _, _, mine = _pair(name, projection=projection)
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     mine.train()
     loss = _loss(name, mine, ids, mask)
     loss.backward()
@@ -402,7 +389,7 @@ def test_gradient_checkpointing_same_grads(name, projection, reentrant):
 def test_triton_backend_llama_forward_backward():
     """The fused Triton kernels (interpreted on CPU) inside the model: batch 2, seq 8, P 4."""
     _, peft_model, mine = _pair("llama", backend="triton")
-    ids, mask = _padded(seq=8, side="right")
+    ids, mask = padded_batch(seq=8, side="right")
     mine.train(), peft_model.train()
     out = mine(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     ref = peft_model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
@@ -417,7 +404,7 @@ def test_half_precision_model_trains_fp32_prefix():
     model = ptune_rt.apply(tiny_llama(dtype=torch.bfloat16), PrefixConfig(P))
     enc = prefix_encoder(model)
     assert enc.embedding.weight.dtype == torch.float32
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     model.train()
     out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     assert out.logits.dtype == torch.bfloat16
@@ -508,7 +495,7 @@ def test_apply_attaches_encoder_and_remove_restores():
     base = tiny_llama()
     model = copy.deepcopy(base)
     snap = _snapshot(model)
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
     ptune_rt.apply(model, PrefixConfig(P))
@@ -579,7 +566,7 @@ def test_lora_and_prefix_compose_in_either_order():
         torch.manual_seed(7)
         peft_prefix = get_peft_model(merged, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     prompt = peft_prefix.prompt_encoder["default"].state_dict()
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     with torch.no_grad():
         ref = peft_prefix(input_ids=ids, attention_mask=mask).logits
         plain = base(input_ids=ids, attention_mask=mask).logits
@@ -647,7 +634,7 @@ def test_attention_dropout_while_training():
     for layer in base.model.layers:
         layer.self_attn.attention_dropout = 0.5
     model = ptune_rt.apply(copy.deepcopy(base), PrefixConfig(P))
-    ids, mask = _padded(side="left")
+    ids, mask = padded_batch(side="left")
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask).logits
     model.train()
