@@ -84,7 +84,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 
-
 class PrefixState:
     """Everything ``apply_prefix`` changed on a model, so ``remove_prefix`` can undo it."""
 
