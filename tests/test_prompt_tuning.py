@@ -233,6 +233,31 @@ def test_classification_head_trains_with_the_prompt_as_in_peft(kind):
     assert not is_prompt_model(plain) and all(p.requires_grad for p in plain.parameters())
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_classify_as_alone(side):
+    """A decoder's sequence classifier reads each row's last real token; given inputs_embeds it takes
+    the last column, so the prompt glue puts a row's padding first: a padded row gets the logits it
+    gets alone (PEFT 0.21.2 classifies a right-padded row by a pad token)."""
+    from transformers import LlamaForSequenceClassification
+
+    cfg = tiny_llama().config
+    cfg.num_labels = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = LlamaForSequenceClassification(cfg).eval()
+    ours = ptune_rt.apply(copy.deepcopy(base), our_config("prompt"))
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    pads = slice(4, None) if side == "right" else slice(0, 3)
+    mask[0, pads] = 0
+    ids[0, pads] = 0
+    with torch.no_grad():
+        batch = ours(input_ids=ids, attention_mask=mask).logits
+        for b in range(2):
+            alone = ours(input_ids=ids[b:b + 1, mask[b].bool()]).logits
+            torch.testing.assert_close(batch[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_question_answering_positions_follow_the_prompt():
     """start/end positions index the input's tokens; with the soft prompt in front they must index
     the same tokens of the longer sequence (PEFT 0.21.2 passes them on unshifted, so its loss reads

@@ -590,6 +590,9 @@ class PromptForward:
         # a sequence classifier's labels are one per row (or per row and label), not per token:
         # they pass through as they are, as in PEFT
         self.row_labels = type(model).__name__.endswith("ForSequenceClassification")
+        # a decoder's sequence classifier (its head is ``score``) reads each row's last token, which it
+        # finds from input_ids; from inputs_embeds it takes the last column: all padding goes first
+        self.last_token_head = self.row_labels and isinstance(getattr(model, "score", None), nn.Module)
         self._generating = 0
         base_sig = inspect.signature(prev if prev is not None else type(model).forward.__get__(model))
         params = list(base_sig.parameters.values())
@@ -682,8 +685,9 @@ class PromptForward:
         tasks = _as_task_ids(task_ids, B, self.num_tasks, device)
         mask = self._check_mask(kw.get("attention_mask"), B, L, "seq")
         n_left, end = _row_spans(mask, B, L, device, "attention_mask")
-        # generate reads every row's next token off the last column: there all padding goes first
-        pad_before = L - (end - n_left) if self._generating else n_left
+        # generate (and a decoder's sequence classifier) reads every row's last token off the last
+        # column: there all padding goes first
+        pad_before = L - (end - n_left) if (self._generating or self.last_token_head) else n_left
         col, slot, is_tmpl = _layout(n_left, end, pad_before, L, L, A, E)
 
         if mask is not None:  # positions counted by the laid-out mask
