@@ -8,7 +8,8 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ptune-rt", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="numerical-equality report of every kernel vs its eager reference")
+    sub.add_parser("check", add_help=False,
+                   help="numerical-equality report of every kernel vs its eager reference (ptune-rt check --help)")
     sub.add_parser("bench", add_help=False,
                    help="LoRA benchmark + equality report, HF PEFT vs ptune-rt (ptune-rt bench --help)")
     sub.add_parser("compile-report", add_help=False,
@@ -17,9 +18,9 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "check":
         from ptune_rt.check import main as run
-    if args.cmd == "bench":
+    elif args.cmd == "bench":
         from ptune_rt.bench.runner import main as run
-    if args.cmd == "compile-report":
+    else:  # compile-report (argparse refuses any other command)
         from ptune_rt.compile_report import main as run
     return int(run(rest) or 0)
 

@@ -17,3 +17,16 @@ def test_check_command_reports_kernel_cases_and_passes(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"lora", "prefix"} and all(r["ok"] for r in rows)
     assert all(r["err"] <= r["bound"] for r in rows)
+
+
+def test_every_command_shows_its_own_options(capsys):
+    """``ptune-rt <command> --help`` is the command's own help (its options), not a stub."""
+    import pytest
+
+    from ptune_rt.cli import main
+
+    for cmd, option in (("check", "--quick"), ("bench", "--repeats"), ("compile-report", "--arch")):
+        with pytest.raises(SystemExit) as info:
+            main([cmd, "--help"])
+        assert info.value.code == 0
+        assert option in capsys.readouterr().out, cmd
