@@ -34,3 +34,27 @@ def test_summarize_reports_the_interval():
 def test_unpaired_runs_are_refused():
     with pytest.raises(ValueError, match="paired runs of one length"):
         bootstrap_ratio_ci([1.0, 2.0], [1.0])
+
+
+def test_block_mode_times_steady_state():
+    """block=N: per round each function runs N times in a row, the first untimed, and the sample is
+    the mean of the other N - 1; every call still gets its setup."""
+    from ptune_rt.bench.timing import interleaved
+
+    calls = {"a": 0, "b": 0}
+    setups = []
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    times = interleaved({"a": make("a"), "b": make("b")}, repeats=3, warmup=1, setup=setups.append, block=4)
+    assert [len(times[n]) for n in "ab"] == [3, 3]
+    assert calls == {"a": 1 + 3 * 4, "b": 1 + 3 * 4}
+    assert len(setups) == 2 * (1 + 3 * 4)
+    cpu = {}
+    interleaved({"a": make("a")}, repeats=2, warmup=0, cpu_times=cpu, block=3)
+    assert len(cpu["a"]) == 2  # one CPU-time sample per timed sample
+    with pytest.raises(ValueError, match="block must be an integer >= 1"):
+        interleaved({"a": make("a")}, repeats=1, block=0)

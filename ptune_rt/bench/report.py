@@ -382,6 +382,12 @@ def markdown(results: dict, title: bool = True) -> str:
         f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}); torch {v['torch']}, triton {v['triton']}, "
         f"transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode {results['mode']}.",
         "",
+    ]
+    if results.get("train_block", 1) > 1:
+        out += [f"Training steps in steady state: per round each model ran {results['train_block']} steps in a row; "
+                "the first (which pays for the switch from the other model) is untimed, the sample is the mean of "
+                "the rest.", ""]
+    out += [
         f"Workload: Llama-like model from a `LlamaConfig` with random weights (hidden {wl['hidden']}, intermediate "
         f"{wl['intermediate']}, {wl['layers']} layers, {wl['heads']} heads / {wl['kv_heads']} KV heads, vocab "
         f"{wl['vocab']}), {wl['dtype']}, batch {wl['batch']} x seq {wl['seq']}; LoRA r={wl['r']}, alpha={wl['alpha']:g} "

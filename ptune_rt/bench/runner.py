@@ -130,8 +130,9 @@ def provenance(device, argv) -> dict:
 
 
 class Bench:
-    def __init__(self, workload, device, repeats: int, warmup: int, progress, gate=None):
+    def __init__(self, workload, device, repeats: int, warmup: int, progress, gate=None, train_block: int = 1):
         self.gate = gate
+        self.train_block = train_block
         self.wl = workload
         self.device = device
         self.repeats = repeats
@@ -239,13 +240,16 @@ class Bench:
             fns = {n: (lambda m=m: W.train_step(m, s.input_ids)) for n, m in models.items()}
             cpu = {}
             times = interleaved(fns, self.repeats, self.warmup, s.device, setup=lambda n: W.zero_grads(models[n]),
-                                tick=self.tick, cpu_times=cpu, gate=self.gate)
+                                tick=self.tick, cpu_times=cpu, gate=self.gate, block=self.train_block)
             for m in models.values():
                 W.zero_grads(m)
                 m.eval()
             res[key] = summarize(times, cpu_times=cpu)
             res[key]["what"] = (f"forward + causal-LM loss + backward, batch {self.wl.batch} x seq {self.wl.seq}, "
-                                f"dropout {p:g}; seconds per step")
+                                f"dropout {p:g}; seconds per step" + (
+                                    f" (steady state: per round {self.train_block} steps in a row, the first "
+                                    f"untimed, the mean of the rest)" if self.train_block > 1 else ""))
+            res[key]["train_block"] = self.train_block
 
         s = self.setup(0.0)
         models = s.models
@@ -469,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU runs: before every timed round wait (up to --gate-max-wait s) until the CPUs were at "
                         "least this fraction idle over one second, e.g. 0.9 (Linux; default: off)")
     p.add_argument("--gate-max-wait", type=float, default=120.0, help="longest wait per round for --quiet-gate (s)")
+    p.add_argument("--train-block", type=int, default=1, metavar="N",
+                   help="training steps: per round run each model N steps in a row and time the mean of the last "
+                        "N-1 (steady state, as a training loop sees it; default 1: one step per model per round)")
     add_common_arguments(p, max_wait=1800.0)
     return p
 
@@ -516,13 +523,15 @@ def run(args, argv) -> dict:
         raise SystemExit(f"ptune-rt bench: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
     if args.repeats < 1:
         raise SystemExit("ptune-rt bench: --repeats must be >= 1")
+    if args.train_block < 1:
+        raise SystemExit("ptune-rt bench: --train-block must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or default_device()
     wl = Workload.quick() if args.quick else Workload.default()
     results: dict = {"schema": "ptune-rt-bench-lora/1", "provenance": provenance(device, argv),
                      "workload": wl.to_dict(), "mode": "quick" if args.quick else "default",
-                     "repeats": args.repeats, "warmup": args.warmup}
+                     "repeats": args.repeats, "warmup": args.warmup, "train_block": args.train_block}
     if args.wait_for_load is not None and torch.device(device).type == "cpu" and hasattr(os, "getloadavg"):
         results["provenance"]["wait_for_load"] = wait_for_quiet(args.wait_for_load, args.max_wait)
         results["provenance"]["load_average_at_start"] = list(os.getloadavg())
@@ -534,7 +543,7 @@ def run(args, argv) -> dict:
         from ptune_rt.bench.timing import QuietGate
 
         gate = QuietGate(args.quiet_gate, args.gate_max_wait)
-    bench = Bench(wl, device, args.repeats, args.warmup, progress, gate)
+    bench = Bench(wl, device, args.repeats, args.warmup, progress, gate, train_block=args.train_block)
     try:
         section_s = results["section_wall_s"] = {}
         for sec in SECTIONS:

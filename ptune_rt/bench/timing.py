@@ -95,13 +95,19 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
                 device: torch.device = torch.device("cpu"), setup: Optional[Callable[[str], None]] = None,
                 tick: Optional[Callable[[], None]] = None,
                 cpu_times: Optional[dict[str, list[float]]] = None,
-                gate: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+                gate: Optional[Callable[[], None]] = None, block: int = 1) -> dict[str, list[float]]:
     """Seconds per call of every function in ``fns``, measured round-robin.
 
     ``setup(name)`` runs (untimed) before each call, e.g. to clear gradients; ``tick()`` after each
-    timed call (progress bar). On CPU, ``cpu_times`` (if given) receives the process CPU seconds of
-    every timed call, per name. ``gate()`` runs before every timed round (see :class:`QuietGate`).
+    timed sample (progress bar). On CPU, ``cpu_times`` (if given) receives the process CPU seconds of
+    every timed sample, per name. ``gate()`` runs before every timed round (see :class:`QuietGate`).
+
+    ``block`` > 1 measures steady state, as a training loop sees it: in every round each function
+    runs ``block`` times in a row, the first call untimed (it pays for the switch from the other
+    variant: caches, allocator state) and the sample is the mean of the other ``block - 1``.
     """
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an integer >= 1, got {block!r}")
     names = list(fns)
     cpu: dict[str, list[float]] = {n: [] for n in names}
     runs = {n: _timer(torch.device(device), cpu[n]) for n in names}
@@ -116,9 +122,20 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             gate()
         k = i % len(names)
         for n in names[k:] + names[:k]:
-            if setup:
-                setup(n)
-            times[n].append(runs[n](fns[n]))
+            if block > 1:  # the switch-over call, untimed
+                if setup:
+                    setup(n)
+                fns[n]()
+            got, cpu_before = [], len(cpu[n])
+            for _ in range(max(block - 1, 1)):
+                if setup:
+                    setup(n)
+                got.append(runs[n](fns[n]))
+            times[n].append(sum(got) / len(got))
+            if len(cpu[n]) > cpu_before + 1:  # one CPU-time sample per timed sample, like the wall time
+                mean = sum(cpu[n][cpu_before:]) / (len(cpu[n]) - cpu_before)
+                del cpu[n][cpu_before:]
+                cpu[n].append(mean)
             if tick:
                 tick()
     if cpu_times is not None:
