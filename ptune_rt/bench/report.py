@@ -20,10 +20,11 @@ def _x(v) -> str:
     return "–" if v is None else f"{v:.2f}x"
 
 
-def ci_cell(d: dict) -> str:
-    """A speed summary's 95% paired-bootstrap interval as a table cell ("–" when there is none)."""
-    ci = d.get("speedup_ci95")
-    return f"{_x(ci[0])} - {_x(ci[1])}" if ci else "–"
+def ci_cell(d: dict, key: str = "speedup_ci95", digits: int = 2) -> str:
+    """The 95% paired-bootstrap interval ``d[key]`` (a speed summary's, or a target row's ``ci95``)
+    as a table cell, ``digits`` decimals ("–" when there is none)."""
+    ci = d.get(key)
+    return f"{ci[0]:.{digits}f}x - {ci[1]:.{digits}f}x" if ci else "–"
 
 
 def _num(v) -> str:
@@ -74,9 +75,8 @@ def targets_table(targets: list[dict]) -> list[str]:
     lines = ["| Target | Measured | 95% interval | Goal | Result |", "|---|---:|---:|---|---|"]
     for t in targets:
         val = f"{t['value']:.3f}x" if t["unit"] == "x" else _num(t["value"])
-        ci = t.get("ci95")
-        ci_cell = f"{ci[0]:.3f}x - {ci[1]:.3f}x" if ci else "–"
-        lines.append(f"| {t['target']} | {val} | {ci_cell} | {t['goal']} | {'PASS' if t['pass'] else 'MISS'} |")
+        lines.append(f"| {t['target']} | {val} | {ci_cell(t, 'ci95', 3)} | {t['goal']} | "
+                     f"{'PASS' if t['pass'] else 'MISS'} |")
     if any(t.get("ci95") for t in targets):
         lines += ["", "*95% interval*: paired bootstrap of the ratio of medians over the interleaved rounds (2000 "
                   "resamples), the spread this machine's run-to-run noise puts around the measured ratio. A goal "

@@ -131,11 +131,9 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
                 if setup:
                     setup(n)
                 got.append(runs[n](fns[n]))
-            times[n].append(sum(got) / len(got))
-            if len(cpu[n]) > cpu_before + 1:  # one CPU-time sample per timed sample, like the wall time
-                mean = sum(cpu[n][cpu_before:]) / (len(cpu[n]) - cpu_before)
-                del cpu[n][cpu_before:]
-                cpu[n].append(mean)
+            times[n].append(statistics.fmean(got))
+            if cpu[n][cpu_before:]:  # one CPU-time sample per timed sample, like the wall time
+                cpu[n][cpu_before:] = [statistics.fmean(cpu[n][cpu_before:])]
             if tick:
                 tick()
     if cpu_times is not None:
