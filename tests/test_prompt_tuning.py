@@ -86,6 +86,35 @@ def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def adamw_losses(model, batch, steps: int, lr: float) -> list[float]:
+    """AdamW on the model's trainable parameters (gradients cleared first); ``batch(step)`` gives
+    the forward's keyword arguments. The loss of every step."""
+    params = list(trainable(model).values())
+    for p in params:
+        p.grad = None
+    opt = torch.optim.AdamW(params, lr=lr)
+    run = []
+    for step in range(steps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(**batch(step)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        run.append(loss.item())
+    return run
+
+
+def llama_task_model(cls, **config):
+    """A tiny Llama task model (``cls``, e.g. LlamaForSequenceClassification) with a seeded random head."""
+    cfg = tiny_llama().config
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(cfg)
+
+
 def greedy(model, ids, mask=None, **kw):
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
@@ -149,21 +178,11 @@ def test_matches_peft(name, kind):
     for n in pa:
         torch.testing.assert_close(pb[n].grad, pa[n].grad, rtol=1e-5, atol=1e-7, msg=n)
 
-    losses = {}
-    for tag, model in (("peft", peft_model), ("ours", ours)):
-        params = list(trainable(model).values())
-        for p in params:
-            p.grad = None
-        opt = torch.optim.AdamW(params, lr=3e-2)
-        run = []
-        for step in range(20):
-            batch = input_ids(3, 7, seed=100 + step % 2)  # two batches, alternating
-            loss = model(batch, labels=batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses[tag] = run
+    def batch(step):  # two batches, alternating
+        ids = input_ids(3, 7, seed=100 + step % 2)
+        return {"input_ids": ids, "labels": ids}
+
+    losses = {tag: adamw_losses(model, batch, 20, 3e-2) for tag, model in (("peft", peft_model), ("ours", ours))}
     assert losses["ours"][-2] < losses["ours"][0]
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["peft"]), rtol=1e-5, atol=1e-6)
 
@@ -184,11 +203,7 @@ def test_classification_head_trains_with_the_prompt_as_in_peft(kind):
     from peft import PromptTuningConfig as PeftPromptTuningConfig
     from transformers import LlamaForSequenceClassification
 
-    cfg = tiny_llama().config
-    cfg.num_labels = 3
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        base = LlamaForSequenceClassification(cfg)
+    base = llama_task_model(LlamaForSequenceClassification, num_labels=3)
     if kind == "prompt":
         pcfg = PeftPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
     else:
@@ -203,21 +218,10 @@ def test_classification_head_trains_with_the_prompt_as_in_peft(kind):
     assert sorted(trainable(ours)) == peft_names and "score.weight" in peft_names
 
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randint(1, 128, (3, 7), generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
-    losses = {}
-    for tag, model in (("peft", peft_model), ("ours", ours)):
-        opt = torch.optim.AdamW(list(trainable(model).values()), lr=3e-3)
-        run = []
-        for step in range(10):
-            ids, labels = batches[step % 2]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses[tag] = run
+    batches = [{"input_ids": torch.randint(1, 128, (3, 7), generator=g), "labels": torch.randint(0, 3, (3,), generator=g)}
+               for _ in range(2)]
+    losses = {tag: adamw_losses(model, lambda step: batches[step % 2], 10, 3e-3)
+              for tag, model in (("peft", peft_model), ("ours", ours))}
     assert losses["ours"][-2] < losses["ours"][0]
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["peft"]), rtol=1e-5, atol=1e-6)
     trained = peft_model.base_model.score.modules_to_save["default"].weight
@@ -240,11 +244,7 @@ def test_padded_rows_classify_as_alone(side):
     gets alone (PEFT 0.21.2 classifies a right-padded row by a pad token)."""
     from transformers import LlamaForSequenceClassification
 
-    cfg = tiny_llama().config
-    cfg.num_labels = 3
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        base = LlamaForSequenceClassification(cfg).eval()
+    base = llama_task_model(LlamaForSequenceClassification, num_labels=3).eval()
     ours = ptune_rt.apply(copy.deepcopy(base), our_config("prompt"))
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
@@ -266,9 +266,7 @@ def test_question_answering_positions_follow_the_prompt():
     from peft import get_peft_model
     from transformers import LlamaForQuestionAnswering
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        base = LlamaForQuestionAnswering(tiny_llama().config)
+    base = llama_task_model(LlamaForQuestionAnswering)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base), PeftPromptTuningConfig(task_type="QUESTION_ANS",
