@@ -249,7 +249,6 @@ class Bench:
                                 f"dropout {p:g}; seconds per step" + (
                                     f" (steady state: per round {self.train_block} steps in a row, the first "
                                     f"untimed, the mean of the rest)" if self.train_block > 1 else ""))
-            res[key]["train_block"] = self.train_block
 
         s = self.setup(0.0)
         models = s.models
