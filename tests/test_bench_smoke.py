@@ -67,3 +67,57 @@ def test_bench_quick_writes_every_section(tmp_path):
     for head in ("## Targets", "## Equality", "## Op counts", "## Analytic HBM traffic", "PEFT", "ptune-rt"):
         assert head in text
     assert "model, not a measurement" in text.lower()
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_eager_swap_is_peft_without_bookkeeping():
+    """bench/ceilings.py's hand-written eager swap computes PEFT's logits and its adapter gradients
+    (on PEFT's own tensors), so its timing is that of the same math."""
+    import torch
+
+    from ptune_rt.bench import workload as W
+
+    ceilings = _load_script("ceilings")
+    s = W.build(W.Workload.quick(), dropout=0.0, device="cpu")
+    eager = ceilings.eager_swap(s.peft)
+    assert sum(isinstance(m, ceilings.EagerLoRA) for m in eager.modules()) == W.Workload.quick().n_lora_linears
+    ids = s.input_ids
+    grads = {}
+    for name, model in (("peft", s.peft), ("eager", eager)):
+        W.zero_grads(s.peft)
+        model.train()
+        loss = W.train_step(model, ids)
+        grads[name] = (loss, [p.grad.clone() for p in W.trainable_parameters(s.peft)])
+    torch.testing.assert_close(grads["eager"][0], grads["peft"][0], rtol=1e-5, atol=1e-6)
+    assert len(grads["peft"][1]) == 2 * W.Workload.quick().n_lora_linears
+    for g_eager, g_peft in zip(grads["eager"][1], grads["peft"][1]):
+        torch.testing.assert_close(g_eager, g_peft, rtol=1e-4, atol=1e-6)
+
+
+def test_ceilings_script_writes_its_table(tmp_path):
+    import json
+
+    ceilings = _load_script("ceilings")
+    assert ceilings.main(["--quick", "--rounds", "2", "--cases", "lora,lora-inference", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "ceilings_cpu.json").read_text())
+    assert [c["case"].split(",")[0] for c in res["cases"]] == [
+        "LoRA r=8", "LoRA no-grad forward", "LoRA greedy generate"]
+    for c in res["cases"]:
+        assert set(c["ratio_peft_over"]) == {"ptune-rt", "eager swap", "base"}
+        for n, r in c["ratio_peft_over"].items():
+            lo, hi = c["ratio_peft_over_ci95"][n]
+            assert r > 0 and lo <= r <= hi
+    md = (tmp_path / "ceilings_cpu.md").read_text()
+    assert "| eager swap vs PEFT |" in md and md.count("\n| LoRA") == 3
+    with pytest.raises(SystemExit):
+        ceilings.main(["--cases", "lora,nonsense", "--out", str(tmp_path)])
