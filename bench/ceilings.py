@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -183,6 +185,11 @@ def main(argv=None) -> int:
         p.error(f"--rounds must be at least 2 (paired intervals), got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ptune_rt.bench.report import commit_label, load_label
+    from ptune_rt.bench.runner import provenance
+
+    pv = provenance("cpu", [])
+    pv["command"] = "python bench/ceilings.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cases = []
     for name in chosen:
         print(f"[ceilings] {name} ...", flush=True)
@@ -192,14 +199,18 @@ def main(argv=None) -> int:
             cases += lora_inference_cases(args.rounds, args.quick)
         else:
             cases += [prefix_case(P, args.prefix_seq, args.rounds, args.quick) for P in (32, 128)]
-    results = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "torch_threads": torch.get_num_threads(),
-               "rounds": args.rounds, "quick": args.quick, "cases": cases}
+    pv["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "provenance": pv, "rounds": args.rounds,
+               "quick": args.quick, "cases": cases}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "ceilings_cpu"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     lines = ["# Ceilings (CPU, fp32)", "", results["what"], "",
-             f"{args.rounds} interleaved rounds, medians, {results['torch_threads']} threads; speed ratios are "
-             "PEFT's median time over the variant's, with 95% paired-bootstrap intervals.", "",
+             f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['torch_threads']} threads, {load_label(pv)}); "
+             f"torch {pv['versions']['torch']}, transformers {pv['versions']['transformers']}, peft "
+             f"{pv['versions']['peft']}; commit {commit_label(pv)}; command `{pv['command']}`.", "",
+             f"{args.rounds} interleaved rounds, medians; speed ratios are PEFT's median time over the variant's, "
+             "with 95% paired-bootstrap intervals.", "",
              "| Case | PEFT ms | ptune-rt ms | eager swap ms | zero-cost stand-in ms | ptune-rt vs PEFT | "
              "eager swap vs PEFT | ceiling |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -314,13 +314,11 @@ def _ms(s) -> str:
 
 
 def markdown(results: dict) -> str:
-    from ptune_rt.bench.report import ci_cell
+    from ptune_rt.bench.report import ci_cell, commit_label, load_label, peak_load
 
     pv, wl = results["provenance"], results["workload"]
     v = pv["versions"]
-    commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
-    load0, load1 = pv.get("load_average_at_start"), pv.get("load_average_at_end")
-    loads = f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end" if load0 and load1 else "load unknown"
+    commit, loads = commit_label(pv), load_label(pv)
     out = [f"# ptune-rt mixed-task serving benchmark ({pv['device']}, {wl['dtype']})", "",
            f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, {loads}); "
            f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode "
@@ -335,7 +333,7 @@ def markdown(results: dict) -> str:
            f"{wl['tasks']} adapters; for each task `set_adapter(task)`, then that task's rows (PEFT "
            f"{v['peft']} has no mixed-task batches for prompt or prefix tuning). Same weights, same inputs.", ""]
     cpus = pv.get("cpu_count") or 1
-    top = max([x[0] for x in (load0, load1) if x] or [0.0])
+    top = peak_load(pv)
     if pv["device"].startswith("cpu") and top > 0.5 * cpus:
         out += [f"> Note: the 1-minute load average reached {top:.1f} on {cpus} CPUs during this run: other processes "
                 "competed for the cores, so the timings are noisy (interleaved runs and medians, but treat small "

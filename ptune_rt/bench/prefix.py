@@ -759,11 +759,11 @@ def generate_table(results: dict) -> list[str]:
 
 
 def _header(results: dict) -> list[str]:
+    from ptune_rt.bench.report import commit_label, load_label, peak_load
+
     pv, wl = results["provenance"], results["workload"]
     v = pv["versions"]
-    commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
-    l0, l1 = pv.get("load_average_at_start"), pv.get("load_average_at_end")
-    loads = f"load average {l0[0]:.2f} at start, {l1[0]:.2f} at end" if l0 and l1 else "load unknown"
+    commit, loads = commit_label(pv), load_label(pv)
     reps = f"{results['repeats']} interleaved runs per variant"
     if results["long_train_repeats"] != results["repeats"]:
         reps += (f" ({results['long_train_repeats']} for the training step at seq {max(wl['seqs'])}, where one step "
@@ -784,7 +784,7 @@ def _header(results: dict) -> list[str]:
     cpus = pv.get("cpu_count") or 1
     own = min(pv.get("torch_threads") or 1, cpus)
     before = [c["load_average_before"][0] for c in results.get("cases", []) if c.get("load_average_before")]
-    top = max([x[0] for x in (l0, l1) if x] + before or [0.0])
+    top = max([peak_load(pv)] + before)
     if before:
         out += ["", f"1-minute load average before each case: {', '.join(f'{x:.2f}' for x in before)} (this run's own "
                 f"{own} compute threads included: about {own} is this run alone on {cpus} CPUs)."]

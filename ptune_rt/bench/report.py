@@ -364,6 +364,22 @@ def _flops_detail(results) -> list[str]:
     return lines
 
 
+def commit_label(pv: dict) -> str:
+    """A run's commit as reports print it: 12 hex digits, marked when the tree had local changes."""
+    return (pv.get("git_commit") or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
+
+
+def load_label(pv: dict) -> str:
+    """The 1-minute load averages at the start and end of a run, as reports print them."""
+    l0, l1 = pv.get("load_average_at_start"), pv.get("load_average_at_end")
+    return f"load average {l0[0]:.2f} at start, {l1[0]:.2f} at end" if l0 and l1 else "load unknown"
+
+
+def peak_load(pv: dict) -> float:
+    """The higher of a run's 1-minute load averages at start and end (0.0 when unknown)."""
+    return max([x[0] for x in (pv.get("load_average_at_start"), pv.get("load_average_at_end")) if x] or [0.0])
+
+
 def markdown(results: dict, title: bool = True) -> str:
     pv = results["provenance"]
     wl = results["workload"]
@@ -371,14 +387,13 @@ def markdown(results: dict, title: bool = True) -> str:
     out = []
     if title:
         out += [f"# ptune-rt LoRA benchmark + equality report ({pv['device']}, {wl['dtype']})", ""]
-    commit = (pv["git_commit"] or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
-    load = pv.get("load_average_at_start")
+    commit = commit_label(pv)
     out += [
-        f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, load "
-        f"average {load[0]:.2f} at start, {pv['load_average_at_end'][0]:.2f} at end); torch {v['torch']}, triton "
-        f"{v['triton']}, transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode {results['mode']}, "
-        f"{results['repeats']} interleaved runs per variant after {results['warmup']} warm-up."
-        if load and pv.get("load_average_at_end") else
+        f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, "
+        f"{load_label(pv)}); torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}, peft "
+        f"{v['peft']}; commit {commit}; mode {results['mode']}, {results['repeats']} interleaved runs per variant "
+        f"after {results['warmup']} warm-up."
+        if pv.get("load_average_at_start") and pv.get("load_average_at_end") else
         f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}); torch {v['torch']}, triton {v['triton']}, "
         f"transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode {results['mode']}.",
         "",
@@ -402,9 +417,9 @@ def markdown(results: dict, title: bool = True) -> str:
                 f"{qg['max_wait_s']:g} s) for the CPUs to be at least {qg['min_idle']:.0%} idle over one second; "
                 f"{qg['rounds_quiet']} rounds started quiet, {qg['total_wait_s']:.0f} s spent waiting.", ""]
     cpus = pv.get("cpu_count") or 1
-    loads = [x[0] for x in (load, pv.get("load_average_at_end")) if x]
-    if pv["device"].startswith("cpu") and loads and max(loads) > 0.5 * cpus:
-        out += [f"> Note: the 1-minute load average reached {max(loads):.1f} on {cpus} CPUs during this run: other "
+    top = peak_load(pv)
+    if pv["device"].startswith("cpu") and top > 0.5 * cpus:
+        out += [f"> Note: the 1-minute load average reached {top:.1f} on {cpus} CPUs during this run: other "
                 "processes competed for the cores, so the timings are noisy (the runs are interleaved and medians "
                 "reported, but treat small ratios with care).", ""]
     out += summary_table(results)
