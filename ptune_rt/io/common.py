@@ -145,6 +145,36 @@ PROMPT_KEY = "prompt_embeddings"
 PEFT_HEAD_PREFIX = "base_model."
 #: Top-level module that holds ptune-rt's prefix / soft-prompt encoder: never a head.
 ENCODER_MODULE = "prompt_encoder"
+#: Prefix of the encoder's parameters in the own format.
+ENCODER_PREFIX = ENCODER_MODULE + "."
+
+
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU copy (never a view of the live tensor) for a checkpoint."""
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+@dataclasses.dataclass(kw_only=True)
+class PromptLearningCheckpoint:
+    """What a prefix or soft-prompt checkpoint holds whatever the method: the encoder's parameters,
+    the prompt tensor PEFT's layout stores, and the whole heads saved beside them (CPU copies)."""
+
+    encoder_tensors: dict[str, torch.Tensor]    # encoder parameter name -> CPU copy
+    prompt_embeddings: torch.Tensor             # the method's prompt tensor (see the subclass), CPU
+    heads: list[str]
+    head_names: list[str]
+    head_tensors: dict[str, torch.Tensor]       # module-path keys -> CPU copy
+
+    @staticmethod
+    def encoder_copies(encoder: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: cpu_copy(p) for k, p in encoder.named_parameters()}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The own format's tensors."""
+        out = {ENCODER_PREFIX + k: t for k, t in self.encoder_tensors.items()}
+        out.update(self.head_tensors)
+        return out
 
 
 def peft_prompt_learning_export(model: nn.Module, peft_type: str, task_type: Optional[str], *, num_virtual_tokens: int,
@@ -209,7 +239,7 @@ def collect_prompt_heads(model: nn.Module, view: dict[str, nn.Module], head_name
     used = [h for h, found in found_by.items() if found]
     tensors = {}
     for h in heads:
-        tensors.update({k: t.detach().to("cpu", copy=True).contiguous() for k, t in head_tensors(view, h).items()})
+        tensors.update({k: cpu_copy(t) for k, t in head_tensors(view, h).items()})
     return heads, used, tensors
 
 

@@ -26,8 +26,8 @@ from ptune_rt import swap
 from ptune_rt.swap import DEFAULT_TARGETS, restore_lora
 
 from . import peft_config
-from .common import (AdapterError, config_from_ptune, exact_regex, is_linear_like, match_heads, match_targets,
-                     model_class, model_type, module_view, raise_problems, shape_str)
+from .common import (AdapterError, config_from_ptune, cpu_copy, exact_regex, is_linear_like, match_heads,
+                     match_targets, model_class, model_type, module_view, raise_problems, shape_str)
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
@@ -158,7 +158,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         tensors.update({k: t for k, t in state.items() if k.startswith(h + ".")})
     used = [h for h, found in match_heads(view, head_names, dotted=True).items() if found]
 
-    cpu = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    cpu = {k: cpu_copy(t) for k, t in tensors.items()}
     return LoRAState(config=config, targets=mods, adapter_name=a, tensors=cpu, heads=heads, head_names=used)
 
 

@@ -33,15 +33,13 @@ from ptune_rt import hf_attention
 from ptune_rt.methods.prefix import PrefixConfig
 
 from . import peft_config
-from .common import (PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
-                     config_from_ptune, copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class,
-                     model_type, module_view, peft_prompt_learning_export, prompt_head_destinations, raise_problems,
-                     shape_str)
+from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
+                     collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
+                     int_field, model_class, model_type, module_view, peft_prompt_learning_export,
+                     prompt_head_destinations, raise_problems, shape_str)
 
 METHOD = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
-#: Prefix of the encoder's parameters in the own format.
-ENCODER_PREFIX = "prompt_encoder."
 _MISSING = object()
 
 
@@ -83,25 +81,14 @@ def _model_layout(model: nn.Module, P: int) -> Layout:
 # Saving
 # ----------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class PrefixCheckpoint:
-    """A model's prefix, ready to be written."""
+@dataclasses.dataclass(kw_only=True)
+class PrefixCheckpoint(PromptLearningCheckpoint):
+    """A model's prefix, ready to be written. ``prompt_embeddings``: E [P, 2*L*Hkv*D] (projected if
+    there is an MLP; [T, P, ...] for T tasks)."""
 
     config: PrefixConfig
     layout: Layout
     hidden: Optional[int]                       # the MLP's width with projection
-    encoder_tensors: dict[str, torch.Tensor]    # encoder parameter name -> CPU copy
-    prompt_embeddings: torch.Tensor             # E [P, 2*L*Hkv*D] (projected if there is an MLP; [T, P, ...]), CPU
-    heads: list[str]
-    head_names: list[str]
-    head_tensors: dict[str, torch.Tensor]       # module-path keys -> CPU copy
-
-    @property
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The own format's tensors."""
-        out = {ENCODER_PREFIX + k: t for k, t in self.encoder_tensors.items()}
-        out.update(self.head_tensors)
-        return out
 
     def fingerprint(self, model: nn.Module) -> dict[str, Any]:
         lay = self.layout
@@ -141,7 +128,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     with torch.no_grad():
         w = enc.embedding.weight
         e = enc.transform(w) if enc.prefix_projection else w
-        prompt = e.detach().to("cpu", copy=True).contiguous()
+        prompt = cpu_copy(e)
     T = _num_tasks(enc)
     if tuple(prompt.shape) != (T,) * (T > 1) + (layout.P, layout.width):  # pragma: no cover - the encoder's own
         raise AdapterError(f"the prefix encoder produces {shape_str(prompt.shape)}, expected {layout.split()}"
@@ -150,9 +137,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     heads, used, head_tensors = collect_prompt_heads(model, module_view(model), head_names, heads_required)
     config = dataclasses.replace(state.config, encoder_hidden_size=hidden)
     return PrefixCheckpoint(config=config, layout=layout, hidden=hidden,
-                            encoder_tensors={k: p.detach().to("cpu", copy=True).contiguous()
-                                             for k, p in enc.named_parameters()},
-                            prompt_embeddings=prompt, heads=heads, head_names=used, head_tensors=head_tensors)
+                            encoder_tensors=PrefixCheckpoint.encoder_copies(enc), prompt_embeddings=prompt, heads=heads, head_names=used, head_tensors=head_tensors)
 
 
 def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str]) -> tuple[dict, dict]:

@@ -43,15 +43,14 @@ from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningE
                                      is_prompt_model)
 
 from . import peft_config
-from .common import (PROMPT_KEY, AdapterError, check_loaded_tensors, collect_prompt_heads,
-                     config_from_ptune, copy_all_or_nothing, flat_tensors_from_peft, int_field, model_class,
-                     model_type, module_view, peft_prompt_learning_export, prompt_head_destinations, raise_problems)
+from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
+                     collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
+                     int_field, model_class, model_type, module_view, peft_prompt_learning_export,
+                     prompt_head_destinations, raise_problems)
 
 #: own method name -> PEFT peft_type
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
 CONFIGS = {"prompt_tuning": PromptTuningConfig, "p_tuning": PTuningConfig}
-#: Prefix of the encoder's parameters in the own format.
-ENCODER_PREFIX = "prompt_encoder."
 #: Model attribute where ``apply_prompt`` keeps the config it applied.
 CONFIG_ATTR = "_ptune_prompt_config"
 ADAPTER = prompt_mod.ADAPTER
@@ -168,26 +167,15 @@ def _eval_mode(module: nn.Module):
             m.train(mode)
 
 
-@dataclasses.dataclass
-class PromptCheckpoint:
-    """A model's soft prompt, ready to be written."""
+@dataclasses.dataclass(kw_only=True)
+class PromptCheckpoint(PromptLearningCheckpoint):
+    """A model's soft prompt, ready to be written. ``prompt_embeddings``: the virtual tokens [P, hidden]
+    ([T, P, hidden] for T tasks)."""
 
     method: str
     config: Any                                 # PromptTuningConfig / PTuningConfig
     layout: dict                                # see _layout_of
     tokens: list[dict]                          # texts the config tokenizes, with their ids
-    encoder_tensors: dict[str, torch.Tensor]    # encoder parameter name -> CPU copy
-    prompt_embeddings: torch.Tensor             # the virtual tokens [P, hidden] ([T, P, hidden] for T tasks), CPU
-    heads: list[str]
-    head_names: list[str]
-    head_tensors: dict[str, torch.Tensor]       # module-path keys -> CPU copy
-
-    @property
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The own format's tensors."""
-        out = {ENCODER_PREFIX + k: t for k, t in self.encoder_tensors.items()}
-        out.update(self.head_tensors)
-        return out
 
     def fingerprint(self, model: nn.Module) -> dict[str, Any]:
         lay = {k: v for k, v in self.layout.items() if k != "method"}
@@ -279,12 +267,11 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
                 e = enc.encode()
         else:
             e = enc.prompts()
-        prompt = e.detach().to("cpu", copy=True).contiguous()
+        prompt = cpu_copy(e)
     heads, used, head_tensors = collect_prompt_heads(model, module_view(model), head_names, heads_required)
     return PromptCheckpoint(method=fwd.method, config=config, layout=layout, tokens=_record_tokens(config, layout),
-                            encoder_tensors={k: p.detach().to("cpu", copy=True).contiguous()
-                                             for k, p in enc.named_parameters()},
-                            prompt_embeddings=prompt, heads=heads, head_names=used, head_tensors=head_tensors)
+                            encoder_tensors=PromptCheckpoint.encoder_copies(enc), prompt_embeddings=prompt,
+                            heads=heads, head_names=used, head_tensors=head_tensors)
 
 
 def _model_counts(model: nn.Module) -> tuple[Optional[int], Optional[int]]:
