@@ -170,6 +170,12 @@ def _peft_lora_linear_class():
     return PeftLoRALinear
 
 
+def peft_lora_linear_class_or_none():
+    """The class ``accelerate`` gives PEFT's LoRA layers, or None while no PEFT model was accelerated
+    (no layer can be one then; PEFT is not imported for the question)."""
+    return _PEFT_LORA_LINEAR
+
+
 def __getattr__(name: str):
     # ``ptune_rt.swap.PeftLoRALinear`` exists once PEFT is imported; pickle finds it here too.
     if name == "PeftLoRALinear":
@@ -460,6 +466,33 @@ def merge(model: nn.Module) -> nn.Module:
         for m in reversed(done):
             m.unmerge()
         raise
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Make ``adapter_name`` the active LoRA adapter of every swapped module (adapters are added with
+    ``ptune_rt.load_adapter(model, path, adapter_name=...)``), as PEFT's ``set_adapter``: the active
+    adapter's weights become trainable, the others frozen. Checked first, all or nothing: every
+    module must hold the adapter, and a model with a merged adapter must be unmerged before
+    switching. Returns the model."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__}")
+    mods = _require_swapped(model, "set_adapter")
+    lacking = [n for n, m in mods.items() if adapter_name not in m.lora_A]
+    if lacking:
+        held = sorted({a for m in mods.values() for a in m.lora_A})
+        raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of LoRA modules {lacking[:3]}"
+                         f"{' ...' if len(lacking) > 3 else ''} (the model's adapters: {held})")
+    merged = [n for n, m in mods.items() if m.merged and m.active_adapter != adapter_name]
+    if merged:
+        raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have adapter "
+                         f"{mods[merged[0]].active_adapter!r} merged into their base weight: ptune_rt.unmerge(model) "
+                         f"before switching to {adapter_name!r}")
+    for m in mods.values():
+        m.active_adapter = adapter_name
+        for name in m.lora_A:
+            for layer in (m.lora_A[name], m.lora_B[name]):
+                layer.requires_grad_(name == adapter_name)
     return model
 
 

@@ -255,7 +255,10 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     the model is changed: on any error the model is left exactly as it was.
 
     adapter_name: for a model that already has LoRA modules, which of their adapters to fill
-        (default: the active one). A prefix or soft prompt has one adapter: leave it None.
+        (default: the active one); a name none of them holds yet adds the checkpoint as another
+        adapter of the same modules (its own rank, alpha and dropout; inactive until
+        ``ptune_rt.set_adapter``; no trained biases or whole modules, which all adapters would
+        share). A prefix or soft prompt has one adapter: leave it None.
     backend: backend of newly created LoRA modules, prefix or soft prompt ("auto", "triton", "torch"; default:
         the saved config's for the own format, "auto" for PEFT's).
     """

@@ -254,21 +254,32 @@ class LoRALoadPlan:
 
     def __init__(self, model: nn.Module, fresh: bool, apply_config: Optional[LoRAConfig],
                  final_config: Optional[LoRAConfig], lora_copies: list[tuple[str, str, torch.Tensor]],
-                 other_copies: list[tuple[torch.Tensor, torch.Tensor]], adapter_name: Optional[str]):
+                 other_copies: list[tuple[torch.Tensor, torch.Tensor]], adapter_name: Optional[str],
+                 add_config: Optional[LoRAConfig] = None):
         self.model, self.fresh = model, fresh
         self.apply_config, self.final_config = apply_config, final_config
         self.lora_copies, self.other_copies = lora_copies, other_copies
         self.adapter_name = adapter_name
+        self.add_config = add_config  # set: the adapter is added to the model's LoRA modules
 
     def execute(self) -> nn.Module:
         model = self.model
         grads = [(p, p.requires_grad) for p in model.parameters()]
         attrs = {k: vars(model).get(k, _MISSING) for k in _MODEL_ATTRS}
         backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        added: list[LoRALinear] = []
         try:
             if self.fresh:
                 from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
                 apply(model, self.apply_config)
+            if self.add_config is not None:
+                c = self.add_config
+                for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
+                    m = model.get_submodule(module)
+                    m.add_adapter(self.adapter_name, c.r, c.alpha, c.dropout, c.use_rslora, init="zeros")
+                    added.append(m)
+                    for layer in (m.lora_A[self.adapter_name], m.lora_B[self.adapter_name]):
+                        layer.requires_grad_(False)  # inactive until ptune_rt.set_adapter (as in PEFT)
             copies = list(self.other_copies)
             for module, which, src in self.lora_copies:
                 m = model.get_submodule(module)
@@ -284,6 +295,8 @@ class LoRALoadPlan:
             with torch.no_grad():
                 for dst, old in backups:
                     dst.copy_(old)
+            for m in added:
+                m.delete_adapter(self.adapter_name)
             if self.fresh and has_adapter(model):  # every LoRA module there is came from this call
                 restore_lora(model)
             for p, flag in grads:
@@ -361,6 +374,27 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
                                 f"out_features={out_f}")
         if cfg.r > min(in_f, out_f):
             problems.append(f"module {n!r}: rank r={cfg.r} exceeds min(in_features={in_f}, out_features={out_f})")
+    # A name that no LoRA module holds yet adds an adapter beside the model's (same modules, its own
+    # rank, alpha and dropout); a name some modules hold and others do not is an inconsistent model.
+    holders = [n for n, m in existing.items() if adapter_name in m.lora_A] if adapter_name is not None else []
+    add = not fresh and adapter_name is not None and not holders
+    if not fresh and adapter_name is not None and 0 < len(holders) < len(existing):
+        problems.append(f"adapter_name={adapter_name!r} is an adapter of LoRA modules {holders[:3]} but not of "
+                        f"{sorted(set(existing) - set(holders))[:3]}")
+    if add:
+        peft_layers = [n for n, m in existing.items() if isinstance(m, swap.peft_lora_linear_class_or_none() or ())]
+        if peft_layers:
+            problems.append(f"adapter_name={adapter_name!r}: this model's LoRA layers come from a PEFT model "
+                            f"({peft_layers[:3]} ...), which keeps its own adapter registry; add adapters with "
+                            "PEFT's load_adapter before ptune_rt.accelerate, or ptune_rt.restore(model) first")
+        if cfg.bias != "none":
+            problems.append(f"bias={cfg.bias!r}: the checkpoint trains the base layers' biases, which every adapter "
+                            f"of this model shares; an added adapter (adapter_name={adapter_name!r}) must have "
+                            "bias='none' (load it into a model of its own)")
+        if spec.heads and any(match_heads(view, spec.heads, dotted=spec.heads_exact).values()):
+            problems.append(f"the checkpoint saves whole modules (modules_to_save={list(spec.heads)}), which every "
+                            f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) cannot "
+                            "replace them (load it into a model of its own)")
     if not fresh:
         extra = sorted(set(existing) - set(names))
         if extra:
@@ -368,7 +402,7 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
                             "adapter; ptune_rt.restore(model) first to load it fresh")
         for n in names:
             m = existing.get(n)
-            if m is None:
+            if m is None or add:
                 continue
             a = adapter_name or m.active_adapter
             if a not in m.lora_A:
@@ -445,7 +479,8 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
         final_config = dataclasses.replace(cfg, target_modules=nice)
     return LoRALoadPlan(model, fresh, apply_config, final_config,
                         [(n, which, tensors[k]) for k, (n, which) in lora_keys.items()],
-                        [(dst, tensors[k]) for k, dst in destinations.items()], adapter_name)
+                        [(dst, tensors[k]) for k, dst in destinations.items()], adapter_name,
+                        cfg if add else None)
 
 
 def _swapped_state(model: nn.Module, to_swap: list[str]) -> dict[str, torch.Tensor]:

@@ -237,6 +237,18 @@ class LoRALinear(nn.Module):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
 
+    def delete_adapter(self, name: str) -> None:
+        """Remove the adapter ``name`` (not the active one, nor one merged into the base weight)."""
+        if name not in self.lora_A:
+            raise KeyError(f"{name!r} is not an adapter of this module (has {list(self.lora_A)})")
+        if name == self.active_adapter:
+            raise ValueError(f"adapter {name!r} is the active adapter: activate another one first")
+        for d in (self.lora_A, self.lora_B):
+            del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+            del d[name]
+        self._inference_cache = None
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
