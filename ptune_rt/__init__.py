@@ -5,7 +5,7 @@ from ptune_rt import _source_layout
 
 _source_layout.install(_os.path.dirname(_os.path.abspath(__file__)))
 from ptune_rt.methods.lora import LoRAConfig, LoRALinear
-from ptune_rt.swap import format_report, merge, report, restore, set_adapter, unmerge
+from ptune_rt.swap import format_report, merge, mixed_adapters, report, restore, set_adapter, unmerge
 from ptune_rt.swap import accelerate_peft as accelerate
 from ptune_rt.swap import apply_lora as _apply_lora
 from ptune_rt.io import load_adapter, save_adapter
@@ -30,7 +30,7 @@ def apply(model, config):
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",
-           "set_adapter", "unmerge", "__version__"]
+           "mixed_adapters", "set_adapter", "unmerge", "__version__"]
 __all__ += ["load_adapter", "save_adapter"]
 __all__ += ["PrefixConfig", "PrefixEncoder"]
 __all__ += ["PromptTuningConfig", "PTuningConfig", "remove_prompt"]

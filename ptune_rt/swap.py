@@ -15,6 +15,8 @@ everything it needs before it changes anything, so a failed call leaves the mode
 from __future__ import annotations
 
 import re
+
+import torch
 from torch import nn
 
 from ptune_rt.methods.lora import (Conv1D, LoRAConfig, LoRALinear, RecomputeSwiGLUMixin, disable_mlp_recompute,
@@ -494,6 +496,59 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             for layer in (m.lora_A[name], m.lora_B[name]):
                 layer.requires_grad_(name == adapter_name)
     return model
+
+
+class mixed_adapters:
+    """``with ptune_rt.mixed_adapters(model, adapter_names):`` row i of every batch the model runs
+    uses the LoRA adapter ``adapter_names[i]`` (``None`` or ``"__base__"``: the base model alone),
+    as PEFT's ``adapter_names=`` forward argument: many tasks' adapters served in one batch from one
+    unmerged base. Inference only (``torch.no_grad()``; ``generate()`` qualifies). Checked on entry,
+    before anything changes: every name must be an adapter of every LoRA module, and no adapter may
+    be merged. Each LoRA linear then runs the base matmul once for the whole batch and, per adapter,
+    the low-rank term on the rows that use it (torch ops on any device)."""
+
+    BASE = "__base__"
+
+    def __init__(self, model: nn.Module, adapter_names):
+        if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
+            raise TypeError(f"adapter_names must be a sequence of adapter names (one per row, None or "
+                            f"{self.BASE!r} for the base model), got {type(adapter_names).__name__}")
+        names = [self.BASE if n is None else n for n in adapter_names]
+        if not names:
+            raise ValueError("adapter_names is empty; expected one adapter name per row of the batch")
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"adapter_names must hold str or None, got {type(bad[0]).__name__}")
+        self.mods = _require_swapped(model, "mixed_adapters")
+        used = [n for n in dict.fromkeys(names) if n != self.BASE]
+        lacking = {n: [m for m, mod in self.mods.items() if n not in mod.lora_A] for n in used}
+        lacking = {n: ms for n, ms in lacking.items() if ms}
+        if lacking:
+            n, ms = next(iter(lacking.items()))
+            held = sorted({a for mod in self.mods.values() for a in mod.lora_A})
+            raise ValueError(f"adapter_names: {n!r} is not an adapter of LoRA modules {ms[:3]}"
+                             f"{' ...' if len(ms) > 3 else ''} (the model's adapters: {held}, or None / "
+                             f"{self.BASE!r} for the base model)")
+        merged = [m for m, mod in self.mods.items() if mod.merged]
+        if merged:
+            raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have an adapter merged into "
+                             "their base weight, which every row would get: ptune_rt.unmerge(model) first")
+        busy = [m for m, mod in self.mods.items() if mod._rows is not None]
+        if busy:
+            raise RuntimeError(f"modules {busy[:3]} are already inside a ptune_rt.mixed_adapters block: "
+                               "blocks do not nest")
+        self.rows = (len(names), tuple((n, torch.tensor([i for i, m in enumerate(names) if m == n]))
+                                       for n in used))
+
+    def __enter__(self):
+        for mod in self.mods.values():
+            mod._rows = self.rows
+        return self
+
+    def __exit__(self, *exc):
+        for mod in self.mods.values():
+            mod._rows = None
+        return False
 
 
 def unmerge(model: nn.Module) -> nn.Module:

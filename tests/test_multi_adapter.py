@@ -217,3 +217,75 @@ def test_added_adapter_may_not_replace_shared_heads_or_join_a_peft_model(two, tm
     ptune_rt.accelerate(pm)
     with pytest.raises(AdapterError, match="come from a PEFT model"):
         load_adapter(pm, saved["b"][0], adapter_name="b")
+
+
+# ---------------------------------------------------------------------------------------------- mixed batches
+
+ROWS = ["b", "default", "__base__", "b"]
+
+
+def test_mixed_batch_matches_peft_adapter_names(two):
+    """Each row of a mixed batch gets its own adapter, as PEFT's ``adapter_names=`` forward argument."""
+    base, saved = two
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
+    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
+    pm.eval()
+    model = loaded(two)
+    x = input_ids(batch=len(ROWS), seq=7)
+    with torch.no_grad():
+        want = pm(input_ids=x, adapter_names=ROWS).logits
+    with ptune_rt.mixed_adapters(model, ROWS):
+        got = logits(model, x)
+    torch.testing.assert_close(got, want, **TOL)
+    # and row by row: each row as its own single-adapter batch
+    for i, name in enumerate(ROWS):
+        if name == "__base__":
+            alone = logits(base, x[i:i + 1])
+        else:
+            set_adapter(model, name)
+            alone = logits(model, x[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], alone, **TOL)
+    set_adapter(model, "default")
+    # the block is left cleanly: the model runs its active adapter again
+    torch.testing.assert_close(logits(model, x), logits(saved["default"][1], x), **TOL)
+
+
+def test_mixed_batch_generate_matches_peft(two):
+    base, saved = two
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
+    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
+    pm.eval()
+    model = loaded(two)
+    x = input_ids(batch=len(ROWS), seq=6, seed=4)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        want = pm.generate(input_ids=x, adapter_names=ROWS, **kw)
+    with ptune_rt.mixed_adapters(model, [None if n == "__base__" else n for n in ROWS]), torch.no_grad():
+        got = model.generate(input_ids=x, **kw)
+    assert torch.equal(got, want)
+    assert len({tuple(r) for r in got[:3, x.shape[1]:].tolist()}) == 3  # the adapters really differ
+
+
+def test_mixed_batch_refusals(two):
+    model = loaded(two)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"'c' is not an adapter.*\['b', 'default'\]"):
+        ptune_rt.mixed_adapters(model, ["b", "c"])
+    with pytest.raises(TypeError, match="sequence of adapter names"):
+        ptune_rt.mixed_adapters(model, "b")
+    with pytest.raises(ValueError, match="is empty"):
+        ptune_rt.mixed_adapters(model, [])
+    with ptune_rt.mixed_adapters(model, ["b", "default"]):
+        with pytest.raises(ValueError, match="2 adapter names, one per row.*batch of 3 rows"), torch.no_grad():
+            model(input_ids(batch=3))
+        with pytest.raises(RuntimeError, match="inference only"):
+            model(input_ids(batch=2))
+        with pytest.raises(RuntimeError, match="do not nest"):
+            ptune_rt.mixed_adapters(model, ["b", "b"])
+    ptune_rt.merge(model)
+    with pytest.raises(ValueError, match="merged into their base weight"):
+        ptune_rt.mixed_adapters(model, ["b", "default"])
+    ptune_rt.unmerge(model)
+    assert_unchanged(model, snap)
+    assert all(m._rows is None for m in model.modules() if isinstance(m, ptune_rt.LoRALinear))

@@ -179,6 +179,7 @@ class LoRALinear(nn.Module):
         self._inference_cache: Optional[tuple] = None  # see _inference_forward
         self._group: Optional[tuple] = None  # sibling projections of one input: see _grouped_forward
         self._stash: Optional[tuple] = None  # (input, output) a sibling computed for this layer
+        self._rows: Optional[tuple] = None  # per-row adapters of a mixed batch: see _mixed_forward
 
     @classmethod
     def from_adapter_modules(cls, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, *,
@@ -360,6 +361,8 @@ class LoRALinear(nn.Module):
         return self._merge_record.extra_bytes() if self._merge_record is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._rows is not None:
+            return self._mixed_forward(x)
         if not torch.is_grad_enabled():
             y = self._inference_forward(x)
             if y is not None:
@@ -381,6 +384,30 @@ class LoRALinear(nn.Module):
         if args is None:
             return self(nn.functional.silu(g) * u)
         return lora_linear_swiglu(g, u, *args, backend=self.backend)
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch whose rows use different adapters (``ptune_rt.mixed_adapters``), inference only:
+        the base output for every row, then per adapter ``y[rows] += s * (x[rows] A^T) B^T`` on the
+        rows that use it (rows without an adapter keep the base output)."""
+        batch, groups = self._rows
+        if torch.is_grad_enabled():
+            raise RuntimeError("a mixed-adapter batch (ptune_rt.mixed_adapters) runs inference only: call the "
+                               "model under torch.no_grad() (generate() does)")
+        if x.dim() < 2 or x.shape[0] != batch:
+            raise ValueError(f"ptune_rt.mixed_adapters was given {batch} adapter names, one per row, but this layer "
+                             f"got a batch of {x.shape[0] if x.dim() else 0} rows (input {tuple(x.shape)}); pass one "
+                             "name per row of the batch the model runs (generate with num_beams or "
+                             "num_return_sequences > 1 multiplies the rows)")
+        y = self.base_layer(x)
+        for name, rows in groups:
+            if rows.device != x.device:
+                rows = rows.to(x.device)
+            a = self.lora_A[name].weight
+            b = self.lora_B[name].weight
+            xr = x.index_select(0, rows)
+            delta = nn.functional.linear(nn.functional.linear(xr.to(a.dtype), a), b).mul_(self.scaling[name])
+            y.index_add_(0, rows, delta.to(y.dtype))
+        return y
 
     def _op_args(self) -> Optional[tuple]:
         """(weight [out, in], bias, A, B, scale, dropout rate) of the active adapter for the op, or
