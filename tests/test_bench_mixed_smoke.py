@@ -37,6 +37,13 @@ def test_bench_mixed_tasks_quick(tmp_path):
         assert ops["ptune-rt"]["forward"]["compute"] < ops["peft"]["forward"]["compute"]
         assert ops["ptune-rt"]["generate"]["compute"] < ops["peft"]["generate"]["compute"]
         assert ops["ptune-rt"]["forward"]["custom"] >= 1
+    # LoRA: both sides run one mixed batch (PEFT's adapter_names); same logits and tokens, no target
+    eq = res["equality"]["lora"]
+    assert eq["all_generated_tokens_identical"] and eq["generated_rows_identical"] == wl["batch"]
+    assert eq["logits_max_abs_diff"] <= 1e-5 * max(1.0, eq["logits_max_abs"])
+    assert eq["task_effect_max_abs_logit_change"] > 1e-3
+    assert {"peft", "ptune-rt", "base"} <= set(res["speed"]["lora"]["generate"]["variants"])
+    assert not any(t["target"].startswith("lora") for t in res["targets"])
     # prefix tuning: one fused attention op per layer for all rows and tasks
     assert res["ops"]["prefix_tuning"]["ptune-rt"]["forward"]["custom"] == wl["layers"]
     assert len(res["targets"]) == 4 and {t["unit"] for t in res["targets"]} == {"x"}
@@ -50,5 +57,5 @@ def test_bench_mixed_tasks_refuses_too_few_repeats(tmp_path):
         cli_main(["bench", "--suite", "mixed-tasks", "--quick", "--out", str(tmp_path), "--repeats", "2",
                   "--no-progress"])
     with pytest.raises(SystemExit, match="--methods must name some of"):
-        cli_main(["bench", "--suite", "mixed-tasks", "--quick", "--out", str(tmp_path), "--methods", "lora",
+        cli_main(["bench", "--suite", "mixed-tasks", "--quick", "--out", str(tmp_path), "--methods", "adapters",
                   "--no-progress"])

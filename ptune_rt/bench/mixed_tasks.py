@@ -29,7 +29,9 @@ from pathlib import Path
 
 from ptune_rt.bench.workload import ModelShape
 
-METHODS = ("prompt_tuning", "prefix_tuning")
+METHODS = ("prompt_tuning", "prefix_tuning", "lora")
+#: Methods PEFT serves only task by task (set_adapter, then that task's rows): the ones with a target.
+TASK_BY_TASK = ("prompt_tuning", "prefix_tuning")
 CASES = ("generate", "forward")
 #: Throughput of ptune-rt's mixed batch over PEFT's task-by-task loop, per method and case.
 TARGET_RATIO = 2.0
@@ -45,11 +47,15 @@ class MixedWorkload(ModelShape):
     num_virtual_tokens: int = 16
     prompt_len: int = 32
     new_tokens: int = 16
+    #: LoRA: rank and alpha of every task's adapter, on all seven projections
+    lora_r: int = 16
+    lora_alpha: float = 32.0
 
     @classmethod
     def quick(cls) -> "MixedWorkload":
         """Tiny shapes for smoke tests (same structure: GQA, several tasks, several rows each)."""
-        return cls(**cls.QUICK, tasks=4, rows_per_task=2, num_virtual_tokens=4, prompt_len=8, new_tokens=4)
+        return cls(**cls.QUICK, tasks=4, rows_per_task=2, num_virtual_tokens=4, prompt_len=8, new_tokens=4, lora_r=4,
+                   lora_alpha=8.0)
 
     @property
     def batch(self) -> int:
@@ -79,22 +85,64 @@ class MixedWorkload(ModelShape):
 class MixedSetup:
     method: str
     peft: object                 # PeftModel holding adapters task0 .. task{T-1}
-    ptune: object                # the same base with a ptune-rt soft prompt / prefix for T tasks
+    ptune: object                # the same base with a ptune-rt soft prompt / prefix / LoRA adapters for T tasks
     input_ids: object            # [T * R, prompt_len], rows of all tasks interleaved
     task_ids: object             # [T * R]
-    rows: list                   # rows of task t (index tensors), in batch order
+    rows: list                   # rows of each part PEFT returns, in batch order (one part per task, or
+                                 # one part of all rows where PEFT runs the mixed batch itself: LoRA)
 
     @staticmethod
     def adapter(t: int) -> str:
         return f"task{t}"
 
+    def adapter_names(self, task_ids=None) -> list:
+        """The LoRA adapter name of every row (PEFT's ``adapter_names``, ptune-rt's ``mixed_adapters``)."""
+        return [self.adapter(int(t)) for t in (self.task_ids if task_ids is None else task_ids)]
 
-def _peft_config(method: str, P: int):
-    from peft import PrefixTuningConfig, PromptTuningConfig
 
+def _peft_config(method: str, wl: MixedWorkload):
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    from ptune_rt.bench.workload import LLAMA_TARGETS
+
+    P = wl.num_virtual_tokens
     if method == "prompt_tuning":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    if method == "lora":
+        return LoraConfig(task_type="CAUSAL_LM", r=wl.lora_r, lora_alpha=wl.lora_alpha,
+                          target_modules=list(LLAMA_TARGETS))
     return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+
+
+def _lora_tasks(peft_model, base, wl: MixedWorkload):
+    """ptune-rt LoRA on a copy of ``base`` holding PEFT's T adapters (random non-zero B, seeded) under
+    the same names, task0 active."""
+    import copy
+
+    import torch
+
+    import ptune_rt
+    from ptune_rt.bench.workload import LLAMA_TARGETS
+
+    g = torch.Generator().manual_seed(wl.seed + 20)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    ptune = ptune_rt.apply(copy.deepcopy(base), ptune_rt.LoRAConfig(r=wl.lora_r, alpha=wl.lora_alpha,
+                                                                    target_modules=list(LLAMA_TARGETS)))
+    inner = peft_model.get_base_model()
+    for n, m in ptune_rt.swap.lora_modules(ptune).items():
+        pm = inner.get_submodule(n)
+        for t in range(wl.tasks):
+            a = MixedSetup.adapter(t)
+            m.add_adapter(a, wl.lora_r, wl.lora_alpha, init="zeros")
+            with torch.no_grad():
+                m.lora_A[a].weight.copy_(pm.lora_A[a].weight)
+                m.lora_B[a].weight.copy_(pm.lora_B[a].weight)
+        m.active_adapter = MixedSetup.adapter(0)
+        m.delete_adapter("default")
+    return ptune
 
 
 def build(wl: MixedWorkload, method: str, base, device) -> MixedSetup:
@@ -113,11 +161,13 @@ def build(wl: MixedWorkload, method: str, base, device) -> MixedSetup:
     T, P = wl.tasks, wl.num_virtual_tokens
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(wl.seed + 10)
-        peft_model = get_peft_model(copy.deepcopy(base), _peft_config(method, P), adapter_name=MixedSetup.adapter(0))
+        peft_model = get_peft_model(copy.deepcopy(base), _peft_config(method, wl), adapter_name=MixedSetup.adapter(0))
         for t in range(1, T):
-            peft_model.add_adapter(MixedSetup.adapter(t), _peft_config(method, P))
+            peft_model.add_adapter(MixedSetup.adapter(t), _peft_config(method, wl))
     peft_model.eval()
-    if method == "prompt_tuning":
+    if method == "lora":
+        ptune = _lora_tasks(peft_model, base, wl)
+    elif method == "prompt_tuning":
         ptune = ptune_rt.apply(copy.deepcopy(base), ptune_rt.PromptTuningConfig(P, num_tasks=T))
         table = ptune.prompt_encoder["default"].embedding.weight  # [T, P, hidden]
         with torch.no_grad():
@@ -133,7 +183,10 @@ def build(wl: MixedWorkload, method: str, base, device) -> MixedSetup:
     g = torch.Generator().manual_seed(wl.seed + 3)
     ids = torch.randint(3, wl.vocab, (wl.batch, wl.prompt_len), generator=g).to(device)
     task_ids = torch.arange(T).repeat(wl.rows_per_task).to(device)  # every task spread over the batch
-    rows = [(task_ids == t).nonzero().flatten() for t in range(T)]
+    if method in TASK_BY_TASK:
+        rows = [(task_ids == t).nonzero().flatten() for t in range(T)]
+    else:  # PEFT runs the mixed batch itself (adapter_names=): one part, all rows
+        rows = [torch.arange(wl.batch, device=device)]
     return MixedSetup(method, peft_model, ptune, ids, task_ids, rows)
 
 
@@ -142,16 +195,31 @@ def _gen_kwargs(wl: MixedWorkload) -> dict:
                 eos_token_id=None)
 
 
-def ptune_forward(s: MixedSetup):
+def _ptune_rows(s: MixedSetup, task_ids):
+    """(context, forward kwargs) that give row i of ptune-rt's batch task ``task_ids[i]``."""
+    import contextlib
+
+    import ptune_rt
+
+    if s.method == "lora":
+        return ptune_rt.mixed_adapters(s.ptune, s.adapter_names(task_ids)), {}
+    return contextlib.nullcontext(), {"task_ids": task_ids}
+
+
+def ptune_forward(s: MixedSetup, task_ids=None):
     import torch
 
-    with torch.no_grad():
-        return s.ptune(input_ids=s.input_ids, task_ids=s.task_ids).logits
+    ctx, kw = _ptune_rows(s, s.task_ids if task_ids is None else task_ids)
+    with ctx, torch.no_grad():
+        return s.ptune(input_ids=s.input_ids, **kw).logits
 
 
 def peft_forward(s: MixedSetup):
     import torch
 
+    if s.method not in TASK_BY_TASK:
+        with torch.no_grad():
+            return [s.peft(input_ids=s.input_ids, adapter_names=s.adapter_names()).logits]
     out = []
     with torch.no_grad():
         for t, rows in enumerate(s.rows):
@@ -163,14 +231,19 @@ def peft_forward(s: MixedSetup):
 def ptune_generate(s: MixedSetup, wl: MixedWorkload):
     import torch
 
-    with torch.no_grad():
-        return s.ptune.generate(input_ids=s.input_ids, attention_mask=torch.ones_like(s.input_ids),
-                                task_ids=s.task_ids, **_gen_kwargs(wl))
+    ctx, kw = _ptune_rows(s, s.task_ids)
+    with ctx, torch.no_grad():
+        return s.ptune.generate(input_ids=s.input_ids, attention_mask=torch.ones_like(s.input_ids), **kw,
+                                **_gen_kwargs(wl))
 
 
 def peft_generate(s: MixedSetup, wl: MixedWorkload):
     import torch
 
+    if s.method not in TASK_BY_TASK:
+        with torch.no_grad():
+            return [s.peft.generate(input_ids=s.input_ids, attention_mask=torch.ones_like(s.input_ids),
+                                    adapter_names=s.adapter_names(), **_gen_kwargs(wl))]
     out = []
     with torch.no_grad():
         for t, rows in enumerate(s.rows):
@@ -194,7 +267,8 @@ def _scatter(s: MixedSetup, parts: list):
 
 
 def equality(s: MixedSetup, wl: MixedWorkload) -> dict:
-    """ptune-rt's mixed batch vs PEFT task by task on the same weights and inputs."""
+    """ptune-rt's mixed batch vs PEFT (task by task; LoRA: its adapter_names batch) on the same weights
+    and inputs."""
     import torch
 
     mine = ptune_forward(s)
@@ -204,9 +278,8 @@ def equality(s: MixedSetup, wl: MixedWorkload) -> dict:
     gen_mine = ptune_generate(s, wl)
     gen_theirs = _scatter(s, peft_generate(s, wl))
     same_rows = (gen_mine[:, -wl.new_tokens:] == gen_theirs[:, -wl.new_tokens:]).all(-1)
-    # the tasks really differ: every row run with task 0's prompt instead changes the logits
-    with torch.no_grad():
-        other = s.ptune(input_ids=s.input_ids, task_ids=torch.zeros_like(s.task_ids)).logits
+    # the tasks really differ: every row run with task 0's adapter instead changes the logits
+    other = ptune_forward(s, torch.zeros_like(s.task_ids))
     effect = (other[:, -L:] - mine[:, -L:]).abs().max().item()
     return {"logits_shape_ptune": list(mine.shape), "logits_shape_peft": list(theirs.shape),
             "logits_max_abs_diff": diff, "logits_max_abs": theirs[:, -L:].abs().max().item(),
@@ -235,8 +308,8 @@ def op_counts(s: MixedSetup, wl: MixedWorkload) -> dict:
     for case in ("forward", "generate"):
         out[f"{case}_compute_ratio_peft_over_ptune"] = (out["peft"][case]["compute"]
                                                         / max(1, out["ptune-rt"][case]["compute"]))
-    out["note"] = ("forward: one no-grad forward over all rows (PEFT: one per task); generate: one whole greedy "
-                   "generate call (PEFT: one per task), per token step = that / new tokens. compute = dispatched ops "
+    out["note"] = ("forward: one no-grad forward over all rows (PEFT: one per task; LoRA: one adapter_names batch); "
+                   "generate: one whole greedy generate call (PEFT: one per task; LoRA: one), per token step = that / new tokens. compute = dispatched ops "
                    "minus metadata-only ones; custom = ptune-rt's own ops (each counted once), expanded = with "
                    "what they run inside on the torch path")
     return out
@@ -257,8 +330,8 @@ def base_generate(base, s: MixedSetup, wl: MixedWorkload):
 
 
 def speed(setups: dict, base, wl: MixedWorkload, repeats: int, warmup: int, device, tick) -> dict:
-    """Interleaved timings per method and case: PEFT task by task, ptune-rt's mixed batch, and the
-    frozen base model on the same rows in one batch without any adapter (a reference point: it
+    """Interleaved timings per method and case: PEFT (task by task; LoRA: its own mixed batch),
+    ptune-rt's mixed batch, and the frozen base model on the same rows in one batch without any adapter (a reference point: it
     processes P fewer positions per row than prompt tuning)."""
     from ptune_rt.bench.timing import interleaved, summarize
 
@@ -290,6 +363,8 @@ def speed(setups: dict, base, wl: MixedWorkload, repeats: int, warmup: int, devi
 def evaluate_targets(results: dict) -> list[dict]:
     rows = []
     for method, cases in results.get("speed", {}).items():
+        if method not in TASK_BY_TASK:  # PEFT serves these mixed itself: a comparison, no target
+            continue
         for case in CASES:
             if case in cases:
                 v = cases[case]["throughput_ratio"]
@@ -331,14 +406,17 @@ def markdown(results: dict) -> str:
            f"greedy generation of {wl['new_tokens']} new tokens per row.", "",
            "*ptune-rt*: one mixed batch of all rows, `task_ids` per row. *PEFT*: one `PeftModel` holding the "
            f"{wl['tasks']} adapters; for each task `set_adapter(task)`, then that task's rows (PEFT "
-           f"{v['peft']} has no mixed-task batches for prompt or prefix tuning). Same weights, same inputs.", ""]
+           f"{v['peft']} has no mixed-task batches for prompt or prefix tuning). *LoRA* (r={wl.get('lora_r')}, "
+           f"alpha={wl.get('lora_alpha')}, all seven projections, one adapter per task): ptune-rt's "
+           "`mixed_adapters(model, names)` against PEFT's own mixed batch (`adapter_names=`), so both sides run "
+           "one batch and the LoRA rows carry no target. Same weights, same inputs.", ""]
     cpus = pv.get("cpu_count") or 1
     top = peak_load(pv)
     if pv["device"].startswith("cpu") and top > 0.5 * cpus:
         out += [f"> Note: the 1-minute load average reached {top:.1f} on {cpus} CPUs during this run: other processes "
                 "competed for the cores, so the timings are noisy (interleaved runs and medians, but treat small "
                 "ratios with care).", ""]
-    out += ["| Method | Case | PEFT task by task (median ms) | ptune-rt mixed batch (median ms) | base, no adapter "
+    out += ["| Method | Case | PEFT (median ms) | ptune-rt mixed batch (median ms) | base, no adapter "
             "(median ms) | PEFT tokens/s | ptune-rt tokens/s | throughput ratio | 95% interval | fastest runs ratio | "
             "CPU-time ratio | ceiling: PEFT / base | Target | Result |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -359,7 +437,7 @@ def markdown(results: dict) -> str:
                        f"{d['speedup_of_minima']:.2f}x | {f'{cpu:.2f}x' if cpu else '–'} | "
                        f"{f'{ceiling:.2f}x' if ceiling else '–'} | "
                        f"{t['goal'] if t else ''} | {('PASS' if t['pass'] else 'MISS') if t else ''} |")
-    out += ["", "Throughput ratio (the headline, judged against the target) = PEFT median time / ptune-rt median time "
+    out += ["", "Throughput ratio (the headline, judged against the target where there is one) = PEFT median time / ptune-rt median time "
             "for the same tokens (above 1: ptune-rt serves faster); *fastest runs ratio* compares the quickest run of "
             "each (contention only slows runs down); *CPU-time ratio* compares median process CPU time. *generate* "
             "counts generated tokens, *forward* prompt tokens. *base*: the frozen model on the same rows in one batch "
@@ -416,14 +494,15 @@ def plot(results: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     wl = results["workload"]
-    fig.suptitle(f"{wl['tasks']} tasks x {wl['rows_per_task']} rows: ptune-rt mixed batch vs PEFT task by task "
+    fig.suptitle(f"{wl['tasks']} tasks x {wl['rows_per_task']} rows: ptune-rt mixed batch vs PEFT "
                  f"({results['provenance']['device']}, {wl['dtype']}, {results['mode']})")
     sp = results.get("speed", {})
-    labels, vals, lo, hi, ceil = [], [], [], [], []
+    labels, vals, lo, hi, ceil, goals = [], [], [], [], [], []
     for method, cases in sp.items():
         for case in CASES:
             if case in cases:
                 d = cases[case]
+                goals.append(TARGET_RATIO if method in TASK_BY_TASK else 1.0)
                 ceil.append(d.get("ceiling_speedup_zero_cost_adapter"))
                 labels.append(f"{method.replace('_', ' ')}\n{case}")
                 vals.append(d["throughput_ratio"])
@@ -432,8 +511,9 @@ def plot(results: dict, path: Path) -> None:
     if vals:
         xs = list(range(len(vals)))
         ax1.bar(xs, vals, yerr=[lo, hi], capsize=4,
-                color=["tab:green" if v >= TARGET_RATIO else "tab:red" for v in vals])
-        ax1.axhline(TARGET_RATIO, color="black", ls="--", lw=1, label=f"target {TARGET_RATIO:g}x")
+                color=["tab:green" if v >= g else "tab:red" for v, g in zip(vals, goals)])
+        ax1.axhline(TARGET_RATIO, color="black", ls="--", lw=1,
+                    label=f"target {TARGET_RATIO:g}x (prompt / prefix tuning vs PEFT task by task)")
         cx = [x for x, c in zip(xs, ceil) if c]
         if cx:
             ax1.scatter(cx, [c for c in ceil if c], marker="_", s=900, color="tab:purple", zorder=3,
@@ -452,7 +532,7 @@ def plot(results: dict, path: Path) -> None:
                 labels.append(f"{method.replace('_', ' ')}\n{short}")
                 peft_v.append(d["peft"][key]["compute"])
                 mine_v.append(d["ptune-rt"][key]["compute"])
-        bar_groups(ax2, labels, [(peft_v, "PEFT, task by task", "tab:orange"),
+        bar_groups(ax2, labels, [(peft_v, "PEFT (task by task; LoRA: adapter_names batch)", "tab:orange"),
                                  (mine_v, "ptune-rt, mixed batch", "tab:blue")],
                    "dispatched compute ops", "Dispatched compute ops per step (all rows)")
     fig.tight_layout()
@@ -475,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite mixed-tasks",
-        description="Serving several prompt- / prefix-tuned tasks in one batch: ptune-rt's mixed batch vs HF PEFT "
-                    "task by task, on a Llama-like model with random weights (throughput, ops, equality).")
+        description="Serving several prompt- / prefix- / LoRA-tuned tasks in one batch: ptune-rt's mixed batch vs HF "
+                    "PEFT (task by task; LoRA: PEFT's adapter_names batch), on a Llama-like model with random weights (throughput, ops, equality).")
     p.add_argument("--repeats", type=int, default=5,
                    help=f"timed runs per variant, >= {MIN_REPEATS} (median reported; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
