@@ -505,7 +505,9 @@ class mixed_adapters:
     unmerged base. Inference only (``torch.no_grad()``; ``generate()`` qualifies). Checked on entry,
     before anything changes: every name must be an adapter of every LoRA module, and no adapter may
     be merged. Each LoRA linear then runs the base matmul once for the whole batch and, per adapter,
-    the low-rank term on the rows that use it (torch ops on any device)."""
+    the low-rank term on the rows that use it; in a decode step (one token per row) all used adapters
+    at once, against their A and B stacked once per block (torch ops on any device). Adapter weights
+    must not change inside a block."""
 
     BASE = "__base__"
 
@@ -542,12 +544,12 @@ class mixed_adapters:
 
     def __enter__(self):
         for mod in self.mods.values():
-            mod._rows = self.rows
+            mod._rows, mod._rows_stack = self.rows, None
         return self
 
     def __exit__(self, *exc):
         for mod in self.mods.values():
-            mod._rows = None
+            mod._rows, mod._rows_stack = None, None
         return False
 
 

@@ -289,3 +289,22 @@ def test_mixed_batch_refusals(two):
     ptune_rt.unmerge(model)
     assert_unchanged(model, snap)
     assert all(m._rows is None for m in model.modules() if isinstance(m, ptune_rt.LoRALinear))
+
+
+def test_mixed_decode_step_stacks_adapters_exactly(two):
+    """A one-token step takes the stacked path (every used adapter's shrink for every row, other
+    adapters' columns zeroed); its logits equal PEFT's adapter_names forward on the same tokens."""
+    base, saved = two
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
+    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
+    pm.eval()
+    model = loaded(two)
+    x = input_ids(batch=len(ROWS), seq=1, seed=9)
+    with torch.no_grad():
+        want = pm(input_ids=x, adapter_names=ROWS).logits
+    with ptune_rt.mixed_adapters(model, ROWS):
+        got = logits(model, x)
+        stacks = [m._rows_stack for m in model.modules() if isinstance(m, ptune_rt.LoRALinear)]
+    assert all(st is not None and st[0].shape[0] == 2 + 4 for st in stacks)  # ranks of "b" and "default"
+    torch.testing.assert_close(got, want, **TOL)
+    assert all(m._rows_stack is None for m in model.modules() if isinstance(m, ptune_rt.LoRALinear))

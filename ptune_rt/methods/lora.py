@@ -180,6 +180,7 @@ class LoRALinear(nn.Module):
         self._group: Optional[tuple] = None  # sibling projections of one input: see _grouped_forward
         self._stash: Optional[tuple] = None  # (input, output) a sibling computed for this layer
         self._rows: Optional[tuple] = None  # per-row adapters of a mixed batch: see _mixed_forward
+        self._rows_stack: Optional[tuple] = None  # its decode-step operands: see _mixed_stack
 
     @classmethod
     def from_adapter_modules(cls, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, *,
@@ -399,6 +400,13 @@ class LoRALinear(nn.Module):
                              "name per row of the batch the model runs (generate with num_beams or "
                              "num_return_sequences > 1 multiplies the rows)")
         y = self.base_layer(x)
+        if not groups:
+            return y
+        if x.dim() == 3 and x.shape[1] == 1:  # a decode step: every adapter at once, 3 ops for any count
+            a_cat, b_cat, col_scale = self._mixed_stack(x.device)
+            S = nn.functional.linear(x.to(a_cat.dtype), a_cat).mul_(col_scale)  # [B, 1, sum r]
+            y += nn.functional.linear(S, b_cat).to(y.dtype)
+            return y
         for name, rows in groups:
             if rows.device != x.device:
                 rows = rows.to(x.device)
@@ -408,6 +416,27 @@ class LoRALinear(nn.Module):
             delta = nn.functional.linear(nn.functional.linear(xr.to(a.dtype), a), b).mul_(self.scaling[name])
             y.index_add_(0, rows, delta.to(y.dtype))
         return y
+
+    def _mixed_stack(self, device) -> tuple:
+        """For a decode step of a mixed batch: the used adapters' A stacked [sum r, K] and B side by side
+        [N, sum r], and per row the scale of its own adapter's r columns, 0 elsewhere [B, 1, sum r]
+        (rows without an adapter: all 0). Every row computes every used adapter's M x r shrink (a few
+        columns each: a decode step is too small for the FLOPs to matter, its op count is what costs)
+        and the zeros drop the others exactly. Built once per ``mixed_adapters`` block."""
+        if self._rows_stack is not None and self._rows_stack[0].device == device:
+            return self._rows_stack
+        batch, groups = self._rows
+        names = [n for n, _ in groups]
+        a_cat = torch.cat([self.lora_A[n].weight for n in names]).to(device)
+        b_cat = torch.cat([self.lora_B[n].weight for n in names], 1).to(device)
+        col_scale = torch.zeros(batch, 1, a_cat.shape[0], dtype=a_cat.dtype, device=device)
+        off = 0
+        for n, rows in groups:
+            r = self.r[n]
+            col_scale[rows.to(device), :, off:off + r] = self.scaling[n]
+            off += r
+        self._rows_stack = (a_cat, b_cat, col_scale)
+        return self._rows_stack
 
     def _op_args(self) -> Optional[tuple]:
         """(weight [out, in], bias, A, B, scale, dropout rate) of the active adapter for the op, or
