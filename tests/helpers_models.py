@@ -169,3 +169,33 @@ def copy_peft_lora_weights(peft_model: nn.Module, model: nn.Module, adapter: str
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a refused call must leave as it was: the module objects, every state_dict value, the
+    trainable flags, the model's own attributes (ptune-rt's among them), each module's attribute
+    names, forward pre-hooks, the attention implementation and each LoRA module's active adapter."""
+    from ptune_rt import LoRALinear
+
+    cfg = getattr(model, "config", None)
+    return {"modules": dict(model.named_modules()),
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "dict": {k: v for k, v in vars(model).items() if k not in ("_modules", "_parameters", "_buffers")},
+            "attn": getattr(cfg, "_attn_implementation", None),
+            "hooks": sum(len(m._forward_pre_hooks) for m in model.modules()),
+            "mod_dicts": [set(m.__dict__) for m in model.modules()],
+            "active": {n: m.active_adapter for n, m in model.named_modules() if isinstance(m, LoRALinear)}}
+
+
+def assert_unchanged(model: nn.Module, snap: dict) -> None:
+    now = snapshot(model)
+    assert list(now["modules"]) == list(snap["modules"])
+    assert all(now["modules"][k] is snap["modules"][k] for k in now["modules"]), "a module object was replaced"
+    assert list(now["state"]) == list(snap["state"])
+    for k, v in now["state"].items():
+        assert torch.equal(v, snap["state"][k]), f"{k} changed"
+    assert now["dict"].keys() == snap["dict"].keys(), "model attributes added or removed"
+    assert all(now["dict"][k] is snap["dict"][k] or now["dict"][k] == snap["dict"][k] for k in now["dict"])
+    for key in ("grad", "attn", "hooks", "mod_dicts", "active"):
+        assert now[key] == snap[key], key

@@ -17,7 +17,7 @@ from ptune_rt import LoRAConfig, LoRALinear, load_adapter, save_adapter
 from ptune_rt.io import AdapterError
 from ptune_rt.io.peft_config import infer_task_type
 
-from helpers_models import input_ids, randomize_lora_b, tiny_gpt2, tiny_llama
+from helpers_models import assert_unchanged, input_ids, randomize_lora_b, snapshot, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -91,26 +91,6 @@ def peft_save(base, targets, path, *, bias="none", task_type=None, **kw):
     pm.eval()
     pm.save_pretrained(str(path))
     return pm
-
-
-def snapshot(model):
-    return {"modules": dict(model.named_modules()),
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "attrs": {k: v for k, v in vars(model).items() if k.startswith("_ptune_rt")}}
-
-
-def assert_unchanged(model, snap) -> None:
-    mods = dict(model.named_modules())
-    assert list(mods) == list(snap["modules"])
-    assert all(mods[k] is snap["modules"][k] for k in mods), "a module object was replaced"
-    state = model.state_dict()
-    assert list(state) == list(snap["state"])
-    for k, v in state.items():
-        assert torch.equal(v, snap["state"][k]), f"{k} changed"
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == snap["grad"]
-    attrs = {k: v for k, v in vars(model).items() if k.startswith("_ptune_rt")}
-    assert attrs.keys() == snap["attrs"].keys() and all(attrs[k] is snap["attrs"][k] for k in attrs)
 
 
 def expect_refusal(model, path, match, **kw):

@@ -12,7 +12,7 @@ import ptune_rt
 from ptune_rt import load_adapter, save_adapter, set_adapter
 from ptune_rt.io import AdapterError
 
-from helpers_models import input_ids, randomize_lora_b, tiny_llama
+from helpers_models import assert_unchanged, input_ids, randomize_lora_b, snapshot, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -37,22 +37,6 @@ def peft_saved(base, path, r, alpha, targets, seed, **kw):
     return pm
 
 
-def snapshot(model):
-    return {"modules": dict(model.named_modules()),
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "active": {n: m.active_adapter for n, m in model.named_modules() if isinstance(m, ptune_rt.LoRALinear)}}
-
-
-def assert_unchanged(model, snap):
-    now = snapshot(model)
-    assert list(now["modules"]) == list(snap["modules"])
-    assert all(now["modules"][k] is snap["modules"][k] for k in now["modules"])
-    assert list(now["state"]) == list(snap["state"])
-    assert all(torch.equal(v, snap["state"][k]) for k, v in now["state"].items())
-    assert now["grad"] == snap["grad"] and now["active"] == snap["active"]
-
-
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     """A base, two PEFT LoRA checkpoints of it (paths) and the PEFT models that saved them."""
@@ -60,6 +44,14 @@ def two(tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     saved = {name: (root / name, peft_saved(base, root / name, *spec)) for name, spec in ADAPTERS.items()}
     return base, saved
+
+
+def peft_two(two):
+    """PEFT's own multi-adapter model: the "default" checkpoint, then "b" added with load_adapter."""
+    base, saved = two
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
+    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
+    return pm.eval()
 
 
 def loaded(two):
@@ -89,8 +81,7 @@ def test_each_adapter_gives_peft_logits_and_switching_is_exact(two):
 def test_peft_multi_adapter_model_agrees(two):
     """PEFT's own multi-adapter model (load_adapter + set_adapter) against ptune-rt's, adapter by adapter."""
     base, saved = two
-    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
-    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
+    pm = peft_two(two)
     model = loaded(two)
     for name in ("b", "default"):
         pm.set_adapter(name)
@@ -227,9 +218,7 @@ ROWS = ["b", "default", "__base__", "b"]
 def test_mixed_batch_matches_peft_adapter_names(two):
     """Each row of a mixed batch gets its own adapter, as PEFT's ``adapter_names=`` forward argument."""
     base, saved = two
-    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
-    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
-    pm.eval()
+    pm = peft_two(two)
     model = loaded(two)
     x = input_ids(batch=len(ROWS), seq=7)
     with torch.no_grad():
@@ -252,9 +241,7 @@ def test_mixed_batch_matches_peft_adapter_names(two):
 
 def test_mixed_batch_generate_matches_peft(two):
     base, saved = two
-    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
-    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
-    pm.eval()
+    pm = peft_two(two)
     model = loaded(two)
     x = input_ids(batch=len(ROWS), seq=6, seed=4)
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -295,9 +282,7 @@ def test_mixed_decode_step_stacks_adapters_exactly(two):
     """A one-token step takes the stacked path (every used adapter's shrink for every row, other
     adapters' columns zeroed); its logits equal PEFT's adapter_names forward on the same tokens."""
     base, saved = two
-    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(saved["default"][0]))
-    pm.load_adapter(str(saved["b"][0]), adapter_name="b")
-    pm.eval()
+    pm = peft_two(two)
     model = loaded(two)
     x = input_ids(batch=len(ROWS), seq=1, seed=9)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from ptune_rt.hf_attention import ATTN_NAME, has_prefix, prefix_encoder
 from ptune_rt.io import AdapterError
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
-from helpers_models import HIDDEN, VOCAB, input_ids, tiny_gpt2, tiny_llama
+from helpers_models import HIDDEN, VOCAB, assert_unchanged, input_ids, snapshot, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
@@ -112,29 +112,6 @@ def _padded():
 def _same(model, ref_model, what):
     ids, mask = _padded()
     return assert_fp32_end_to_end_close(_out(model, ids, mask), _out(ref_model, ids, mask), what)
-
-
-def snapshot(model):
-    return {"modules": dict(model.named_modules()),
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "attrs": {k: v for k, v in vars(model).items() if k.startswith("_ptune_rt")},
-            "attn": model.config._attn_implementation,
-            "hooks": sum(len(m._forward_pre_hooks) for m in model.modules()),
-            "mod_dicts": [set(m.__dict__) for m in model.modules()]}
-
-
-def assert_unchanged(model, snap) -> None:
-    now = snapshot(model)
-    assert list(now["modules"]) == list(snap["modules"])
-    assert all(now["modules"][k] is snap["modules"][k] for k in now["modules"]), "a module object was replaced"
-    assert list(now["state"]) == list(snap["state"])
-    for k, v in now["state"].items():
-        assert torch.equal(v, snap["state"][k]), f"{k} changed"
-    assert now["attrs"].keys() == snap["attrs"].keys() and all(now["attrs"][k] is snap["attrs"][k]
-                                                                for k in now["attrs"])
-    for key in ("grad", "attn", "hooks", "mod_dicts"):
-        assert now[key] == snap[key], key
 
 
 def expect_refusal(model, path, match, **kw):

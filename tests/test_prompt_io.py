@@ -21,7 +21,7 @@ from ptune_rt.io.prompt import SavedTokens
 from ptune_rt.methods.prompt import is_prompt_model, prompt_report
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
-from helpers_models import HIDDEN, VOCAB, input_ids, tiny_gpt2, tiny_llama
+from helpers_models import HIDDEN, VOCAB, assert_unchanged, input_ids, snapshot, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, PromptEncoderConfig, get_peft_model  # noqa: E402
@@ -108,25 +108,6 @@ def peft_load(base, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
-
-
-def snapshot(model):
-    return {"modules": dict(model.named_modules()),
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "dict": {k: v for k, v in vars(model).items() if k not in ("_modules", "_parameters", "_buffers")}}
-
-
-def assert_unchanged(model, snap) -> None:
-    now = snapshot(model)
-    assert list(now["modules"]) == list(snap["modules"])
-    assert all(now["modules"][k] is snap["modules"][k] for k in now["modules"]), "a module object was replaced"
-    assert list(now["state"]) == list(snap["state"])
-    for k, v in now["state"].items():
-        assert torch.equal(v, snap["state"][k]), f"{k} changed"
-    assert now["grad"] == snap["grad"]
-    assert now["dict"].keys() == snap["dict"].keys()
-    assert all(now["dict"][k] is snap["dict"][k] or now["dict"][k] == snap["dict"][k] for k in now["dict"])
 
 
 def expect_refusal(model, path, match, **kw):
