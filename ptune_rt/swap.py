@@ -506,8 +506,10 @@ class mixed_adapters:
     before anything changes: every name must be an adapter of every LoRA module, and no adapter may
     be merged. Each LoRA linear then runs the base matmul once for the whole batch and, per adapter,
     the low-rank term on the rows that use it; in a decode step (one token per row) all used adapters
-    at once, against their A and B stacked once per block (torch ops on any device). Adapter weights
-    must not change inside a block."""
+    at once, against their A and B stacked once per block. On the Triton backend every step runs
+    the stacked form through the fused kernels (the shrink kernel, then the low-rank term added in
+    the base GEMM's accumulator); elsewhere torch ops. Adapter weights must not change inside a
+    block."""
 
     BASE = "__base__"
 

@@ -4,6 +4,7 @@ add or switch leaves the model exactly as it was."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -293,3 +294,29 @@ def test_mixed_decode_step_stacks_adapters_exactly(two):
     assert all(st is not None and st[0].shape[0] == 2 + 4 for st in stacks)  # ranks of "b" and "default"
     torch.testing.assert_close(got, want, **TOL)
     assert all(m._rows_stack is None for m in model.modules() if isinstance(m, ptune_rt.LoRALinear))
+
+
+@pytest.mark.parametrize("seq", [5, 1], ids=["prefill", "decode"])
+def test_mixed_batch_on_the_triton_kernels(two, seq, monkeypatch):
+    """The Triton backend (interpreted on CPU) runs a mixed batch through the shrink and fused
+    kernels, one launch each per LoRA linear, and matches the torch path."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1")
+    from ptune_rt.kernels import lora as K
+
+    base, saved = two
+    torch_model = loaded(two)
+    tri = load_adapter(copy.deepcopy(base), saved["default"][0], backend="triton")
+    load_adapter(tri, saved["b"][0], adapter_name="b")
+    assert {m.backend_choice()[0] for m in tri.modules() if isinstance(m, ptune_rt.LoRALinear)} == {"triton"}
+    x = input_ids(batch=len(ROWS), seq=seq, seed=11)
+    calls = []
+    for name in ("skinny_matmul", "fused_lowrank_matmul"):
+        orig = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    with ptune_rt.mixed_adapters(tri, ROWS):
+        got = logits(tri, x)
+    with ptune_rt.mixed_adapters(torch_model, ROWS):
+        want = logits(torch_model, x)
+    assert calls.count("skinny_matmul") == calls.count("fused_lowrank_matmul") == 6  # one each per LoRA linear
+    torch.testing.assert_close(got, want, **TOL)

@@ -399,6 +399,8 @@ class LoRALinear(nn.Module):
                              f"got a batch of {x.shape[0] if x.dim() else 0} rows (input {tuple(x.shape)}); pass one "
                              "name per row of the batch the model runs (generate with num_beams or "
                              "num_return_sequences > 1 multiplies the rows)")
+        if groups and self.backend_choice()[0] == "triton":
+            return self._mixed_triton(x)
         y = self.base_layer(x)
         if not groups:
             return y
@@ -416,6 +418,22 @@ class LoRALinear(nn.Module):
             delta = nn.functional.linear(nn.functional.linear(xr.to(a.dtype), a), b).mul_(self.scaling[name])
             y.index_add_(0, rows, delta.to(y.dtype))
         return y
+
+    def _mixed_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixed batch on the Triton backend, prefill and decode alike: the skinny kernel computes
+        every used adapter's shrink S = x [A_1; ...; A_n]^T, the rows' column scales keep each row's
+        own adapter, and the fused kernel adds S [B_1 ... B_n]^T to x W^T + b in its accumulator
+        (two kernel launches and one scale for any number of adapters; the low-rank term never goes
+        to memory as an M x N tensor)."""
+        from ptune_rt.kernels import lora as K
+
+        a_cat, b_cat, col_scale = self._mixed_stack(x.device)
+        batch = x.shape[0]
+        x2 = x.reshape(-1, self.in_features)
+        S = K.skinny_matmul(x2, a_cat)  # [B * L, sum r], fp32
+        S.view(batch, -1, S.shape[-1]).mul_(col_scale)
+        y = K.fused_lowrank_matmul(x2, self.base_weight_nk(), S, b_cat, bias=self.base_layer.bias, scale=1.0)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _mixed_stack(self, device) -> tuple:
         """For a decode step of a mixed batch: the used adapters' A stacked [sum r, K] and B side by side
