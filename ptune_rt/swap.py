@@ -533,6 +533,10 @@ class mixed_adapters:
             raise ValueError(f"adapter_names: {n!r} is not an adapter of LoRA modules {ms[:3]}"
                              f"{' ...' if len(ms) > 3 else ''} (the model's adapters: {held}, or None / "
                              f"{self.BASE!r} for the base model)")
+        off = [m for m, mod in self.mods.items() if mod.disabled]
+        if off:
+            raise ValueError(f"modules {off[:3]}{' ...' if len(off) > 3 else ''} have their adapters disabled; enable "
+                             "them before serving a mixed-adapter batch (rows that want the base model take None)")
         merged = [m for m, mod in self.mods.items() if mod.merged]
         if merged:
             raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have an adapter merged into "

@@ -271,6 +271,11 @@ def test_mixed_batch_refusals(two):
             model(input_ids(batch=2))
         with pytest.raises(RuntimeError, match="do not nest"):
             ptune_rt.mixed_adapters(model, ["b", "b"])
+    lora_mods = [m for m in model.modules() if isinstance(m, ptune_rt.LoRALinear)]
+    lora_mods[0].disabled = True
+    with pytest.raises(ValueError, match="adapters disabled"):
+        ptune_rt.mixed_adapters(model, ["b", "default"])
+    lora_mods[0].disabled = False
     ptune_rt.merge(model)
     with pytest.raises(ValueError, match="merged into their base weight"):
         ptune_rt.mixed_adapters(model, ["b", "default"])

@@ -436,11 +436,12 @@ class LoRALinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _mixed_stack(self, device) -> tuple:
-        """For a decode step of a mixed batch: the used adapters' A stacked [sum r, K] and B side by side
-        [N, sum r], and per row the scale of its own adapter's r columns, 0 elsewhere [B, 1, sum r]
-        (rows without an adapter: all 0). Every row computes every used adapter's M x r shrink (a few
-        columns each: a decode step is too small for the FLOPs to matter, its op count is what costs)
-        and the zeros drop the others exactly. Built once per ``mixed_adapters`` block."""
+        """The stacked form of a mixed batch (a torch-path decode step, every Triton-path step): the used
+        adapters' A stacked [sum r, K] and B side by side [N, sum r], and per row the scale of its own
+        adapter's r columns, 0 elsewhere [B, 1, sum r] (rows without an adapter: all 0). Every row
+        computes every used adapter's shrink (a few columns each: in a decode step the op count is
+        what costs, not these FLOPs) and the zeros drop the others exactly. Built once per
+        ``mixed_adapters`` block."""
         if self._rows_stack is not None and self._rows_stack[0].device == device:
             return self._rows_stack
         batch, groups = self._rows
