@@ -471,6 +471,16 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _require_adapter(mods: dict[str, LoRALinear], name: str, prefix: str, hint: str = "") -> None:
+    """Raise unless every module of ``mods`` holds the adapter ``name``; the message starts with
+    ``prefix`` (the argument) and ends its list of the model's adapters with ``hint``."""
+    lacking = [n for n, m in mods.items() if name not in m.lora_A]
+    if lacking:
+        held = sorted({a for m in mods.values() for a in m.lora_A})
+        raise ValueError(f"{prefix}{name!r} is not an adapter of LoRA modules {lacking[:3]}"
+                         f"{' ...' if len(lacking) > 3 else ''} (the model's adapters: {held}{hint})")
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Make ``adapter_name`` the active LoRA adapter of every swapped module (adapters are added with
     ``ptune_rt.load_adapter(model, path, adapter_name=...)``), as PEFT's ``set_adapter``: the active
@@ -480,11 +490,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__}")
     mods = _require_swapped(model, "set_adapter")
-    lacking = [n for n, m in mods.items() if adapter_name not in m.lora_A]
-    if lacking:
-        held = sorted({a for m in mods.values() for a in m.lora_A})
-        raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of LoRA modules {lacking[:3]}"
-                         f"{' ...' if len(lacking) > 3 else ''} (the model's adapters: {held})")
+    _require_adapter(mods, adapter_name, "adapter_name=")
     merged = [n for n, m in mods.items() if m.merged and m.active_adapter != adapter_name]
     if merged:
         raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have adapter "
@@ -525,14 +531,8 @@ class mixed_adapters:
             raise TypeError(f"adapter_names must hold str or None, got {type(bad[0]).__name__}")
         self.mods = _require_swapped(model, "mixed_adapters")
         used = [n for n in dict.fromkeys(names) if n != self.BASE]
-        lacking = {n: [m for m, mod in self.mods.items() if n not in mod.lora_A] for n in used}
-        lacking = {n: ms for n, ms in lacking.items() if ms}
-        if lacking:
-            n, ms = next(iter(lacking.items()))
-            held = sorted({a for mod in self.mods.values() for a in mod.lora_A})
-            raise ValueError(f"adapter_names: {n!r} is not an adapter of LoRA modules {ms[:3]}"
-                             f"{' ...' if len(ms) > 3 else ''} (the model's adapters: {held}, or None / "
-                             f"{self.BASE!r} for the base model)")
+        for n in used:
+            _require_adapter(self.mods, n, "adapter_names: ", f", or None / {self.BASE!r} for the base model")
         off = [m for m, mod in self.mods.items() if mod.disabled]
         if off:
             raise ValueError(f"modules {off[:3]}{' ...' if len(off) > 3 else ''} have their adapters disabled; enable "
@@ -541,14 +541,19 @@ class mixed_adapters:
         if merged:
             raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have an adapter merged into "
                              "their base weight, which every row would get: ptune_rt.unmerge(model) first")
+        self._check_not_nested()
+        device = next(iter(self.mods.values())).weight.device  # index tensors where the layers run
+        self.rows = (len(names), tuple((n, torch.tensor([i for i, m in enumerate(names) if m == n], device=device))
+                                       for n in used))
+
+    def _check_not_nested(self) -> None:
         busy = [m for m, mod in self.mods.items() if mod._rows is not None]
         if busy:
             raise RuntimeError(f"modules {busy[:3]} are already inside a ptune_rt.mixed_adapters block: "
                                "blocks do not nest")
-        self.rows = (len(names), tuple((n, torch.tensor([i for i, m in enumerate(names) if m == n]))
-                                       for n in used))
 
     def __enter__(self):
+        self._check_not_nested()  # again: another block may have been entered since this one was made
         for mod in self.mods.values():
             mod._rows, mod._rows_stack = self.rows, None
         return self

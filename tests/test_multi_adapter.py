@@ -325,3 +325,13 @@ def test_mixed_batch_on_the_triton_kernels(two, seq, monkeypatch):
         want = logits(torch_model, x)
     assert calls.count("skinny_matmul") == calls.count("fused_lowrank_matmul") == 6  # one each per LoRA linear
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_mixed_blocks_made_before_another_is_entered_do_not_nest(two):
+    model = loaded(two)
+    outer, inner = ptune_rt.mixed_adapters(model, ["b", "default"]), ptune_rt.mixed_adapters(model, ["b", "b"])
+    with outer:
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with inner:
+                pass
+        assert all(m._rows is outer.rows for m in model.modules() if isinstance(m, ptune_rt.LoRALinear))
