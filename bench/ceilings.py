@@ -44,8 +44,7 @@ def _time(fns: dict, rounds: int) -> dict:
     med = {n: statistics.median(v) for n, v in runs.items()}
     ratios = {n: med["peft"] / med[n] for n in names if n != "peft"}  # base: the ceiling
     ci95 = {n: bootstrap_ratio_ci(runs["peft"], runs[n]) for n in ratios}
-    return {"median_s": med, "runs_s": runs, "ratio_peft_over": ratios, "ratio_peft_over_ci95": ci95,
-            "ratio_peft_over_ptune": ratios["ptune-rt"], "ceiling_peft_over_base": ratios["base"]}
+    return {"median_s": med, "runs_s": runs, "ratio_peft_over": ratios, "ratio_peft_over_ci95": ci95}
 
 
 def _base_step(base, ids):
@@ -118,20 +117,21 @@ def _lora_setup(quick: bool):
     return wl, s, eager
 
 
-def lora_case(rounds: int, quick: bool = False) -> dict:
-    wl, s, eager = _lora_setup(quick)
+def lora_case(rounds: int, setup) -> dict:
+    """The training step; ``setup``: :func:`_lora_setup`'s (workload, models, eager swap)."""
+    wl, s, eager = setup
     fns = {"peft": _adapter_step(s.peft, s.input_ids), "ptune-rt": _adapter_step(s.ptune, s.input_ids),
            "eager swap": _adapter_step(eager, s.input_ids), "base": _base_step(s.base, s.input_ids)}
     return {"case": f"LoRA r={wl.r}, all seven projections, dropout 0, batch {wl.batch} x seq {wl.seq}",
             **_time(fns, rounds)}
 
 
-def lora_inference_cases(rounds: int, quick: bool = False) -> list:
+def lora_inference_cases(rounds: int, setup) -> list:
     """The LoRA no-grad forward and greedy generate of ``ptune-rt bench``; the zero-cost stand-in is the
     frozen model itself (inference needs no backward)."""
     from ptune_rt.bench import workload as W
 
-    wl, s, eager = _lora_setup(quick)
+    wl, s, eager = setup
     models = {"peft": s.peft, "ptune-rt": s.ptune, "eager swap": eager, "base": s.base}
     for m in models.values():
         m.eval()
@@ -158,19 +158,17 @@ CASES = ("lora", "lora-inference", "prefix")
 
 
 def _cell(c: dict, n: str) -> str:
+    from ptune_rt.bench.report import ci_cell
+
     if n not in c["ratio_peft_over"]:
-        return "-"
-    lo, hi = c["ratio_peft_over_ci95"][n]
-    return f"{c['ratio_peft_over'][n]:.3f}x ({lo:.3f}-{hi:.3f})"
-
-
-def _ms(c: dict, n: str) -> str:
-    return f"{c['median_s'][n] * 1e3:.1f}" if n in c["median_s"] else "-"
+        return "–"
+    return f"{c['ratio_peft_over'][n]:.3f}x ({ci_cell(c['ratio_peft_over_ci95'], n, 3)})"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)} (default all)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {','.join(CASES)} (default all)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timed rounds (default 9)")
     p.add_argument("--prefix-seq", type=int, default=256, help="sequence length of the prefix cases (default 256)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -180,23 +178,26 @@ def main(argv=None) -> int:
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(chosen) - set(CASES))
     if unknown or not chosen:
-        p.error(f"--cases: unknown case(s) {unknown or chosen}; expected a comma-separated subset of {', '.join(CASES)}")
+        p.error(f"--cases: unknown case(s) {unknown or chosen}; expected a comma-separated subset of "
+                f"{', '.join(CASES)}")
     if args.rounds < 2:
         p.error(f"--rounds must be at least 2 (paired intervals), got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ptune_rt.bench.report import commit_label, load_label
+    from ptune_rt.bench.report import _ms, commit_label, load_label
     from ptune_rt.bench.runner import provenance
 
     pv = provenance("cpu", [])
     pv["command"] = "python bench/ceilings.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    cases = []
+    cases, lora_setup = [], None
     for name in chosen:
         print(f"[ceilings] {name} ...", flush=True)
+        if name.startswith("lora") and lora_setup is None:
+            lora_setup = _lora_setup(args.quick)  # one set of models for both LoRA cases
         if name == "lora":
-            cases.append(lora_case(args.rounds, args.quick))
+            cases.append(lora_case(args.rounds, lora_setup))
         elif name == "lora-inference":
-            cases += lora_inference_cases(args.rounds, args.quick)
+            cases += lora_inference_cases(args.rounds, lora_setup)
         else:
             cases += [prefix_case(P, args.prefix_seq, args.rounds, args.quick) for P in (32, 128)]
     pv["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -215,8 +216,9 @@ def main(argv=None) -> int:
              "eager swap vs PEFT | ceiling |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
-        lines.append(f"| {c['case']} | {_ms(c, 'peft')} | {_ms(c, 'ptune-rt')} | {_ms(c, 'eager swap')} | "
-                     f"{_ms(c, 'base')} | {_cell(c, 'ptune-rt')} | {_cell(c, 'eager swap')} | {_cell(c, 'base')} |")
+        ms = {n: _ms(c["median_s"].get(n)) for n in ("peft", "ptune-rt", "eager swap", "base")}
+        lines.append(f"| {c['case']} | {ms['peft']} | {ms['ptune-rt']} | {ms['eager swap']} | {ms['base']} | "
+                     f"{_cell(c, 'ptune-rt')} | {_cell(c, 'eager swap')} | {_cell(c, 'base')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -132,7 +132,8 @@ def _lora_tasks(peft_model, base, wl: MixedWorkload):
     ptune = ptune_rt.apply(copy.deepcopy(base), ptune_rt.LoRAConfig(r=wl.lora_r, alpha=wl.lora_alpha,
                                                                     target_modules=list(LLAMA_TARGETS)))
     inner = peft_model.get_base_model()
-    for n, m in ptune_rt.swap.lora_modules(ptune).items():
+    mods = ptune_rt.swap.lora_modules(ptune)
+    for n, m in mods.items():
         pm = inner.get_submodule(n)
         for t in range(wl.tasks):
             a = MixedSetup.adapter(t)
@@ -140,8 +141,9 @@ def _lora_tasks(peft_model, base, wl: MixedWorkload):
             with torch.no_grad():
                 m.lora_A[a].weight.copy_(pm.lora_A[a].weight)
                 m.lora_B[a].weight.copy_(pm.lora_B[a].weight)
-        m.active_adapter = MixedSetup.adapter(0)
-        m.delete_adapter("default")
+    ptune_rt.set_adapter(ptune, MixedSetup.adapter(0))
+    for m in mods.values():
+        m.delete_adapter("default")  # apply's own adapter: no task of this run
     return ptune
 
 
@@ -308,8 +310,9 @@ def op_counts(s: MixedSetup, wl: MixedWorkload) -> dict:
     for case in ("forward", "generate"):
         out[f"{case}_compute_ratio_peft_over_ptune"] = (out["peft"][case]["compute"]
                                                         / max(1, out["ptune-rt"][case]["compute"]))
-    out["note"] = ("forward: one no-grad forward over all rows (PEFT: one per task; LoRA: one adapter_names batch); "
-                   "generate: one whole greedy generate call (PEFT: one per task; LoRA: one), per token step = that / new tokens. compute = dispatched ops "
+    out["note"] = ("forward: one no-grad forward over all rows (PEFT: one per task; LoRA: one adapter_names "
+                   "batch); generate: one whole greedy generate call (PEFT: one per task; LoRA: one), per token "
+                   "step = that / new tokens. compute = dispatched ops "
                    "minus metadata-only ones; custom = ptune-rt's own ops (each counted once), expanded = with "
                    "what they run inside on the torch path")
     return out
@@ -331,8 +334,8 @@ def base_generate(base, s: MixedSetup, wl: MixedWorkload):
 
 def speed(setups: dict, base, wl: MixedWorkload, repeats: int, warmup: int, device, tick) -> dict:
     """Interleaved timings per method and case: PEFT (task by task; LoRA: its own mixed batch),
-    ptune-rt's mixed batch, and the frozen base model on the same rows in one batch without any adapter (a reference point: it
-    processes P fewer positions per row than prompt tuning)."""
+    ptune-rt's mixed batch, and the frozen base model on the same rows in one batch without any
+    adapter (a reference point: it processes P fewer positions per row than prompt tuning)."""
     from ptune_rt.bench.timing import interleaved, summarize
 
     res = {}
@@ -437,7 +440,8 @@ def markdown(results: dict) -> str:
                        f"{d['speedup_of_minima']:.2f}x | {f'{cpu:.2f}x' if cpu else '–'} | "
                        f"{f'{ceiling:.2f}x' if ceiling else '–'} | "
                        f"{t['goal'] if t else ''} | {('PASS' if t['pass'] else 'MISS') if t else ''} |")
-    out += ["", "Throughput ratio (the headline, judged against the target where there is one) = PEFT median time / ptune-rt median time "
+    out += ["", "Throughput ratio (the headline, judged against the target where there is one) = PEFT median time "
+            "/ ptune-rt median time "
             "for the same tokens (above 1: ptune-rt serves faster); *fastest runs ratio* compares the quickest run of "
             "each (contention only slows runs down); *CPU-time ratio* compares median process CPU time. *generate* "
             "counts generated tokens, *forward* prompt tokens. *base*: the frozen model on the same rows in one batch "
@@ -556,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite mixed-tasks",
         description="Serving several prompt- / prefix- / LoRA-tuned tasks in one batch: ptune-rt's mixed batch vs HF "
-                    "PEFT (task by task; LoRA: PEFT's adapter_names batch), on a Llama-like model with random weights (throughput, ops, equality).")
+                    "PEFT (task by task; LoRA: PEFT's adapter_names batch), on a Llama-like model with random "
+                    "weights (throughput, ops, equality).")
     p.add_argument("--repeats", type=int, default=5,
                    help=f"timed runs per variant, >= {MIN_REPEATS} (median reported; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
