@@ -57,6 +57,7 @@ from ptune_rt.methods._heads import head_modules
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
 from ptune_rt.ops.prefix_attention import _prefix_attention
+from ptune_rt.prefix_cache import adopt_cache, joined_provider
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,18 @@ class PrefixState:
     @property
     def num_tasks(self) -> int:
         return self.encoder.num_tasks
+
+    @property
+    def layer_indices(self) -> list:
+        return [idx for _, idx in self.attn_modules.values()]
+
+    def torch_backend(self, device) -> bool:
+        """Whether the prefix attention runs the torch path for tensors on ``device`` (False where the
+        backend is unusable there: the attention call reports that)."""
+        try:
+            return resolve_backend(self.config.backend, device)[0] == "torch"
+        except (RuntimeError, ValueError):
+            return False
 
     def enabled(self) -> bool:
         return self.gate is None or bool(self.gate())
@@ -223,7 +236,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         # tasks come from check_task_ids (once per forward): the op skips its per-layer range check,
         # which reads the ids (a device synchronization per layer on a GPU)
         out = _prefix_attention(query, key, value, pk, pv, kv_mask, tasks, causal, scaling, state.config.backend,
-                                check_task_range=False)
+                                check_task_range=False, joined=joined_provider(key, value))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -406,6 +419,10 @@ def _pre_hook(state: PrefixState, names: list[str], module, args, kwargs):
                         f"{len(args)} were given")
     device = state.encoder.embedding.weight.device
     kwargs[TASKS_KWARG] = _resolve_tasks(state, task_ids, kwargs, device)
+    if not torch.is_grad_enabled():  # decode steps attend over [prefix ; cache] kept in one buffer
+        cache = cache_from_kwargs(kwargs)
+        if cache is not None and state.torch_backend(device):
+            adopt_cache(cache, state.num_virtual_tokens, state.layer_indices)
     if state.config.position_mode == "shift":
         new = _shifted_positions(state, kwargs)
         if new is not None:

@@ -252,9 +252,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
 
 
 def _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm_scale, backend,
-                      check_task_range: bool) -> Tensor:
+                      check_task_range: bool, joined=None) -> Tensor:
     """:func:`prefix_attention`; ``check_task_range=False`` for task_ids already validated against
-    this prefix stack (the model glue checks them once per forward, not once per layer)."""
+    this prefix stack (the model glue checks them once per forward, not once per layer).
+
+    ``joined``: for a torch-path decode step, an optional ``(prefix_k, prefix_v, task_ids) ->
+    (keys, values) or None`` giving ``[every row's prefix ; k]`` / ``[... ; v]`` already laid out in
+    one tensor (``ptune_rt.prefix_cache`` keeps the cache that way), so the step needs no concatenation."""
     _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range)
     chosen, _ = resolve_backend(backend, q.device)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -265,19 +269,24 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm
     pk, pv = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
     if chosen == "torch" and q.shape[2] == 1 and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))):
-        return _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale)
+        kv = joined(prefix_k, prefix_v, task_ids) if joined is not None else None
+        return _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale, kv)
     o, _ = prefix_attention_fwd(q, k, v, pk, pv, kv_mask, task_ids, bool(causal), scale, chosen)
     return o
 
 
-def _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale):
+def _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale, joined_kv=None):
     """One decode token on the torch path, outside autograd: the single query sees every prefix and
     cache key, so one fused SDPA call over [prefix ; cache] (a [P, D] block per kv head in front of
-    the cache) beats the two-part LSE merge, whose half-dozen small ops dominate at this size."""
+    the cache) beats the two-part LSE merge, whose half-dozen small ops dominate at this size.
+    ``joined_kv``: that [prefix ; cache] pair when the cache already holds it (else it is built here)."""
     B = q.shape[0]
-    rows_k = pk[task_ids.long()] if task_ids is not None else pk.unsqueeze(0).expand(B, -1, -1, -1)
-    rows_v = pv[task_ids.long()] if task_ids is not None else pv.unsqueeze(0).expand(B, -1, -1, -1)
-    keys, values = torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
+    if joined_kv is not None:
+        keys, values = joined_kv
+    else:
+        rows_k = pk[task_ids.long()] if task_ids is not None else pk.unsqueeze(0).expand(B, -1, -1, -1)
+        rows_v = pv[task_ids.long()] if task_ids is not None else pv.unsqueeze(0).expand(B, -1, -1, -1)
+        keys, values = torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
     mask = None
     if kv_mask is not None:
         mask = torch.cat([kv_mask.new_ones((B, pk.shape[-2])), kv_mask], dim=1)[:, None, None, :]
