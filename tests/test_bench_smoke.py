@@ -121,3 +121,21 @@ def test_ceilings_script_writes_its_table(tmp_path):
     assert "| eager swap vs PEFT |" in md and md.count("\n| LoRA") == 3
     with pytest.raises(SystemExit):
         ceilings.main(["--cases", "lora,nonsense", "--out", str(tmp_path)])
+
+
+def test_prefix_decode_script_writes_its_table(tmp_path):
+    import json
+
+    script = _load_script("prefix_decode")
+    assert script.main(["--quick", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "prefix_decode_cpu_quick.json").read_text())
+    (c,) = res["cases"]
+    assert c["same_tokens"] and set(c["median_step_s"]) == set(script.VARIANTS)
+    for key in ("speedup_vs_peft", "speedup_vs_concatenating"):
+        lo, hi = c[f"{key}_ci95"]
+        assert c[key] > 0 and lo <= c[key] <= hi
+    assert all(len(v) == 2 for v in c["runs_s"].values())
+    md = (tmp_path / "prefix_decode_cpu_quick.md").read_text()
+    assert md.count("\n| 4 | 16 |") == 1
+    with pytest.raises(SystemExit):
+        script.main(["--contexts", "a,b", "--out", str(tmp_path)])
