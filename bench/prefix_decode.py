@@ -13,6 +13,10 @@ with 95% paired-bootstrap intervals. Writes JSON and a markdown table.
     python bench/prefix_decode.py                        # contexts 128 and 1024, P = 32 and 128
     python bench/prefix_decode.py --contexts 2048 --rounds 9
     python bench/prefix_decode.py --quick                # a smoke run on tiny shapes
+
+With ``--loop-rounds`` (default 80) each case also times single decode steps in a hand-written loop,
+ptune-rt with and without the prefixed cache alternating step by step: a steadier A/B of the same
+change (PEFT cannot run such a loop correctly, so it is not in it).
 """
 from __future__ import annotations
 
@@ -88,6 +92,42 @@ def case(wl, base, P: int, context: int, rounds: int, new_tokens: int) -> dict:
             "speedup_vs_concatenating_ci95": list(bootstrap_ratio_ci(runs["ptune-rt, concatenating"], runs[ours]))}
 
 
+def loop_case(wl, base, P: int, context: int, rounds: int) -> dict:
+    """Single decode steps in a hand-written loop (the cache cropped back after each step), ptune-rt
+    with the prefixed cache against ptune-rt concatenating, alternating step by step. PEFT is left
+    out: its prefix cache is rebuilt on every call outside ``generate``, so such a loop is wrong there."""
+    import ptune_rt.hf_attention as H
+    from ptune_rt.bench.prefix import build
+    from ptune_rt.bench.timing import bootstrap_ratio_ci
+    from ptune_rt.prefix_cache import adopt_cache
+
+    s = build(wl, P, base)
+    s.ptune.eval()
+    prompt = torch.randint(3, wl.vocab, (1, context), generator=torch.Generator().manual_seed(wl.seed))
+    names = ("ptune-rt", "ptune-rt, concatenating")
+    state, runs = {}, {n: [] for n in names}
+    try:
+        with torch.no_grad():
+            for n in names:
+                H.adopt_cache = adopt_cache if n == "ptune-rt" else (lambda *a, **k: None)
+                out = s.ptune(input_ids=prompt, use_cache=True)
+                state[n] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            for r in range(rounds):
+                for n in (names if r % 2 else names[::-1]):
+                    cache, nxt = state[n]
+                    H.adopt_cache = adopt_cache if n == "ptune-rt" else (lambda *a, **k: None)
+                    t = time.perf_counter()
+                    s.ptune(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    runs[n].append(time.perf_counter() - t)
+                    cache.crop(-1)
+    finally:
+        H.adopt_cache = adopt_cache
+    med = {n: statistics.median(v) for n, v in runs.items()}
+    return {"P": P, "context": context, "median_step_s": med, "runs_s": runs,
+            "speedup_vs_concatenating": med[names[1]] / med[names[0]],
+            "speedup_vs_concatenating_ci95": list(bootstrap_ratio_ci(runs[names[1]], runs[names[0]]))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="128,1024", help="prompt lengths, comma-separated (default 128,1024)")
@@ -95,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (default 7, at least 2)")
     p.add_argument("--new-tokens", type=int, default=33, help="tokens generated per run (default 33)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--loop-rounds", type=int, default=80,
+                   help="single-step A/B rounds in a hand-written decode loop, per case (default 80; 0: skip)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds (a smoke run)")
     args = p.parse_args(argv)
     try:
@@ -124,6 +166,8 @@ def main(argv=None) -> int:
         for P in prefixes:
             print(f"[prefix-decode] P={P}, context {context} ...", flush=True)
             cases.append(case(wl, base, P, context, args.rounds, args.new_tokens))
+            if args.loop_rounds > 0:
+                cases[-1]["loop"] = loop_case(wl, base, P, context, max(2, args.loop_rounds))
     pv["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "provenance": pv, "rounds": args.rounds,
                "quick": args.quick, "cases": cases}
@@ -143,6 +187,16 @@ def main(argv=None) -> int:
         lines.append(f"| {c['P']} | {c['context']} | {' | '.join(ms)} | {c['speedup_vs_peft']:.3f}x "
                      f"({ci_cell(c, 'speedup_vs_peft_ci95', 3)}) | {c['speedup_vs_concatenating']:.3f}x "
                      f"({ci_cell(c, 'speedup_vs_concatenating_ci95', 3)}) | {c['same_tokens']} |")
+    loops = [c for c in cases if "loop" in c]
+    if loops:
+        lines += ["", f"Single decode steps in a hand-written loop ({args.loop_rounds} alternating rounds; PEFT is not in "
+                  "it: outside `generate` its prefix cache is rebuilt on every call):", "",
+                  "| P | context | ptune-rt ms/step | concatenating ms/step | vs concatenating |", "|---:|---:|---:|---:|---:|"]
+        for c in loops:
+            lp = c["loop"]
+            ms = [f"{lp['median_step_s'][n] * 1e3:.2f}" for n in ("ptune-rt", "ptune-rt, concatenating")]
+            lines.append(f"| {c['P']} | {c['context']} | {' | '.join(ms)} | {lp['speedup_vs_concatenating']:.3f}x "
+                         f"({ci_cell(lp, 'speedup_vs_concatenating_ci95', 3)}) |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(c["same_tokens"] for c in cases) else 1

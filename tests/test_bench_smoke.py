@@ -127,7 +127,7 @@ def test_prefix_decode_script_writes_its_table(tmp_path):
     import json
 
     script = _load_script("prefix_decode")
-    assert script.main(["--quick", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    assert script.main(["--quick", "--rounds", "2", "--loop-rounds", "3", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "prefix_decode_cpu_quick.json").read_text())
     (c,) = res["cases"]
     assert c["same_tokens"] and set(c["median_step_s"]) == set(script.VARIANTS)
@@ -135,7 +135,8 @@ def test_prefix_decode_script_writes_its_table(tmp_path):
         lo, hi = c[f"{key}_ci95"]
         assert c[key] > 0 and lo <= c[key] <= hi
     assert all(len(v) == 2 for v in c["runs_s"].values())
+    assert all(len(v) == 3 for v in c["loop"]["runs_s"].values()) and c["loop"]["speedup_vs_concatenating"] > 0
     md = (tmp_path / "prefix_decode_cpu_quick.md").read_text()
-    assert md.count("\n| 4 | 16 |") == 1
+    assert md.count("\n| 4 | 16 |") == 2
     with pytest.raises(SystemExit):
         script.main(["--contexts", "a,b", "--out", str(tmp_path)])
