@@ -56,7 +56,7 @@ from ptune_rt._cache_names import cache_from_kwargs
 from ptune_rt.methods._heads import head_modules
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
-from ptune_rt.ops.prefix_attention import _prefix_attention
+from ptune_rt.ops.prefix_attention import _prefix_attention, _prefix_rows
 from ptune_rt.prefix_cache import adopt_cache, joined_provider
 
 logger = logging.getLogger(__name__)
@@ -176,10 +176,8 @@ def _sdpa_concat(q, k, v, pk, pv, kv_mask, causal, scale, dropout, task_ids=None
     vis = _visibility(B, L, S, kv_mask, causal, q.device)
     if pk is not None:
         P = pk.shape[-2]
-        if pk.dim() == 4:  # per-row prefixes (this unfused fallback gathers them)
-            rows_k, rows_v = pk[task_ids.long()], pv[task_ids.long()]
-        else:
-            rows_k, rows_v = pk[None].expand(B, Hkv, P, D), pv[None].expand(B, Hkv, P, D)
+        # per-row prefixes (this unfused fallback gathers them) or one broadcast prefix
+        rows_k, rows_v = _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B)
         k = torch.cat([rows_k.to(q.dtype), k], dim=2)
         v = torch.cat([rows_v.to(q.dtype), v], dim=2)
         vis = torch.cat([vis.new_ones((B, 1, L, P)), vis], dim=-1)

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ptune_rt.ops.prefix_attention import _prefix_rows
+
 #: Attribute put on the views the layer hands out, naming the layer that owns their buffer.
 OWNER_ATTR = "_ptune_rt_prefixed_layer"
 #: Spare token slots a buffer gets beyond what it holds: at least this many ...
@@ -90,12 +92,19 @@ def _make_class():
                     and value.shape[2] <= buf.shape[2] - P):
                 s.n = value.shape[2]  # a shortening of our own view (crop): nothing to copy
                 return
-            B, H, n, D = value.shape
-            new = value.new_empty((B, H, P + _capacity(n), D))
-            new[:, :, P:P + n].copy_(value)
-            s.buf, s.n = new, n
-            self.__dict__.pop(raw, None)
-            self._ptune_rt_stamp = None  # the prefix rows of a new buffer are not written yet
+            n = value.shape[2]
+            self._fresh(name, value, n)[:, :, P:P + n].copy_(value)  # prefix rows stale until written
+            s.n = n
+
+        def _fresh(self, name: str, like: Tensor, n: int) -> Tensor:
+            """A new empty buffer for side ``name`` with room for ``n`` tokens, shaped like ``like``
+            [B, H, *, D]; its prefix rows are not written yet (the stamp is cleared)."""
+            B, H, _, D = like.shape
+            s = self._side(name)
+            s.buf, s.n = like.new_empty((B, H, self._ptune_rt_P + _capacity(n), D)), 0
+            self.__dict__.pop(f"_ptune_rt_{name}_raw", None)
+            self._ptune_rt_stamp = None
+            return s.buf
 
         keys = property(lambda self: self._view("keys"), lambda self, v: self._assign("keys", v))
         values = property(lambda self: self._view("values"), lambda self, v: self._assign("values", v))
@@ -109,11 +118,7 @@ def _make_class():
                 if buf is not None and s.n:  # a batch or dtype change: DynamicLayer's cat would fail too
                     raise RuntimeError(f"cache update of shape {tuple(states.shape)} {states.dtype} does not match the "
                                        f"cached {tuple(buf[:, :, P:P + s.n].shape)} {buf.dtype}")
-                B, H, _, D = states.shape
-                buf = states.new_empty((B, H, P + _capacity(L), D))
-                s.buf, s.n = buf, 0
-                self.__dict__.pop(f"_ptune_rt_{name}_raw", None)
-                self._ptune_rt_stamp = None
+                buf = self._fresh(name, states, L)
             elif P + s.n + L > buf.shape[2]:
                 grown = buf.new_empty((*buf.shape[:2], P + _capacity(s.n + L), buf.shape[3]))
                 grown[:, :, :P + s.n].copy_(buf[:, :, :P + s.n])  # prefix rows included: the stamp holds
@@ -149,8 +154,7 @@ def _make_class():
             if not _same_stamp(stamp, self._ptune_rt_stamp):
                 B = ks.buf.shape[0]
                 for side, pre in ((ks, prefix_k), (vs, prefix_v)):
-                    rows = pre[task_ids.long()] if task_ids is not None else pre.unsqueeze(0).expand(B, -1, -1, -1)
-                    side.buf[:, :, :P].copy_(rows)
+                    side.buf[:, :, :P].copy_(_prefix_rows(pre, task_ids, B))
                 self._ptune_rt_stamp = stamp
             return ks.buf[:, :, :P + ks.n], vs.buf[:, :, :P + vs.n]
 

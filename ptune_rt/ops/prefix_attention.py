@@ -284,9 +284,8 @@ def _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale, joined_kv=None
     if joined_kv is not None:
         keys, values = joined_kv
     else:
-        rows_k = pk[task_ids.long()] if task_ids is not None else pk.unsqueeze(0).expand(B, -1, -1, -1)
-        rows_v = pv[task_ids.long()] if task_ids is not None else pv.unsqueeze(0).expand(B, -1, -1, -1)
-        keys, values = torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
+        keys = torch.cat([_prefix_rows(pk, task_ids, B), k], dim=2)
+        values = torch.cat([_prefix_rows(pv, task_ids, B), v], dim=2)
     mask = None
     if kv_mask is not None:
         mask = torch.cat([kv_mask.new_ones((B, pk.shape[-2])), kv_mask], dim=1)[:, None, None, :]
