@@ -12,6 +12,7 @@ import torch
 import ptune_rt
 from ptune_rt import load_adapter, save_adapter, set_adapter
 from ptune_rt.io import AdapterError
+from ptune_rt.testing.tolerances import assert_close_to_reference
 
 from helpers_models import assert_unchanged, input_ids, randomize_lora_b, snapshot, tiny_llama
 
@@ -325,6 +326,33 @@ def test_mixed_batch_on_the_triton_kernels(two, seq, monkeypatch):
         want = logits(torch_model, x)
     assert calls.count("skinny_matmul") == calls.count("fused_lowrank_matmul") == 6  # one each per LoRA linear
     torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("seq", [5, 1], ids=["prefill", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_batch_on_the_triton_kernels_half(two, dtype, seq):
+    """A half-precision base with PEFT's fp32 adapters on top: the Triton backend's mixed batch
+    (stacked shrink kernel, low-rank term in the fused kernel's accumulator) against the torch
+    path's mixed batch in the same dtype, both judged against the float64 model by the tolerance
+    rule (DESIGN section 4)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1")
+    base, saved = two
+
+    def mixed_logits(dt, backend):
+        model = load_adapter(copy.deepcopy(base).to(dt), saved["default"][0], backend=backend)
+        load_adapter(model, saved["b"][0], adapter_name="b")
+        mods = [m for m in model.modules() if isinstance(m, ptune_rt.LoRALinear)]
+        assert {m.backend_choice()[0] for m in mods} == {backend}
+        assert {m.lora_A["b"].weight.dtype for m in mods} == {torch.float64 if dt == torch.float64 else torch.float32}
+        with ptune_rt.mixed_adapters(model, ROWS):
+            return logits(model, x)
+
+    x = input_ids(batch=len(ROWS), seq=seq, seed=11)
+    got = mixed_logits(dtype, "triton")
+    assert got.dtype == dtype
+    assert_close_to_reference(got, mixed_logits(dtype, "torch"), mixed_logits(torch.float64, "torch"), dtype,
+                              "mixed-batch logits")
 
 
 def test_mixed_blocks_made_before_another_is_entered_do_not_nest(two):
