@@ -17,3 +17,13 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def lora_functions(monkeypatch):
+    """Training batches of any size through the LoRA op's ``autograd.Function``s (projection groups,
+    SwiGLU recompute, the op itself), the path of batches above ``SMALL_BATCH_ROWS`` rows: the
+    tests' tiny batches would otherwise take the small-batch path (plain ops under autograd)."""
+    from ptune_rt.methods import lora
+
+    monkeypatch.setattr(lora, "SMALL_BATCH_ROWS", 0)

@@ -106,8 +106,18 @@ def check_against_peft(key, pm, mine, tag="", dtype=torch.float32):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["small-batch", "functions"])
+def training_path(request):
+    """Both LoRA training paths: these 16-token batches take the small-batch path (plain ops under
+    autograd) by default; "functions" runs them through the op's autograd.Functions (projection
+    groups, SwiGLU recompute), the path of batches above SMALL_BATCH_ROWS rows."""
+    if request.param == "functions":
+        request.getfixturevalue("lora_functions")
+    return request.param
+
+
 @pytest.mark.parametrize("key", KEYS)
-def test_logits_and_grads_torch_backend(key):
+def test_logits_and_grads_torch_backend(key, training_path):
     _, pm, mine = build(key)
     assert {r["backend"] for r in ptune_rt.report(mine)} == {"torch"}
     check_against_peft(key, pm, mine)
@@ -188,7 +198,7 @@ def peft_losses(key, dtype):
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_training_losses_match_peft(key):
+def test_training_losses_match_peft(key, training_path):
     _, _, mine = build(key)
     losses = train(mine, *batch())
     ref, gold = peft_losses(key, torch.float32), peft_losses(key, torch.float64)

@@ -17,6 +17,12 @@ from helpers_models import input_ids, peft_lora_model, randomize_lora_b, tiny_gp
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def _functions(lora_functions):
+    """What these tests check runs in the op's autograd.Functions, which batches above
+    SMALL_BATCH_ROWS rows take (the tiny test batches would take the small-batch path)."""
+
+
 def lora(recompute: bool, **kw) -> LoRAConfig:
     kw.setdefault("target_modules", ALL)
     return LoRAConfig(r=4, alpha=8.0, recompute_mlp=recompute, **kw)

@@ -26,6 +26,12 @@ LL = sys.modules["ptune_rt.ops.lora_linear"]  # the module (ptune_rt.ops.lora_li
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def _functions(lora_functions):
+    """What these tests check runs in the op's autograd.Functions, which batches above
+    SMALL_BATCH_ROWS rows take (the tiny test batches would take the small-batch path)."""
+
+
 def group_nodes(t: torch.Tensor) -> int:
     """How many grouped LoRA nodes the autograd graph behind ``t`` holds."""
     seen, stack, n = set(), [t.grad_fn], 0

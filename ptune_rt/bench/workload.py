@@ -74,7 +74,9 @@ class Workload(ModelShape):
     @classmethod
     def quick(cls) -> "Workload":
         """Tiny shapes for smoke tests: same structure (GQA, all seven targets), seconds to run."""
-        return cls(**cls.QUICK, batch=2, seq=32, r=8, alpha=16.0, gen_prompt=8, gen_new_tokens=4)
+        # 2 x 40 = 80 tokens per training step: above SMALL_BATCH_ROWS, so the smoke run trains through
+        # the same LoRA path as the full run
+        return cls(**cls.QUICK, batch=2, seq=40, r=8, alpha=16.0, gen_prompt=8, gen_new_tokens=4)
 
     @property
     def scaling(self) -> float:

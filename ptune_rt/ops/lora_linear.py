@@ -220,6 +220,10 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------
 
 
+#: the activation dtypes the op takes
+OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -228,7 +232,7 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
     N, K = weight.shape
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have last dimension in_features={K}, got shape {tuple(x.shape)}")
-    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if not x.is_floating_point() or x.dtype not in OP_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the frozen weight has {weight.dtype}: cast the input "
