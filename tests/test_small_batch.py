@@ -121,6 +121,8 @@ def test_bad_input_keeps_its_error():
     layer = ptune_rt.apply(nn.Sequential(nn.Linear(48, 40)), LoRAConfig(r=4, alpha=8, target_modules=["0"]))
     with pytest.raises(TypeError, match="x has dtype torch.bfloat16 but the frozen weight has torch.float32"):
         layer(torch.randn(3, 48, dtype=torch.bfloat16, requires_grad=True))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        layer([[0.0] * 48])
     layer.double()  # one dtype throughout, but not one the op takes: the op's error, as for a large batch
     for rows in (3, 100):
         with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.float64"):

@@ -478,8 +478,10 @@ class LoRALinear(nn.Module):
         autograd's own C++ nodes. Autograd then saves what the op saves (``x`` and the ``M x r``
         shrink; the weights by reference). Below a few dozen rows a step costs its per-op overhead,
         not its FLOPs, and a Python ``autograd.Function`` (the op, a projection group, the SwiGLU
-        recompute) costs more there than it saves; from a few hundred rows on the op's single ``dX``
-        buffer and shared shrinks win."""
+        recompute) costs more there than it saves; from about a hundred rows on, the op's single
+        ``dX`` buffer and shared shrinks are level or ahead."""
+        if not isinstance(x, torch.Tensor):
+            return None  # the op's clear error
         rows = _rows_of(x)
         if rows > SMALL_BATCH_ROWS or torch.compiler.is_compiling():
             return None
