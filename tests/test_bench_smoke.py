@@ -143,3 +143,18 @@ def test_prefix_decode_script_writes_its_table(tmp_path):
     assert md.count("\n| 4 | 16 |") == 2
     with pytest.raises(SystemExit):
         script.main(["--contexts", "a,b", "--out", str(tmp_path)])
+
+
+def test_profile_script_profiles_the_benchmarked_path(capsys):
+    """bench/profile_lora.py profiles ptune-rt on the path the benchmark times: with projection groups
+    (fewer low-rank GEMMs than PEFT's per-layer ones), and prints its medians over rounds."""
+    import re
+
+    prof = _load_script("profile_lora")
+    assert prof.main(["--case", "train", "--quick", "--gemm-shapes", "--rounds", "2", "--steps", "1",
+                      "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    calls = {name: int(n) for name, n in re.findall(r"^(peft|ptune-rt): low-rank GEMMs [\d.]+ ms per step \((\d+) "
+                                                     r"calls\)", out, re.M)}
+    assert set(calls) == {"peft", "ptune-rt"} and 0 < calls["ptune-rt"] < calls["peft"]
+    assert "Medians over 2 alternating rounds" in out and "| ptune-rt |" in out
