@@ -386,7 +386,7 @@ class LoRALinear(nn.Module):
         saves g and u instead of silu(g), u and the product. Hooks registered on this layer still
         run: a hooked layer takes the plain path."""
         args = self._op_args() if torch.is_grad_enabled() and not _has_hooks(self) else None
-        if args is None or _rows_of(g) <= SMALL_BATCH_ROWS:
+        if args is None or self._small_batch_args(g) is not None:  # g: the shape and dtype of silu(g) * u
             return self(nn.functional.silu(g) * u)
         return lora_linear_swiglu(g, u, *args, backend=self.backend)
 
@@ -480,23 +480,28 @@ class LoRALinear(nn.Module):
         not its FLOPs, and a Python ``autograd.Function`` (the op, a projection group, the SwiGLU
         recompute) costs more there than it saves; from about a hundred rows on, the op's single
         ``dX`` buffer and shared shrinks are level or ahead."""
+        args = self._small_batch_args(x)
+        if args is None:
+            return None
+        w, bias, a, b, scale, _ = args
+        y = _lowrank_linear(x.reshape(-1, self.in_features), w.t(), bias, a.t(), b.t(), scale)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _small_batch_args(self, x) -> Optional[tuple]:
+        """The op arguments (:meth:`_op_args`) when ``x`` takes the small-batch path, else None."""
         if not isinstance(x, torch.Tensor):
             return None  # the op's clear error
-        rows = _rows_of(x)
-        if rows > SMALL_BATCH_ROWS or torch.compiler.is_compiling():
+        if _rows_of(x) > SMALL_BATCH_ROWS or torch.compiler.is_compiling():
             return None
         args = self._op_args()
         if args is None:
             return None
-        w, bias, a, b, scale, p = args
+        w, _, a, b, _, p = args
         if (p != 0.0 or x.shape[-1] != self.in_features or x.dtype not in OP_DTYPES
                 or not (x.dtype == w.dtype == a.dtype == b.dtype) or x.device != w.device
                 or self.backend_choice()[0] != "torch"):
             return None  # the op's path (and its clear errors)
-        x2 = x.reshape(rows, self.in_features)
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-        y.addmm_(torch.mm(x2, a.t()), b.t(), alpha=scale)
-        return y.view(*x.shape[:-1], self.out_features)
+        return args
 
     def _grouped_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Training path of a layer in a projection group (q/k/v or gate/up of one block, see
@@ -573,8 +578,7 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if c[9] == "lean":  # one dtype throughout, torch path: three BLAS calls on cached views
             w_t, a_t, b_t = c[10]
-            y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
-            y.addmm_(torch.mm(x2, a_t), b_t, alpha=scale)
+            y = _lowrank_linear(x2, w_t, bias, a_t, b_t, scale)
         elif c[9] == "torch":
             y, _ = _torch_forward(x2, w.t() if self.fan_in_fan_out else w, bias, a, b, scale, 0.0, 0)
         else:  # the Triton kernels stay behind the one custom op (one dispatched op per linear)
@@ -631,6 +635,13 @@ class LoRALinear(nn.Module):
 #: all seven projections) against PEFT: 8 tokens 1.05x (the Functions: 0.96x), 64 tokens 1.03x
 #: (0.98x), 128 tokens 1.04x (1.06x), 256 and 512 tokens level.
 SMALL_BATCH_ROWS = 64
+
+
+def _lowrank_linear(x2, w_t, bias, a_t, b_t, scale: float) -> torch.Tensor:
+    """``x2 W^T + b + scale (x2 A^T) B^T`` as three BLAS calls on transposed views, the low-rank
+    term added in place into the base output (no M x N temporary); autograd records it as is."""
+    y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
+    return y.addmm_(torch.mm(x2, a_t), b_t, alpha=scale)
 
 
 def _rows_of(x: torch.Tensor) -> int:
