@@ -80,15 +80,96 @@ class KernelConfig:
         return f"{blocks} w{self.num_warps} s{self.num_stages}"
 
 
+#: CUDA limits grid axes y and z to 65,535 blocks (axis x to 2**31 - 1): kernels put their
+#: unbounded axis (rows x heads, rows) on x.
+MAX_GRID_YZ = 65535
+
+
+def check_grid(grid) -> tuple:
+    """``grid`` as a tuple, or a clear error when an axis exceeds what CUDA can launch."""
+    grid = tuple(int(g) for g in grid)
+    if grid and grid[0] >= 2**31:
+        raise ValueError(f"launch grid {grid}: axis x has {grid[0]} blocks, CUDA allows at most 2**31 - 1")
+    for axis, n in zip("yz", grid[1:]):
+        if n > MAX_GRID_YZ:
+            raise ValueError(f"launch grid {grid}: axis {axis} has {n} blocks, CUDA allows at most "
+                             f"{MAX_GRID_YZ}")
+    return grid
+
+
 def launch(kernel, grid, config: KernelConfig, *args, **constexprs):
-    """Launch a ``@triton.jit`` kernel with one explicit configuration."""
-    return kernel[grid](*args, **constexprs, **config.meta,
-                        num_warps=config.num_warps, num_stages=config.num_stages)
+    """Launch a ``@triton.jit`` kernel with one explicit configuration on a checked grid."""
+    return kernel[check_grid(grid)](*args, **constexprs, **config.meta,
+                                    num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def fp32_input_precision() -> str:
-    """What fp32 dots may use, following torch's own matmul setting (TF32 or full IEEE fp32)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """What fp32 dots may use, following torch's own matmul setting (TF32 or full IEEE fp32).
+
+    torch >= 2.9 has two APIs for it, and reading the legacy ``allow_tf32`` raises once the new
+    ``fp32_precision`` was set (HF ``TrainingArguments(tf32=...)`` sets it). The new attribute
+    reports the effective value ("none" until either API sets something), so it is read first.
+    """
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    if new in ("tf32", "ieee"):
+        return new
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
+# --------------------------------------------------------------------------------------
+# Config selection on CUDA
+# --------------------------------------------------------------------------------------
+
+
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): tuning keys use buckets, not exact sizes,
+    so a decode loop or a dynamically padded epoch tunes once per bucket, not once per size."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def benchmark(run) -> float:
+    """Median time of ``run()`` in ms (CUDA events through ``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+    return do_bench(run, warmup=5, rep=20, return_mode="median")
+
+
+class ConfigTuner:
+    """Picks one of a kernel's shipped configs per tuning key, benchmarking each config once per key.
+
+    Keys are built by the launch wrappers from bucketed sizes, dtypes and the kernel's flags
+    (decode-sized problems skip the tuner and take a fixed config). A config that fails to launch
+    (out of shared memory on a smaller GPU) is skipped.
+    """
+
+    def __init__(self, name: str, configs: list):
+        self.name = name
+        self.configs = list(configs)
+        self.chosen: dict = {}
+        self.tunings = 0
+
+    def pick(self, key, run) -> KernelConfig:
+        """The config for ``key``; ``run(config)`` launches the kernel with one config."""
+        config = self.chosen.get(key)
+        if config is not None:
+            return config
+        if len(self.configs) == 1:
+            config = self.configs[0]
+        else:
+            self.tunings += 1
+            times = []
+            for c in self.configs:
+                try:
+                    times.append(benchmark(lambda c=c: run(c)))
+                except Exception as err:  # noqa: BLE001 - e.g. OutOfResources on a smaller GPU
+                    if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err):
+                        raise
+                    times.append(float("inf"))
+            if min(times) == float("inf"):
+                raise RuntimeError(f"{self.name}: no shipped config could launch for key {key}")
+            config = self.configs[times.index(min(times))]
+        self.chosen[key] = config
+        return config
 
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

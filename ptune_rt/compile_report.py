@@ -260,6 +260,63 @@ def mma_summary(ptx: str) -> dict:
     return {"wgmma": operand_types(_RE_WGMMA.findall(ptx)), "mma": operand_types(_RE_MMA.findall(ptx))}
 
 
+_RE_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)?\s*=\s*([\w.]+)(.*)$")
+_RE_VALUE = re.compile(r"%[\w.$-]+")
+
+
+def _result_type(rest: str) -> str:
+    """The result type at the end of one TTIR op (``... : i32``, ``... : i32 -> tensor<4xi32>``)."""
+    rest = re.sub(r"\s+loc\(.*$", "", rest)
+    if ":" not in rest:
+        return ""
+    ty = rest.rsplit(" : ", 1)[-1].strip()
+    for sep in (" -> ", " to "):
+        if sep in ty:
+            ty = ty.rsplit(sep, 1)[-1].strip()
+    return ty
+
+
+def _is_i32(ty: str) -> bool:
+    return ty == "i32" or ty.endswith("xi32>")
+
+
+def i32_index_offsets(ttir: str) -> list[str]:
+    """``tt.addptr`` ops whose offset is 32-bit and derives from a program id or a loaded index.
+
+    Such offsets (``pid * stride``, a batch or task index times a stride) wrap past 2**31 elements:
+    the kernel then reads and writes the wrong memory. Tile-internal offsets (``arange * stride``)
+    and loop increments may stay 32-bit. The walk follows i32 values only: an ``arith.extsi`` to
+    i64 ends it.
+    """
+    defs = {}
+    for line in ttir.splitlines():
+        m = _RE_DEF.match(line)
+        if m:
+            name, op, rest = m.groups()
+            operands = [v.split("#")[0] for v in _RE_VALUE.findall(re.sub(r"\s+loc\(.*$", "", rest))]
+            defs[name] = (op, _result_type(rest), operands, line.strip())
+
+    def from_index(value: str, seen: set) -> bool:
+        if value in seen or value not in defs:
+            return False
+        seen.add(value)
+        op, ty, operands, _ = defs[value]
+        if not _is_i32(ty):
+            return False
+        if op == "tt.get_program_id" or (op == "tt.load" and ty == "i32"):
+            return True
+        return any(from_index(v, seen) for v in operands)
+
+    bad = []
+    for op, ty, operands, text in defs.values():
+        if op != "tt.addptr" or len(operands) < 2:
+            continue
+        offset_ty = text.split(" : ", 1)[-1].split(",")[-1].strip().split(" loc(")[0]
+        if _is_i32(offset_ty) and from_index(operands[1], set()):
+            bad.append(re.sub(r"\s+loc\(.*$", "", text))
+    return bad
+
+
 def _sm_name(cc: int) -> str:
     return f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
 
@@ -362,7 +419,9 @@ def compile_variant(variant: AotVariant, cc: int, aligned: bool) -> dict:
                         ptx_options=getattr(compiled.metadata, "ptx_options", None))
     stats = parse_ptxas(log)
     shared = int(getattr(compiled.metadata, "shared", 0)) + stats.pop("static_smem")
-    return {**stats, "shared": shared, **mma_summary(ptx), "seconds": round(time.perf_counter() - t0, 3)}
+    i32_offsets = i32_index_offsets(compiled.asm["ttir"])
+    return {**stats, "shared": shared, **mma_summary(ptx), "i32_index_offsets": i32_offsets[:3],
+            "i32_index_offset_count": len(i32_offsets), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _worker_main(full: bool = False):  # pragma: no cover - runs in a subprocess
@@ -490,9 +549,14 @@ def check_result(variant: AotVariant, res: dict) -> list[str]:
     kind = "aligned" if res["aligned"] else "unaligned fallback"
     if not res["ok"]:
         return [f"{where}: the {kind} build does not compile: {res['error']}"]
-    if not res["aligned"]:
-        return []
     problems = []
+    if res.get("i32_index_offset_count"):
+        problems.append(f"{where}: {res['i32_index_offset_count']} pointer offsets are 32-bit products of a "
+                        f"program id or a loaded index (they wrap past 2**31 elements), e.g. "
+                        f"{res['i32_index_offsets'][0]!r}: widen the index with .to(tl.int64) before it "
+                        "multiplies a stride")
+    if not res["aligned"]:
+        return problems
     spills = res["spill_stores"] + res["spill_loads"]
     if spills:
         problems.append(
