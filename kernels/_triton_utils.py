@@ -35,23 +35,37 @@ def dropout_keep(seed, rows, cols, stride_row, stride_col, p):
     """Keep-mask of inverted dropout for a [rows x cols] tile.
 
     Element (i, j) of the logical activation gets the counter ``i*stride_row + j*stride_col``
-    of a Philox stream keyed by ``seed``: the same element gets the same decision in every
-    kernel and every pass, whatever the tiling, so no mask is ever stored.
+    (mod 2**32) of a Philox stream keyed by ``seed``: the same element gets the same decision in
+    every kernel and every pass, whatever the tiling or the index width, so no mask is ever stored.
     """
-    offs = rows[:, None] * stride_row + cols[None, :] * stride_col
+    offs = (rows[:, None] * stride_row + cols[None, :] * stride_col).to(tl.uint32)
     return tl.rand(seed, offs) >= p
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, M, N, seed, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _dropout_mask_kernel(out_ptr, seed_ptr, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, rows, cols, N, 1, p)
+    keep = dropout_keep(tl.load(seed_ptr), rows, cols, N, 1, p)
     inb = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], keep.to(tl.int8), mask=inb)
 
 
-def dropout_mask(shape: tuple[int, int], p: float, seed: int, device) -> torch.Tensor:
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The dropout seed as the one-element int64 tensor on ``device`` the kernels read it from.
+
+    Kernels load the seed in device code rather than taking a host integer, so a CUDA graph
+    replays with whatever the tensor holds at replay time (drawn on the device by the caller).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} of shape "
+                             f"{tuple(seed.shape)}")
+        return seed.reshape(1).to(device, non_blocking=True)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
+def dropout_mask(shape: tuple[int, int], p: float, seed, device) -> torch.Tensor:
     """Materialize the keep-mask the kernels use for a row-major [M, N] activation.
 
     For tests and debugging only: the fused kernels regenerate it on the fly.
@@ -60,7 +74,7 @@ def dropout_mask(shape: tuple[int, int], p: float, seed: int, device) -> torch.T
     out = torch.empty((M, N), dtype=torch.int8, device=device)
     grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
     launch(_dropout_mask_kernel, grid, KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1),
-           out, M, N, seed, p)
+           out, seed_tensor(seed, device), M, N, p)
     return out.bool()
 
 
@@ -95,6 +109,18 @@ def check_grid(grid) -> tuple:
             raise ValueError(f"launch grid {grid}: axis {axis} has {n} blocks, CUDA allows at most "
                              f"{MAX_GRID_YZ}")
     return grid
+
+
+def check_in_tile_offsets(max_block: int, **tensors) -> None:
+    """Kernels add the tile's origin in int64 and offsets inside a tile (``arange(BLOCK) * stride``)
+    in int32: refuse a stride for which a tile of ``max_block`` rows would pass 2**31 elements."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        for dim, stride in enumerate(t.stride()):
+            if stride * max_block >= 2**31:
+                raise ValueError(f"{name} has stride {stride} in dim {dim}: the kernels take strides below "
+                                 f"2**31 / {max_block} elements; pass a contiguous copy (.contiguous())")
 
 
 def launch(kernel, grid, config: KernelConfig, *args, **constexprs):

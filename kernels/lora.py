@@ -22,14 +22,12 @@ read in place, and ``x`` may be a strided view.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (INTERPRET, KernelConfig, dropout_keep, fp32_input_precision,
-                            launch, mma)
+from ._triton_utils import (INTERPRET, ConfigTuner, KernelConfig, check_in_tile_offsets, dropout_keep,
+                            fp32_input_precision, launch, mma, pow2_bucket, seed_tensor)
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -38,49 +36,70 @@ from ._triton_utils import (INTERPRET, KernelConfig, dropout_keep, fp32_input_pr
 
 @triton.jit
 def _skinny_matmul_kernel(
-    x_ptr, w_ptr, out_ptr,
-    M, R, K,
-    stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_or,
-    scale, seed, p, mask_stride_m, mask_stride_k,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, seed_ptr,
+    M, R, K, k_per_split,
+    stride_xm, stride_xk, stride_wr, stride_wk, stride_os, stride_om, stride_or,
+    scale, p, mask_stride_m, mask_stride_k,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program computes a BLOCK_M x BLOCK_R tile of scale * dropout(X) @ Wt^T, looping over K."""
+    """One program computes a BLOCK_M x BLOCK_R tile of scale * dropout(X) @ Wt^T over one K split.
+
+    Split s (grid axis z) covers K rows [s * k_per_split, (s + 1) * k_per_split) and writes its own
+    slice ``out + s * stride_os``: with several splits the caller sums the fp32 partials.
+    SPLIT_W (half X, fp32 W): X is exact in TF32, so W = W_hi + W_lo (its TF32 head and the rest)
+    gives an fp32-accurate product in two TF32 MMAs instead of 3xTF32's three.
+    """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr
-    m_in = offs_m[:, None] < M
-    r_in = offs_r[None, :] < R
+    split = tl.program_id(2)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    rm = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    # The tile's origin in int64 (offsets pass 2**31 elements on large inputs); in-tile offsets 32-bit.
+    x_ptrs = (x_ptr + pid_m.to(tl.int64) * BLOCK_M * stride_xm + k_lo.to(tl.int64) * stride_xk
+              + rm[:, None] * stride_xm + rk[None, :] * stride_xk)
+    w_ptrs = (w_ptr + pid_r.to(tl.int64) * BLOCK_R * stride_wr + k_lo.to(tl.int64) * stride_wk
+              + rk[:, None] * stride_wk + rr[None, :] * stride_wr)
+    m_in = rm[:, None] < M - pid_m * BLOCK_M
+    r_in = rr[None, :] < R - pid_r * BLOCK_R
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_in = offs_k < K - k0
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_in = rk < k_hi - k0
         a = tl.load(x_ptrs, mask=m_in & k_in[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, k0 + offs_k, mask_stride_m, mask_stride_k, p)
+            keep = dropout_keep(seed, pid_m * BLOCK_M + rm, k0 + rk, mask_stride_m, mask_stride_k, p)
             a = tl.where(keep, a, 0.0)
         b = tl.load(w_ptrs, mask=k_in[:, None] & r_in, other=0.0)
-        if a.dtype != b.dtype:  # half activations with fp32 adapter weights: an fp32-accurate dot
+        if SPLIT_W:
             a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = mma(a, b, acc, INPUT_PRECISION)
+            b_hi = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            acc = mma(a, b_hi, acc, INPUT_PRECISION)
+            acc = mma(a, b - b_hi, acc, INPUT_PRECISION)
+        else:
+            if a.dtype != b.dtype:  # fp32 X with a half operand: both in fp32
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = mma(a, b, acc, INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     acc = acc * scale
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + pid_m.to(tl.int64) * BLOCK_M * stride_om
+                + pid_r.to(tl.int64) * BLOCK_R * stride_or + rm[:, None] * stride_om + rr[None, :] * stride_or)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in & r_in)
 
 
 @triton.jit
 def _fused_lowrank_matmul_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, out_ptr, seed_ptr,
     M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
     stride_sm, stride_sr, stride_bn, stride_br, stride_om, stride_on,
-    scale, seed, p, mask_stride_m, mask_stride_n,
+    scale, p, mask_stride_m, mask_stride_n,
     HAS_BIAS: tl.constexpr, LR_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LR_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -98,18 +117,21 @@ def _fused_lowrank_matmul_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_in = offs_m[:, None] < M
-    n_in = offs_n[None, :] < N
+    # The tile's origin in int64 (offsets pass 2**31 elements on large layers); in-tile offsets 32-bit.
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    col0 = pid_n.to(tl.int64) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_in = rm[:, None] < M - pid_m * BLOCK_M
+    n_in = rn[None, :] < N - pid_n * BLOCK_N
 
     # Main loop: the frozen GEMM, X tile [BM, BK] times W^T tile [BK, BN].
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    x_ptrs = x_ptr + row0 * stride_xm + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + col0 * stride_wn + rk[:, None] * stride_wk + rn[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_in = offs_k < K - k0
+        k_in = rk < K - k0
         a = tl.load(x_ptrs, mask=m_in & k_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None] & n_in, other=0.0)
         acc = mma(a, w.to(a.dtype), acc, INPUT_PRECISION)
@@ -117,19 +139,19 @@ def _fused_lowrank_matmul_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     # Epilogue: the low-rank term S [BM, r] @ Bt^T [r, BN] in chunks of BLOCK_R, added to the
-    # same accumulator. S is fp32 and so are PEFT-style adapters: the dot keeps them in fp32 with
-    # LR_PRECISION (3xTF32 on tensor cores beside half activations, like PEFT's fp32 low-rank path;
-    # it costs r/K of the main loop's tensor-core work).
+    # same accumulator. S is fp32 and so are PEFT-style adapters: beside half activations the dot
+    # runs as 3xTF32 (LR_PRECISION), three TF32 MMAs at half the half-precision MMA rate, so it
+    # costs about 6r/K of the main loop's tensor-core time (r/K at fp32 activations).
     # Without dropout the scale is folded into the S tile and the dots accumulate straight into
     # `acc` (no second BM x BN accumulator: that is what keeps large tiles free of spills). With
     # dropout (dX only) the keep-mask applies to the low-rank term alone, so it gets its own.
-    offs_r = tl.arange(0, BLOCK_R)
-    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    rr = tl.arange(0, BLOCK_R)
+    s_ptrs = s_ptr + row0 * stride_sm + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    b_ptrs = b_ptr + col0 * stride_bn + rr[:, None] * stride_br + rn[None, :] * stride_bn
     if LR_DROPOUT:
         lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        r_in = offs_r < R - r0
+        r_in = rr < R - r0
         s = tl.load(s_ptrs, mask=m_in & r_in[None, :], other=0.0).to(tl.float32)
         bt = tl.load(b_ptrs, mask=r_in[:, None] & n_in, other=0.0).to(tl.float32)
         if LR_DROPOUT:
@@ -139,37 +161,39 @@ def _fused_lowrank_matmul_kernel(
         s_ptrs += BLOCK_R * stride_sr
         b_ptrs += BLOCK_R * stride_br
     if LR_DROPOUT:
-        keep = dropout_keep(seed, offs_m, offs_n, mask_stride_m, mask_stride_n, p)
+        keep = dropout_keep(tl.load(seed_ptr), pid_m * BLOCK_M + rm, pid_n * BLOCK_N + rn, mask_stride_m,
+                            mask_stride_n, p)
         acc += tl.where(keep, lowrank * scale, 0.0)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        bias = tl.load(bias_ptr + col0 * stride_bias + rn * stride_bias, mask=rn < N - pid_n * BLOCK_N,
+                       other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + row0 * stride_om + col0 * stride_on + rm[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in & n_in)
 
 
 # --------------------------------------------------------------------------------------
-# Shipped configurations. The CUDA launch autotunes over these lists; compile-report
-# compiles every entry for sm_80 and sm_90; CPU/interpreter launches use INTERPRET_*.
+# Shipped configurations. On CUDA a ConfigTuner picks among these lists per bucketed key;
+# compile-report compiles every entry for sm_80 and sm_90; CPU/interpreter launches use INTERPRET_*.
 # --------------------------------------------------------------------------------------
 
 # Only configs that compile without register spills on sm_80 and sm_90 for fp16, bf16 and fp32
-# (ptune-rt compile-report). Folding the low-rank term into the main accumulator (no second
-# BM x BN fp32 tile without dropout) brought a 128-row tile back; 128x128 tiles still spill
-# 450-600 bytes because of the 3xTF32 epilogue operands, and the fp32 (FMA) path spills with
-# BLOCK_K 64. 16-row decode tiles (16x64x128, 16x64x64, 16x128x64) spill 8-12 bytes on sm_90 at
-# rank chunk 16 (at ~80-130 registers: ptxas's register allocation, not pressure), so decode-sized
-# M runs on the 64-row tile for now. The skinny kernel's 3xTF32 dot at BLOCK_R 128 needs 8 warps
-# and BLOCK_K 16.
+# (ptune-rt compile-report). 128x128 tiles spill because of the 3xTF32 epilogue operands, and the
+# fp32 (FMA) path spills with BLOCK_K 64.
 FUSED_CONFIGS = [
     KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
 ]
+#: Decode-sized M (at most DECODE_ROWS rows) takes this config without tuning: narrow column tiles
+#: so that a 4096-wide output still spreads over more programs than an H100 has SMs.
+FUSED_DECODE_CONFIG = KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1}, 4, 3)
+DECODE_ROWS = 16
 SKINNY_CONFIGS = [
     KernelConfig({"BLOCK_M": 64, "BLOCK_K": 16}, 8, 3),
     KernelConfig({"BLOCK_M": 64, "BLOCK_K": 16}, 8, 4),
     KernelConfig({"BLOCK_M": 32, "BLOCK_K": 16}, 8, 3),
 ]
+SKINNY_DECODE_CONFIG = KernelConfig({"BLOCK_M": 16, "BLOCK_K": 64}, 4, 3)
 #: BLOCK_R is not tuned: it follows the rank (see ``block_r``); these are the values it takes.
 SKINNY_BLOCK_R = (16, 32, 64, 128)
 FUSED_BLOCK_R = (16, 32)
@@ -178,6 +202,13 @@ INTERPRET_FUSED_CONFIG = KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 
 INTERPRET_SKINNY_CONFIG = KernelConfig({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)
 
 MAX_RANK = 256
+#: Split-K of the skinny kernel: aim for this many programs (two waves of a 132-SM GPU), never
+#: giving a split fewer than SPLIT_K_MIN_CHUNK of the reduced dimension.
+SPLIT_K_TARGET_PROGRAMS = 264
+SPLIT_K_MIN_CHUNK = 256
+
+FUSED_TUNER = ConfigTuner("fused_lowrank_matmul", FUSED_CONFIGS)
+SKINNY_TUNER = ConfigTuner("skinny_matmul", SKINNY_CONFIGS)
 
 
 def skinny_block_r(r: int) -> int:
@@ -188,12 +219,22 @@ def fused_block_r(r: int) -> int:
     return 16 if r <= 16 else 32
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned(kernel_name: str):
-    kernel = globals()[kernel_name]
-    configs = FUSED_CONFIGS if kernel is _fused_lowrank_matmul_kernel else SKINNY_CONFIGS
-    keys = ["M", "N", "K"] if kernel is _fused_lowrank_matmul_kernel else ["M", "R", "K"]
-    return triton.autotune(configs=[c.to_triton() for c in configs], key=keys)(kernel)
+def skinny_split_k(M: int, R: int, K: int, block_m: int, block_r: int, block_k: int,
+                   splits: int | None = None) -> tuple[int, int]:
+    """``(splits, k_per_split)`` for a skinny product: enough programs to fill the GPU when M x R
+    alone gives few (a decode shrink, dA / dB reducing over many tokens). ``splits`` forces a count."""
+    if splits is None:
+        programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+        splits = min(triton.cdiv(SPLIT_K_TARGET_PROGRAMS, programs), K // SPLIT_K_MIN_CHUNK)
+    k_per_split = triton.cdiv(triton.cdiv(K, max(1, splits)), block_k) * block_k
+    k_per_split = max(block_k, k_per_split)
+    return max(1, triton.cdiv(K, k_per_split)), k_per_split
+
+
+def tune_on_device(device: torch.device) -> bool:
+    """Whether launches on ``device`` pick their config with the tuner (CUDA) or take the
+    interpreter's fixed config (the interpreter cannot time kernels)."""
+    return device.type == "cuda"
 
 
 def _fp32_dot_precision(act_dtype: torch.dtype, other_dtype: torch.dtype) -> str:
@@ -206,6 +247,10 @@ def _fp32_dot_precision(act_dtype: torch.dtype, other_dtype: torch.dtype) -> str
     if act_dtype == torch.float32 and other_dtype == torch.float32:
         return fp32_input_precision()
     return "tf32x3"
+
+
+#: The largest block dimension of any shipped config (in-tile offsets are 32-bit up to it).
+MAX_BLOCK = 128
 
 
 def _check_backend(*tensors):
@@ -225,16 +270,19 @@ def _check_backend(*tensors):
 
 
 def skinny_matmul(x: torch.Tensor, wt: torch.Tensor, *, scale: float = 1.0, dropout_p: float = 0.0,
-                  seed: int = 0, mask_strides: tuple[int, int] | None = None,
+                  seed=0, mask_strides: tuple[int, int] | None = None,
                   out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                  config: KernelConfig | None = None) -> torch.Tensor:
+                  config: KernelConfig | None = None, split_k: int | None = None) -> torch.Tensor:
     """``scale * dropout(x) @ wt^T`` for x [M, K] and a narrow wt [R, K]; fp32 accumulation.
 
     ``mask_strides`` gives the dropout counter of element (i, j) of ``x`` as
     ``i*mask_strides[0] + j*mask_strides[1]`` (default: row-major over x's own shape), so a
-    transposed view of an activation reuses the activation's mask.
+    transposed view of an activation reuses the activation's mask. ``seed``: an int or a
+    one-element int64 tensor. ``split_k`` forces the number of K splits (default: see
+    :func:`skinny_split_k`); several splits sum fp32 partials in a fixed order (deterministic).
     """
     _check_backend(x, wt)
+    check_in_tile_offsets(MAX_BLOCK, x=x, wt=wt, out=out)
     M, K = x.shape
     R, K2 = wt.shape
     assert K == K2, (x.shape, wt.shape)
@@ -242,30 +290,46 @@ def skinny_matmul(x: torch.Tensor, wt: torch.Tensor, *, scale: float = 1.0, drop
         out = torch.empty((M, R), device=x.device, dtype=out_dtype)
     ms = mask_strides if mask_strides is not None else (K, 1)
     BLOCK_R = skinny_block_r(R)
-    args = (x, wt, out, M, R, K, x.stride(0), x.stride(1), wt.stride(0), wt.stride(1),
-            out.stride(0), out.stride(1), float(scale), int(seed), float(dropout_p), ms[0], ms[1])
-    flags = dict(HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=_fp32_dot_precision(x.dtype, wt.dtype),
-                 BLOCK_R=BLOCK_R)
-    if config is None and x.device.type == "cuda":
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
-        _autotuned("_skinny_matmul_kernel")[grid](*args, **flags)
-    else:
-        config = config or INTERPRET_SKINNY_CONFIG
-        grid = (triton.cdiv(M, config.meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
-        launch(_skinny_matmul_kernel, grid, config, *args, **flags)
+    split_w = x.dtype != torch.float32 and wt.dtype == torch.float32
+    flags = dict(HAS_DROPOUT=dropout_p > 0, SPLIT_W=split_w,
+                 INPUT_PRECISION="tf32" if split_w else _fp32_dot_precision(x.dtype, wt.dtype), BLOCK_R=BLOCK_R)
+    seed_t = seed_tensor(seed, x.device) if dropout_p > 0 else x  # unread without dropout
+
+    def run(cfg: KernelConfig):
+        bm = cfg.meta["BLOCK_M"]
+        splits, k_per_split = skinny_split_k(M, R, K, bm, BLOCK_R, cfg.meta["BLOCK_K"], split_k)
+        dest = out if splits == 1 else torch.empty((splits, M, R), device=x.device, dtype=torch.float32)
+        stride_os = 0 if splits == 1 else dest.stride(0)
+        launch(_skinny_matmul_kernel, (triton.cdiv(M, bm), triton.cdiv(R, BLOCK_R), splits), cfg,
+               x, wt, dest, seed_t, M, R, K, k_per_split, x.stride(0), x.stride(1), wt.stride(0),
+               wt.stride(1), stride_os, dest.stride(-2), dest.stride(-1), float(scale), float(dropout_p),
+               ms[0], ms[1], **flags)
+        if splits > 1:
+            out.copy_(dest.sum(0))
+
+    if config is None:
+        if not tune_on_device(x.device):
+            config = INTERPRET_SKINNY_CONFIG
+        elif M <= DECODE_ROWS:
+            config = SKINNY_DECODE_CONFIG
+        else:
+            key = (pow2_bucket(M), R, pow2_bucket(K), x.dtype, wt.dtype, out.dtype, tuple(sorted(flags.items())))
+            config = SKINNY_TUNER.pick(key, run)
+    run(config)
     return out
 
 
 def fused_lowrank_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
-                         seed: int = 0, out: torch.Tensor | None = None,
+                         seed=0, out: torch.Tensor | None = None,
                          config: KernelConfig | None = None) -> torch.Tensor:
     """``x @ w^T + bias + scale * keep * (s @ bt^T)`` for x [M, K], w [N, K], s [M, R], bt [N, R].
 
-    ``keep`` (only when ``dropout_p > 0``) is the row-major dropout mask of the [M, N] output.
-    The output has x's dtype.
+    ``keep`` (only when ``dropout_p > 0``) is the row-major dropout mask of the [M, N] output;
+    ``seed`` an int or a one-element int64 tensor. The output has x's dtype. ``bias`` may be strided.
     """
     _check_backend(x, w, s, bt, bias)
+    check_in_tile_offsets(MAX_BLOCK, x=x, w=w, s=s, bt=bt, bias=bias, out=out)
     M, K = x.shape
     N, K2 = w.shape
     R = s.shape[1]
@@ -273,29 +337,40 @@ def fused_lowrank_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: 
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     BLOCK_R = fused_block_r(R)
-    args = (x, w, bias if bias is not None else out, s, bt, out, M, N, K, R,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-            bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
-            float(scale), int(seed), float(dropout_p), N, 1)
+    seed_t = seed_tensor(seed, x.device) if dropout_p > 0 else out  # unread without dropout
+    args = (x, w, bias if bias is not None else out, s, bt, out, seed_t, M, N, K, R,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
+            s.stride(0), s.stride(1), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
+            float(scale), float(dropout_p), N, 1)
     flags = dict(HAS_BIAS=bias is not None, LR_DROPOUT=dropout_p > 0,
                  INPUT_PRECISION=fp32_input_precision(), LR_PRECISION=_fp32_dot_precision(x.dtype, s.dtype),
                  BLOCK_R=BLOCK_R)
-    if config is None and x.device.type == "cuda":
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _autotuned("_fused_lowrank_matmul_kernel")[grid](*args, **flags)
-    else:
-        config = config or INTERPRET_FUSED_CONFIG
-        grid = (triton.cdiv(M, config.meta["BLOCK_M"]) * triton.cdiv(N, config.meta["BLOCK_N"]),)
-        launch(_fused_lowrank_matmul_kernel, grid, config, *args, **flags)
+
+    def run(cfg: KernelConfig):
+        grid = (triton.cdiv(M, cfg.meta["BLOCK_M"]) * triton.cdiv(N, cfg.meta["BLOCK_N"]),)
+        launch(_fused_lowrank_matmul_kernel, grid, cfg, *args, **flags)
+
+    if config is None:
+        if not tune_on_device(x.device):
+            config = INTERPRET_FUSED_CONFIG
+        elif M <= DECODE_ROWS:
+            config = FUSED_DECODE_CONFIG
+        else:
+            key = (pow2_bucket(M), N, K, w.stride(0) == 1, x.dtype, w.dtype, s.dtype, bt.dtype,
+                   tuple(sorted(flags.items())))
+            config = FUSED_TUNER.pick(key, run)
+    run(config)
     return out
 
 
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0):
+                 lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed=0):
     """Fused LoRA forward on 2D x [M, K]: returns (y [M, N] in x's dtype, S [M, r] fp32).
 
     ``S = dropout(x) @ A^T`` (the inverted-dropout factor 1/(1-p) included) is what backward needs.
+    ``seed``: an int or a one-element int64 tensor on x's device (CUDA-graph safe).
     """
+    seed = seed_tensor(seed, x.device) if dropout_p > 0 else 0
     S = skinny_matmul(x, lora_a, scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p, seed=seed)
     y = fused_lowrank_matmul(x, weight, S, lora_b, bias=bias, scale=scale)
     return y, S
@@ -303,10 +378,11 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def lora_backward(dy: torch.Tensor, x: torch.Tensor, S: torch.Tensor, weight: torch.Tensor,
                   lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0,
-                  seed: int = 0, need_dx: bool = True, need_da: bool = True, need_db: bool = True):
+                  seed=0, need_dx: bool = True, need_da: bool = True, need_db: bool = True):
     """Gradients of :func:`lora_forward` w.r.t. x, A and B (W is frozen): (dx, dA, dB), each fp32 for
     A/B and x's dtype for dx, or None when not needed."""
     M, K = x.shape
+    seed = seed_tensor(seed, x.device) if dropout_p > 0 else 0
     G = skinny_matmul(dy, lora_b.t()) if (need_dx or need_da) else None  # [M, r] = dY B
     dx = da = db = None
     if need_dx:

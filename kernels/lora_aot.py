@@ -51,6 +51,7 @@ from . import lora as L
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ADAPTER_DTYPE = torch.float32
 TOKENS, IN_FEATURES, OUT_FEATURES = 4093, 4096, 11008
+DECODE_TOKENS = 8  # a decode step of 8 rows: the decode configs (M <= lora.DECODE_ROWS)
 RANKS = (8, 32, 64, 128)
 DROPOUT_P = 0.1
 SEED = 1234567
@@ -69,7 +70,24 @@ _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: Names of the launches lora_forward and lora_backward make, in order.
 _FORWARD_LAUNCHES = ("fwd S", "fwd y")
 _BACKWARD_LAUNCHES = ("bwd G", "bwd dX", "bwd dB", "bwd dA")
+_DECODE_LAUNCHES = ("decode S", "decode y")
 _FLAG_NAMES = {"HAS_BIAS": "+bias", "LR_DROPOUT": "+dropout", "HAS_DROPOUT": "+dropout"}
+
+
+def _record_decode(act: torch.dtype, rank: int, bias: bool):
+    """The (name, kernel, args, constexprs) of the launches of one decode step's forward (no dropout)."""
+    meta = dict(device="meta")
+    x = torch.empty((DECODE_TOKENS, IN_FEATURES), dtype=act, **meta)
+    weight = torch.empty((OUT_FEATURES, IN_FEATURES), dtype=act, **meta)
+    b = torch.empty((OUT_FEATURES,), dtype=act, **meta) if bias else None
+    lora_a = torch.empty((rank, IN_FEATURES), dtype=ADAPTER_DTYPE, **meta)
+    lora_b = torch.empty((OUT_FEATURES, rank), dtype=ADAPTER_DTYPE, **meta)
+    with recorded_launches(L, "_check_backend") as fwd:
+        L.lora_forward(x, weight, b, lora_a, lora_b, SCALE, 0.0, 0)
+    if len(fwd) != len(_DECODE_LAUNCHES):
+        raise RuntimeError(f"lora_forward launched {len(fwd)} kernels at decode size, kernels/lora_aot.py "
+                           f"expects {len(_DECODE_LAUNCHES)} ({', '.join(_DECODE_LAUNCHES)})")
+    return [(name, *launch) for name, launch in zip(_DECODE_LAUNCHES, fwd)]
 
 
 def _record_step(act: torch.dtype, rank: int, bias: bool, p: float):
@@ -132,52 +150,52 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
     """
     shipped = {L._fused_lowrank_matmul_kernel: (L.FUSED_CONFIGS, L.FUSED_BLOCK_R),
                L._skinny_matmul_kernel: (L.SKINNY_CONFIGS, L.SKINNY_BLOCK_R)}
+    decode_configs = {L._fused_lowrank_matmul_kernel: L.FUSED_DECODE_CONFIG,
+                      L._skinny_matmul_kernel: L.SKINNY_DECODE_CONFIG}
     # (kernel, launch name, dtype, specialization) -> [ranks], first recorded launch
     groups: dict = {}
     for act in ACTIVATION_DTYPES:
         for rank in RANKS:
             for bias in (False, True):
+                launches = _record_decode(act, rank, bias)
                 for p in (0.0, DROPOUT_P):
-                    for name, kernel, args, flags in _record_step(act, rank, bias, p):
-                        if kernel not in shipped:
-                            raise RuntimeError(f"the LoRA wrappers launched {kernel}, which has no "
-                                               "shipped config list in kernels/lora_aot.py")
-                        arg_names = list(kernel.arg_names)
-                        by_name = dict(zip(arg_names, args))
-                        probe = launch_variant("probe", kernel, by_name, {**flags, **shipped[kernel][0][0].meta},
-                                               num_warps=4, num_stages=1, label="")
-                        spec = (tuple(sorted(probe.signature.items())),
-                                tuple(sorted((k, repr(v)) for k, v in probe.constexprs.items())),
-                                tuple(sorted(probe.attrs)))
-                        entry = groups.setdefault((kernel, name, act, spec), ([], by_name, flags))
-                        if rank not in entry[0]:
-                            entry[0].append(rank)
+                    launches += _record_step(act, rank, bias, p)
+                for name, kernel, args, flags in launches:
+                    if kernel not in shipped:
+                        raise RuntimeError(f"the LoRA wrappers launched {kernel}, which has no "
+                                           "shipped config list in kernels/lora_aot.py")
+                    by_name = dict(zip(kernel.arg_names, args))
+                    probe = launch_variant("probe", kernel, by_name, {**flags, **shipped[kernel][0][0].meta},
+                                           num_warps=4, num_stages=1, label="")
+                    spec = (tuple(sorted(probe.signature.items())),
+                            tuple(sorted((k, repr(v)) for k, v in probe.constexprs.items())),
+                            tuple(sorted(probe.attrs)))
+                    entry = groups.setdefault((kernel, name, act, spec), ([], by_name, flags))
+                    if rank not in entry[0]:
+                        entry[0].append(rank)
 
     variants, block_rs_seen = [], {k: set() for k in shipped}
-    for kernel, (configs, block_rs) in shipped.items():
-        kernel_name = kernel.fn.__name__
+    for (kernel, name, act, _), (ranks, args, flags) in groups.items():
+        configs, block_rs = shipped[kernel]
+        if name.startswith("decode"):
+            configs = [decode_configs[kernel]]
+        block_r = flags["BLOCK_R"]
+        block_rs_seen[kernel].add(block_r)
+        on = " ".join(_FLAG_NAMES[f] for f in ("HAS_BIAS", "LR_DROPOUT", "HAS_DROPOUT") if flags.get(f))
+        launch = f"{name}{' ' + on if on else ''}"
+        if act == torch.float32 and not full and launch not in FP32_SUBSET and not name.startswith("decode"):
+            continue
         for config in configs:
-            for block_r in block_rs:
-                for (k, name, act, _), (ranks, args, flags) in groups.items():
-                    if k is not kernel or flags["BLOCK_R"] != block_r:
-                        continue
-                    block_rs_seen[kernel].add(block_r)
-                    on = " ".join(_FLAG_NAMES[f] for f in ("HAS_BIAS", "LR_DROPOUT", "HAS_DROPOUT")
-                                  if flags.get(f))
-                    launch = f"{name}{' ' + on if on else ''}"
-                    if act == torch.float32 and not full and launch not in FP32_SUBSET:
-                        continue
-                    label = f"{_SHORT[act]} {launch} r={'/'.join(map(str, ranks))}"
-                    mma_dtypes = _expected_mma(kernel, act, flags)
-                    # A half-precision main loop is a GEMM sm_90 must run on wgmma when the tile allows
-                    # it (warpgroups of 4 warps, 64 rows each).
-                    wgmma = (kernel is L._fused_lowrank_matmul_kernel and act != torch.float32
-                             and config.meta["BLOCK_M"] >= 64 and config.num_warps % 4 == 0)
-                    fallback = full or (act == FALLBACK_DTYPE and launch in FALLBACK_SUBSET)
-                    variants.append(launch_variant(
-                        kernel_name, kernel, args, {**flags, **config.meta}, num_warps=config.num_warps,
-                        num_stages=config.num_stages, label=label, config=_config_name(config, block_r),
-                        mma_dtypes=mma_dtypes, wgmma_on_sm90=wgmma, fallback=fallback))
+            label = f"{_SHORT[act]} {launch} r={'/'.join(map(str, ranks))}"
+            # A half-precision main loop is a GEMM sm_90 must run on wgmma when the tile allows it
+            # (warpgroups of 4 warps, 64 rows each).
+            wgmma = (kernel is L._fused_lowrank_matmul_kernel and act != torch.float32
+                     and config.meta["BLOCK_M"] >= 64 and config.num_warps % 4 == 0)
+            fallback = full or (act == FALLBACK_DTYPE and launch in FALLBACK_SUBSET)
+            variants.append(launch_variant(
+                kernel.fn.__name__, kernel, args, {**flags, **config.meta}, num_warps=config.num_warps,
+                num_stages=config.num_stages, label=label, config=_config_name(config, block_r),
+                mma_dtypes=_expected_mma(kernel, act, flags), wgmma_on_sm90=wgmma, fallback=fallback))
     for kernel, (_, block_rs) in shipped.items():
         missing = set(block_rs) - block_rs_seen[kernel]
         if missing:

@@ -155,13 +155,14 @@ def _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, p, seed, need_dx):
 @torch.library.custom_op("ptune_rt::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                     scale: float, dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """2D forward: returns (y [M, N], S [M, r] fp32). ``seed`` is a one-element CPU int64 tensor
-    (a tensor, so torch.compile traces the random draw instead of breaking the graph on it)."""
-    seed = int(seed.item())  # a CPU tensor: no device synchronization
+    """2D forward: returns (y [M, N], S [M, r] fp32). ``seed`` is a one-element int64 tensor (a
+    tensor, so torch.compile traces the random draw instead of breaking the graph on it): on the
+    activations' device for the Triton kernels, which read it in device code, on the CPU for the
+    torch path, which reads it on the host."""
     if backend == "triton":
         from ptune_rt.kernels import lora as K
         return K.lora_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    return _torch_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    return _torch_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed.item()))
 
 
 @lora_linear_fwd.register_fake
@@ -175,13 +176,13 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, S: Tensor, weight: Tensor, lora_a: Te
                     scale: float, dropout_p: float, seed: Tensor, backend: str,
                     need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx [M, K] or an empty tensor when not needed, dA [r, K], dB [N, r])."""
-    seed = int(seed.item())
     if backend == "triton":
         from ptune_rt.kernels import lora as K
         dx, da, db = K.lora_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed,
                                      need_dx=need_dx)
     else:
-        dx, da, db = _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx)
+        dx, da, db = _torch_backward(dy, x, S, weight, lora_a, lora_b, scale, dropout_p, int(seed.item()),
+                                     need_dx)
     if dx is None:
         dx = x.new_empty((0,))
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype)
@@ -258,14 +259,23 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
 _ZERO_SEED = torch.zeros((1,), dtype=torch.int64)
 
 
-def _seed_tensor(dropout_p: float, seed: Optional[int]) -> Tensor:
-    """The dropout seed as a one-element CPU int64 tensor (drawn from torch's CPU generator when
-    None: no device synchronization, and torch.compile traces the draw)."""
+def _seed_tensor(dropout_p: float, seed: Optional[int], device: Optional[torch.device] = None) -> Tensor:
+    """The dropout seed as a one-element int64 tensor.
+
+    For the torch path (``device`` None) it lives on the CPU and is drawn from torch's CPU generator
+    when None: no device synchronization, and torch.compile traces the draw. For the Triton kernels
+    on a CUDA ``device`` it is drawn there, in the stream, so a captured CUDA graph draws a new seed
+    (and the kernels a new mask) on every replay instead of replaying one baked-in host integer.
+    """
+    if device is not None and device.type == "cuda" and dropout_p > 0:
+        if seed is None:
+            return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        return torch.full((1,), int(seed), dtype=torch.int64, device=device)
     if dropout_p > 0 and seed is None:
         return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     if seed:
         return torch.full((1,), int(seed), dtype=torch.int64)
-    return _ZERO_SEED  # one shared constant: no allocation per call
+    return _ZERO_SEED  # one shared constant: no allocation per call (unread without dropout)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -285,7 +295,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         # custom-op dispatch and run the three BLAS calls directly.
         y, _ = _torch_forward(x2, weight, bias, lora_a, lora_b, float(scale), 0.0, 0)
         return y.reshape(*lead, weight.shape[0])
-    seed_t = _seed_tensor(dropout_p, seed)
+    seed_t = _seed_tensor(dropout_p, seed, x.device if chosen == "triton" else None)
     if _eager_torch(chosen):
         y = _TorchLoRA.apply(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t)
     else:
@@ -502,5 +512,5 @@ def lora_linear_swiglu(g: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tens
                          f"{g.device} and {tuple(u.shape)} {u.dtype} {u.device}")
     _check_inputs(g, weight, bias, lora_a, lora_b, scale, dropout_p)
     chosen, _ = resolve_backend(backend, g.device)
-    seed_t = _seed_tensor(dropout_p, seed)
+    seed_t = _seed_tensor(dropout_p, seed, g.device if chosen == "triton" else None)
     return _SwiGLULoRA.apply(g, u, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t, chosen)
