@@ -473,8 +473,9 @@ class _SwiGLULoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        g, u, S, weight, lora_a, lora_b = ctx.saved_tensors[:6]
-        seed = ctx.seed if ctx.eager else ctx.saved_tensors[6]
+        saved = ctx.saved_tensors  # read once: checkpointing's unpack hooks allow one unpack per backward
+        g, u, S, weight, lora_a, lora_b = saved[:6]
+        seed = ctx.seed if ctx.eager else saved[6]
         scale, dropout_p, backend, has_bias = ctx.args
         need_g, need_u, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         silu = torch.nn.functional.silu(g)
