@@ -27,3 +27,7 @@ def lora_functions(monkeypatch):
     from ptune_rt.methods import lora
 
     monkeypatch.setattr(lora, "SMALL_BATCH_ROWS", 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")

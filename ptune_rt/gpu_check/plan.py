@@ -1,0 +1,173 @@
+"""The run plan: every case by section, an estimated cost per case, and a time budget per section.
+
+Cost model (seconds on one H100/H200-class GPU, the first run, with an empty Triton cache):
+
+* a Triton compile costs ``COMPILE_S`` (about 1.2 s per LoRA GEMM variant for sm_90 measured on a
+  busy 2-vCPU machine; a GPU host's CPUs are faster). Every config in a kernel's autotune list
+  compiles once per specialization: dtype, rank (R = 8 is not a multiple of 16, 16 and 64 are),
+  M == 1 (Triton specializes integer arguments equal to 1), flags such as dropout;
+* ``triton.autotune`` benchmarks every config once per tuning key (25 ms warmup + 100 ms):
+  ``TUNE_CONFIG_S`` each;
+* the checks themselves run at conservative effective rates (``RATES``) plus ``CASE_OVERHEAD_S``;
+* a ``do_bench`` call (25 ms warmup, 100 ms of repeats) costs ``BENCH_CALL_S`` or eight runs of a
+  slow op.
+
+Budgets: the sections share the total budget (``--budget-s``, default 450 s, under 8 minutes with
+``STARTUP_S`` of imports and CUDA start-up) in proportion to their estimates; a section may use
+what the sections before it left unused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ptune_rt.gpu_check import cases as C
+
+COMPILE_S = 0.8
+TUNE_CONFIG_S = 0.15
+CASE_OVERHEAD_S = 0.3
+BENCH_CALL_S = 0.35
+STARTUP_S = 20.0
+DEFAULT_BUDGET_S = 450.0
+#: Effective rates on an H100-class GPU, well under the peaks (FLOP/s; bytes/s for "hbm").
+RATES = {"bfloat16": 400e12, "float16": 400e12, "float32": 30e12, "float64": 40e12, "hbm": 2.0e12}
+_ELEM = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+@dataclasses.dataclass
+class PlannedCase:
+    case: C.Case
+    est_s: float
+    modes: tuple = ()  # timing sections: what gets timed
+
+    def to_json(self) -> dict:
+        out = {**C.describe(self.case), "est_s": round(self.est_s, 2)}
+        if self.modes:
+            out["modes"] = list(self.modes)
+        return out
+
+
+@dataclasses.dataclass
+class Section:
+    id: str
+    cases: list
+    budget_s: float = 0.0
+
+    @property
+    def est_s(self) -> float:
+        return sum(p.est_s for p in self.cases)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "title": C.SECTION_TITLES[self.id], "est_s": round(self.est_s, 1),
+                "budget_s": round(self.budget_s, 1), "cases": [p.to_json() for p in self.cases]}
+
+
+def _config_counts() -> dict:
+    """How many configs each kernel autotunes over (the shipped lists; defaults without triton)."""
+    try:
+        import torch
+
+        from ptune_rt.kernels import lora as KL
+        from ptune_rt.kernels import prefix_attention as KA
+        half = {n: len(KA.shipped_configs(n, torch.bfloat16)) for n in ("fwd", "dq", "dkdv")}
+        fp32 = {n: len(KA.shipped_configs(n, torch.float32)) for n in ("fwd", "dq", "dkdv")}
+        return {"lora": 2 * len(KL.FUSED_CONFIGS) + 4 * len(KL.SKINNY_CONFIGS), "attn_half": half, "attn_fp32": fp32}
+    except Exception:  # noqa: BLE001 - the plan must build anywhere; these are the lists at writing
+        return {"lora": 16, "attn_half": {"fwd": 3, "dq": 1, "dkdv": 3}, "attn_fp32": {"fwd": 1, "dq": 1, "dkdv": 1}}
+
+
+class CostModel:
+    """Estimated seconds per case: ``kernels`` (compiles and tunings not paid for by an earlier
+    case) plus ``run`` (the check or the timings themselves)."""
+
+    def __init__(self):
+        self.configs = _config_counts()
+        self.compiled: set = set()
+        self.tuned: set = set()
+
+    def _first(self, seen: set, key, cost: float) -> float:
+        if key in seen:
+            return 0.0
+        seen.add(key)
+        return cost
+
+    def _compile_and_tune(self, spec, tune_key, n_configs: int) -> float:
+        return (self._first(self.compiled, spec, n_configs * COMPILE_S)
+                + self._first(self.tuned, tune_key, n_configs * TUNE_CONFIG_S))
+
+    def kernels(self, c: C.Case) -> float:
+        if c.kind == "lora":
+            return self._compile_and_tune(("lora", c.dtype, c.r, c.M == 1, c.dropout > 0),
+                                          ("lora", c.dtype, c.M, c.K, c.N, c.r, c.dropout > 0), self.configs["lora"])
+        if c.kind == "attention":
+            return self._compile_and_tune(("attn", c.dtype, c.mode, c.padding is not None),
+                                          ("attn", c.dtype, c.mode, c.L, c.S, c.P, c.padding is not None),
+                                          self._attention_configs(c))
+        return self._first(self.compiled, ("gather", c.dtype, c.T > 1), COMPILE_S)
+
+    def _attention_configs(self, c: C.AttentionCase) -> int:
+        cfg = self.configs["attn_fp32" if c.dtype == "float32" else "attn_half"]
+        if c.mode == "decode":
+            return 2 * cfg["fwd"]  # the shared-prefix pass and the per-row cache pass
+        return cfg["fwd"] + cfg["dq"] + 2 * cfg["dkdv"]  # dK/dV of the sequence keys and of the prefix
+
+    @staticmethod
+    def run(c: C.Case) -> float:
+        """The check itself: the op, the eager reference in its dtype and the float64 gold."""
+        if c.kind == "gather":
+            return 2 * c.B * (c.L + c.P) * 120e-6 + CASE_OVERHEAD_S  # the per-row Python reference, twice
+        if c.kind == "lora":
+            flops = 2 * (2 * c.M * c.N * c.K)  # y and dX: the two big products
+            traffic = (c.M * (c.K + c.N) + c.N * c.K) * (_ELEM[c.dtype] + _ELEM["float64"]) * 8
+            extra = 0.0
+        else:
+            scores = c.B * c.Hq * c.L * (c.P + c.S)
+            flops = 4 * scores * c.D * (1 if c.mode == "decode" else 3.5)
+            traffic = scores * (4 + 8) * 10  # the references' fp32 and float64 scores, ~10 passes
+            extra = 0.05 * c.Hkv  # one reference call per KV head
+        return (2 * flops / RATES[c.dtype] + flops / RATES["float64"] + traffic / RATES["hbm"]
+                + CASE_OVERHEAD_S + extra)
+
+    def numerics(self, c: C.Case) -> float:
+        return self.kernels(c) + self.run(c)
+
+    def timing(self, c: C.Case, modes) -> float:
+        """Three implementations (ptune-rt, PEFT, eager) per mode, plus the op's tunings if new."""
+        from ptune_rt.gpu_check import roofline
+
+        bounds = roofline.bounds(c)
+        slowest = max(bounds[impl][m] for impl in ("PEFT", "eager") for m in modes)
+        per_call = max(BENCH_CALL_S, 8 * 3 * slowest)  # unfused ops at about a third of their bound
+        return self.kernels(c) + 3 * len(modes) * per_call + 1.0  # + PEFT's module and the inputs
+
+
+def _with_budgets(sections: list[Section], budget_s: Optional[float]) -> list[Section]:
+    """Share ``budget_s`` (minus start-up) among the sections in proportion to their estimates;
+    ``None``: no limit (every section's budget is infinite)."""
+    total = sum(s.est_s for s in sections) or 1.0
+    for s in sections:
+        s.budget_s = float("inf") if budget_s is None else max(0.0, budget_s - STARTUP_S) * s.est_s / total
+    return sections
+
+
+def build_plan(subset: str = "full", sections: tuple = ("numerics", "timing"),
+               budget_s: Optional[float] = DEFAULT_BUDGET_S) -> list[Section]:
+    """Every section of the run with its cases in order, their estimated cost and its budget."""
+    model = CostModel()
+    out = []
+    if "numerics" in sections:
+        for sid, cs in C.numerics_cases(subset).items():
+            out.append(Section(sid, [PlannedCase(c, model.numerics(c)) for c in cs]))
+    if "timing" in sections:
+        for sid, cs in C.timing_cases(subset).items():
+            out.append(Section(sid, [PlannedCase(c, model.timing(c, modes), modes) for c, modes in cs]))
+    return _with_budgets(out, budget_s)
+
+
+def plan_summary(plan: list[Section], budget_s: Optional[float]) -> dict:
+    est = sum(s.est_s for s in plan)
+    return {"estimated_total_s": round(STARTUP_S + est, 1), "startup_s": STARTUP_S,
+            "budget_s": budget_s, "cost_model": {"compile_s": COMPILE_S, "tune_config_s": TUNE_CONFIG_S,
+                                                 "case_overhead_s": CASE_OVERHEAD_S, "bench_call_s": BENCH_CALL_S,
+                                                 "effective_rates": RATES},
+            "sections": [s.to_json() for s in plan]}
