@@ -177,13 +177,14 @@ def _fused_lowrank_matmul_kernel(
 # compile-report compiles every entry for sm_80 and sm_90; CPU/interpreter launches use INTERPRET_*.
 # --------------------------------------------------------------------------------------
 
-# Only configs that compile without register spills on sm_80 and sm_90 for fp16, bf16 and fp32
-# (ptune-rt compile-report). 128x128 tiles spill because of the 3xTF32 epilogue operands, and the
-# fp32 (FMA) path spills with BLOCK_K 64.
+# Only configs that compile without register spills on sm_80 and sm_90 (ptune-rt compile-report).
+# 128x128 tiles spill because of the 3xTF32 epilogue operands; fp32 activations (FMA dots, and a
+# second accumulator with dropout) spill at 128x64 on sm_90, so they get their own list.
 FUSED_CONFIGS = [
     KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
 ]
+FUSED_CONFIGS_FP32 = [KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4)]
 #: Decode-sized M (at most DECODE_ROWS rows) takes this config without tuning: narrow column tiles
 #: so that a 4096-wide output still spreads over more programs than an H100 has SMs.
 FUSED_DECODE_CONFIG = KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1}, 4, 3)
@@ -191,9 +192,9 @@ DECODE_ROWS = 16
 SKINNY_CONFIGS = [
     KernelConfig({"BLOCK_M": 64, "BLOCK_K": 16}, 8, 3),
     KernelConfig({"BLOCK_M": 64, "BLOCK_K": 16}, 8, 4),
-    KernelConfig({"BLOCK_M": 32, "BLOCK_K": 16}, 8, 3),
+    KernelConfig({"BLOCK_M": 32, "BLOCK_K": 32}, 8, 3),
 ]
-SKINNY_DECODE_CONFIG = KernelConfig({"BLOCK_M": 16, "BLOCK_K": 64}, 4, 3)
+SKINNY_DECODE_CONFIG = KernelConfig({"BLOCK_M": 16, "BLOCK_K": 32}, 4, 3)
 #: BLOCK_R is not tuned: it follows the rank (see ``block_r``); these are the values it takes.
 SKINNY_BLOCK_R = (16, 32, 64, 128)
 FUSED_BLOCK_R = (16, 32)
@@ -207,8 +208,15 @@ MAX_RANK = 256
 SPLIT_K_TARGET_PROGRAMS = 264
 SPLIT_K_MIN_CHUNK = 256
 
-FUSED_TUNER = ConfigTuner("fused_lowrank_matmul", FUSED_CONFIGS)
+FUSED_TUNERS = {dtype: ConfigTuner(f"fused_lowrank_matmul {dtype}", fused_configs)
+                for dtype, fused_configs in ((torch.float16, FUSED_CONFIGS), (torch.bfloat16, FUSED_CONFIGS),
+                                             (torch.float32, FUSED_CONFIGS_FP32))}
 SKINNY_TUNER = ConfigTuner("skinny_matmul", SKINNY_CONFIGS)
+
+
+def fused_configs(dtype: torch.dtype) -> list:
+    """The fused kernel's shipped (tuned) configs for activations of ``dtype``."""
+    return FUSED_TUNERS[dtype].configs
 
 
 def skinny_block_r(r: int) -> int:
@@ -358,7 +366,7 @@ def fused_lowrank_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: 
         else:
             key = (pow2_bucket(M), N, K, w.stride(0) == 1, x.dtype, w.dtype, s.dtype, bt.dtype,
                    tuple(sorted(flags.items())))
-            config = FUSED_TUNER.pick(key, run)
+            config = FUSED_TUNERS[x.dtype].pick(key, run)
     run(config)
     return out
 

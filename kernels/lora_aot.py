@@ -177,6 +177,8 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
     variants, block_rs_seen = [], {k: set() for k in shipped}
     for (kernel, name, act, _), (ranks, args, flags) in groups.items():
         configs, block_rs = shipped[kernel]
+        if kernel is L._fused_lowrank_matmul_kernel:
+            configs = L.fused_configs(act)
         if name.startswith("decode"):
             configs = [decode_configs[kernel]]
         block_r = flags["BLOCK_R"]

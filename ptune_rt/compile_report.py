@@ -294,7 +294,10 @@ def i32_index_offsets(ttir: str) -> list[str]:
         if m:
             name, op, rest = m.groups()
             operands = [v.split("#")[0] for v in _RE_VALUE.findall(re.sub(r"\s+loc\(.*$", "", rest))]
-            defs[name] = (op, _result_type(rest), operands, line.strip())
+            ty = _result_type(rest)
+            if op == "tt.load":  # printed with its pointer type: the result is the pointee
+                ty = re.sub(r"!tt\.ptr<(\w+)>", r"\1", ty)
+            defs[name] = (op, ty, operands, line.strip())
 
     def from_index(value: str, seen: set) -> bool:
         if value in seen or value not in defs:

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from ptune_rt.compile_report import (collect_variants, main, mma_summary, parse_ptxas,
+from ptune_rt.compile_report import (collect_variants, i32_index_offsets, main, mma_summary, parse_ptxas,
                                      specialize_arg)
 
 PTXAS_SPILLING = """\
@@ -48,6 +49,35 @@ def test_mma_summary_reads_operand_types():
            "wgmma.fence.sync.aligned;\n")
     assert mma_summary(ptx) == {"wgmma": ["bf16"], "mma": ["tf32"]}
     assert mma_summary("fma.rn.f32 %f1, %f2, %f3, %f4;") == {"wgmma": [], "mma": []}
+
+
+TTIR_OFFSETS = """\
+    %pid = tt.get_program_id x : i32 loc(#loc1)
+    %0 = arith.muli %pid, %c64_i32 : i32 loc(#loc2)
+    %1 = tt.splat %0 : i32 -> tensor<64xi32> loc(#loc3)
+    %2 = tt.make_range {end = 64 : i32, start = 0 : i32} : tensor<64xi32> loc(#loc4)
+    %3 = arith.addi %1, %2 : tensor<64xi32> loc(#loc5)
+    %4 = arith.muli %3, %stride : tensor<64xi32> loc(#loc6)
+    %5 = tt.splat %x_ptr : !tt.ptr<f16> -> tensor<64x!tt.ptr<f16>> loc(#loc7)
+    %x_ptrs = tt.addptr %5, %4 : tensor<64x!tt.ptr<f16>>, tensor<64xi32> loc(#loc8)
+    %6 = arith.extsi %0 : i32 to i64 loc(#loc9)
+    %7 = arith.muli %6, %stride64 : i64 loc(#loc10)
+    %8 = tt.addptr %y_ptr, %7 : !tt.ptr<f16>, i64 loc(#loc11)
+    %9 = arith.muli %2, %stride_t : tensor<64xi32> loc(#loc12)
+    %10 = tt.splat %8 : !tt.ptr<f16> -> tensor<64x!tt.ptr<f16>> loc(#loc13)
+    %y_ptrs = tt.addptr %10, %9 : tensor<64x!tt.ptr<f16>>, tensor<64xi32> loc(#loc14)
+    %task = tt.load %task_ptr : !tt.ptr<i32> loc(#loc15)
+    %11 = arith.muli %task, %stride_t : i32 loc(#loc16)
+    %12 = tt.addptr %p_ptr, %11 : !tt.ptr<f32>, i32 loc(#loc17)
+"""
+
+
+def test_i32_index_offsets_finds_pid_and_loaded_index_products():
+    """A 32-bit offset fed by a program id (x_ptrs) or a loaded task id (%12) is flagged; an int64
+    tile origin plus 32-bit in-tile offsets (y_ptrs) is not."""
+    bad = i32_index_offsets(TTIR_OFFSETS)
+    assert len(bad) == 2, bad
+    assert bad[0].startswith("%x_ptrs = tt.addptr") and bad[1].startswith("%12 = tt.addptr")
 
 
 def test_specialization_matches_triton_launcher():
@@ -92,7 +122,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_report") / "report.json"
     assert os.environ.get("TRITON_INTERPRET") == "1"
     proc = subprocess.run([sys.executable, "-m", "ptune_rt.cli", "compile-report", "--arch", "sm_80,sm_90",
-                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+                           "--json", str(out)], capture_output=True, text=True, timeout=3600)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -120,14 +150,15 @@ def test_every_shipped_config_is_covered(report):
     from ptune_rt.kernels.lora_aot import _config_name
     _, data = report
     seen = {(r["kernel"], r["config"], r["arch"], r["label"].split()[0]) for r in data["results"] if r["aligned"]}
-    for kernel, configs, block_rs in (("_fused_lowrank_matmul_kernel", L.FUSED_CONFIGS, L.FUSED_BLOCK_R),
-                                      ("_skinny_matmul_kernel", L.SKINNY_CONFIGS, L.SKINNY_BLOCK_R)):
-        for config in configs:
-            for block_r in block_rs:
-                for arch in ("sm_80", "sm_90a"):
-                    for dtype in ("fp16", "bf16", "fp32"):
-                        assert (kernel, _config_name(config, block_r), arch, dtype) in seen, \
-                            (kernel, str(config), block_r, arch, dtype)
+    for dtype, short in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for kernel, configs, block_rs in (
+                ("_fused_lowrank_matmul_kernel", L.fused_configs(dtype) + [L.FUSED_DECODE_CONFIG], L.FUSED_BLOCK_R),
+                ("_skinny_matmul_kernel", L.SKINNY_CONFIGS + [L.SKINNY_DECODE_CONFIG], L.SKINNY_BLOCK_R)):
+            for config in configs:
+                for block_r in block_rs:
+                    for arch in ("sm_80", "sm_90a"):
+                        assert (kernel, _config_name(config, block_r), arch, short) in seen, \
+                            (kernel, str(config), block_r, arch, short)
 
 
 def test_every_shipped_prefix_attention_config_is_covered(report):

@@ -13,6 +13,8 @@ from ptune_rt.kernels import lora as K
 from ptune_rt.testing import assert_close_to_reference
 from ptune_rt.testing.lora_cases import make_case, reference_and_gold
 
+FUSED = K.FUSED_TUNERS[torch.float16]  # the tuning tests run fp16 layers
+
 
 def _run_python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -192,7 +194,7 @@ class _Recorder:
 def tuned_launches(monkeypatch):
     """Launches choose their config as on CUDA (the tuner, decode configs) with the benchmark stubbed
     and the kernels not run: the key logic alone."""
-    for tuner in (K.FUSED_TUNER, K.SKINNY_TUNER):
+    for tuner in (*K.FUSED_TUNERS.values(), K.SKINNY_TUNER):
         monkeypatch.setattr(tuner, "chosen", {})
         monkeypatch.setattr(tuner, "tunings", 0)
     timed = []
@@ -218,7 +220,7 @@ def test_decode_loop_never_tunes(tuned_launches):
     for _ in range(64):  # 64 decode steps of 4 rows: the fixed decode configs
         x, w, b, a, bb = make_case(4, 64, 48, 8, torch.float16)
         K.lora_forward(x, w, b, a, bb, 2.0)
-    assert K.FUSED_TUNER.tunings == K.SKINNY_TUNER.tunings == 0
+    assert FUSED.tunings == K.SKINNY_TUNER.tunings == 0
     assert {str(c) for _, c in tuned_launches.configs} == {str(K.FUSED_DECODE_CONFIG), str(K.SKINNY_DECODE_CONFIG)}
 
 
@@ -229,17 +231,17 @@ def test_dynamic_padding_epoch_tunes_once_per_bucket(tuned_launches):
         _train_step(M)
     buckets = {U.pow2_bucket(m) for m in lengths}
     # fused: forward y and dX (different layouts and shapes) per bucket; skinny: S, G, dB, dA shapes
-    assert 0 < K.FUSED_TUNER.tunings <= 2 * len(buckets)
+    assert 0 < FUSED.tunings <= 2 * len(buckets)
     assert K.SKINNY_TUNER.tunings <= 4 * len(buckets) + 4
-    tunings = K.FUSED_TUNER.tunings, K.SKINNY_TUNER.tunings
+    tunings = FUSED.tunings, K.SKINNY_TUNER.tunings
     for M in lengths:  # a second epoch: everything cached
         _train_step(M)
-    assert (K.FUSED_TUNER.tunings, K.SKINNY_TUNER.tunings) == tunings
+    assert (FUSED.tunings, K.SKINNY_TUNER.tunings) == tunings
 
 
 def test_forward_and_dx_do_not_share_a_tuned_config(tuned_launches):
     """Square layers give forward and dX the same M, N, K: the weight layout and the dropout flag
     keep their keys apart."""
     _train_step(256, Kd=64, N=64, p=0.1)
-    keys = list(K.FUSED_TUNER.chosen)
+    keys = list(FUSED.chosen)
     assert len(keys) == 2 and keys[0] != keys[1]
