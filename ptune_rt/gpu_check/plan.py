@@ -3,11 +3,12 @@
 Cost model (seconds on one H100/H200-class GPU, the first run, with an empty Triton cache):
 
 * a Triton compile costs ``COMPILE_S`` (about 1.2 s per LoRA GEMM variant for sm_90 measured on a
-  busy 2-vCPU machine; a GPU host's CPUs are faster). Every config in a kernel's autotune list
-  compiles once per specialization: dtype, rank (R = 8 is not a multiple of 16, 16 and 64 are),
-  M == 1 (Triton specializes integer arguments equal to 1), flags such as dropout;
-* ``triton.autotune`` benchmarks every config once per tuning key (25 ms warmup + 100 ms):
-  ``TUNE_CONFIG_S`` each;
+  busy 2-vCPU machine; a GPU host's CPUs are faster). Every config a launch chooses among (the
+  kernels' shipped lists, read from ``ptune_rt.kernels``) compiles once per specialization: dtype,
+  rank (R = 8 is not a multiple of 16, 16 and 64 are), M == 1 (Triton specializes integer
+  arguments equal to 1), flags such as dropout; decode-sized LoRA launches take one fixed config;
+* choosing a config benchmarks each candidate once per tuning key: ``TUNE_CONFIG_S`` each (what
+  ``triton.autotune``'s 25 ms warmup + 100 ms cost; the kernels' own tuner is quicker);
 * the checks themselves run at conservative effective rates (``RATES``) plus ``CASE_OVERHEAD_S``;
 * a ``do_bench`` call (25 ms warmup, 100 ms of repeats) costs ``BENCH_CALL_S`` or eight runs of a
   slow op.
@@ -62,18 +63,33 @@ class Section:
                 "budget_s": round(self.budget_s, 1), "cases": [p.to_json() for p in self.cases]}
 
 
+def _shipped(KA, name: str, dtype, head_dim: int) -> list:
+    try:
+        return KA.shipped_configs(name, dtype, head_dim)
+    except TypeError:  # an older signature without the head dim
+        return KA.shipped_configs(name, dtype)
+
+
 def _config_counts() -> dict:
-    """How many configs each kernel autotunes over (the shipped lists; defaults without triton)."""
+    """How many configs each kernel chooses among (the shipped lists; defaults if they cannot be read).
+
+    LoRA: fused forward and dX (2 x the fused list), four skinny launches (S, G, dB, dA); at most
+    ``decode_rows`` rows every launch takes one fixed config, untuned."""
     try:
         import torch
 
         from ptune_rt.kernels import lora as KL
         from ptune_rt.kernels import prefix_attention as KA
-        half = {n: len(KA.shipped_configs(n, torch.bfloat16)) for n in ("fwd", "dq", "dkdv")}
-        fp32 = {n: len(KA.shipped_configs(n, torch.float32)) for n in ("fwd", "dq", "dkdv")}
-        return {"lora": 2 * len(KL.FUSED_CONFIGS) + 4 * len(KL.SKINNY_CONFIGS), "attn_half": half, "attn_fp32": fp32}
+        dts = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        fused = getattr(KL, "fused_configs", lambda dt: KL.FUSED_CONFIGS)
+        return {"lora": {n: 2 * len(fused(dt)) + 4 * len(KL.SKINNY_CONFIGS) for n, dt in dts.items()},
+                "lora_decode_rows": getattr(KL, "DECODE_ROWS", 0),
+                "attention": {n: {k: len(_shipped(KA, k, dt, 128)) for k in ("fwd", "dq", "dkdv")}
+                              for n, dt in dts.items()}}
     except Exception:  # noqa: BLE001 - the plan must build anywhere; these are the lists at writing
-        return {"lora": 16, "attn_half": {"fwd": 3, "dq": 1, "dkdv": 3}, "attn_fp32": {"fwd": 1, "dq": 1, "dkdv": 1}}
+        half = {"fwd": 3, "dq": 1, "dkdv": 3}
+        return {"lora": {"bfloat16": 16, "float16": 16, "float32": 14}, "lora_decode_rows": 16,
+                "attention": {"bfloat16": half, "float16": half, "float32": {"fwd": 1, "dq": 1, "dkdv": 1}}}
 
 
 class CostModel:
@@ -96,9 +112,12 @@ class CostModel:
                 + self._first(self.tuned, tune_key, n_configs * TUNE_CONFIG_S))
 
     def kernels(self, c: C.Case) -> float:
+        if c.kind == "lora" and c.M <= self.configs["lora_decode_rows"]:  # one fixed config per launch, untuned
+            return self._first(self.compiled, ("lora", c.dtype, c.r, c.M == 1, "decode"), 6 * COMPILE_S)
         if c.kind == "lora":
-            return self._compile_and_tune(("lora", c.dtype, c.r, c.M == 1, c.dropout > 0),
-                                          ("lora", c.dtype, c.M, c.K, c.N, c.r, c.dropout > 0), self.configs["lora"])
+            return self._compile_and_tune(("lora", c.dtype, c.r, c.dropout > 0),
+                                          ("lora", c.dtype, c.M, c.K, c.N, c.r, c.dropout > 0),
+                                          self.configs["lora"][c.dtype])
         if c.kind == "attention":
             return self._compile_and_tune(("attn", c.dtype, c.mode, c.padding is not None),
                                           ("attn", c.dtype, c.mode, c.L, c.S, c.P, c.padding is not None),
@@ -106,7 +125,7 @@ class CostModel:
         return self._first(self.compiled, ("gather", c.dtype, c.T > 1), COMPILE_S)
 
     def _attention_configs(self, c: C.AttentionCase) -> int:
-        cfg = self.configs["attn_fp32" if c.dtype == "float32" else "attn_half"]
+        cfg = self.configs["attention"][c.dtype]
         if c.mode == "decode":
             return 2 * cfg["fwd"]  # the shared-prefix pass and the per-row cache pass
         return cfg["fwd"] + cfg["dq"] + 2 * cfg["dkdv"]  # dK/dV of the sequence keys and of the prefix
