@@ -174,6 +174,7 @@ def test_timed_implementations_compute_the_same_thing(case):
     for name, impl in impls.items():
         if impl is None or case.kind == "attention" and case.L == 1:
             continue
+        impl.prepare(True)
         impl.run(True).backward(grad)
         grads[name] = [t.grad.clone() for t in impl.leaves[:3]]  # the leaves all three share first
         for t in impl.leaves:

@@ -155,7 +155,10 @@ def _numerics_table(res: dict) -> list[str]:
     rule = "; ".join(f"{d}: factor {t['factor']:g}, floor {t['floor']:g}" for d, t in res["tolerance_rule"].items())
     lines = ["## Numerics", "",
              "Rule: max|op - gold| <= factor * max|eager - gold| + floor * max(1, max|gold|) (" + rule + "); dA, dB "
-             "and the fp32 parameters' gradients of the prefix and prompts follow the rule of their arithmetic.", "",
+             "and the fp32 parameters' gradients of the prefix and prompts follow the rule of their arithmetic. The "
+             "dropout case's reference takes the keep-mask the kernels regenerate from the seed (materialized once by "
+             "`ptune_rt.kernels._triton_utils.dropout_mask`): a mask that differs between forward and backward fails "
+             "dx and dA, and the *dropout rate* row checks the mask drops about p.", "",
              res["gold_policy"], "",
              "| case | gold | output | op error | eager error | bound | within |", "|---|---|---|---:|---:|---:|---|"]
     for n in res["numerics"]:
@@ -190,7 +193,8 @@ def _timings_table(res: dict) -> list[str]:
 def markdown(res: dict) -> str:
     lines = _header(res)
     if res["status"] == DRY_RUN:
-        lines += [f"**{DRY_RUN}**: the plan below lists every case the run would check or time.", ""]
+        lines += [f"**{DRY_RUN}**: the plan below lists every case the run would check or time.", "",
+                  res["gold_policy"], ""]
         lines += _sections_table(res) + _planned_cases(res)
         return "\n".join(lines) + "\n"
     lines += ["## Summary", "", "```", summary(res), "```", ""]

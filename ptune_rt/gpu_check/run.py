@@ -100,12 +100,17 @@ def _run_timing(planned, device, hw) -> tuple[list, list]:
         return [], [f"timing {planned.case.id}: {type(err).__name__}: {err}"]
 
 
-def _free_memory(device) -> None:
+def _free_memory(device) -> Optional[float]:
+    """Release the case's memory; its peak allocation in GB (CUDA only)."""
     import torch
 
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def _run_case(section, planned, device, hw, perturb, res: dict) -> list:
@@ -116,11 +121,12 @@ def _run_case(section, planned, device, hw, perturb, res: dict) -> list:
     if section.id.startswith("numerics"):
         with ieee_fp32():
             out, fails = _run_numerics(planned, device, perturb)
-        res["numerics"].append({**out, "section": section.id, "seconds": time.perf_counter() - c0})
+        res["numerics"].append({**out, "section": section.id, "seconds": time.perf_counter() - c0,
+                                "peak_memory_gb": _free_memory(device)})
     else:
         rows, fails = _run_timing(planned, device, hw)
         res["timings"] += rows
-    _free_memory(device)
+        _free_memory(device)
     res["failures"] += fails
     return fails
 

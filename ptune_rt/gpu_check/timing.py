@@ -28,7 +28,7 @@ WARMUP_MS, REP_MS = 25, 100
 class Impl:
     run: Callable[[bool], torch.Tensor]  # run(training) -> output
     leaves: list                         # tensors whose .grad a training step fills
-    note: str = ""
+    prepare: Callable[[bool], object] = lambda training: None  # outside the timed region (module.train())
 
 
 def bench(fn, grad_to_none=None) -> dict:
@@ -90,7 +90,7 @@ def _lora_impls(c: C.LoraCase, device):
 
     impls = {"ptune-rt": Impl(lambda t: lora_linear(x, w, None, a, b, s, c.dropout if t else 0.0, backend="triton"),
                               leaves),
-             "PEFT": Impl(lambda t: peft.train(t)(x), leaves),
+             "PEFT": Impl(lambda t: peft(x), leaves, prepare=peft.train),
              "eager": Impl(eager, leaves)}
     return impls, _randn(g, c.M, c.N, device=device, dtype=dt)
 
@@ -158,6 +158,7 @@ BUILDERS = {"lora": _lora_impls, "attention": _attention_impls, "gather": _gathe
 
 
 def _time_impl(impl: Impl, mode: str, grad_out) -> dict:
+    impl.prepare(mode == "train")
     if mode == "train":
         return bench(lambda: impl.run(True).backward(grad_out), grad_to_none=impl.leaves)
 
@@ -169,6 +170,7 @@ def _time_impl(impl: Impl, mode: str, grad_out) -> dict:
 
 def _agreement(impls: dict) -> Optional[float]:
     """max|ptune-rt - PEFT| / max(1, max|PEFT|) of the no-grad forward (same weights, same inputs)."""
+    impls["PEFT"].prepare(False)
     with torch.no_grad():
         ours, theirs = impls["ptune-rt"].run(False).float(), impls["PEFT"].run(False).float()
     return ((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1.0)).item()
