@@ -9,9 +9,10 @@ Two directory layouts, both safetensors only:
   model type and every target with its shape, and a format version) + ``adapter.safetensors``
   keyed by module path.
 
-Saving validates first and writes temporary files in the target directory, then moves them into
-place with ``os.replace``, so a failed save leaves earlier files as they were. Loading validates
-the whole checkpoint against the model before changing anything. Pickle checkpoints are refused.
+Saving validates first, then replaces the directory's checkpoint of that format crash-consistently
+(``ptune_rt.io.durable``): killed at any instant, the directory loads as the old checkpoint or the
+new one, never a mix, and the next save cleans up after the killed one. Loading validates the
+whole checkpoint against the model before changing anything. Pickle checkpoints are refused.
 
 Each PEFT method plugs in as one entry of ``_METHODS`` (own format) and ``_PEFT_TYPES`` (PEFT
 format): LoRA (``ptune_rt.io.lora``), prefix tuning / P-tuning v2 (``ptune_rt.io.prefix``), and
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -33,6 +33,7 @@ from torch import nn
 
 from ptune_rt.ops.lora_linear import BACKENDS
 
+from . import durable
 from . import lora as lora_io
 from . import peft_config
 from . import prefix as prefix_io
@@ -48,6 +49,8 @@ PTUNE_WEIGHTS = "adapter.safetensors"
 FORMAT_VERSION = 1
 FORMAT_NAME = "ptune-rt-adapter"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: format -> (config file, weights file)
+FILES = {"peft": (PEFT_CONFIG, PEFT_WEIGHTS), "ptune": (PTUNE_CONFIG, PTUNE_WEIGHTS)}
 
 #: own-format method name -> its checkpoint module (see the module docstring)
 _METHODS = {lora_io.METHOD: lora_io, prefix_io.METHOD: prefix_io,
@@ -67,6 +70,13 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
                  task_type: Optional[str] = "auto", modules_to_save: Union[str, Sequence[str], None] = "auto",
                  method: Optional[str] = None) -> str:
     """Write the adapter of ``model`` to the directory ``path`` (created if needed); returns the path.
+
+    The save replaces the directory's checkpoint of this format (``adapter_config.json`` +
+    ``adapter_model.safetensors``, or ``ptune_config.json`` + ``adapter.safetensors``) as a whole
+    and leaves every other file there alone (a checkpoint of the other format, a README). It is
+    crash-consistent: if the process dies at any instant, the directory loads as exactly the old
+    checkpoint or exactly the new one, and the next save removes what the killed one left
+    (hidden ``.ptune-rt-*`` entries). One process saves into a directory at a time.
 
     format: "peft" (PEFT's layout; PEFT loads it) or "ptune" (own layout with a model fingerprint).
         A prefix (prefix tuning / P-tuning v2) is written in PEFT's layout as PEFT writes it: the
@@ -113,30 +123,31 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         if method not in _PEFT_TYPES.values():  # pragma: no cover - every method so far has a PEFT type
             raise AdapterError(f"method {method!r} has no PEFT format; use format='ptune'")
         config, tensors = _METHODS[method].to_peft(state, model, task_type)
-        names, metadata = (PEFT_WEIGHTS, PEFT_CONFIG), {"format": "pt"}
+        metadata = {"format": "pt"}
     else:
         from ptune_rt import __version__
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "ptune_rt_version": __version__,
                   "method": method, "config": state.config.to_dict(), **state.fingerprint(model)}
         tensors = dict(state.tensors)
-        names, metadata = (PTUNE_WEIGHTS, PTUNE_CONFIG), {"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)}
+        metadata = {"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)}
+    config_name, weights_name = FILES[format]
 
     # Serialize fully in memory first: nothing touches the disk until both files are known good.
     from safetensors.torch import save as safetensors_bytes
     try:
-        config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        config_bytes = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
         weight_bytes = safetensors_bytes(tensors, metadata=metadata)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"cannot serialize the adapter of {model_class(model)}: {e}") from e
 
     directory = Path(path)
     if directory.suffix.lower() in PICKLE_SUFFIXES + (".safetensors", ".json") and not directory.is_dir():
-        raise ValueError(f"path must be a directory to write {names[1]} and {names[0]} into, got a file name "
+        raise ValueError(f"path must be a directory to write {config_name} and {weights_name} into, got a file name "
                          f"{str(path)!r}")
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"path {str(path)!r} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory, [(names[0], weight_bytes), (names[1], config_bytes)])
+    durable.replace_checkpoint(directory, (config_name, config_bytes), (weights_name, weight_bytes),
+                               tuple(FILES.values()))
     return str(directory)
 
 
@@ -202,39 +213,6 @@ def _method_of(model: nn.Module, method: Optional[str] = None) -> str:
     return found[0]
 
 
-def _write_atomically(directory: Path, files: list[tuple[str, bytes]]) -> None:
-    """Write each file to a temporary name in ``directory``, then ``os.replace`` them into place
-    (weights first, config last, so a reader that sees the new config sees the new weights)."""
-    pending: list[tuple[Path, Path]] = []
-    try:
-        for name, data in files:
-            tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
-            pending.append((tmp, directory / name))
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, final in pending:
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in pending:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        raise
-    try:  # make the renames durable; not every platform lets a directory be opened
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------------------------
 # load
 # ----------------------------------------------------------------------------------------------
@@ -270,20 +248,16 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     _refuse_plain_peft_prompt_learning(model)
     given, (model, hints) = model, _unwrap_peft(model, adapter_name)
 
+    config_file, d, weights_file, raw = durable.read_consistent(directory, *FILES[format], _read_files)
     if format == "peft":
-        config_file = directory / PEFT_CONFIG
-        d = _read_json(config_file)
         peft_type = d.get("peft_type")
         if peft_type not in _PEFT_TYPES:
             raise AdapterError(f"{config_file}: peft_type {peft_type!r} is not supported; ptune_rt loads PEFT "
                                f"adapters of type {', '.join(_PEFT_TYPES)}")
         method = _PEFT_TYPES[peft_type]
         spec = _METHODS[method].spec_from_peft(d, str(config_file), backend)
-        weights_file = _weights_file(directory, PEFT_WEIGHTS)
-        tensors, file_key = _METHODS[method].tensors_from_peft(_read_safetensors(weights_file), str(weights_file))
+        tensors, file_key = _METHODS[method].tensors_from_peft(_tensors(raw), str(weights_file))
     else:
-        config_file = directory / PTUNE_CONFIG
-        d = _read_json(config_file)
         if d.get("format") != FORMAT_NAME:
             raise AdapterError(f"{config_file}: 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         version = d.get("format_version")
@@ -297,8 +271,7 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
             raise AdapterError(f"{config_file}: method {method!r} is not supported; supported methods: "
                                f"{', '.join(_METHODS)}")
         spec = _METHODS[method].spec_from_ptune(d, str(config_file), backend)
-        weights_file = _weights_file(directory, PTUNE_WEIGHTS)
-        tensors = _read_safetensors(weights_file)
+        tensors = _tensors(raw)
 
         def file_key(k: str) -> str:
             return k
@@ -321,12 +294,36 @@ def _pickle_refusal(file: Path) -> AdapterError:
         "or re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True) or ptune_rt.save_adapter.")
 
 
+def _read_files(where: durable.Located):
+    """(config file, its JSON, weights file, its tensors or the error reading them): a weights error
+    is raised after the config's checks, as ``_tensors`` is called."""
+    d = _read_json(where.config)
+    try:
+        tensors = _read_safetensors(_weights_file(where.weights))
+    except (AdapterError, OSError) as e:
+        tensors = e
+    return where.config, d, where.weights, tensors
+
+
+def _tensors(raw):
+    if isinstance(raw, BaseException):
+        raise raw
+    return raw
+
+
+def _has_config(directory: Path, format: str) -> bool:
+    return durable.locate(directory, *FILES[format]).config is not None
+
+
 def _locate(path: PathLike, format: Optional[str]) -> tuple[Path, str]:
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refusal(p)
+    names = {f: fmt for fmt, pair in FILES.items() for f in pair}
+    if p.name in names and not p.exists() and p.parent.is_dir():  # e.g. a config moved aside by a killed save
+        format, p = format or names[p.name], p.parent
     if p.is_file():
-        if p.name not in (PEFT_CONFIG, PEFT_WEIGHTS, PTUNE_CONFIG, PTUNE_WEIGHTS):
+        if p.name not in names:
             raise AdapterError(f"path {str(path)!r} is a file; pass the adapter directory (holding "
                                f"{PEFT_CONFIG} or {PTUNE_CONFIG})")
         if format is None:
@@ -334,7 +331,7 @@ def _locate(path: PathLike, format: Optional[str]) -> tuple[Path, str]:
         p = p.parent
     if not p.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
-    has_peft, has_ptune = (p / PEFT_CONFIG).is_file(), (p / PTUNE_CONFIG).is_file()
+    has_peft, has_ptune = _has_config(p, "peft"), _has_config(p, "ptune")
     if format is None:
         if has_peft and has_ptune:
             raise AdapterError(f"{p} holds both {PEFT_CONFIG} (PEFT) and {PTUNE_CONFIG} (ptune-rt): pass "
@@ -346,20 +343,18 @@ def _locate(path: PathLike, format: Optional[str]) -> tuple[Path, str]:
             raise FileNotFoundError(f"{p} holds no adapter: expected {PEFT_CONFIG} (PEFT) or {PTUNE_CONFIG} "
                                     "(ptune-rt)")
         format = "peft" if has_peft else "ptune"
-    config_name = PEFT_CONFIG if format == "peft" else PTUNE_CONFIG
-    if not (p / config_name).is_file():
-        raise FileNotFoundError(f"{p} has no {config_name} (needed for format={format!r})")
+    if not _has_config(p, format):
+        raise FileNotFoundError(f"{p} has no {FILES[format][0]} (needed for format={format!r})")
     return p, format
 
 
-def _weights_file(directory: Path, name: str) -> Path:
-    f = directory / name
+def _weights_file(f: Path) -> Path:
     if f.is_file():
         return f
-    pickles = sorted(g for g in directory.iterdir() if g.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = sorted(g for g in f.parent.iterdir() if g.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise _pickle_refusal(pickles[0])
-    raise FileNotFoundError(f"{directory} has no {name}")
+    raise FileNotFoundError(f"{f.parent} has no {f.name}")
 
 
 def _read_json(file: Path) -> dict:
@@ -376,6 +371,8 @@ def _read_json(file: Path) -> dict:
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, on CPU; a damaged file raises AdapterError naming it."""
     from safetensors import SafetensorError, safe_open
+    with open(file, "rb"):  # an OS error (no read permission, ...) as the OS states it: safetensors' misreports it
+        pass
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
