@@ -8,7 +8,7 @@ this script only calls it.
 """
 import sys
 
-from ptune_rt.bench.runner import main
+from ptune_rt.bench.lora import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from ptune_rt.bench.report import _ms, commit_label, load_label
-    from ptune_rt.bench.runner import provenance
+    from ptune_rt.bench.common import provenance
 
     pv = provenance("cpu", [])
     pv["command"] = "python bench/ceilings.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     from ptune_rt.bench import workload as W
     from ptune_rt.bench.prefix import PrefixWorkload
     from ptune_rt.bench.report import ci_cell, commit_label, load_label
-    from ptune_rt.bench.runner import provenance
+    from ptune_rt.bench.common import provenance
 
     wl = PrefixWorkload.quick() if args.quick else PrefixWorkload.default()
     if args.quick:

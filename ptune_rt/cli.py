@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     if args.cmd == "check":
         from ptune_rt.check import main as run
     elif args.cmd == "bench":
-        from ptune_rt.bench.runner import main as run
+        from ptune_rt.bench.suites import main as run
     elif args.cmd == "gpu-check":
         from ptune_rt.gpu_check import main as run
     else:  # compile-report (argparse refuses any other command)

@@ -76,7 +76,7 @@ def test_without_cuda_it_refuses_with_exit_code_2(tmp_path, capsys):
 
 
 def test_never_writes_into_committed_results(capsys):
-    from ptune_rt.bench.runner import find_checkout
+    from ptune_rt.bench.common import find_checkout
 
     root = find_checkout()
     if root is None:

@@ -6,8 +6,9 @@ writes in HBM, assuming ideal tiling (every operand read once per kernel, every 
 once; no L2 reuse across kernels) and its FLOPs. A kernel's time bound is
 ``max(flop_time, bytes / hbm_bandwidth)``; kernels run one after another, so a chain's bound is the
 sum of its kernels' bounds. FLOP time depends on the arithmetic a product runs in: dense bf16/fp16
-tensor cores at the peak, 3xTF32 (three TF32 MMAs at half the bf16 rate) at 1/6 of it, IEEE fp32
-on the CUDA cores at the fp32 peak.
+tensor cores at the peak, 3xTF32 (three TF32 MMAs at half the bf16 rate) at 1/6 of it, two TF32
+MMAs (a half operand, exact in TF32, times an fp32 one split in two) at 1/4, IEEE fp32 on the CUDA
+cores at the fp32 peak.
 
 * ``unfused``: HF PEFT's eager chain. PEFT keeps the adapter weights in fp32 by default
   (``autocast_adapter_dtype=True``) even on a half base model, and casts x to the adapters' dtype,
@@ -18,9 +19,9 @@ on the CUDA cores at the fp32 peak.
 * ``fused``: ptune-rt's Triton path: forward = skinny shrink kernel ``S = dropout(x) A^T`` (fp32,
   mask regenerated from a seed) + one GEMM whose epilogue adds ``s * S B^T``; backward =
   ``G = dY B``, one GEMM for ``dX = dY W + s (G A)`` (low-rank term in the epilogue),
-  ``dB = s dY^T S``, ``dA = s G^T dropout(x)``. Beside half activations every product with an
-  fp32 operand (S, G, fp32 adapters) runs as 3xTF32: the epilogue costs about 6r/K of the main
-  loop's tensor-core time, not r/K.
+  ``dB = s dY^T S``, ``dA = s G^T dropout(x)``. Beside half activations the epilogue's fp32 x fp32
+  product (S or G times fp32 adapters) runs as 3xTF32, about 6r/K of the main loop's tensor-core
+  time, not r/K; the skinny kernels multiply a half operand by an fp32 one in two TF32 MMAs.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ HARDWARE_BY_DEVICE_NAME = (("H200", H200), ("H100", H100_SXM))
 
 #: One 3xTF32 FLOP costs six dense bf16 tensor-core FLOPs: three TF32 MMAs at half the bf16 rate.
 TF32X3_COST = 6.0
+#: A half x fp32 product as two TF32 MMAs (the fp32 operand split in a TF32 head and the rest).
+TF32X2_COST = 4.0
 #: Bytes per element of PEFT's LoRA adapter weights by default (fp32: ``autocast_adapter_dtype=True``).
 PEFT_ADAPTER_BYTES = 4
 
@@ -63,14 +66,15 @@ class Kernel:
     flops: float
     tf32x3_flops: float = 0.0
     fp32_flops: float = 0.0
+    tf32x2_flops: float = 0.0
 
     @property
     def bytes(self) -> float:
         return self.read + self.write
 
     def flop_time_s(self, hw: dict) -> float:
-        half = self.flops - self.tf32x3_flops - self.fp32_flops
-        return ((half + TF32X3_COST * self.tf32x3_flops) / hw["peak_flops"]
+        half = self.flops - self.tf32x3_flops - self.fp32_flops - self.tf32x2_flops
+        return ((half + TF32X3_COST * self.tf32x3_flops + TF32X2_COST * self.tf32x2_flops) / hw["peak_flops"]
                 + self.fp32_flops / hw.get("fp32_flops", hw["peak_flops"]))
 
     def bound_s(self, hw: dict) -> float:
@@ -78,9 +82,14 @@ class Kernel:
 
 
 def _mm(name, read, write, flops, math) -> Kernel:
-    """A kernel whose FLOPs all run in ``math``: "half" (tensor cores), "tf32x3" or "fp32"."""
+    """A kernel whose FLOPs all run in ``math``: "half" (tensor cores), "tf32x3", "tf32x2" or "fp32"."""
     return Kernel(name, read, write, flops, tf32x3_flops=flops if math == "tf32x3" else 0.0,
-                  fp32_flops=flops if math == "fp32" else 0.0)
+                  fp32_flops=flops if math == "fp32" else 0.0, tf32x2_flops=flops if math == "tf32x2" else 0.0)
+
+
+def _skinny_math(act_bytes, other_bytes) -> str:
+    """The skinny kernel's arithmetic: a half activation times an fp32 operand runs as two TF32 MMAs."""
+    return "tf32x2" if (act_bytes, other_bytes) == (2, 4) else _math(act_bytes, other_bytes)
 
 
 def _math(*elem_bytes) -> str:
@@ -137,21 +146,21 @@ def fused_kernels(M, K, N, r, e=2, p=0.0, backward=False, a=PEFT_ADAPTER_BYTES) 
                       fp32_flops=(main if base == "fp32" else 0.0) + (low if lr == "fp32" else 0.0))
 
     if not backward:
-        return [_mm("shrink S = dropout(x) A^T", M * K * e + r * K * a, M * r * f, 2 * M * K * r, _math(e, a)),
+        return [_mm("shrink S = dropout(x) A^T", M * K * e + r * K * a, M * r * f, 2 * M * K * r, _skinny_math(e, a)),
                 gemm("fused GEMM y = x W^T + s S B^T", M * K * e + N * K * e + M * r * f + N * r * a,
                      M * N * e, 2 * M * N * K, 2 * M * N * r)]
-    return [_mm("G = dY B", M * N * e + N * r * a, M * r * f, 2 * M * N * r, _math(e, a)),
+    return [_mm("G = dY B", M * N * e + N * r * a, M * r * f, 2 * M * N * r, _skinny_math(e, a)),
             gemm("fused GEMM dX = dY W + s (G A)", M * N * e + N * K * e + M * r * f + r * K * a,
                  M * K * e, 2 * M * N * K, 2 * M * r * K),
-            _mm("dB = s dY^T S", M * N * e + M * r * f, N * r * f, 2 * M * N * r, _math(e, f)),
-            _mm("dA = s G^T dropout(x)", M * r * f + M * K * e, r * K * f, 2 * M * r * K, _math(e, f))]
+            _mm("dB = s dY^T S", M * N * e + M * r * f, N * r * f, 2 * M * N * r, _skinny_math(e, f)),
+            _mm("dA = s G^T dropout(x)", M * r * f + M * K * e, r * K * f, 2 * M * r * K, _skinny_math(e, f))]
 
 
 def _chain(ks: list[Kernel], hw: dict) -> dict:
     return {"kernels": len(ks), "bytes": sum(k.bytes for k in ks), "flops": sum(k.flops for k in ks),
             "bound_s": sum(k.bound_s(hw) for k in ks),
             "detail": [{"kernel": k.name, "read": k.read, "write": k.write, "flops": k.flops,
-                        "tf32x3_flops": k.tf32x3_flops, "fp32_flops": k.fp32_flops,
+                        "tf32x3_flops": k.tf32x3_flops, "tf32x2_flops": k.tf32x2_flops, "fp32_flops": k.fp32_flops,
                         "bound_s": k.bound_s(hw)} for k in ks]}
 
 

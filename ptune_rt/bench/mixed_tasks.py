@@ -555,7 +555,7 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptune_rt.bench.runner import add_common_arguments
+    from ptune_rt.bench.common import add_common_arguments
 
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite mixed-tasks",
@@ -574,7 +574,7 @@ def run(args, command_argv) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from ptune_rt.bench.runner import provenance, wait_for_quiet
+    from ptune_rt.bench.common import provenance, wait_for_quiet
     from ptune_rt.bench.workload import build_base, default_device
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -626,7 +626,7 @@ def run(args, command_argv) -> dict:
 def main(argv=None, command_argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from ptune_rt.bench.runner import default_out_dir
+    from ptune_rt.bench.common import default_out_dir
 
     command_argv = list(command_argv) if command_argv is not None else ["--suite", "mixed-tasks"] + argv
     out_dir = args.out or default_out_dir()

@@ -624,7 +624,7 @@ def run(args, command_argv) -> dict:
     from tqdm.auto import tqdm
 
     import ptune_rt
-    from ptune_rt.bench.runner import provenance, wait_for_quiet
+    from ptune_rt.bench.common import provenance, wait_for_quiet
     from ptune_rt.bench.workload import default_device
 
     if args.repeats < 1 or (args.long_train_repeats is not None and args.long_train_repeats < 1):
@@ -1092,7 +1092,7 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptune_rt.bench.runner import add_common_arguments
+    from ptune_rt.bench.common import add_common_arguments
 
     p = argparse.ArgumentParser(
         prog="ptune-rt bench --suite prefix",
@@ -1115,7 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None, command_argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from ptune_rt.bench.runner import default_out_dir
+    from ptune_rt.bench.common import default_out_dir
 
     command_argv = list(command_argv) if command_argv is not None else ["--suite", "prefix"] + argv
     out_dir = args.out or default_out_dir()

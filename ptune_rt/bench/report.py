@@ -321,10 +321,11 @@ def _analytic(results) -> list[str]:
     lines = [f"**Model, not a measurement.** One LoRA linear at 7B-class shapes, {sb['dtype']}, r={sb['r']}, "
              f"on an {hw['name']} ({hw['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16, {hw['hbm_bytes_per_s'] / 1e12:.2f} "
              "TB/s HBM3). Bytes = reads + writes of every kernel with ideal tiling; time bound = sum over the "
-             "kernels of max(FLOPs / peak, bytes / bandwidth). *Unfused* = HF PEFT's eager chain (base GEMM, "
-             "dropout copy + mask, A GEMM, B GEMM, scale, add; backward: the autograd chain plus the dX "
-             "accumulation); *fused* = ptune-rt's Triton kernels (shrink + GEMM with low-rank epilogue; backward "
-             "G, dX GEMM with epilogue, dB, dA; dropout mask regenerated).",
+             "kernels of max(FLOPs / peak, bytes / bandwidth). *Unfused* = HF PEFT's eager chain with its default "
+             "fp32 adapters (base GEMM, cast of x to fp32, dropout copy + mask, A GEMM, B GEMM, scale, cast back, "
+             "add; backward: the autograd chain plus the dX accumulation); *fused* = ptune-rt's Triton kernels "
+             "(shrink + GEMM with a low-rank epilogue counted at 3xTF32's cost, 6x a bf16 MMA of its size; "
+             "backward G, dX GEMM with epilogue, dB, dA; dropout mask regenerated).",
              "",
              "| Shape (M x K -> N) | dropout | pass | kernels unfused / fused | HBM MB unfused | HBM MB fused | "
              "fused / unfused bytes | GFLOP (fused) | bound us unfused | bound us fused | bound speedup | frozen GEMM alone us |",

@@ -21,7 +21,7 @@ GOLD_POLICY = ("Gold: the eager reference in float64 for every case whose float6
 def _provenance(argv, device: str) -> dict:
     import torch
 
-    from ptune_rt.bench.runner import provenance
+    from ptune_rt.bench.common import provenance
     from ptune_rt.kernels._triton_utils import fp32_input_precision
 
     pv = provenance(device, argv)

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _refuse_out(out: Path) -> Optional[str]:
     """gpu-check never writes into the checkout's committed bench/results."""
-    from ptune_rt.bench.runner import find_checkout
+    from ptune_rt.bench.common import find_checkout
 
     root = find_checkout()
     if root is not None and out.resolve().is_relative_to((root / "bench" / "results").resolve()):

@@ -1,32 +1,25 @@
-"""``ptune-rt bench``: the LoRA benchmark + numerical-equality report.
+"""``ptune-rt bench --suite lora`` (the default suite): the LoRA benchmark + numerical-equality report.
 
 HF PEFT and ptune-rt (and, where it means something, the frozen base model without any adapter)
 run side by side in one process on the same weights and inputs, with interleaved timings. The run
 writes ``lora_<device>.json`` (all numbers plus provenance), ``lora_<device>.md`` (the tables) and
 ``lora_<device>.png`` (a plot), and prints the tables.
-
-``ptune-rt bench --suite mixed-tasks`` runs the mixed-task serving benchmark instead
-(``ptune_rt.bench.mixed_tasks``, with its own options), ``ptune-rt bench --suite prefix`` the
-prefix-tuning benchmark (``ptune_rt.bench.prefix``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+
+from ptune_rt.bench.common import add_common_arguments, default_out_dir, provenance, wait_for_quiet
 
 #: Run order: timings first (right after the optional wait for a quiet machine).
 SECTIONS = ("speed", "memory", "ops", "flops", "equality", "analytic", "triton")
-#: Benchmark suites behind ``ptune-rt bench --suite``.
-SUITES = ("lora", "mixed-tasks", "prefix")
 
 #: Targets for ptune-rt vs HF PEFT (speed ratios: PEFT time / ptune-rt time; bytes: ptune-rt / PEFT).
 TARGETS = {
@@ -37,91 +30,6 @@ TARGETS = {
     "saved_activation_bytes_ratio_dropout0.1": 0.60,
     "compute_ops_per_lora_linear": 1.0,
 }
-
-
-# ----------------------------------------------------------------------------------------
-# where things go, what they ran on
-# ----------------------------------------------------------------------------------------
-
-
-def _looks_like_checkout(d: Path) -> bool:
-    return (d / "setup.py").is_file() and (d / "ptune_rt").is_dir() and (d / "bench").is_dir()
-
-
-def find_checkout() -> Optional[Path]:
-    """The source checkout this runs from: the package's own parent (editable install) or the cwd."""
-    import ptune_rt
-
-    pkg_parent = Path(ptune_rt.__file__).resolve().parent.parent
-    for d in (pkg_parent, Path.cwd().resolve()):
-        if _looks_like_checkout(d):
-            return d
-    return None
-
-
-def default_out_dir() -> Path:
-    root = find_checkout()
-    return root / "bench" / "results" if root is not None else Path.cwd() / "ptune-rt-bench"
-
-
-def _git(root: Optional[Path], *args) -> Optional[str]:
-    if root is None:
-        return None
-    try:
-        r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(mod: str) -> Optional[str]:
-    try:
-        m = __import__(mod)
-        return getattr(m, "__version__", None)
-    except Exception:
-        return None
-
-
-def provenance(device, argv) -> dict:
-    import torch
-
-    import ptune_rt
-
-    root = find_checkout()
-    commit = _git(root, "rev-parse", "HEAD")
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev_name = torch.cuda.get_device_name(dev)
-    else:
-        dev_name = _cpu_name()
-    return {
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(dev),
-        "device_name": dev_name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {"ptune_rt": ptune_rt.__version__, "torch": torch.__version__, "triton": _version("triton"),
-                     "transformers": _version("transformers"), "peft": _version("peft"),
-                     "matplotlib": _version("matplotlib")},
-        "git_commit": commit,
-        "git_dirty": bool(dirty) if dirty is not None else None,
-        "command": "ptune-rt bench " + " ".join(argv),
-    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,29 +349,11 @@ def evaluate_targets(results: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 
 
-def add_common_arguments(p: argparse.ArgumentParser, *, max_wait: float) -> None:
-    """The options every ``ptune-rt bench`` suite takes, with one meaning each: --quick, --out,
-    --device, --threads, --no-progress, --wait-for-load and --max-wait (default ``max_wait``)."""
-    p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: bench/results in a checkout, else ./ptune-rt-bench)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
-                   help="CPU runs: first wait (up to --max-wait s) until the 1-minute load average is below LOAD")
-    p.add_argument("--max-wait", type=float, default=max_wait, help="longest wait for --wait-for-load (s)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptune-rt bench",
         description="LoRA benchmark + numerical-equality report: HF PEFT vs ptune-rt (and the frozen base model) "
                     "on a Llama-like model with random weights, side by side in one run.")
-    p.add_argument("--suite", choices=SUITES, default="lora",
-                   help="lora (this benchmark, the default), mixed-tasks (several prompt-/prefix-tuned tasks in one "
-                        "batch vs PEFT task by task: ptune-rt bench --suite mixed-tasks --help) or prefix "
-                        "(prefix tuning through the fused prefix attention vs PEFT: ptune-rt bench --suite prefix --help)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
     p.add_argument("--sections", default=",".join(SECTIONS),
@@ -477,17 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "N-1 (steady state, as a training loop sees it; default 1: one step per model per round)")
     add_common_arguments(p, max_wait=1800.0)
     return p
-
-
-def wait_for_quiet(load: float, max_wait: float) -> dict:
-    """Sleep until the 1-minute load average drops below ``load`` (or ``max_wait`` passes)."""
-    t0 = time.monotonic()
-    while True:
-        cur = os.getloadavg()[0]
-        waited = time.monotonic() - t0
-        if cur < load or waited >= max_wait:
-            return {"threshold": load, "waited_s": waited, "load_when_started": cur, "quiet": cur < load}
-        time.sleep(10)
 
 
 def _progress_total(sections, repeats, warmup) -> int:
@@ -584,19 +463,8 @@ def _bench_model_analytic(wl) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None, command_argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    suite = argparse.ArgumentParser(add_help=False)
-    suite.add_argument("--suite", choices=SUITES, default="lora")
-    chosen, rest = suite.parse_known_args(argv)
-    if chosen.suite == "mixed-tasks":
-        from ptune_rt.bench import mixed_tasks
-
-        return mixed_tasks.main(rest, command_argv=argv)
-    if chosen.suite == "prefix":
-        from ptune_rt.bench import prefix
-
-        return prefix.main(rest, command_argv=argv)
     args = build_parser().parse_args(argv)
     from ptune_rt.bench import report
 
@@ -604,7 +472,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         # transformers' own deprecation notice, raised from inside PEFT on every training forward
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        results = run(args, argv)
+        results = run(args, command_argv if command_argv is not None else argv)
     paths = report.write_all(results, Path(out_dir))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
