@@ -5,6 +5,7 @@ import torch
 from ptune_rt.kernels.prompt_inputs import build_inputs_embeds as kernel
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
 from ptune_rt.reference.prompt_inputs import build_inputs_embeds_reference
+from ptune_rt.testing import assert_close_to_reference
 
 
 def make_src(B, L, V, P, seed=0, template=False):
@@ -59,3 +60,56 @@ def test_op_rejects_bad_input():
         build_inputs_embeds(src, emb, prompts)
     with pytest.raises(ValueError, match="hidden=8"):
         build_inputs_embeds(src, emb, prompts[..., :4], torch.tensor([0, 1]))
+
+
+def test_kernel_reads_strided_task_ids():
+    """task_ids as a stride-2 view (int32 and int64): the kernel uses its stride."""
+    B, L, V, H, P, T = 5, 7, 30, 24, 4, 3
+    src = make_src(B, L, V, P)
+    emb, prompts = torch.randn(V, H), torch.randn(T, P, H)
+    task_ids = torch.tensor([2, 0, 1, 2, 1])
+    for dtype in (torch.int32, torch.int64):
+        strided = torch.stack([task_ids, torch.zeros_like(task_ids)], 1).reshape(-1).to(dtype)[::2]
+        assert strided.stride(0) == 2
+        out = kernel(src, emb, prompts, strided)
+        assert torch.equal(out, build_inputs_embeds_reference(src, emb, prompts, task_ids))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_op_task_ids_of_any_integer_dtype_and_deterministic_gradients(backend, monkeypatch):
+    """int32 / int64 / int16 / uint8 task ids (contiguous or strided) give one result, and the
+    gradients of the prompts and the embedding table are bit-identical run to run without
+    index_add_ / index_put_ (not deterministic on CUDA)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("index_add_ / index_put_ accumulation is not deterministic on CUDA")
+
+    B, L, V, H, P, T = 4, 9, 30, 16, 3, 3
+    src = make_src(B, L, V, P, template=True)
+    src[0, 5] = src[1, 5] = src[2, 6] = 7  # token 7 repeats: its embedding gradient is a sum
+    emb0, prompts0 = torch.randn(V, H), torch.randn(T, P, H)
+    task_ids = torch.tensor([1, 0, 1, 1])
+    dout = torch.randn(B, L + P, H)
+    runs = []
+    for dtype in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        for tids in (task_ids.to(dtype), torch.stack([task_ids, task_ids], 1).reshape(-1).to(dtype)[::2]):
+            emb, prompts = emb0.clone().requires_grad_(), prompts0.clone().requires_grad_()
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "index_add_", refuse)
+                m.setattr(torch.Tensor, "index_put_", refuse)
+                out = build_inputs_embeds(src, emb, prompts, tids, backend=backend)
+                out.backward(dout)
+            runs.append((out, emb.grad, prompts.grad))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    assert torch.equal(runs[0][0], build_inputs_embeds_reference(src, emb0, prompts0, task_ids))
+    grads = {}
+    for tag, cast in (("ref", lambda t: t), ("gold", torch.Tensor.double)):  # eager fp32 and float64
+        emb, prompts = (cast(t).detach().clone().requires_grad_() for t in (emb0, prompts0))
+        build_inputs_embeds_reference(src, emb, prompts, task_ids).backward(cast(dout))
+        grads[tag] = (emb.grad, prompts.grad)
+    for name, got, ref, gold in zip(("d_embedding", "d_prompts"), runs[0][1:], grads["ref"], grads["gold"]):
+        assert_close_to_reference(got, ref, gold, torch.float32, f"op[{backend}]:{name}")
+    assert torch.count_nonzero(runs[0][2][2]) == 0  # task 2 is unused
+    with pytest.raises(ValueError, match="integer tensor"):
+        build_inputs_embeds(src, emb0, prompts0, task_ids.float(), backend=backend)

@@ -5,7 +5,8 @@
 for virtual tokens (src < 0). Registered as the custom op ``ptune_rt::build_inputs_embeds``; the
 Triton backend is one gather kernel (no concatenation, no per-row loop), the torch backend one
 embedding gather plus a scatter of the virtual rows. Gradients flow to the prompts (summed per
-task) and, if it requires them, to the embedding table.
+task) and, if it requires them, to the embedding table; both sums are PyTorch's embedding backward
+(deterministic on CUDA: sorted or in-order segments, no float atomics, unlike ``index_add_``).
 """
 from __future__ import annotations
 
@@ -57,16 +58,20 @@ def _backward(ctx, dout):
     demb = dprompts = None
     virt, rows, cols, t, v = _virtual_index(src, task_ids)
     if need_prompts:
-        d3 = torch.zeros(((1,) + p_shape) if len(p_shape) == 2 else p_shape, device=dout.device,
-                         dtype=torch.float32)
-        d3.index_put_((t, v), dout[rows, cols].float(), accumulate=True)
-        dprompts = d3.reshape(p_shape).to(p_dtype)
+        P = p_shape[-2]
+        T = 1 if len(p_shape) == 2 else p_shape[0]
+        dprompts = _sum_rows_by_index(dout[rows, cols], t * P + v, T * P).reshape(p_shape).to(p_dtype)
     if need_emb:
         tok = ~virt
-        demb = torch.zeros(emb_shape, device=dout.device, dtype=torch.float32)
-        demb.index_add_(0, src[tok].long(), dout[tok].float())
-        demb = demb.to(emb_dtype)
+        demb = _sum_rows_by_index(dout[tok], src[tok], emb_shape[0]).to(emb_dtype)
     return None, demb, dprompts, None, None
+
+
+def _sum_rows_by_index(rows: Tensor, index: Tensor, n: int) -> Tensor:
+    """[n, H] fp32: out[i] = sum of the ``rows`` [N, H] whose ``index`` is i. PyTorch's embedding
+    backward, deterministic on CUDA (``index_add_`` / ``index_put_(accumulate=True)`` are not
+    guaranteed to be)."""
+    return torch.ops.aten.embedding_dense_backward(rows.float(), index.long(), n, -1, False)
 
 
 build_inputs_embeds_op.register_autograd(_backward, setup_context=_setup)
@@ -74,7 +79,8 @@ build_inputs_embeds_op.register_autograd(_backward, setup_context=_setup)
 
 def build_inputs_embeds(src: Tensor, embedding: Tensor, prompts: Tensor, task_ids: Optional[Tensor] = None,
                         backend: str = "auto") -> Tensor:
-    """Validated entry point; see the module docstring. ``prompts`` [P, H] or [T, P, H] with task_ids [B]."""
+    """Validated entry point; see the module docstring. ``prompts`` [P, H] or [T, P, H] with task_ids [B]
+    (any integer dtype, converted to int32 for both backends)."""
     if src.dim() != 2 or src.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"src must be an integer tensor [batch, length], got {tuple(src.shape)} {src.dtype}")
     if embedding.dim() != 2:
@@ -95,11 +101,16 @@ def build_inputs_embeds(src: Tensor, embedding: Tensor, prompts: Tensor, task_id
                              f"values in [{lo}, {hi}]")
     if task_ids is not None:
         T = prompts.shape[0]
-        if tuple(task_ids.shape) != (src.shape[0],) or task_ids.dtype not in (torch.int32, torch.int64):
+        if tuple(task_ids.shape) != (src.shape[0],) or not _is_integer(task_ids.dtype):
             raise ValueError(f"task_ids must be an integer tensor [batch={src.shape[0]}], got "
                              f"{tuple(task_ids.shape)} {task_ids.dtype}")
         if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= T):
             raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(task_ids.min())}, "
                              f"{int(task_ids.max())}]")
+        task_ids = task_ids.to(torch.int32)  # every integer dtype alike (int32 stays as it is, any stride)
     chosen, _ = resolve_backend(backend, src.device)
     return build_inputs_embeds_op(src, embedding, prompts.to(embedding.dtype), task_ids, chosen)
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
