@@ -162,25 +162,44 @@ def test_every_shipped_config_is_covered(report):
 
 
 def test_every_shipped_prefix_attention_config_is_covered(report):
+    """Every configuration the runtime can launch is built: each kernel x each of its shipped configs
+    for that activation dtype and head dim (fp32 has its own lists, smaller at the 128-wide head tile)
+    x every head dim of HEAD_DIMS x fp16 / bf16 / fp32 (fp32 with IEEE and with TF32 dots) x sm_80 /
+    sm_90."""
+    import torch
+
     from ptune_rt.kernels import prefix_attention as PA
+
+    def parts(label):  # "fp16 D64 fwd causal", "fp32 tf32 D128 bwd dq ...": (dtype, dot precision, head dim)
+        words = label.split()
+        head = next((w for w in words if w[:1] == "D" and w[1:].isdigit()), None)
+        return words[0], "tf32" if words[1] == "tf32" else "ieee", head
+
     _, data = report
-    seen = {(r["kernel"], r["config"], r["arch"], r["label"].split()[0]) for r in data["results"] if r["aligned"]}
-    for kernel, configs in (("_attn_fwd_kernel", PA.FWD_CONFIGS), ("_attn_bwd_dq_kernel", PA.BWD_DQ_CONFIGS),
-                            ("_attn_bwd_dkdv_kernel", PA.BWD_DKDV_CONFIGS)):
-        for config in configs:
-            for arch in ("sm_80", "sm_90a"):
-                for dtype in ("fp16", "bf16"):
-                    assert (kernel, str(config), arch, dtype) in seen, (kernel, str(config), arch, dtype)
+    seen = {(r["kernel"], r["config"], r["arch"], *parts(r["label"])) for r in data["results"]
+            if r["aligned"] and r["kernel"].startswith("_attn")}
+    kernels = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}
+    cases = [(torch.float16, "fp16", "ieee"), (torch.bfloat16, "bf16", "ieee"), (torch.float32, "fp32", "ieee"),
+             (torch.float32, "fp32", "tf32")]
+    for name, kernel in kernels.items():
+        for dtype, short, precision in cases:
+            for head_dim in PA.HEAD_DIMS:
+                for config in PA.shipped_configs(name, dtype, head_dim):
+                    for arch in ("sm_80", "sm_90a"):
+                        want = (kernel, str(config), arch, short, precision, f"D{head_dim}")
+                        assert want in seen, want
 
 
 def test_every_shipped_input_builder_config_is_covered(report):
     from ptune_rt.kernels import prompt_inputs as PI
     _, data = report
-    seen = {(r["kernel"], r["config"], r["arch"], r["label"].split()[0]) for r in data["results"] if r["aligned"]}
+    seen = {(r["kernel"], r["config"], r["arch"], r["label"]) for r in data["results"] if r["aligned"]}
     for config in PI.CONFIGS:
         for arch in ("sm_80", "sm_90a"):
             for dtype in ("fp16", "bf16", "fp32"):
-                assert ("_build_inputs_kernel", str(config), arch, dtype) in seen, (str(config), arch, dtype)
+                for tasks in ("one task", "tasks"):  # one prompt, and a per-row task stack
+                    want = ("_build_inputs_kernel", str(config), arch, f"{dtype} {tasks}")
+                    assert want in seen, want
 
 
 def test_sm90_half_gemms_use_wgmma_and_keep_their_dtype(report):

@@ -11,7 +11,8 @@ an autograd formula, so ``torch.compile`` sees one op). Two backends:
   at all: every query sees every prefix key; the single [Hkv, P, D] prefix broadcast over rows
   with stride 0, never copied). Backward calls the fused backward twice with the merged output
   and the joint LSE, which gives exactly the joint softmax's gradient for each key set; the
-  prefix gradient comes out per row and is summed over the batch (or per task).
+  prefix gradient comes out per row and is summed over the batch (or per task, by a
+  deterministic float64 one-hot product: no ``index_add_`` atomics).
 
 Both save only q, k, v, the prefix, the output and the LSE for backward: no attention matrix, no
 mask, no concatenated K/V.
@@ -110,10 +111,19 @@ def _torch_backward(do, q, k, v, pk, pv, o, lse, kv_mask, task_ids, causal, scal
     if task_ids is None:
         dpk, dpv = dpk_rows.float().sum(0), dpv_rows.float().sum(0)
     else:
-        shape = (num_tasks,) + tuple(dpk_rows.shape[1:])
-        dpk = dpk_rows.new_zeros(shape, dtype=torch.float32).index_add_(0, task_ids.long(), dpk_rows.float())
-        dpv = dpv_rows.new_zeros(shape, dtype=torch.float32).index_add_(0, task_ids.long(), dpv_rows.float())
+        dpk = sum_rows_per_task(dpk_rows, task_ids, num_tasks)
+        dpv = sum_rows_per_task(dpv_rows, task_ids, num_tasks)
     return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)
+
+
+def sum_rows_per_task(rows: Tensor, task_ids: Tensor, num_tasks: int) -> Tensor:
+    """[T, ...] fp32 sums of the [B, ...] per-row ``rows`` by task, deterministically: a float64
+    one-hot product over the rows (``index_add_`` uses atomics on CUDA, so its sums change from run
+    to run; float64 also keeps a TF32 matmul setting from rounding the gradients). The kernels'
+    wrapper sums its per-row partials the same way."""
+    onehot = task_ids.long()[None, :] == torch.arange(num_tasks, device=rows.device)[:, None]
+    sums = onehot.to(torch.float64) @ rows.reshape(rows.shape[0], -1).to(torch.float64)
+    return sums.to(torch.float32).reshape((num_tasks,) + tuple(rows.shape[1:]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,6 +209,26 @@ def _check_task_range(task_ids: Tensor, num_tasks: int) -> None:
                          f"{int(task_ids.max())}]")
 
 
+def _is_integer(dtype: torch.dtype) -> bool:
+    """Any signed or unsigned integer dtype (task ids of every integer dtype are accepted alike)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def resolve_attention_backend(backend: str, device, head_dim: int) -> tuple[str, str]:
+    """``(backend, reason)`` for prefix attention of ``head_dim`` on ``device``: the common backend
+    choice, and a clear error where it picks the Triton kernels for a head dim they do not support
+    (above 128; the torch path runs on CPU tensors only, so there is nothing to fall back to on CUDA)."""
+    chosen, why = resolve_backend(backend, device)
+    if chosen == "triton":
+        from ptune_rt.kernels import prefix_attention as K
+        try:
+            K.check_head_dim(head_dim)
+        except ValueError as e:
+            raise ValueError(f"prefix_attention: backend={backend!r} takes the Triton kernels ({why}), but {e}; "
+                             "backend='torch' runs any head dim on CPU tensors") from None
+    return chosen, why
+
+
 def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
@@ -231,7 +261,7 @@ def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range=True
     if kv_mask is not None and tuple(kv_mask.shape) != (B, k.shape[2]):
         raise ValueError(f"kv_mask must be [batch={B}, keys={k.shape[2]}], got {tuple(kv_mask.shape)}")
     if task_ids is not None:
-        if tuple(task_ids.shape) != (B,) or task_ids.dtype not in (torch.int32, torch.int64):
+        if tuple(task_ids.shape) != (B,) or not _is_integer(task_ids.dtype):
             raise ValueError(f"task_ids must be an integer tensor [batch={B}], got {tuple(task_ids.shape)} "
                              f"{task_ids.dtype}")
         if check_task_range:
@@ -244,9 +274,10 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     """Attention of q [B, Hq, L, D] over [prefix ; k/v [B, Hkv, S, D]] with one softmax.
 
     prefix_k/v: [Hkv, P, D] shared by every row (cast to q's dtype here, so gradients flow into
-    fp32 parameters), or [T, Hkv, P, D] with ``task_ids`` [B]. ``kv_mask`` [B, S]: 1 for real keys,
-    0 for padding. Causal masking is bottom-right aligned (query i sees key t iff t <= S - L + i);
-    every query sees the whole prefix.
+    fp32 parameters), or [T, Hkv, P, D] with ``task_ids`` [B] (any integer dtype). ``kv_mask``
+    [B, S]: 1 for real keys, 0 for padding. Causal masking is bottom-right aligned (query i sees key
+    t iff t <= S - L + i); every query sees the whole prefix. The Triton backend takes head dims up
+    to 128 (a larger one is a ValueError naming it: :func:`resolve_attention_backend`).
     """
     return _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm_scale, backend, True)
 
@@ -260,10 +291,10 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm
     (keys, values) or None`` giving ``[every row's prefix ; k]`` / ``[... ; v]`` already laid out in
     one tensor (``ptune_rt.prefix_cache`` keeps the cache that way), so the step needs no concatenation."""
     _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range)
-    chosen, _ = resolve_backend(backend, q.device)
+    chosen, _ = resolve_attention_backend(backend, q.device, q.shape[-1])
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if task_ids is not None:
-        task_ids = task_ids.to(torch.int32)
+        task_ids = task_ids.to(torch.int32)  # every integer dtype alike (int32 stays as it is, any stride)
     if kv_mask is not None:
         kv_mask = kv_mask.to(torch.bool)
     pk, pv = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
