@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ptune_rt._cache_names import cache_from_kwargs
+from ptune_rt.methods import _config
 from ptune_rt.methods._heads import head_modules
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
@@ -356,31 +357,10 @@ def _batch_size(kwargs: dict) -> Optional[int]:
 
 
 def check_task_ids(task_ids, batch: Optional[int], num_tasks: int, device) -> Optional[torch.Tensor]:
-    """``task_ids`` as an int32 tensor [batch] on ``device`` (a scalar applies to every row), or None
-    for a one-task prefix; raises ValueError naming what was expected."""
-    if task_ids is None:
-        if num_tasks > 1:
-            raise ValueError(f"task_ids is required: this model has prefixes for num_tasks={num_tasks} tasks; pass "
-                             f"task_ids=[batch] integers in [0, {num_tasks}) (one task per row)")
-        return None
-    if not isinstance(task_ids, torch.Tensor):
-        try:
-            task_ids = torch.as_tensor(task_ids)
-        except Exception:
-            raise ValueError(f"task_ids must be an integer tensor [batch], got {type(task_ids).__name__}") from None
-    if task_ids.dim() == 0 and batch is not None:
-        task_ids = task_ids.expand(batch)
-    if task_ids.dim() != 1 or (batch is not None and task_ids.shape[0] != batch) or \
-            task_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"task_ids must be an integer tensor [batch={batch if batch is not None else '?'}], got "
-                         f"shape {tuple(task_ids.shape)} and dtype {task_ids.dtype}")
-    if task_ids.numel():
-        lo, hi = int(task_ids.min()), int(task_ids.max())
-        if lo < 0 or hi >= num_tasks:
-            raise ValueError(f"task_ids must be in [0, num_tasks={num_tasks}), got values in [{lo}, {hi}]")
-    if num_tasks == 1:
-        return None
-    return task_ids.to(device=device, dtype=torch.int32)
+    """``task_ids`` (any integer dtype) as an int32 tensor [batch] on ``device`` (a scalar applies to
+    every row), or None for a one-task prefix; raises ValueError naming what was expected."""
+    tasks = _config.check_task_ids(task_ids, batch, num_tasks, "prefixes")
+    return tasks.to(device) if tasks is not None else None
 
 
 def _resolve_tasks(state: PrefixState, task_ids, kwargs: dict, device):

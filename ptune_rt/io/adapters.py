@@ -97,6 +97,7 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
     method: "lora", "prefix", "prompt_tuning" or "p_tuning", for a model that carries several
         (each is saved on its own).
     """
+    _check_path_and_name(path, adapter_name)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if method is not None and method not in _METHODS:
@@ -149,6 +150,13 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
     durable.replace_checkpoint(directory, (config_name, config_bytes), (weights_name, weight_bytes),
                                tuple(FILES.values()))
     return str(directory)
+
+
+def _check_path_and_name(path, adapter_name) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a directory), got {type(path).__name__}")
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+        raise TypeError(f"adapter_name must be None or a non-empty str, got {adapter_name!r}")
 
 
 def _unwrap_peft(model: nn.Module, adapter_name: Optional[str]):
@@ -240,6 +248,7 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     backend: backend of newly created LoRA modules, prefix or soft prompt ("auto", "triton", "torch"; default:
         the saved config's for the own format, "auto" for PEFT's).
     """
+    _check_path_and_name(path, adapter_name)
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be None (detect) or one of {FORMATS}, got {format!r}")
     if backend is not None and backend not in BACKENDS:

@@ -125,6 +125,27 @@ def shape_str(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
+def name_list(d: dict, key: str, source: str) -> list[str]:
+    """``d[key]`` as a list of non-empty names (absent or null: empty)."""
+    v = d.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(h, str) and h for h in v):
+        raise AdapterError(f"{source}: {key!r} must be a list of module names, got {v!r}")
+    return list(v)
+
+
+def saved_model_and_heads(d: dict, source: str) -> tuple[Optional[str], Optional[str], list[str]]:
+    """(model_type, model class, modules_to_save) of an own-format config: the fingerprint fields
+    every method writes."""
+    model = d.get("model")
+    model = {} if model is None else model
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), (str, type(None)))
+                                              for k in ("model_type", "class")):
+        raise AdapterError(f"{source}: 'model' must be an object {{model_type, class}} of strings, got {model!r}")
+    return model.get("model_type"), model.get("class"), name_list(d, "modules_to_save", source)
+
+
 def int_field(d: dict, key: str, source: str, required: bool = True, minimum: int = 1) -> Optional[int]:
     """``d[key]`` as an integer >= ``minimum`` (None when absent and not ``required``)."""
     v = d.get(key)

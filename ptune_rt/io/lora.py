@@ -27,7 +27,8 @@ from ptune_rt.swap import DEFAULT_TARGETS, restore_lora
 
 from . import peft_config
 from .common import (AdapterError, config_from_ptune, cpu_copy, exact_regex, is_linear_like, match_heads,
-                     match_targets, model_class, model_type, module_view, raise_problems, shape_str)
+                     match_targets, model_class, model_type, module_view, raise_problems, saved_model_and_heads,
+                     shape_str)
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
@@ -208,7 +209,8 @@ class LoRASpec:
 def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
     """A LoRASpec from PEFT's ``adapter_config.json`` dict for LORA."""
     config, exclude = peft_config.read_lora_config(d, source, backend or "auto")
-    return LoRASpec(config=config, source=source, exclude_modules=exclude, heads=peft_config.peft_task_heads(d))
+    return LoRASpec(config=config, source=source, exclude_modules=exclude,
+                    heads=peft_config.peft_task_heads(d, source))
 
 
 def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
@@ -233,20 +235,19 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
         raise AdapterError(f"{source}: 'targets' must be a non-empty list of "
                            "{module, in_features, out_features, kind} objects")
     for e in entries:
-        try:
-            targets[str(e["module"])] = (int(e["in_features"]), int(e["out_features"]), str(e.get("kind", "linear")))
-        except (KeyError, TypeError, ValueError) as err:
-            raise AdapterError(f"{source}: malformed entry in 'targets': {e!r} (expected module, in_features, "
-                               "out_features, kind)") from err
-    model = d.get("model") or {}
-    heads = d.get("modules_to_save") or []
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-        raise AdapterError(f"{source}: 'modules_to_save' must be a list of module names, got {heads!r}")
-    return LoRASpec(config=config, source=source, targets=targets, model_type=model.get("model_type"),
-                    model_class=model.get("class"), heads=list(heads), heads_exact=True)
+        ok = isinstance(e, dict) and isinstance(e.get("module"), str) and e.get("kind", "linear") in _KINDS
+        if not ok or any(not isinstance(e.get(k), int) or isinstance(e.get(k), bool) or e.get(k) < 1
+                         for k in ("in_features", "out_features")):
+            raise AdapterError(f"{source}: malformed entry in 'targets': {e!r} (expected module: a name, "
+                               f"in_features / out_features: integers >= 1, kind: one of {_KINDS})")
+        targets[e["module"]] = (e["in_features"], e["out_features"], e.get("kind", "linear"))
+    mtype, mclass, heads = saved_model_and_heads(d, source)
+    return LoRASpec(config=config, source=source, targets=targets, model_type=mtype, model_class=mclass,
+                    heads=heads, heads_exact=True)
 
 
 _PEFT_WRAPPER_PARTS = ("original_module.", "modules_to_save.")
+_KINDS = ("linear", "conv1d")
 
 
 class LoRALoadPlan:
@@ -468,6 +469,8 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
                             f"{_shape_reason(k, lora_keys, shapes, cfg.r)}, found {shape_str(t.shape)}")
         elif not t.is_floating_point():
             problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
+        elif not bool(torch.isfinite(t).all()):
+            problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
     raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
 
     apply_config = final_config = None

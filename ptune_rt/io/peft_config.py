@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ptune_rt.methods._config import check_bool, check_int, check_number, check_regex
 from ptune_rt.methods.lora import LoRAConfig
 
-from .common import AdapterError
+from .common import AdapterError, name_list
 
 #: Prefix of every LoRA key in a PEFT checkpoint (the PeftModel -> LoraModel -> base model path).
 PEFT_KEY_PREFIX = "base_model.model."
@@ -135,9 +136,9 @@ def _unsupported_features(d: dict) -> list[str]:
     return out
 
 
-def peft_task_heads(d: dict) -> list[str]:
+def peft_task_heads(d: dict, source: str) -> list[str]:
     """``modules_to_save`` of a PEFT config plus the heads its task wrapper adds."""
-    heads = list(d.get("modules_to_save") or [])
+    heads = name_list(d, "modules_to_save", source)
     for h in TASK_HEADS.get(d.get("task_type"), []):
         if h not in heads:
             heads.append(h)
@@ -156,14 +157,30 @@ def read_lora_config(d: dict, source: str, backend: str) -> tuple[LoRAConfig, An
     elif tm is not None and not isinstance(tm, str):
         raise AdapterError(f"{source}: target_modules must be a list of names, a regex string or null, got {tm!r}")
     exclude = d.get("exclude_modules")
-    if exclude is not None and not isinstance(exclude, (str, list, tuple)):
+    if exclude is not None and not (isinstance(exclude, str) or isinstance(exclude, (list, tuple)) and all(
+            isinstance(e, str) and e for e in exclude)):
         raise AdapterError(f"{source}: exclude_modules must be a list of names, a regex string or null, "
                            f"got {exclude!r}")
+    _check_lora_fields(d, source, tm, exclude)
     init = d.get("init_lora_weights", True)
     try:
         config = LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-                            target_modules=tm, bias=d.get("bias", "none"), use_rslora=bool(d.get("use_rslora", False)),
+                            target_modules=tm, bias=d.get("bias", "none"), use_rslora=d.get("use_rslora", False),
                             init="gaussian" if init == "gaussian" else "default", backend=backend)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{source}: not a valid LoRA config for ptune_rt: {e}") from e
     return config, (list(exclude) if isinstance(exclude, tuple) else exclude)
+
+
+def _check_lora_fields(d: dict, source: str, target_modules, exclude_modules) -> None:
+    """PEFT's LoRA fields by their names in the file: types, finite numbers, regexes that compile."""
+    try:
+        check_int(f"{source}: r", d.get("r", 8))
+        check_number(f"{source}: lora_alpha", d.get("lora_alpha", 8), 0.0, low_open=True)
+        check_number(f"{source}: lora_dropout", d.get("lora_dropout", 0.0), 0.0, 1.0)
+        check_bool(f"{source}: use_rslora", d.get("use_rslora", False))
+        for key, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+            if isinstance(value, str):
+                check_regex(f"{source}: {key}", value)
+    except ValueError as e:
+        raise AdapterError(str(e)) from None

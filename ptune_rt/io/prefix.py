@@ -36,7 +36,7 @@ from . import peft_config
 from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
                      collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
                      int_field, model_class, model_type, module_view, peft_prompt_learning_export,
-                     prompt_head_destinations, raise_problems, shape_str)
+                     prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
 
 METHOD = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
@@ -206,7 +206,7 @@ def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None
     return PrefixSpec(source=source, config=config, flat=True, layout=layout, layout_fields=fields,
-                      heads=peft_config.peft_task_heads(d))
+                      heads=peft_config.peft_task_heads(d, source))
 
 
 def tensors_from_peft(raw: dict[str, torch.Tensor], weights_file: str):
@@ -232,15 +232,12 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
         raise AdapterError(f"{source}: prefix.prefix_projection={fp.get('prefix_projection')!r} but "
                            f"config.prefix_projection={config.prefix_projection!r}")
     hidden = int_field(fp, "encoder_hidden_size", where, required=config.prefix_projection)
-    model = d.get("model") or {}
-    heads = d.get("modules_to_save") or []
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-        raise AdapterError(f"{source}: 'modules_to_save' must be a list of module names, got {heads!r}")
+    mtype, mclass, heads = saved_model_and_heads(d, source)
     fields = (f"num_layers={layout.layers}, num_kv_heads={layout.kv_heads}, head_dim={layout.head_dim} in "
               "its fingerprint")
     return PrefixSpec(source=source, config=config, flat=False, layout=layout, layout_fields=fields,
-                      hidden=hidden if config.prefix_projection else None, model_type=model.get("model_type"),
-                      model_class=model.get("class"), heads=list(heads), heads_exact=True)
+                      hidden=hidden if config.prefix_projection else None, model_type=mtype,
+                      model_class=mclass, heads=heads, heads_exact=True)
 
 
 class PrefixLoadPlan:

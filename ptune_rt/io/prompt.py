@@ -46,7 +46,7 @@ from . import peft_config
 from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
                      collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
                      int_field, model_class, model_type, module_view, peft_prompt_learning_export,
-                     prompt_head_destinations, raise_problems)
+                     prompt_head_destinations, raise_problems, saved_model_and_heads)
 
 #: own method name -> PEFT peft_type
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
@@ -360,7 +360,7 @@ def spec_from_peft(d: dict, source: str, backend: Optional[str], peft_type: str)
     except ValueError as e:
         raise AdapterError(f"{source}: {e}") from None
     return PromptSpec(source=source, method="prompt_tuning", config=config, flat=True, peft_type=peft_type,
-                      hidden=hidden, heads=peft_config.peft_task_heads(d))
+                      hidden=hidden, heads=peft_config.peft_task_heads(d, source))
 
 
 def _int_list(v, what: str) -> list[int]:
@@ -421,13 +421,10 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str], method: str) -
     if template != layout["template"] or not 0 <= layout["before_input"] <= len(template):
         raise AdapterError(f"{where}.template={layout['template']} (before_input={layout['before_input']}) does not "
                            f"match the template the config gives with the saved token ids ({template})")
-    model = d.get("model") or {}
-    heads = d.get("modules_to_save") or []
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-        raise AdapterError(f"{source}: 'modules_to_save' must be a list of module names, got {heads!r}")
+    mtype, mclass, heads = saved_model_and_heads(d, source)
     return PromptSpec(source=source, method=method, config=config, flat=False, hidden=layout["hidden_size"],
-                      layout=layout, model_type=model.get("model_type"), model_class=model.get("class"),
-                      heads=list(heads), heads_exact=True)
+                      layout=layout, model_type=mtype, model_class=mclass, heads=heads,
+                      heads_exact=True)
 
 
 def _describe(lay: dict) -> str:

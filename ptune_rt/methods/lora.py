@@ -14,7 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ptune_rt.methods._config import config_kwargs
+from ptune_rt.methods._config import (check_bool, check_choice, check_int, check_number, check_regex,
+                                      config_kwargs)
 from ptune_rt.ops.lora_linear import (_ZERO_SEED, BACKENDS, OP_DTYPES, _check_inputs, _torch_forward, lora_linear,
                                       lora_linear_fwd, lora_linear_group, lora_linear_swiglu,
                                       resolve_backend)
@@ -68,23 +69,18 @@ class LoRAConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"LoRAConfig.r must be an integer >= 1, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"LoRAConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INIT_MODES:
-            raise ValueError(f"LoRAConfig.init must be one of {INIT_MODES}, got {self.init!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"LoRAConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        for flag in ("recompute_mlp", "group_projections"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"LoRAConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        check_int("LoRAConfig.r", self.r)
+        check_number("LoRAConfig.alpha", self.alpha, 0.0, low_open=True)
+        check_number("LoRAConfig.dropout", self.dropout, 0.0, 1.0)
+        check_choice("LoRAConfig.bias", self.bias, BIAS_MODES)
+        check_choice("LoRAConfig.init", self.init, INIT_MODES)
+        check_choice("LoRAConfig.backend", self.backend, BACKENDS)
+        for flag in ("use_rslora", "recompute_mlp", "group_projections"):
+            check_bool(f"LoRAConfig.{flag}", getattr(self, flag))
         tm = self.target_modules
-        if tm is not None and not isinstance(tm, str) and not all(isinstance(t, str) and t for t in tm):
+        if isinstance(tm, str):
+            check_regex("LoRAConfig.target_modules", tm)
+        elif tm is not None and not (isinstance(tm, (list, tuple)) and all(isinstance(t, str) and t for t in tm)):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
 
     @property
@@ -153,9 +149,6 @@ class LoRALinear(nn.Module):
                  adapter_name: str = "default"):
         super().__init__()
         self._init_base(base_layer, backend, adapter_name)
-        in_f, out_f = self.in_features, self.out_features
-        if r < 1 or r > min(in_f, out_f):
-            raise ValueError(f"rank r={r} must be between 1 and min(in_features={in_f}, out_features={out_f})")
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init)
 
     def _init_base(self, base_layer: nn.Module, backend: str, adapter_name: str) -> None:
@@ -207,8 +200,10 @@ class LoRALinear(nn.Module):
         if lora_A.weight.dtype != lora_B.weight.dtype:
             raise TypeError(f"lora_A and lora_B weights must share one dtype, got {lora_A.weight.dtype} and "
                             f"{lora_B.weight.dtype}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_number("dropout", dropout, 0.0, 1.0)
+        for name, v in (("scaling", scaling), ("alpha", alpha)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         self.lora_A[adapter_name] = lora_A
         self.lora_B[adapter_name] = lora_B
         self.r[adapter_name] = r
@@ -219,6 +214,7 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "default") -> None:
+        self._check_adapter_args(name, r, alpha, dropout, use_rslora, init)
         w = self.base_layer.weight
         # Adapter weights live in fp32 on a half-precision base (PEFT's default autocast_adapter_dtype).
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -238,6 +234,18 @@ class LoRALinear(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
+
+    def _check_adapter_args(self, name, r, alpha, dropout, use_rslora, init) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        check_int("r", r)
+        in_f, out_f = self.in_features, self.out_features
+        if r > min(in_f, out_f):
+            raise ValueError(f"rank r={r} must be between 1 and min(in_features={in_f}, out_features={out_f})")
+        check_number("alpha", alpha, 0.0, low_open=True)
+        check_number("dropout", dropout, 0.0, 1.0)
+        check_bool("use_rslora", use_rslora)
+        check_choice("init", init, INIT_MODES)
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter ``name`` (not the active one, nor one merged into the base weight)."""

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ptune_rt.methods._config import config_kwargs
+from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number, config_kwargs
 from ptune_rt.methods._heads import check_modules_to_save
 from ptune_rt.methods.prompt import PromptTable, TaskLinear
 from ptune_rt.ops.lora_linear import BACKENDS
@@ -72,25 +72,13 @@ class PrefixConfig:
         self.validate()
 
     def validate(self) -> None:
-        p = self.num_virtual_tokens
-        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-            raise ValueError(f"PrefixConfig.num_virtual_tokens must be an integer >= 1, got {p!r}")
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"PrefixConfig.prefix_projection must be a bool, got {self.prefix_projection!r}")
-        h = self.encoder_hidden_size
-        if h is not None and (not isinstance(h, int) or isinstance(h, bool) or h < 1):
-            raise ValueError(f"PrefixConfig.encoder_hidden_size must be None or an integer >= 1, got {h!r}")
-        if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"PrefixConfig.position_mode must be one of {POSITION_MODES}, got "
-                             f"{self.position_mode!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"PrefixConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"PrefixConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        t = self.num_tasks
-        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
-            raise ValueError(f"PrefixConfig.num_tasks must be an integer >= 1, got {t!r}")
+        check_int("PrefixConfig.num_virtual_tokens", self.num_virtual_tokens)
+        check_bool("PrefixConfig.prefix_projection", self.prefix_projection)
+        check_int("PrefixConfig.encoder_hidden_size", self.encoder_hidden_size, optional=True)
+        check_choice("PrefixConfig.position_mode", self.position_mode, POSITION_MODES)
+        check_number("PrefixConfig.dropout", self.dropout, 0.0, 1.0)
+        check_choice("PrefixConfig.backend", self.backend, BACKENDS)
+        check_int("PrefixConfig.num_tasks", self.num_tasks)
         check_modules_to_save("PrefixConfig", self.modules_to_save)
 
     def to_dict(self) -> dict:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptune_rt._cache_names import cache_from_kwargs, cache_from_output
-from ptune_rt.methods._config import config_kwargs
+from ptune_rt.methods._config import check_choice, check_int, check_number, check_task_ids, config_kwargs
 from ptune_rt.methods._heads import check_modules_to_save, head_modules
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
@@ -79,11 +79,6 @@ _TEMPLATE_PIECE = re.compile(r"\[P(?:\*(\d+))?\]|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # ----------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------
-
-def _check_int(name: str, value, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
 
 def _tokenizer_to_dict(tokenizer):
     if tokenizer is None or isinstance(tokenizer, str):
@@ -120,10 +115,9 @@ class _ConfigIO:
         """The fields both soft-prompt configs share: counts, backend and modules_to_save (a tuple of
         names is kept as a list, so the JSON round trip compares equal)."""
         name = type(self).__name__
-        _check_int(f"{name}.num_virtual_tokens", self.num_virtual_tokens)
-        _check_int(f"{name}.num_tasks", self.num_tasks)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"{name}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_int(f"{name}.num_virtual_tokens", self.num_virtual_tokens)
+        check_int(f"{name}.num_tasks", self.num_tasks)
+        check_choice(f"{name}.backend", self.backend, BACKENDS)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
         check_modules_to_save(name, self.modules_to_save)
@@ -162,8 +156,7 @@ class PromptTuningConfig(_ConfigIO):
 
     def validate(self) -> None:
         self._check_common()
-        if self.init not in PROMPT_INITS:
-            raise ValueError(f"PromptTuningConfig.init must be one of {PROMPT_INITS}, got {self.init!r}")
+        check_choice("PromptTuningConfig.init", self.init, PROMPT_INITS)
         if self.init == "text":
             if not isinstance(self.init_text, str) or not self.init_text.strip():
                 raise ValueError(f"PromptTuningConfig.init_text must be a non-empty string when init='text', got "
@@ -220,16 +213,17 @@ class PTuningConfig(_ConfigIO):
 
     def validate(self) -> None:
         self._check_common()
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"PTuningConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.encoder_hidden_size is not None:
-            _check_int("PTuningConfig.encoder_hidden_size", self.encoder_hidden_size)
-        _check_int("PTuningConfig.encoder_num_layers", self.encoder_num_layers)
+        check_choice("PTuningConfig.encoder", self.encoder, ENCODERS)
+        check_int("PTuningConfig.encoder_hidden_size", self.encoder_hidden_size, optional=True)
+        check_int("PTuningConfig.encoder_num_layers", self.encoder_num_layers)
         if self.encoder == "mlp" and self.encoder_num_layers != 2:
             raise ValueError(f"PTuningConfig.encoder_num_layers applies to encoder='lstm' only (the MLP encoder has "
                              f"three linear layers); expected the default 2, got {self.encoder_num_layers!r}")
-        if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= float(self.encoder_dropout) < 1.0:
-            raise ValueError(f"PTuningConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        check_number("PTuningConfig.encoder_dropout", self.encoder_dropout, 0.0, 1.0)
+        anchors = self.anchors
+        if anchors is not None and not (isinstance(anchors, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in anchors.items())):
+            raise ValueError(f"PTuningConfig.anchors must be None or a dict of name -> text, got {anchors!r}")
         if self.template is not None and not isinstance(self.template, str):
             raise ValueError(f"PTuningConfig.template must be a string such as '[P*3] {{input}} [P*2]', got "
                              f"{self.template!r}")
@@ -556,25 +550,9 @@ def _mask_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _as_task_ids(task_ids, B: int, T: int, device) -> Optional[torch.Tensor]:
-    if task_ids is None:
-        if T > 1:
-            raise ValueError(f"task_ids is required: this model has soft prompts for num_tasks={T} tasks; pass "
-                             f"task_ids=[batch={B}] integers in [0, {T})")
-        return None
-    if not isinstance(task_ids, torch.Tensor):
-        try:
-            task_ids = torch.as_tensor(task_ids)
-        except Exception:
-            raise ValueError(f"task_ids must be an integer tensor [batch={B}], got {type(task_ids).__name__}") from None
-    if task_ids.dim() == 0:
-        task_ids = task_ids.expand(B)
-    if tuple(task_ids.shape) != (B,) or task_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"task_ids must be an integer tensor [batch={B}], got {tuple(task_ids.shape)} "
-                         f"{task_ids.dtype}")
-    if B and (int(task_ids.min()) < 0 or int(task_ids.max()) >= T):
-        raise ValueError(f"task_ids must be in [0, num_tasks={T}), got values in [{int(task_ids.min())}, "
-                         f"{int(task_ids.max())}]")
-    return task_ids.to(device) if T > 1 else None
+    """Each row's task as int32 [B] on ``device`` (None for one task); any integer dtype alike."""
+    tasks = check_task_ids(task_ids, B, T, "soft prompts")
+    return tasks.to(device) if tasks is not None else None
 
 
 class PromptForward:
