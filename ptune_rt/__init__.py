@@ -10,6 +10,7 @@ from ptune_rt.swap import accelerate_peft as accelerate
 from ptune_rt.swap import apply_lora as _apply_lora
 from ptune_rt.io import load_adapter, save_adapter
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
+from ptune_rt.methods.prefix import check_model_dtype as _check_prefix_dtype
 from ptune_rt import hf_attention as _prefix
 from ptune_rt.methods.prompt import PromptTuningConfig, PTuningConfig, remove_prompt
 from ptune_rt.methods.prompt import apply_prompt as _apply_prompt
@@ -22,6 +23,7 @@ def apply(model, config):
     if isinstance(config, LoRAConfig):
         return _prefix.keep_prefix_trainable(_apply_lora(model, config))
     if isinstance(config, PrefixConfig):
+        _check_prefix_dtype(model)
         return _prefix.apply_prefix(model, config)
     if isinstance(config, (PromptTuningConfig, PTuningConfig)):
         return _apply_prompt(model, config)

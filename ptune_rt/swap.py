@@ -19,10 +19,11 @@ import re
 import torch
 from torch import nn
 
-from ptune_rt.methods.lora import (Conv1D, LoRAConfig, LoRALinear, RecomputeSwiGLUMixin, disable_mlp_recompute,
-                                   disable_projection_groups, enable_mlp_recompute, enable_projection_groups,
-                                   linear_shape, projection_group_names)
-from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
+from ptune_rt.methods._config import check_bool
+from ptune_rt.methods.lora import (META_MERGE, Conv1D, LoRAConfig, LoRALinear, RecomputeSwiGLUMixin,
+                                   disable_mlp_recompute, disable_projection_groups, enable_mlp_recompute,
+                                   enable_projection_groups, linear_shape, projection_group_names)
+from ptune_rt.ops.lora_linear import BACKENDS, OP_DTYPES, resolve_backend
 
 #: Default targets per model type when ``target_modules`` is None (the same choice PEFT makes).
 DEFAULT_TARGETS = {
@@ -199,6 +200,22 @@ def _require_swapped(model: nn.Module, what: str) -> dict[str, LoRALinear]:
     return mods
 
 
+def _check_weight_dtype(module_name: str, layer: nn.Module, what: str, backend: str) -> None:
+    """Refuse now, not at the first forward, a layer whose dtype the chosen path cannot run: the fused
+    op takes float32, float16 and bfloat16; float64 runs on the torch path only (as plain torch ops)."""
+    dtype = layer.weight.dtype
+    if dtype in OP_DTYPES:
+        return
+    if dtype == torch.float64:
+        chosen, why = resolve_backend(backend, layer.weight.device)
+        if chosen == "torch":
+            return
+        raise ValueError(f"{what} {module_name!r}, whose weight is float64; the Triton kernels ({why}) take float32, "
+                         "float16 and bfloat16: cast the model, or run float64 with backend='torch' on CPU")
+    raise ValueError(f"{what} {module_name!r}, whose weight is {dtype}; ptune-rt's LoRA runs float32, float16 and "
+                     "bfloat16 layers (float64 on the torch path): cast the model or leave this layer out")
+
+
 def _check_backend(backend: str, module_name: str, layer: nn.Module, arg: str) -> None:
     try:
         resolve_backend(backend, layer.weight.device)
@@ -302,6 +319,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             raise ValueError(f"LoRAConfig.r={config.r} must be at most min(in_features={in_f}, "
                              f"out_features={out_f}) of target {n!r}")
         _check_backend(config.backend, n, layer, "LoRAConfig.backend")
+        _check_weight_dtype(n, layer, "LoRAConfig.target_modules selects", config.backend)
     new = {n: LoRALinear(model.get_submodule(n), config.r, config.alpha, config.dropout, config.use_rslora,
                          config.init, config.backend) for n in names}
 
@@ -356,6 +374,9 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     from ptune_rt import peft_compat  # PEFT prefix tuning / P-tuning v2 models: the fused prefix attention
 
     if peft_compat.is_peft_prefix_model(peft_model):
+        from ptune_rt.methods.prefix import check_model_dtype
+
+        check_model_dtype(peft_model, "ptune_rt.accelerate")
         return peft_compat.accelerate_prefix(peft_model, backend)
     LoraLayer, PeftLinear = _peft_lora_classes()
     if LoraLayer is None:
@@ -443,32 +464,103 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
         raise ValueError(f"{where}: lora_A / lora_B are on {a.weight.device} / {b.weight.device} but the base "
                          f"weight is on {dev}; expected one device")
     _check_backend(backend, name, base, "backend")
+    _check_weight_dtype(name, base, "ptune_rt.accelerate: PEFT LoRA layer", backend)
     return m, adapter, p
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, untie: bool = False) -> nn.Module:
     """Fold every swapped module's adapter into its base weight (see ``LoRALinear.merge``).
 
+    A base weight shared with another parameter (a tied model whose ``lm_head`` is a target shares
+    it with the input embedding) would give that parameter ``s B A`` too: refused with a
+    ValueError naming them, unless ``untie=True``, which first gives each such base layer its own
+    copy of the weight, sets ``tie_word_embeddings=False`` in the model's config so transformers
+    does not tie them again, and warns naming the parameters (PEFT warns and merges).
+
     All or nothing: if one module cannot merge, those merged by this call are unmerged again
-    (bit-exact) before the error propagates."""
+    (bit-exact) and untied weights are tied again before the error propagates."""
     mods = _require_swapped(model, "merge")
-    for n, m in mods.items():
-        if not m.merged and m.disabled:
+    check_bool("untie", untie)
+    todo = {n: m for n, m in mods.items() if not m.merged}
+    for n, m in todo.items():
+        if m.disabled:
             raise ValueError(f"cannot merge module {n!r}: its adapter is disabled")
-        if not m.merged and m.active_adapter not in m.lora_A:
+        if m.active_adapter not in m.lora_A:
             raise ValueError(f"cannot merge module {n!r}: active_adapter {m.active_adapter!r} is not one of its "
                              f"adapters {list(m.lora_A)}")
+        if m.on_meta():
+            raise ValueError(f"module {n!r}: {META_MERGE}")
+    tied = _tied_base_weights(model, todo)
+    if tied and not untie:
+        raise ValueError(f"cannot merge: {_describe_ties(tied)}; merging would add the adapter to those parameters "
+                         "too. Pass untie=True to give each LoRA base layer its own copy of the weight first")
+    retie = _untie(model, todo, tied) if tied else (lambda: None)
     done = []
     try:
-        for n, m in mods.items():
-            if not m.merged:
-                m.merge()
-                done.append(m)
+        for m in todo.values():
+            m.merge()
+            done.append(m)
     except Exception:
         for m in reversed(done):
             m.unmerge()
+        retie()
         raise
     return model
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _tied_base_weights(model: nn.Module, mods: dict[str, LoRALinear]) -> dict[str, list[str]]:
+    """LoRA module name -> the other parameters sharing its base weight's storage (tied weights)."""
+    by_storage: dict[tuple, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.numel():
+            by_storage.setdefault(_storage_key(p), []).append(n)
+    out = {}
+    for n, m in mods.items():
+        own = f"{n}.base_layer.weight"
+        others = [p for p in by_storage.get(_storage_key(m.base_layer.weight), []) if p != own]
+        if others:
+            out[n] = others
+    return out
+
+
+def _describe_ties(tied: dict[str, list[str]]) -> str:
+    return "; ".join(f"the base weight of LoRA module {n!r} is tied to {others}" for n, others in tied.items())
+
+
+def _untie(model: nn.Module, mods: dict[str, LoRALinear], tied: dict[str, list[str]]):
+    """Give each tied base layer its own copy of its weight and switch the config's tying off;
+    returns the function that undoes both."""
+    import warnings
+
+    configs = [c for c in _tie_configs(model) if getattr(c, "tie_word_embeddings", False)]
+    olds = {n: mods[n].base_layer.weight for n in tied}
+    warnings.warn(f"ptune_rt.merge(untie=True): {_describe_ties(tied)}; each of these LoRA base layers gets its own "
+                  "copy of the weight before merging (the tied parameters keep theirs), and the model config's "
+                  "tie_word_embeddings is set to False", UserWarning, stacklevel=3)
+    for n, w in olds.items():
+        mods[n].base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    for c in configs:
+        c.tie_word_embeddings = False
+
+    def retie():
+        for n, w in olds.items():
+            mods[n].base_layer.weight = w
+        for c in configs:
+            c.tie_word_embeddings = True
+    return retie
+
+
+def _tie_configs(model: nn.Module) -> list:
+    """The model's transformers config and its text config (where tie_word_embeddings may live)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    text = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
+    return [cfg] if text is cfg else [cfg, text]
 
 
 def _require_adapter(mods: dict[str, LoRALinear], name: str, prefix: str, hint: str = "") -> None:
@@ -650,6 +742,8 @@ def report(model: nn.Module) -> list[dict]:
     for n, m in lora_modules(model).items():
         backend, why = m.backend_choice()
         w = m.base_layer.weight
+        if w.dtype == torch.float64 and backend == "torch":
+            why += "; float64 as plain torch ops (the fused op takes float32, float16 and bfloat16)"
         name = m.active_adapter
         rows.append({"module": n, "method": "lora", "source": m.__dict__.get(SOURCE_ATTR, "apply"),
                      "adapter": name, "in_features": m.in_features, "out_features": m.out_features,

@@ -123,7 +123,8 @@ def lora_model(alpha: float, seed: int):
 def fingerprint(model) -> dict:
     """Every LoRA tensor and scaling of ``model``."""
     out = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    out.update({f"{n}.scaling": torch.tensor(m.scaling["default"]) for n, m in ptune_rt.swap.lora_modules(model).items()})
+    mods = ptune_rt.swap.lora_modules(model)
+    out.update({f"{n}.scaling": torch.tensor(m.scaling["default"]) for n, m in mods.items()})
     return out
 
 

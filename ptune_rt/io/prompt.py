@@ -539,8 +539,7 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
                                 f"{spec.layout['encoder_hidden_size']}, the model's "
                                 f"{existing['encoder_hidden_size']}{restore}")
     elif hasattr(model, prompt_mod.MODULE_ATTR):
-        problems.append(f"this {cls} already has a {prompt_mod.MODULE_ATTR!r} (a prefix, or a PEFT prompt-learning "
-                        "model?); a soft prompt goes into a plain Hugging Face model")
+        problems.append(prompt_mod.occupied_message(model))
     raise_problems(header, problems)
 
     # The keys: the table (PEFT) or the encoder's parameters (own format), and whole heads.

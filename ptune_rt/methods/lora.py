@@ -323,6 +323,8 @@ class LoRALinear(nn.Module):
             raise RuntimeError("cannot merge: the adapter of this LoRALinear is disabled (disabled=True)")
         if name not in self.lora_A:
             raise KeyError(f"active_adapter {name!r} is not an adapter of this module (has {list(self.lora_A)})")
+        if self.on_meta():
+            raise ValueError(META_MERGE)
         w = self.base_layer.weight
         with torch.no_grad():
             a = self.lora_A[name].weight.detach().clone()
@@ -365,6 +367,13 @@ class LoRALinear(nn.Module):
         self._merge_record = None
         self.merged = False
 
+    def on_meta(self) -> bool:
+        """True when the base weight or the active adapter holds no data (the meta device)."""
+        name = self.active_adapter
+        ts = [self.base_layer.weight] + ([self.lora_A[name].weight, self.lora_B[name].weight] if name in self.lora_A
+                                         else [])
+        return any(t.is_meta for t in ts)
+
     def merge_extra_bytes(self) -> int:
         """Bytes held while merged to make ``unmerge`` exact (0 when not merged)."""
         return self._merge_record.extra_bytes() if self._merge_record is not None else 0
@@ -386,15 +395,42 @@ class LoRALinear(nn.Module):
                     return y
         args = self._op_args()
         if args is None:
-            return self.base_layer(x)
+            return self._merged_guard(self.base_layer(x))
+        if self._float64_path(x):
+            return self._plain_forward(x, args)
         return lora_linear(x, *args, backend=self.backend)
+
+    def _float64_path(self, x) -> bool:
+        """A float64 layer and input on the torch path: a reference run, computed with plain torch ops
+        (the fused op takes float32, float16 and bfloat16)."""
+        return (isinstance(x, torch.Tensor) and x.dtype == torch.float64 == self.base_layer.weight.dtype
+                and self.backend_choice()[0] == "torch")
+
+    def _plain_forward(self, x: torch.Tensor, args: tuple) -> torch.Tensor:
+        """``x W^T + b + s (dropout(x) A^T) B^T`` as plain torch ops under autograd (PEFT's formula)."""
+        w, bias, a, b, scale, p = args
+        x2 = x.reshape(-1, self.in_features)
+        xd = nn.functional.dropout(x2, p) if p else x2
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+        y = y.addmm_(torch.mm(xd.to(a.dtype), a.t()), b.t(), alpha=scale)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _merged_guard(self, y: torch.Tensor) -> torch.Tensor:
+        """``y``, or while training a merged layer whose adapter requires grad, ``y`` through
+        :class:`_MergedAdapterGuard`: backward into that adapter then raises, naming merge / unmerge
+        (otherwise torch's "does not require grad" error, or a silently untrained adapter)."""
+        name = self.active_adapter
+        if not (self.merged and self.training and torch.is_grad_enabled() and name in self.lora_A):
+            return y
+        a = self.lora_A[name].weight
+        return _MergedAdapterGuard.apply(y, a) if a.requires_grad else y
 
     def forward_swiglu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``self(F.silu(g) * u)``; when autograd records, through :func:`lora_linear_swiglu`, which
         saves g and u instead of silu(g), u and the product. Hooks registered on this layer still
         run: a hooked layer takes the plain path."""
         args = self._op_args() if torch.is_grad_enabled() and not _has_hooks(self) else None
-        if args is None or self._small_batch_args(g) is not None:  # g: the shape and dtype of silu(g) * u
+        if args is None or self._small_batch_args(g) is not None or self._float64_path(g):  # g: like silu(g) * u
             return self(nn.functional.silu(g) * u)
         return lora_linear_swiglu(g, u, *args, backend=self.backend)
 
@@ -530,7 +566,7 @@ class LoRALinear(nn.Module):
                 return st[1]
             _ungroup(grp)  # computed for another input: these layers do not share one
             return None
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or x.dtype not in OP_DTYPES:
             return None
         members = []
         for m in grp:
@@ -630,6 +666,26 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         return (f"in={self.in_features}, out={self.out_features}, r={self.r.get(name)}, "
                 f"scaling={self.scaling.get(name)}, backend={self.backend}, merged={self.merged}")
+
+
+#: The error of merging on the meta device, where there are no weights to merge.
+META_MERGE = ("cannot merge: the weights are on the meta device (they hold no data); load the real weights first "
+              "(e.g. from_pretrained without device_map='meta', or to_empty() then load_state_dict)")
+
+
+class _MergedAdapterGuard(torch.autograd.Function):
+    """Identity on a merged layer's output that ties it to the adapter's A, so that backward reaches
+    here and raises a clear error instead of training nothing."""
+
+    @staticmethod
+    def forward(ctx, y, a):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        raise RuntimeError("a LoRA layer has its adapter merged into the base weight (ptune_rt.merge), so the "
+                           "adapter gets no gradient: call ptune_rt.unmerge(model) before training it (or freeze "
+                           "its lora_A / lora_B with requires_grad_(False) to train other parameters)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -96,6 +96,16 @@ class PrefixConfig:
         return cls.from_dict(json.loads(s))
 
 
+def check_model_dtype(model: nn.Module, what: str = "PrefixConfig") -> None:
+    """The fused prefix attention runs float32, float16 and bfloat16 activations: refuse a model with
+    floating-point parameters of another dtype (float64) before anything changes."""
+    for n, p in model.named_parameters() if isinstance(model, nn.Module) else ():
+        if p.is_floating_point() and p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{what}: parameter {n!r} of {type(model).__name__} is {p.dtype}; the fused prefix "
+                             "attention runs float32, float16 and bfloat16 models: cast the model first (e.g. "
+                             "model.float())")
+
+
 class PrefixEncoder(nn.Module):
     """The trainable prefix of every layer: ``forward()`` returns ``E [P, 2 * layers * kv_heads * head_dim]``
     (``[T, P, ...]`` with ``num_tasks=T > 1``).

@@ -802,6 +802,17 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
+def occupied_message(model: nn.Module) -> str:
+    """Why a model that already has a ``prompt_encoder`` attribute cannot take a soft prompt."""
+    from ptune_rt import hf_attention  # the prefix glue imports this module: look it up at call time
+
+    if hf_attention.has_prefix(model):
+        return (f"model already carries a ptune-rt prefix (model.{MODULE_ATTR}); a soft prompt and a prefix do not "
+                "combine on one model: ptune_rt.restore(model) first")
+    return (f"model already has an attribute {MODULE_ATTR!r} (a PEFT prompt-learning model?); expected a plain "
+            "Hugging Face model")
+
+
 def apply_prompt(model: nn.Module, config) -> nn.Module:
     """Give ``model`` (in place) the soft prompt of ``config``, freeze everything else, return it.
 
@@ -818,8 +829,7 @@ def apply_prompt(model: nn.Module, config) -> nn.Module:
         raise ValueError("model already carries a ptune-rt soft prompt; call ptune_rt.methods.prompt.remove_prompt"
                          "(model) first")
     if hasattr(model, MODULE_ATTR):
-        raise ValueError(f"model already has an attribute {MODULE_ATTR!r} (a PEFT prompt-learning model?); expected a "
-                         "plain Hugging Face model")
+        raise ValueError(occupied_message(model))
     hf_config = getattr(model, "config", None)
     if getattr(hf_config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model; soft prompts at the input support "
