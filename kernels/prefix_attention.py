@@ -439,14 +439,16 @@ def _launch(name: str, kernel, grid_fn, config, args, flags, sizes):
     (a single query block) take a fixed config, others the tuned choice for their key (CUDA)."""
     q = args[0]
     L, S, P = sizes
-    if config is None and not tunes_configs(q):
-        config = INTERPRET_CONFIG
-    elif config is None and L <= decode_config(name, q.dtype, flags["HEAD_DIM"]).meta["BLOCK_M"]:
-        config = decode_config(name, q.dtype, flags["HEAD_DIM"])
-    elif config is None:
-        config = _tuner(name, q.dtype, flags["HEAD_DIM"]).pick(
-            tuning_key(name, q.dtype, L, S, P, flags),
-            lambda c: launch(kernel, grid_fn(c.meta), c, *args, **flags))
+    if config is None:
+        fixed = decode_config(name, q.dtype, flags["HEAD_DIM"])
+        if not tunes_configs(q):
+            config = INTERPRET_CONFIG
+        elif L <= fixed.meta["BLOCK_M"]:  # one query block: nothing worth tuning
+            config = fixed
+        else:
+            config = _tuner(name, q.dtype, flags["HEAD_DIM"]).pick(
+                tuning_key(name, q.dtype, L, S, P, flags),
+                lambda c: launch(kernel, grid_fn(c.meta), c, *args, **flags))
     launch(kernel, grid_fn(config.meta), config, *args, **flags)
 
 
