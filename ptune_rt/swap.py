@@ -5,9 +5,10 @@
 * ``accelerate_peft(peft_model)``: replace the LoRA layers of an existing PEFT model by
   ``LoRALinear`` modules that reuse its very Parameter objects under the same names.
 * ``merge`` / ``unmerge``: fold the adapters into the base weights and back (bit-exact).
-* ``restore``: put the original modules back (the very same objects).
-* ``report`` / ``format_report``: which backend every swapped module, prefixed attention layer
-  and soft prompt takes, and why.
+* ``restore_lora``: put the original modules back (the very same objects).
+* ``lora_rows`` / ``prefix_rows`` / ``prompt_rows`` and their summaries: the ``report`` rows of
+  these methods (which backend every swapped module, prefixed attention layer and soft prompt
+  takes, and why), for the method registry (``ptune_rt.registry``).
 
 Only the instance passed in is changed, never a class. Every public function validates
 everything it needs before it changes anything, so a failed call leaves the model as it was.
@@ -401,7 +402,7 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
         _set_submodule(peft_model, n, lora)
     enable_mlp_recompute(peft_model)  # SwiGLU MLPs: recompute the gated product in backward
     enable_projection_groups(peft_model)  # q/k/v, gate/up: one shrink, dA and dX per group
-    return report(peft_model)
+    return lora_rows(peft_model)
 
 
 def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
@@ -663,35 +664,6 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def restore(model: nn.Module) -> nn.Module:
-    """Undo everything ptune-rt put into ``model``: LoRA swaps (see :func:`restore_lora`), a prefix
-    (attention implementation, hooks, encoder) and a soft prompt (forward wrapper, encoder). The
-    model comes back bit-exact."""
-    # the prefix / prompt glue imports the ops and transformers: keep swap importable alone
-    from ptune_rt import hf_attention
-    from ptune_rt.methods import prompt
-
-    _require_module(model)
-    from ptune_rt import peft_compat
-
-    if peft_compat.is_accelerated(model):  # a PEFT prefix model run by ptune_rt.accelerate
-        return peft_compat.restore_prefix(model)
-    has_lora, has_prefix = bool(lora_modules(model)), hf_attention.has_prefix(model)
-    has_prompt = prompt.is_prompt_model(model)
-    if not (has_lora or has_prefix or has_prompt):
-        raise ValueError("restore: model has no ptune-rt LoRA modules and no prefix or soft prompt; expected a "
-                         "model passed through ptune_rt.apply(...) or ptune_rt.accelerate(...)")
-    # LoRA first, then the prefix, then the soft prompt: each gives back the requires_grad flags it
-    # changed, so the original flags return whichever was applied first.
-    if has_lora:
-        restore_lora(model)
-    if has_prefix:
-        hf_attention.remove_prefix(model)
-    if has_prompt:
-        prompt.remove_prompt(model)
-    return model
-
-
 def restore_lora(model: nn.Module) -> nn.Module:
     """Undo ``apply`` / ``accelerate`` of LoRA: unmerge where merged, then put the original modules back
     (the very same objects, so weights are bit-exact) and, after ``apply``, the previous
@@ -717,25 +689,12 @@ def restore_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def report(model: nn.Module) -> list[dict]:
-    """What ptune-rt runs in ``model``, one row per unit, each with its backend and why.
-
-    * LoRA: one row per swapped module (keys: module, method "lora", source, adapter, in_features,
-      out_features, r, scaling, dropout, dtype, device, backend, why, merged, recompute_input: True
-      for the down projection of a SwiGLU MLP that recomputes silu(gate) * up in backward,
-      input_group: e.g. "q_proj+k_proj+v_proj" for a layer that trains in a projection group, else
-      None).
-    * prefix: one row per self-attention layer carrying the prefix (keys: module, method "prefix",
-      source, adapter, layer, num_virtual_tokens, num_tasks, kv_heads, head_dim, prefix_projection,
-      position_mode, dtype, device, backend, why, merged False). The backend is the prefix config's,
-      resolved for the layer's device; with attention dropout while training the layer runs an
-      unfused torch SDPA instead.
-    * soft prompt: one row (keys: module, method "prompt_tuning" / "p_tuning", source, adapter,
-      num_virtual_tokens, num_tasks, hidden_size, template_tokens, before_input, encoder,
-      trainable_parameters, dtype, device, backend and why of the input builder, merged False).
-
-    A PEFT model accelerated by ``ptune_rt.accelerate`` reports the prefix of its base model.
-    """
+def lora_rows(model: nn.Module) -> list[dict]:
+    """``report`` rows of LoRA: one per swapped module (keys: module, method "lora", source, adapter,
+    in_features, out_features, r, scaling, dropout, dtype, device, backend, why, merged,
+    recompute_input: True for the down projection of a SwiGLU MLP that recomputes silu(gate) * up
+    in backward, input_group: e.g. "q_proj+k_proj+v_proj" for a layer that trains in a projection
+    group, else None)."""
     rows = []
     recompute = {f"{n}.down_proj" for n, m in model.named_modules() if isinstance(m, RecomputeSwiGLUMixin)}
     groups = projection_group_names(model)
@@ -751,7 +710,7 @@ def report(model: nn.Module) -> list[dict]:
                      "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device),
                      "backend": backend, "why": why, "merged": m.merged, "recompute_input": n in recompute,
                      "input_group": groups.get(n)})
-    return rows + _prefix_rows(model) + _prompt_rows(model)
+    return rows
 
 
 def _dtype_device(module: nn.Module, fallback) -> tuple[str, str]:
@@ -782,7 +741,13 @@ def _carriers(model: nn.Module, has, state_of) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _prefix_rows(model: nn.Module) -> list[dict]:
+def prefix_rows(model: nn.Module) -> list[dict]:
+    """``report`` rows of a prefix: one per self-attention layer carrying it (keys: module, method
+    "prefix", source, adapter, layer, num_virtual_tokens, num_tasks, kv_heads, head_dim,
+    prefix_projection, position_mode, dtype, device, backend, why, merged False). The
+    backend is the prefix config's, resolved for the layer's device; with attention dropout while
+    training the layer runs an unfused torch SDPA instead. A PEFT model accelerated by
+    ``ptune_rt.accelerate`` reports the prefix of its base model."""
     from ptune_rt import hf_attention  # imports transformers: keep swap importable alone
 
     rows = []
@@ -806,7 +771,10 @@ def _prefix_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
-def _prompt_rows(model: nn.Module) -> list[dict]:
+def prompt_rows(model: nn.Module) -> list[dict]:
+    """``report`` rows of a soft prompt: one (keys: module, method "prompt_tuning" / "p_tuning", source,
+    adapter, num_virtual_tokens, num_tasks, hidden_size, template_tokens, before_input, encoder,
+    trainable_parameters, dtype, device, backend and why of the input builder, merged False)."""
     from ptune_rt.methods import prompt  # imports the input-builder op: keep swap importable alone
 
     rows = []
@@ -823,13 +791,32 @@ def _prompt_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
-_METHOD_ORDER = ("lora", "prefix", "prompt_tuning", "p_tuning")
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _shape_cells(r: dict) -> tuple[str, str, str]:
-    """(shape, r / P, merged) cells of one row, whatever its method."""
-    if r.get("method", "lora") == "lora":
-        return f"{r['in_features']}->{r['out_features']}", str(r["r"]), "yes" if r["merged"] else "no"
+def _backends(rows: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["backend"]] = counts.get(r["backend"], 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _sizes(rows: list[dict]) -> str:
+    return "/".join(str(p) for p in sorted({r.get("num_virtual_tokens") for r in rows}, key=str))
+
+
+def _tasks(rows: list[dict]) -> str:
+    return "/".join(str(t) for t in sorted({r.get("num_tasks", 1) for r in rows}))
+
+
+def lora_cells(r: dict) -> tuple[str, str, str]:
+    """(shape, r / P, merged) cells of a LoRA row in ``format_report``'s table."""
+    return f"{r['in_features']}->{r['out_features']}", str(r["r"]), "yes" if r["merged"] else "no"
+
+
+def prompt_learning_cells(r: dict) -> tuple[str, str, str]:
+    """The cells of a prefix or soft-prompt row."""
     P = r.get("num_virtual_tokens")
     if r["method"] == "prefix" and r.get("kv_heads") is not None:
         shape = f"{r['kv_heads']}x{r['head_dim']} kv"
@@ -841,54 +828,26 @@ def _shape_cells(r: dict) -> tuple[str, str, str]:
     return shape, f"P={P}", "-"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def lora_summary(rows: list[dict]) -> str:
+    return f"{_plural(len(rows), 'LoRA module')}: {_backends(rows)}"
 
 
-def _summary(method: str, rows: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["backend"]] = counts.get(r["backend"], 0) + 1
-    backends = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    Ps = "/".join(str(p) for p in sorted({r.get("num_virtual_tokens") for r in rows}, key=str))
-    if method == "lora":
-        head = _plural(len(rows), "LoRA module")
-    elif method == "prefix":  # per-layer rows; a row without a layer (ptune_rt.accelerate's) is a whole prefix
-        tasks = "/".join(str(t) for t in sorted({r.get("num_tasks", 1) for r in rows}))
-        what = f"P={Ps}" if tasks == "1" else f"P={Ps}, {tasks} tasks"
-        if all("layer" in r for r in rows):
-            head = f"{_plural(len(rows), 'prefix layer')} ({what})"
-        else:
-            head = f"{len(rows)} prefix{'' if len(rows) == 1 else 'es'} ({what})"
-    elif method in ("prompt_tuning", "p_tuning"):
-        tasks = "/".join(str(t) for t in sorted({r.get("num_tasks", 1) for r in rows}))
-        encoders = sorted({r["encoder"] for r in rows if r.get("encoder")})
-        extra = f", {'/'.join(encoders)} encoder" if encoders else ""
-        task_word = "task" if tasks == "1" else "tasks"
-        head = f"{_plural(len(rows), f'{method} soft prompt')} (P={Ps}, {tasks} {task_word}{extra})"
+def prefix_summary(rows: list[dict]) -> str:
+    """Per-layer rows; a row without a layer (ptune_rt.accelerate's) is a whole prefix."""
+    tasks = _tasks(rows)
+    what = f"P={_sizes(rows)}" if tasks == "1" else f"P={_sizes(rows)}, {tasks} tasks"
+    if all("layer" in r for r in rows):
+        head = f"{_plural(len(rows), 'prefix layer')} ({what})"
     else:
-        head = f"{len(rows)} {method} rows"
-    return f"{head}: {backends}"
+        head = f"{len(rows)} prefix{'' if len(rows) == 1 else 'es'} ({what})"
+    return f"{head}: {_backends(rows)}"
 
 
-def format_report(rows: list[dict]) -> str:
-    """``report`` rows as an aligned text table (one line per row, then a summary line per method)."""
-    if not isinstance(rows, list):
-        raise TypeError(f"rows must be the list returned by ptune_rt.report, got {type(rows).__name__}")
-    if not rows:
-        return "no ptune-rt modules"
-    header = ["module", "method", "shape", "r / P", "dtype", "backend", "merged", "why"]
-    lines = []
-    for r in rows:
-        shape, size, merged = _shape_cells(r)
-        lines.append([r["module"], r.get("method", "lora"), shape, size, r["dtype"], r["backend"], merged, r["why"]])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths), "---")]
-    out += [fmt.format(*line) for line in lines]
-    by_method: dict[str, list[dict]] = {}
-    for r in rows:
-        by_method.setdefault(r.get("method", "lora"), []).append(r)
-    order = sorted(by_method, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
-    out += [_summary(m, by_method[m]) for m in order]
-    return "\n".join(out)
+def prompt_summary(rows: list[dict]) -> str:
+    tasks = _tasks(rows)
+    encoders = sorted({r["encoder"] for r in rows if r.get("encoder")})
+    extra = f", {'/'.join(encoders)} encoder" if encoders else ""
+    task_word = "task" if tasks == "1" else "tasks"
+    method = rows[0]["method"]
+    return f"{_plural(len(rows), f'{method} soft prompt')} (P={_sizes(rows)}, {tasks} {task_word}{extra}): " \
+           f"{_backends(rows)}"

@@ -456,13 +456,13 @@ def test_failure_while_loading_rolls_back(llama_peft_dir, tmp_path, monkeypatch)
     gpt2 = tiny_gpt2()
     peft_save(gpt2, GPT2_TARGETS, tmp_path / "all", bias="all")
     snap = snapshot(gpt2)
-    real_apply = ptune_rt.apply
+    real_apply = ptune_rt.swap.apply_lora
 
     def apply_then_fail(model, config):
         real_apply(model, config)
         raise RuntimeError("injected failure after the swap")
 
-    monkeypatch.setattr(ptune_rt, "apply", apply_then_fail)
+    monkeypatch.setattr(ptune_rt.swap, "apply_lora", apply_then_fail)
     with pytest.raises(RuntimeError, match="after the swap"):
         load_adapter(gpt2, tmp_path / "all")
     monkeypatch.undo()

@@ -368,7 +368,7 @@ def test_failure_while_loading_rolls_back(llama_dirs, monkeypatch):
                 load_adapter(model, d)
             monkeypatch.undo()
             assert_unchanged(model, snap)
-    real_apply = ptune_rt.apply
+    real_apply = ptune_rt.hf_attention.apply_prefix
 
     def apply_then_fail(model, config):
         real_apply(model, config)
@@ -376,7 +376,7 @@ def test_failure_while_loading_rolls_back(llama_dirs, monkeypatch):
 
     model = tiny_llama()
     snap = snapshot(model)
-    monkeypatch.setattr(ptune_rt, "apply", apply_then_fail)
+    monkeypatch.setattr(ptune_rt.hf_attention, "apply_prefix", apply_then_fail)
     with pytest.raises(RuntimeError, match="after apply"):
         load_adapter(model, peft_dir)
     monkeypatch.undo()

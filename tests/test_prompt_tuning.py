@@ -608,5 +608,5 @@ def test_bad_inputs_raise_clear_errors():
     holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="padding between its tokens"):
         model(ids, attention_mask=holes, task_ids=torch.tensor([0, 1]))
-    with pytest.raises(TypeError, match="PromptTuningConfig or PTuningConfig"):
+    with pytest.raises(TypeError, match="PromptTuningConfig, PTuningConfig, BitFitConfig or LNTuningConfig"):
         ptune_rt.apply(model, object())

@@ -14,12 +14,11 @@ Saving validates first, then replaces the directory's checkpoint of that format 
 new one, never a mix, and the next save cleans up after the killed one. Loading validates the
 whole checkpoint against the model before changing anything. Pickle checkpoints are refused.
 
-Each PEFT method plugs in as one entry of ``_METHODS`` (own format) and ``_PEFT_TYPES`` (PEFT
-format): LoRA (``ptune_rt.io.lora``), prefix tuning / P-tuning v2 (``ptune_rt.io.prefix``), and
-soft prompts, prompt tuning and P-tuning v1 (``ptune_rt.io.prompt``, one handler per method). A
-method module provides ``has_adapter``, ``collect`` (-> a state with ``config``, ``tensors`` and
-``fingerprint``), ``to_peft``, ``spec_from_peft``, ``tensors_from_peft``, ``spec_from_ptune`` and
-``plan_load`` (-> a plan whose ``execute()`` loads all or nothing).
+Each method plugs in its checkpoint handler through the method registry (``ptune_rt.registry``
+hands ``register_handlers`` the table at import). A handler provides ``has_adapter``, ``collect``
+(-> a state with ``config``, ``tensors`` and ``fingerprint``), ``to_peft``, ``spec_from_peft``,
+``tensors_from_peft``, ``spec_from_ptune`` and ``plan_load`` (-> a plan whose ``execute()`` loads
+all or nothing).
 """
 from __future__ import annotations
 
@@ -52,12 +51,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: format -> (config file, weights file)
 FILES = {"peft": (PEFT_CONFIG, PEFT_WEIGHTS), "ptune": (PTUNE_CONFIG, PTUNE_WEIGHTS)}
 
-#: own-format method name -> its checkpoint module (see the module docstring)
-_METHODS = {lora_io.METHOD: lora_io, prefix_io.METHOD: prefix_io,
-            **{m: prompt_io.make_handler(m) for m in prompt_io.PEFT_TYPES}}
-#: PEFT ``peft_type`` -> own method name
-_PEFT_TYPES = {lora_io.PEFT_TYPE: lora_io.METHOD, prefix_io.PEFT_TYPE: prefix_io.METHOD,
-               **{t: m for m, t in prompt_io.PEFT_TYPES.items()}}
+#: own-format method name -> its checkpoint handler, and PEFT ``peft_type`` -> method name; filled
+#: by ``register_handlers`` (the method registry), so this module names no method for its loops.
+_METHODS: dict = {}
+_PEFT_TYPES: dict = {}
+
+
+def register_handlers(handlers: dict, peft_types: dict) -> None:
+    """Install the registry's checkpoint handlers (method name -> handler, peft_type -> method name)."""
+    _METHODS.clear()
+    _METHODS.update(handlers)
+    _PEFT_TYPES.clear()
+    _PEFT_TYPES.update(peft_types)
+
 
 PathLike = Union[str, os.PathLike]
 
@@ -121,8 +127,8 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
     state = _METHODS[method].collect(model, adapter_name, head_names, heads_required, hints.get(method))
 
     if format == "peft":
-        if method not in _PEFT_TYPES.values():  # pragma: no cover - every method so far has a PEFT type
-            raise AdapterError(f"method {method!r} has no PEFT format; use format='ptune'")
+        if method not in _PEFT_TYPES.values():
+            raise AdapterError(f"PEFT has no {method} format: save it with format='ptune'")
         config, tensors = _METHODS[method].to_peft(state, model, task_type)
         metadata = {"format": "pt"}
     else:

@@ -11,12 +11,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ptune_rt.errors import AdapterError
 from ptune_rt.methods.lora import Conv1D, LoRALinear
-
-
-class AdapterError(ValueError):
-    """An adapter checkpoint cannot be saved or loaded. The message names the file, key or
-    argument at fault and what was expected; the model has not been changed."""
 
 
 def model_type(model: nn.Module) -> Optional[str]:

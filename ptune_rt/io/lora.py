@@ -271,8 +271,8 @@ class LoRALoadPlan:
         added: list[LoRALinear] = []
         try:
             if self.fresh:
-                from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
-                apply(model, self.apply_config)
+                from ptune_rt import hf_attention  # imports transformers' attention glue: only when needed
+                hf_attention.keep_prefix_trainable(swap.apply_lora(model, self.apply_config))
             if self.add_config is not None:
                 c = self.add_config
                 for module in dict.fromkeys(n for n, _, _ in self.lora_copies):

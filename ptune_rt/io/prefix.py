@@ -253,9 +253,8 @@ class PrefixLoadPlan:
         fresh = self.apply_config is not None
         try:
             if fresh:
-                from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
                 try:
-                    apply(model, self.apply_config)
+                    hf_attention.apply_prefix(model, self.apply_config)
                 except (TypeError, ValueError) as e:  # raised before the model changed
                     raise AdapterError(f"cannot load the prefix of {self.source} into this {model_class(model)}: "
                                        f"{e}") from e

@@ -457,11 +457,10 @@ class PromptLoadPlan:
         fresh = self.apply_config is not None
         try:
             if fresh:
-                from ptune_rt import apply  # the public entry point; imported late (ptune_rt imports this package)
                 try:
                     # the new parameters are overwritten below: their initialisation leaves the caller's RNG alone
                     with torch.random.fork_rng(devices=[]):
-                        apply(model, self.apply_config)
+                        prompt_mod.apply_prompt(model, self.apply_config)
                 except (TypeError, ValueError) as e:  # raised before the model changed
                     raise AdapterError(f"cannot load the soft prompt of {self.source} into this "
                                        f"{model_class(model)}: {e}") from e

@@ -1,0 +1,211 @@
+"""The list of PEFT methods, and what loops over it: ``apply``, ``restore``, ``report``,
+``format_report``, and the checkpoint handlers behind ``save_adapter`` / ``load_adapter``.
+
+A method is one :class:`~ptune_rt.methods.method.Method`; adding one is one line in ``_ENTRIES``
+(``"module:attribute"``, imported on first use). BitFit and LayerNorm tuning live in their own
+packages; the entries of LoRA, prefix tuning and the soft prompts are assembled below from the
+modules that implement them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+from torch import nn
+
+from ptune_rt import state as model_state
+from ptune_rt.methods.method import Method
+
+_ENTRIES = (
+    "ptune_rt.registry:LORA",
+    "ptune_rt.registry:PREFIX",
+    "ptune_rt.registry:PROMPT_TUNING",
+    "ptune_rt.registry:P_TUNING",
+    "ptune_rt.methods.bitfit:METHOD",
+    "ptune_rt.methods.ln_tuning:METHOD",
+)
+#: The application order of a model's methods (names), for restoring in reverse.
+ORDER_ATTR = "_ptune_rt_order"
+
+
+# ----------------------------------------------------------------------------------------------
+# The entries of the methods that predate their packages
+# ----------------------------------------------------------------------------------------------
+
+def _lora() -> Method:
+    from ptune_rt import swap
+    from ptune_rt.io import lora as lora_io
+    from ptune_rt.methods.lora import LoRAConfig
+
+    def trainable(model):
+        return [p for m in swap.lora_modules(model).values() for n, p in m.named_parameters()
+                if p.requires_grad and not n.startswith("base_layer.")]
+
+    return Method("lora", LoRAConfig, swap.apply_lora, swap.restore_lora, lambda m: bool(swap.lora_modules(m)),
+                  trainable, swap.lora_rows, swap.lora_cells, swap.lora_summary, lora_io,
+                  example=lambda: LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                  peft_types=(lora_io.PEFT_TYPE,))
+
+
+def _prefix() -> Method:
+    from ptune_rt import hf_attention, swap
+    from ptune_rt.io import prefix as prefix_io
+    from ptune_rt.methods.prefix import PrefixConfig
+
+    def trainable(model):
+        st = hf_attention.prefix_state(model)
+        return [p for p in list(st.encoder.parameters()) + list(st.head_params) if p.requires_grad]
+
+    return Method("prefix", PrefixConfig, hf_attention.apply_prefix, hf_attention.remove_prefix,
+                  hf_attention.has_prefix, trainable, swap.prefix_rows, swap.prompt_learning_cells,
+                  swap.prefix_summary, prefix_io, example=lambda: PrefixConfig(num_virtual_tokens=4),
+                  peft_types=(prefix_io.PEFT_TYPE,))
+
+
+def _prompt(name: str) -> Method:
+    from ptune_rt import swap
+    from ptune_rt.io import prompt as prompt_io
+    from ptune_rt.methods import prompt
+    config_class = prompt.PromptTuningConfig if name == "prompt_tuning" else prompt.PTuningConfig
+
+    def is_applied(model):
+        return prompt.is_prompt_model(model) and prompt.prompt_report(model)["method"] == name
+
+    def trainable(model):
+        return [p for p in model.parameters() if p.requires_grad]  # a prompt model trains its prompt and heads
+
+    def rows(model):
+        return [r for r in swap.prompt_rows(model) if r["method"] == name]
+
+    return Method(name, config_class, prompt.apply_prompt, prompt.remove_prompt, is_applied, trainable, rows,
+                  swap.prompt_learning_cells, swap.prompt_summary, prompt_io.make_handler(name),
+                  example=lambda: config_class(num_virtual_tokens=4), peft_types=(prompt_io.PEFT_TYPES[name],))
+
+
+def __getattr__(name: str):
+    builders = {"LORA": _lora, "PREFIX": _prefix, "PROMPT_TUNING": lambda: _prompt("prompt_tuning"),
+                "P_TUNING": lambda: _prompt("p_tuning")}
+    if name in builders:
+        entry = builders[name]()
+        globals()[name] = entry
+        return entry
+    raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------
+
+_methods: Optional[list] = None
+
+
+def methods() -> list[Method]:
+    """Every registered method, in registry order."""
+    global _methods
+    if _methods is None:
+        loaded = []
+        for entry in _ENTRIES:
+            module, _, attr = entry.partition(":")
+            loaded.append(getattr(importlib.import_module(module), attr))
+        _methods = loaded
+    return list(_methods)
+
+
+def by_name(name: str) -> Method:
+    for m in methods():
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown method {name!r}; registered: {[m.name for m in methods()]}")
+
+
+def applied_methods(model: nn.Module) -> list[Method]:
+    """The methods ``model`` carries, oldest first (those applied outside ``apply``, e.g. by
+    ``load_adapter`` or ``accelerate``, count as the oldest, in registry order)."""
+    present = [m for m in methods() if m.is_applied(model)]
+    order = model.__dict__.get(ORDER_ATTR, [])
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(present, key=lambda m: rank.get(m.name, -1))
+
+
+def _require_module(model, arg: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def apply(model: nn.Module, config) -> nn.Module:
+    """Put the method of ``config`` into ``model`` (in place), freeze the base model, return the model.
+
+    Parameters that methods already applied train keep training. Raises TypeError for a config of
+    no registered method; every check runs before the model changes.
+    """
+    _require_module(model)
+    method = next((m for m in methods() if isinstance(config, m.config_class)), None)
+    if method is None:
+        names = [m.config_class.__name__ for m in methods()]
+        raise TypeError(f"config must be a ptune_rt config ({', '.join(names[:-1])} or {names[-1]}), got "
+                        f"{type(config).__name__}")
+    others = [p for m in applied_methods(model) for p in m.trainable(model)]
+    method.apply(model, config)
+    for p in others:
+        p.requires_grad_(True)
+    order = [n for n in model.__dict__.get(ORDER_ATTR, []) if n != method.name]
+    model.__dict__[ORDER_ATTR] = order + [method.name]
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo everything ptune-rt put into ``model``, newest method first: the model comes back
+    bit-exact (modules, weights, requires_grad flags, attention implementation, forward)."""
+    _require_module(model)
+    from ptune_rt import peft_compat
+
+    if peft_compat.is_accelerated(model):  # a PEFT prefix model run by ptune_rt.accelerate
+        return peft_compat.restore_prefix(model)
+    present = applied_methods(model)
+    if not present:
+        names = ", ".join(m.name for m in methods())
+        raise ValueError(f"restore: model has no ptune-rt LoRA modules and no prefix or soft prompt, nor another "
+                         f"registered method ({names}); expected a model passed through ptune_rt.apply(...), "
+                         "ptune_rt.accelerate(...) or ptune_rt.load_adapter(...)")
+    for m in reversed(present):
+        m.remove(model)
+    model.__dict__.pop(ORDER_ATTR, None)
+    return model
+
+
+def report(model: nn.Module) -> list[dict]:
+    """What ptune-rt runs in ``model``: one row per unit of every applied method, each with its
+    backend and why (see each method's ``report_rows`` for its keys)."""
+    _require_module(model)
+    return [r for m in methods() for r in m.report_rows(model)]
+
+
+def format_report(rows: list[dict]) -> str:
+    """``report`` rows as an aligned text table (one line per row, then a summary line per method)."""
+    if not isinstance(rows, list):
+        raise TypeError(f"rows must be the list returned by ptune_rt.report, got {type(rows).__name__}")
+    if not rows:
+        return "no ptune-rt modules"
+    header = ["module", "method", "shape", "r / P", "dtype", "backend", "merged", "why"]
+    known = {m.name: m for m in methods()}
+    lines = []
+    for r in rows:
+        shape, size, merged = known[r["method"]].cells(r) if r.get("method") in known else ("-", "-", "-")
+        lines.append([r["module"], r["method"], shape, size, r["dtype"], r["backend"], merged, r["why"]])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths), "---")]
+    out += [fmt.format(*line) for line in lines]
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for name, group in by_method.items():
+        out.append(known[name].summary(group) if name in known else f"{len(group)} {name} rows")
+    return "\n".join(out)
+
+
+def checkpoint_handlers() -> tuple[dict, dict]:
+    """(method name -> checkpoint handler, PEFT peft_type -> method name) for ``ptune_rt.io``."""
+    handlers = {m.name: m.checkpoint for m in methods()}
+    peft_types = {t: m.name for m in methods() for t in m.peft_types}
+    return handlers, peft_types
