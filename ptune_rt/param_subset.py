@@ -30,12 +30,13 @@ class SubsetState:
 
 
 def chosen_parameters(model: nn.Module, wanted) -> list[str]:
-    """Names of the parameters for which ``wanted(module_name, module, param_name, param)`` holds."""
+    """Names of the parameters for which ``wanted(module_name, module, param_name, param)`` holds
+    (a parameter shared by two modules, e.g. a tied bias, counts once, under its first name)."""
     names = []
-    for mn, m in model.named_modules():
-        for pn, p in m.named_parameters(recurse=False):
-            if wanted(mn, m, pn, p):
-                names.append(f"{mn}.{pn}" if mn else pn)
+    for name, p in model.named_parameters():
+        mn, _, pn = name.rpartition(".")
+        if wanted(mn, model.get_submodule(mn), pn, p):
+            names.append(name)
     return names
 
 

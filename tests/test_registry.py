@@ -165,6 +165,23 @@ def test_bitfit_backward_runs_no_weight_gradient_gemm():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_bitfit_and_ln_tuning_on_other_families(family):
+    import helpers_models as H
+    model = H.tiny_gpt2() if family == "gpt2" else H.tiny_bert()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ptune_rt.apply(model, ptune_rt.BitFitConfig())
+    assert all(n.endswith("bias") for n, p in model.named_parameters() if p.requires_grad)
+    ptune_rt.restore(model)
+    ptune_rt.apply(model, ptune_rt.LNTuningConfig())
+    norms = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    expected = ("ln_1", "ln_2", "ln_f") if family == "gpt2" else ("LayerNorm",)
+    assert norms and all(n.endswith(expected) for n in norms)
+    train_steps(model) if family == "gpt2" else None
+    ptune_rt.restore(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
 # ----------------------------------------------------------------------------------------------
 # LayerNorm tuning: parity with PEFT's LN_TUNING
 # ----------------------------------------------------------------------------------------------

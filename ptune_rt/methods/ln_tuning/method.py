@@ -35,8 +35,9 @@ def norm_modules(model: nn.Module, config: LNTuningConfig) -> list[str]:
 
 
 def trained_names(model: nn.Module, config: LNTuningConfig) -> list[str]:
+    params = dict(model.named_parameters())  # canonical names: a tied parameter counts once
     names = [f"{n}.{pn}" for n in norm_modules(model, config)
-             for pn, _ in model.get_submodule(n).named_parameters(recurse=False)]
+             for pn, _ in model.get_submodule(n).named_parameters(recurse=False) if f"{n}.{pn}" in params]
     return names + param_subset.head_parameters(model, config.modules_to_save, "LNTuningConfig", exclude=names)
 
 
