@@ -55,7 +55,7 @@ from torch import nn
 from ptune_rt._cache_names import cache_from_kwargs
 from ptune_rt.methods import _config
 from ptune_rt.methods._heads import head_modules
-from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
+from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder, check_model_dtype
 from ptune_rt.ops.lora_linear import resolve_backend
 from ptune_rt.ops.prefix_attention import _prefix_attention, _prefix_rows
 from ptune_rt.prefix_cache import adopt_cache, joined_provider
@@ -571,6 +571,7 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
                         f"{type(model).__name__}")
     if has_prefix(model):
         raise ValueError("model already carries a ptune-rt prefix; call ptune_rt.restore(model) first")
+    check_model_dtype(model)
     cfg = model.config
     mtype = getattr(cfg, "model_type", None)
     if getattr(cfg, "is_encoder_decoder", False):

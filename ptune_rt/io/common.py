@@ -194,34 +194,6 @@ class PromptLearningCheckpoint:
         return out
 
 
-def peft_prompt_learning_export(model: nn.Module, peft_type: str, task_type: Optional[str], *, num_virtual_tokens: int,
-                                token_dim: int, num_attention_heads: int, num_layers: int, head_names,
-                                prompt_embeddings: torch.Tensor, head_tensors: dict, **method_fields) -> tuple[dict, dict]:
-    """(``adapter_config.json`` contents, tensors) of a PEFT prompt-learning checkpoint (prefix
-    tuning, prompt tuning, P-tuning): the fields they all write, ``method_fields`` for the rest;
-    the one ``prompt_embeddings`` tensor and the heads under PEFT's key prefix."""
-    from . import peft_config
-
-    config = {
-        "peft_type": peft_type,
-        "task_type": task_type,
-        "auto_mapping": peft_config.auto_mapping(model, task_type),
-        "base_model_name_or_path": peft_config.name_or_path(model),
-        "revision": None,
-        "inference_mode": True,
-        "num_virtual_tokens": num_virtual_tokens,
-        "token_dim": token_dim,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": num_attention_heads,
-        "num_layers": num_layers,
-        "modules_to_save": list(head_names) if head_names else None,
-        **method_fields,
-    }
-    tensors = {PROMPT_KEY: prompt_embeddings}
-    tensors.update({PEFT_HEAD_PREFIX + k: t for k, t in head_tensors.items()})
-    return config, tensors
-
-
 def _head_module(m: nn.Module) -> nn.Module:
     """The module a head's weights live in: for PEFT's ``ModulesToSaveWrapper`` (a PEFT sequence
     classification model) its active trained copy, else the module itself."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ptune_rt.methods._config import check_bool, check_int, check_number, check_regex
 from ptune_rt.methods.lora import LoRAConfig
 
-from .common import AdapterError, name_list
+from .common import PEFT_HEAD_PREFIX, PROMPT_KEY, AdapterError, name_list
 
 #: Prefix of every LoRA key in a PEFT checkpoint (the PeftModel -> LoraModel -> base model path).
 PEFT_KEY_PREFIX = "base_model.model."
@@ -184,3 +185,29 @@ def _check_lora_fields(d: dict, source: str, target_modules, exclude_modules) ->
                 check_regex(f"{source}: {key}", value)
     except ValueError as e:
         raise AdapterError(str(e)) from None
+
+
+def peft_prompt_learning_export(model: nn.Module, peft_type: str, task_type: Optional[str], *, num_virtual_tokens: int,
+                                token_dim: int, num_attention_heads: int, num_layers: int, head_names,
+                                prompt_embeddings: torch.Tensor, head_tensors: dict, **method_fields) -> tuple[dict, dict]:
+    """(``adapter_config.json`` contents, tensors) of a PEFT prompt-learning checkpoint (prefix
+    tuning, prompt tuning, P-tuning): the fields they all write, ``method_fields`` for the rest;
+    the one ``prompt_embeddings`` tensor and the heads under PEFT's key prefix."""
+    config = {
+        "peft_type": peft_type,
+        "task_type": task_type,
+        "auto_mapping": auto_mapping(model, task_type),
+        "base_model_name_or_path": name_or_path(model),
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers,
+        "modules_to_save": list(head_names) if head_names else None,
+        **method_fields,
+    }
+    tensors = {PROMPT_KEY: prompt_embeddings}
+    tensors.update({PEFT_HEAD_PREFIX + k: t for k, t in head_tensors.items()})
+    return config, tensors

@@ -35,7 +35,7 @@ from ptune_rt.methods.prefix import PrefixConfig
 from . import peft_config
 from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
                      collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
-                     int_field, model_class, model_type, module_view, peft_prompt_learning_export,
+                     int_field, model_class, model_type, module_view,
                      prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
 
 METHOD = "prefix"
@@ -151,7 +151,7 @@ def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str])
                            "PREFIX_TUNING holds one prefix per adapter, so it cannot be written in PEFT's layout; save "
                            "it with format='ptune'")
     lay = state.layout
-    return peft_prompt_learning_export(
+    return peft_config.peft_prompt_learning_export(
         model, PEFT_TYPE, task_type, num_virtual_tokens=lay.P, token_dim=lay.token_dim,
         num_attention_heads=lay.kv_heads, num_layers=lay.layers, head_names=state.head_names,
         prompt_embeddings=state.prompt_embeddings, head_tensors=state.head_tensors,

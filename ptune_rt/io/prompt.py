@@ -45,7 +45,7 @@ from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningE
 from . import peft_config
 from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
                      collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
-                     int_field, model_class, model_type, module_view, peft_prompt_learning_export,
+                     int_field, model_class, model_type, module_view,
                      prompt_head_destinations, raise_problems, saved_model_and_heads)
 
 #: own method name -> PEFT peft_type
@@ -312,7 +312,7 @@ def to_peft(state: PromptCheckpoint, model: nn.Module, task_type: Optional[str])
         fields = {"encoder_reparameterization_type": _PEFT_ENCODERS[lay["encoder"]],
                   "encoder_hidden_size": lay["encoder_hidden_size"],
                   "encoder_num_layers": int(cfg.encoder_num_layers), "encoder_dropout": float(cfg.encoder_dropout)}
-    return peft_prompt_learning_export(
+    return peft_config.peft_prompt_learning_export(
         model, peft_type, task_type, num_virtual_tokens=lay["num_virtual_tokens"], token_dim=lay["hidden_size"],
         num_attention_heads=heads_n, num_layers=layers_n, head_names=state.head_names,
         prompt_embeddings=state.prompt_embeddings, head_tensors=state.head_tensors, **fields)

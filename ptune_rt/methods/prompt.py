@@ -803,13 +803,14 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def occupied_message(model: nn.Module) -> str:
-    """Why a model that already has a ``prompt_encoder`` attribute cannot take a soft prompt."""
-    from ptune_rt import hf_attention  # the prefix glue imports this module: look it up at call time
-
-    if hf_attention.has_prefix(model):
-        return (f"model already carries a ptune-rt prefix (model.{MODULE_ATTR}); a soft prompt and a prefix do not "
-                "combine on one model: ptune_rt.restore(model) first")
-    return (f"model already has an attribute {MODULE_ATTR!r} (a PEFT prompt-learning model?); expected a plain "
+    """Why a model that already has a ``prompt_encoder`` attribute cannot take a soft prompt. A ptune-rt
+    prefix keeps its ``PrefixEncoder`` there (recognised by name: the prefix package imports this one)."""
+    held = getattr(model, MODULE_ATTR, None)
+    held = held[ADAPTER] if isinstance(held, nn.ModuleDict) and ADAPTER in held else held
+    if type(held).__name__ == "PrefixEncoder":
+        return (f"model already has a {MODULE_ATTR!r} module: the model already carries a ptune-rt prefix, and a soft "
+                "prompt and a prefix do not combine on one model: ptune_rt.restore(model) first")
+    return (f"model already has a {MODULE_ATTR!r} attribute (a PEFT prompt-learning model?); expected a plain "
             "Hugging Face model")
 
 
