@@ -364,7 +364,7 @@ BWD_DKDV_CONFIGS = [
 BWD_DKDV_CONFIGS_FP32 = [KernelConfig({"BLOCK_M": 16, "BLOCK_N": 64}, 8, 1)]
 BWD_DKDV_CONFIGS_FP32_D128 = [KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32}, 8, 1)]
 #: Head dims the kernels are built and checked for (compile-report covers each of them).
-HEAD_DIMS = (32, 64, 80, 96, 128)
+HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 MAX_HEAD_DIM = max(HEAD_DIMS)
 INTERPRET_CONFIG = KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1)
 #: Target number of programs for the prefix dK/dV reduction (about two waves on a 132-SM GPU).

@@ -9,7 +9,8 @@ for its dtype and head dim.
 
 Covered, for a 7B-class attention layer (32 query heads, 8 KV heads, L = S = 4096 tokens, P = 128
 prefix tokens, batch 2), sm_80 and sm_90, aligned:
-* every activation dtype (fp16, bf16, fp32) x every head dim of ``HEAD_DIMS`` (32, 64, 80, 96, 128):
+* every activation dtype (fp16, bf16, fp32) x every head dim of ``HEAD_DIMS`` (16, 32, 64, 80, 96, 128,
+  one per BLOCK_D class and the common ones; other head dims differ from these only in a mask bound):
   the forward, dQ and sequence-key dK/dV launches with every runtime flag on (causal, key padding
   mask, per-row tasks), so each shipped config of each kernel is built for each dtype and head dim;
 * at head dim 128 (the widest tile, the one that runs out of registers first) the whole training
