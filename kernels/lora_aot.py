@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from ptune_rt.compile_report import AotVariant, launch_variant, recorded_launches
-
+from ._aot import AotVariant, launch_variant, recorded_launches
 from . import lora as L
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

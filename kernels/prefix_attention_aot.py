@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ptune_rt.compile_report import AotVariant, launch_variant, recorded_launches
-
+from ._aot import AotVariant, launch_variant, recorded_launches
 from . import prefix_attention as PA
 
 B, HQ, HKV, L, P, TASKS = 2, 32, 8, 4096, 128, 3

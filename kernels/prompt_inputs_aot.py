@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ptune_rt.compile_report import AotVariant, launch_variant, recorded_launches
-
+from ._aot import AotVariant, launch_variant, recorded_launches
 from . import prompt_inputs as PI
 
 B, L_OUT, V, H, P, T = 8, 4116, 32000, 4096, 20, 8

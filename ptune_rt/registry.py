@@ -13,7 +13,6 @@ from typing import Optional
 
 from torch import nn
 
-from ptune_rt import state as model_state
 from ptune_rt.methods.method import Method
 
 _ENTRIES = (

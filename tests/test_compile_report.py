@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from ptune_rt.compile_report import (collect_variants, i32_index_offsets, main, mma_summary, parse_ptxas,
-                                     specialize_arg)
+from ptune_rt.compile_report import collect_variants, i32_index_offsets, main, mma_summary, parse_ptxas
+from ptune_rt.kernels._aot import specialize_arg
 
 PTXAS_SPILLING = """\
 ptxas info    : 0 bytes gmem
