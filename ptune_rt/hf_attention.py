@@ -54,7 +54,7 @@ from torch import nn
 
 from ptune_rt._cache_names import cache_from_kwargs
 from ptune_rt.methods import _config
-from ptune_rt.methods._heads import head_modules
+from ptune_rt.heads import head_modules
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder, check_model_dtype
 from ptune_rt.ops.lora_linear import resolve_backend
 from ptune_rt.ops.prefix_attention import _prefix_attention, _prefix_rows

@@ -42,7 +42,7 @@ def chosen_parameters(model: nn.Module, wanted) -> list[str]:
 
 def head_parameters(model: nn.Module, modules_to_save, owner: str, exclude=()) -> list[str]:
     """Parameter names of the task heads trained next to the subset (PEFT's modules_to_save)."""
-    from ptune_rt.methods._heads import head_modules
+    from ptune_rt.heads import head_modules
     names = []
     for head in head_modules(model, modules_to_save, owner, skip="\0"):
         names += [f"{head}.{pn}" for pn, _ in model.get_submodule(head).named_parameters()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number, config_kwargs
-from ptune_rt.methods._heads import check_modules_to_save
+from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods.prompt import PromptTable, TaskLinear
 from ptune_rt.ops.lora_linear import BACKENDS
 

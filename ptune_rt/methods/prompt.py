@@ -62,7 +62,7 @@ from torch import nn
 
 from ptune_rt._cache_names import cache_from_kwargs, cache_from_output
 from ptune_rt.methods._config import check_choice, check_int, check_number, check_task_ids, config_kwargs
-from ptune_rt.methods._heads import check_modules_to_save, head_modules
+from ptune_rt.heads import check_modules_to_save, head_modules
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
 

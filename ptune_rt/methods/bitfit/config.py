@@ -5,7 +5,7 @@ import dataclasses
 from typing import Optional, Sequence, Union
 
 from ptune_rt.methods._config import check_regex
-from ptune_rt.methods._heads import check_modules_to_save
+from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods.config_base import MethodConfig
 
 

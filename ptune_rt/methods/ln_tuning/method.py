@@ -6,7 +6,7 @@ from torch import nn
 from ptune_rt import param_subset
 from ptune_rt import state as model_state
 from ptune_rt.errors import AdapterError
-from ptune_rt.methods._heads import HEAD_NAMES, head_modules
+from ptune_rt.heads import HEAD_NAMES, head_modules
 from ptune_rt.methods.ln_tuning.config import DEFAULT_TARGETS, LNTuningConfig
 from ptune_rt.methods.method import Method
 from ptune_rt.targets import module_matches
