@@ -1,15 +1,15 @@
 """Methods that train a subset of the model's own parameters (BitFit's biases, LayerNorm tuning's
 norm weights): what they share, knowing no method by name.
 
-``apply_subset`` freezes every parameter except the chosen ones and ``keep`` (what other applied
-methods train), and records the chosen parameters' values and every flag it changed, so that
+``apply_subset`` freezes every parameter except the chosen ones (the registry re-enables what
+other applied methods train), and records the chosen parameters' values and every flag it changed, so that
 ``remove_subset`` brings the model back bit for bit. ``subset_tensors`` / ``load_subset`` move the
 chosen parameters in and out of a checkpoint by name, all or nothing.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,10 +50,10 @@ def head_parameters(model: nn.Module, modules_to_save, owner: str, exclude=()) -
     return names
 
 
-def apply_subset(model: nn.Module, method: str, config, names: list[str], keep: Iterable[nn.Parameter] = ()) -> None:
-    """Train exactly ``names`` (plus ``keep``), freeze the rest; record what ``remove_subset`` needs."""
+def apply_subset(model: nn.Module, method: str, config, names: list[str]) -> None:
+    """Train exactly ``names``, freeze the rest; record what ``remove_subset`` needs."""
     params = dict(model.named_parameters())
-    trained = {id(params[n]) for n in names} | {id(p) for p in keep}
+    trained = {id(params[n]) for n in names}
     flags = {n: p.requires_grad for n, p in params.items() if p.requires_grad != (id(p) in trained)}
     originals = {n: params[n].detach().to("cpu", copy=True) for n in names}
     model_state.record(model, method, SubsetState(config, list(names), originals, flags))
@@ -71,6 +71,33 @@ def remove_subset(model: nn.Module, method: str) -> None:
     for n, flag in st.flags.items():
         params[n].requires_grad_(flag)
     model_state.forget(model, method)
+
+
+class SubsetOps:
+    """A subset method's ``apply`` / ``remove`` / ``is_applied`` / ``trainable``, for its registry entry.
+
+    ``names_of(model, config)`` lists the parameters ``config`` trains (a ValueError when none);
+    ``label`` names the method in messages."""
+
+    def __init__(self, method: str, label: str, config_class: type, names_of):
+        self.method, self.label, self.config_class, self.names_of = method, label, config_class, names_of
+
+    def apply(self, model: nn.Module, config) -> nn.Module:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        if self.is_applied(model):
+            raise ValueError(f"{type(model).__name__} already carries {self.label}: ptune_rt.restore(model) first")
+        apply_subset(model, self.method, config, self.names_of(model, config))
+        return model
+
+    def remove(self, model: nn.Module) -> None:
+        remove_subset(model, self.method)
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return model_state.get(model, self.method) is not None
+
+    def trainable(self, model: nn.Module) -> list:
+        return model_state.get(model, self.method).parameters(model)
 
 
 def subset_tensors(model: nn.Module, method: str) -> dict[str, torch.Tensor]:

@@ -66,6 +66,14 @@ def check_regex(label: str, value: str) -> None:
         raise ValueError(f"{label}={value!r} is not a valid regular expression: {e}") from None
 
 
+def check_module_names(label: str, value) -> None:
+    """None, a regex string matched against whole module names, or a non-empty list of module names."""
+    if isinstance(value, str):
+        check_regex(label, value)
+    elif value is not None and not (isinstance(value, list) and value and all(isinstance(t, str) and t for t in value)):
+        raise ValueError(f"{label} must be None, a regex string or a non-empty list of module names, got {value!r}")
+
+
 def is_integer_dtype(dtype: torch.dtype) -> bool:
     """Any signed or unsigned integer dtype (index tensors of every integer dtype are accepted alike)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
-from ptune_rt.methods._config import check_regex
+from ptune_rt.methods._config import check_module_names
 from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods.config_base import MethodConfig
 
@@ -31,9 +31,4 @@ class BitFitConfig(MethodConfig):
 
     def validate(self) -> None:
         check_modules_to_save("BitFitConfig", self.modules_to_save)
-        bm = self.bias_modules
-        if isinstance(bm, str):
-            check_regex("BitFitConfig.bias_modules", bm)
-        elif bm is not None and not (isinstance(bm, list) and bm and all(isinstance(t, str) and t for t in bm)):
-            raise ValueError(f"BitFitConfig.bias_modules must be None, a regex string or a non-empty list of "
-                             f"module names, got {bm!r}")
+        check_module_names("BitFitConfig.bias_modules", self.bias_modules)

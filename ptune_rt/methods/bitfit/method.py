@@ -25,27 +25,6 @@ def bias_names(model: nn.Module, config: BitFitConfig) -> list[str]:
     return names + param_subset.head_parameters(model, config.modules_to_save, "BitFitConfig", exclude=names)
 
 
-def apply(model: nn.Module, config: BitFitConfig, keep=()) -> nn.Module:
-    if not isinstance(config, BitFitConfig):
-        raise TypeError(f"config must be a BitFitConfig, got {type(config).__name__}")
-    if is_applied(model):
-        raise ValueError(f"{type(model).__name__} already carries BitFit: ptune_rt.restore(model) first")
-    param_subset.apply_subset(model, NAME, config, bias_names(model, config), keep)
-    return model
-
-
-def remove(model: nn.Module) -> None:
-    param_subset.remove_subset(model, NAME)
-
-
-def is_applied(model: nn.Module) -> bool:
-    return model_state.get(model, NAME) is not None
-
-
-def trainable(model: nn.Module) -> list:
-    return model_state.get(model, NAME).parameters(model)
-
-
 def report_rows(model: nn.Module) -> list[dict]:
     st = model_state.get(model, NAME)
     if st is None:
@@ -64,5 +43,6 @@ def summary(rows: list[dict]) -> str:
     return f"{len(rows)} BitFit biases ({sum(int(r['size']) for r in rows)} parameters): torch {len(rows)}"
 
 
-METHOD = Method(NAME, BitFitConfig, apply, remove, is_applied, trainable, report_rows, cells, summary,
-                param_subset.SubsetCheckpoint(NAME, BitFitConfig, apply, bias_names), example=BitFitConfig)
+OPS = param_subset.SubsetOps(NAME, "BitFit", BitFitConfig, bias_names)
+METHOD = Method(NAME, BitFitConfig, OPS.apply, OPS.remove, OPS.is_applied, OPS.trainable, report_rows, cells, summary,
+                param_subset.SubsetCheckpoint(NAME, BitFitConfig, OPS.apply, bias_names), example=BitFitConfig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
-from ptune_rt.methods._config import check_regex
+from ptune_rt.methods._config import check_module_names
 from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods.config_base import MethodConfig
 
@@ -38,10 +38,5 @@ class LNTuningConfig(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            check_regex("LNTuningConfig.target_modules", tm)
-        elif tm is not None and not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
-            raise ValueError(f"LNTuningConfig.target_modules must be None, a regex string or a non-empty list of "
-                             f"module names, got {tm!r}")
+        check_module_names("LNTuningConfig.target_modules", self.target_modules)
         check_modules_to_save("LNTuningConfig", self.modules_to_save)

@@ -41,27 +41,6 @@ def trained_names(model: nn.Module, config: LNTuningConfig) -> list[str]:
     return names + param_subset.head_parameters(model, config.modules_to_save, "LNTuningConfig", exclude=names)
 
 
-def apply(model: nn.Module, config: LNTuningConfig, keep=()) -> nn.Module:
-    if not isinstance(config, LNTuningConfig):
-        raise TypeError(f"config must be an LNTuningConfig, got {type(config).__name__}")
-    if is_applied(model):
-        raise ValueError(f"{type(model).__name__} already carries LN tuning: ptune_rt.restore(model) first")
-    param_subset.apply_subset(model, NAME, config, trained_names(model, config), keep)
-    return model
-
-
-def remove(model: nn.Module) -> None:
-    param_subset.remove_subset(model, NAME)
-
-
-def is_applied(model: nn.Module) -> bool:
-    return model_state.get(model, NAME) is not None
-
-
-def trainable(model: nn.Module) -> list:
-    return model_state.get(model, NAME).parameters(model)
-
-
 def report_rows(model: nn.Module) -> list[dict]:
     st = model_state.get(model, NAME)
     if st is None:
@@ -125,7 +104,8 @@ class _LNCheckpoint(param_subset.SubsetCheckpoint):
         return config, {prefix + (n if in_head(n) else _peft_key(n)): t for n, t in collected.tensors.items()}
 
 
-CHECKPOINT = _LNCheckpoint(NAME, LNTuningConfig, apply, trained_names,
+OPS = param_subset.SubsetOps(NAME, "LN tuning", LNTuningConfig, trained_names)
+CHECKPOINT = _LNCheckpoint(NAME, LNTuningConfig, OPS.apply, trained_names,
                            param_subset.PeftLayout(PEFT_TYPE, _peft_key, _peft_name, _config_to_peft, _config_from_peft))
-METHOD = Method(NAME, LNTuningConfig, apply, remove, is_applied, trainable, report_rows, cells, summary, CHECKPOINT,
-                example=LNTuningConfig, peft_types=(PEFT_TYPE,))
+METHOD = Method(NAME, LNTuningConfig, OPS.apply, OPS.remove, OPS.is_applied, OPS.trainable, report_rows, cells,
+                summary, CHECKPOINT, example=LNTuningConfig, peft_types=(PEFT_TYPE,))
