@@ -30,7 +30,8 @@ setup(
         # on transformers 5.24, which renamed past_key_values to cache: its prefix tuning refuses
         # BERT/RoBERTa and its prefix / prompt generate() gives other tokens than on 5.23. ptune-rt's
         # own paths give the same tokens on 5.23 and 5.24; the comparisons need a pair that works.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "transformers<5.24", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "transformers<5.24", "matplotlib>=3.7",
+                 "hypothesis>=6.100"],  # property-based fuzzing of the ops (tests/test_fuzz.py)
         "bench": ["pytest-benchmark>=4", "peft>=0.17", "transformers<5.24", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["ptune-rt=ptune_rt.cli:main"]},

@@ -31,3 +31,19 @@ def lora_functions(monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+# Property-based fuzzing (tests/test_fuzz.py): "ci" runs by default, a fixed budget drawn from a
+# fixed seed (the interpreter is slow, so no deadline, and no example database in the checkout);
+# `pytest --hypothesis-profile=long` draws ten times as many examples from a fresh seed.
+# Without hypothesis (the "test" extra) only test_fuzz.py fails, at its import.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    settings = None
+if settings is not None:
+    _FUZZ = dict(deadline=None, database=None, print_blob=True,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=100, derandomize=True, **_FUZZ)
+    settings.register_profile("long", max_examples=1000, **_FUZZ)
+    settings.load_profile("ci")
