@@ -53,7 +53,7 @@ class IOTrace:
                 torn()
             os._exit(KILLED)
 
-    def install(self, setattr_=setattr) -> None:
+    def install(self) -> None:
         real = self.real
 
         def mkdir(path, *a, **k):
@@ -101,7 +101,7 @@ class IOTrace:
                     "replace": two_paths("replace"), "rename": two_paths("rename"),
                     "unlink": one_path("unlink"), "rmdir": one_path("rmdir")}
         for name, fn in wrappers.items():
-            setattr_(os, name, fn)
+            setattr(os, name, fn)
 
 
 # ----------------------------------------------------------------------------------------------

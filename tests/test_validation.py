@@ -6,13 +6,12 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 import ptune_rt
 from ptune_rt import LoRAConfig, PrefixConfig, PromptTuningConfig, PTuningConfig
 from ptune_rt.io import AdapterError
 
-from helpers_models import assert_unchanged, input_ids, snapshot, tiny_llama
+from helpers_models import assert_unchanged, snapshot, tiny_llama
 
 NAN, INF = float("nan"), float("inf")
 #: kind of field -> values of the wrong type or out of range (None is refused where the field is required)
