@@ -312,6 +312,8 @@ def _pickle_refusal(file: Path) -> AdapterError:
 def _read_files(where: durable.Located):
     """(config file, its JSON, weights file, its tensors or the error reading them): a weights error
     is raised after the config's checks, as ``_tensors`` is called."""
+    if where.config is None:  # removed since _locate found it (a save in another process)
+        raise FileNotFoundError(f"{where.weights.parent} has no adapter config any more")
     d = _read_json(where.config)
     try:
         tensors = _read_safetensors(_weights_file(where.weights))
