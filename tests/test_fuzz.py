@@ -250,20 +250,14 @@ def test_fuzz_prompt_inputs(c):
 # ----------------------------------------------------------------------------------------------
 
 #: Found by test_fuzz_prefix_attention (random seed): two keys in all (P = 1, S = 1), fp16. The
-#: torch path's backward gets dq 5x further from float64 than eager (3.3e-3 vs 6.3e-4 at |dq| ~ 1.4)
-#: and dprefix_k just over the bound; the Triton path passes. Cause: the CPU flash backward forms
-#: FlashAttention's delta rowsum(dO * O) from the merged output rounded to fp16, then runs in fp16
-#: (the same two backward calls in fp32 give dq 2.3e-3 off from the fp16 O, 4.1e-4 from an fp32 O).
-#: Reported, not fixed here (ops/prefix_attention.py); a strict xfail, so it shows in every run and
-#: fails (XPASS) once fixed.
+#: torch path's backward got dq 5x further from float64 than eager (3.3e-3 vs 6.3e-4 at |dq| ~ 1.4)
+#: and dprefix_k just over the bound, because the CPU flash backward formed rowsum(dO * O) from the
+#: fp16-rounded output and ran in fp16; it now runs half precision in fp32 from an fp32 forward.
 FP16_TWO_KEYS = {"B": 2, "Hkv": 2, "group": 1, "L": 1, "S": 1, "P": 1, "D": 24, "dtype": torch.float16,
                  "causal": False, "pads": [0, 0], "pad": "left", "tasks": 0, "task_ids": None,
                  "task_dtype": torch.int64, "hf_layout": False, "scale": None, "seed": 283}
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason="torch-path fp16 backward: delta from the "
-                                                                      "fp16-rounded output (see FP16_TWO_KEYS)")),
-    "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_prefix_fp16_backward_with_two_keys(backend):
     test_fuzz_prefix_attention.hypothesis.inner_test({**FP16_TWO_KEYS, "backend": backend})

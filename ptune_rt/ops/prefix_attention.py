@@ -97,6 +97,16 @@ def _torch_forward(q, k, v, pk, pv, kv_mask, task_ids, causal, scale):
 
 
 def _torch_backward(do, q, k, v, pk, pv, o, lse, kv_mask, task_ids, causal, scale, num_tasks):
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # The CPU flash backward runs in its inputs' dtype and forms rowsum(dO * O) from the output as
+        # saved: in half precision its gradients miss the tolerance rule on short key sets (dq 3.3e-3
+        # from float64 against a 2.7e-3 bound, fp16 with two keys). Half attention on CPU is rare: redo
+        # the forward in fp32 for an unrounded O and LSE, run the backward in fp32, round once.
+        do32, q32, k32, v32, pk32, pv32 = (t.float() for t in (do, q, k, v, pk, pv))
+        o32, lse32 = _torch_forward(q32, k32, v32, pk32, pv32, kv_mask, task_ids, causal, scale)
+        grads = _torch_backward(do32, q32, k32, v32, pk32, pv32, o32, lse32, kv_mask, task_ids, causal, scale,
+                                num_tasks)
+        return tuple(g.to(t.dtype) if g is not None else None for g, t in zip(grads, (q, k, v, pk, pv)))
     B, Hq, L, D = q.shape
     S = k.shape[2]
     mask, is_causal = _seq_mask(B, L, S, kv_mask, causal, q.dtype, q.device)
