@@ -347,3 +347,28 @@ def test_merge_untie_must_be_a_bool():
     with pytest.raises(ValueError, match="untie must be True or False"):
         ptune_rt.merge(model, untie="yes")
     assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops validate like the configs do
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "2", True])
+def test_lora_op_refuses_a_non_finite_or_non_number_scale(scale):
+    from ptune_rt.ops.lora_linear import lora_linear
+    x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        lora_linear(x, w, None, a, b, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.uint8, torch.int16])
+def test_prefix_attention_op_takes_task_ids_of_every_integer_dtype(dtype):
+    from ptune_rt.ops.prefix_attention import prefix_attention
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    pk, pv = torch.randn(3, 2, 4, 16, generator=g), torch.randn(3, 2, 4, 16, generator=g)
+    want = prefix_attention(q, k, k, pk, pv, task_ids=torch.tensor([2, 0]), backend="torch")
+    got = prefix_attention(q, k, k, pk, pv, task_ids=torch.tensor([2, 0]).to(dtype), backend="torch")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\)"):
+        prefix_attention(q, k, k, pk, pv, task_ids=torch.tensor([3, 0]).to(dtype), backend="torch")

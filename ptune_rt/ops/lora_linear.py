@@ -20,6 +20,7 @@ output of torch's generator on the torch path).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -254,6 +255,8 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p):
         raise ValueError(f"bias must be [out_features={N}], got {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
 _ZERO_SEED = torch.zeros((1,), dtype=torch.int64)

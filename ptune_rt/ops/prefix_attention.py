@@ -214,9 +214,10 @@ prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _check_task_range(task_ids: Tensor, num_tasks: int) -> None:
     """Every task id in [0, num_tasks). Reads the values (a device synchronization on a GPU), so the
     prefix-tuned model validates its task_ids once per forward and its layers skip this."""
-    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
-        raise ValueError(f"task_ids must be in [0, {num_tasks}), got values in [{int(task_ids.min())}, "
-                         f"{int(task_ids.max())}]")
+    wide = task_ids.to(torch.int64)  # uint16/32/64 have no min/max kernels
+    if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) >= num_tasks):
+        raise ValueError(f"task_ids must be in [0, {num_tasks}), got values in [{int(wide.min())}, "
+                         f"{int(wide.max())}]")
 
 
 def _is_integer(dtype: torch.dtype) -> bool:

@@ -104,9 +104,9 @@ def build_inputs_embeds(src: Tensor, embedding: Tensor, prompts: Tensor, task_id
         if tuple(task_ids.shape) != (src.shape[0],) or not _is_integer(task_ids.dtype):
             raise ValueError(f"task_ids must be an integer tensor [batch={src.shape[0]}], got "
                              f"{tuple(task_ids.shape)} {task_ids.dtype}")
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= T):
-            raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(task_ids.min())}, "
-                             f"{int(task_ids.max())}]")
+        wide = task_ids.to(torch.int64)  # uint16/32/64 have no min/max kernels
+        if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) >= T):
+            raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(wide.min())}, {int(wide.max())}]")
         task_ids = task_ids.to(torch.int32)  # every integer dtype alike (int32 stays as it is, any stride)
     chosen, _ = resolve_backend(backend, src.device)
     return build_inputs_embeds_op(src, embedding, prompts.to(embedding.dtype), task_ids, chosen)
