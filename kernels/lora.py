@@ -245,6 +245,16 @@ def tune_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _choose(device, M: int, interpret: KernelConfig, decode: KernelConfig, tuner: ConfigTuner, key, run) -> KernelConfig:
+    """The launch config: the interpreter's off CUDA, the fixed decode one at M <= DECODE_ROWS, else the
+    tuner's for ``key`` (bucketed sizes, layout, dtypes, flags)."""
+    if not tune_on_device(device):
+        return interpret
+    if M <= DECODE_ROWS:
+        return decode
+    return tuner.pick(key, run)
+
+
 def _fp32_dot_precision(act_dtype: torch.dtype, other_dtype: torch.dtype) -> str:
     """Precision of a dot whose operands are (upcast to) fp32.
 
@@ -315,15 +325,9 @@ def skinny_matmul(x: torch.Tensor, wt: torch.Tensor, *, scale: float = 1.0, drop
         if splits > 1:
             out.copy_(dest.sum(0))
 
-    if config is None:
-        if not tune_on_device(x.device):
-            config = INTERPRET_SKINNY_CONFIG
-        elif M <= DECODE_ROWS:
-            config = SKINNY_DECODE_CONFIG
-        else:
-            key = (pow2_bucket(M), R, pow2_bucket(K), x.dtype, wt.dtype, out.dtype, tuple(sorted(flags.items())))
-            config = SKINNY_TUNER.pick(key, run)
-    run(config)
+    key = (pow2_bucket(M), R, pow2_bucket(K), x.stride(1) == 1, x.dtype, wt.dtype, out.dtype,
+           tuple(sorted(flags.items())))
+    run(config or _choose(x.device, M, INTERPRET_SKINNY_CONFIG, SKINNY_DECODE_CONFIG, SKINNY_TUNER, key, run))
     return out
 
 
@@ -358,16 +362,8 @@ def fused_lowrank_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: 
         grid = (triton.cdiv(M, cfg.meta["BLOCK_M"]) * triton.cdiv(N, cfg.meta["BLOCK_N"]),)
         launch(_fused_lowrank_matmul_kernel, grid, cfg, *args, **flags)
 
-    if config is None:
-        if not tune_on_device(x.device):
-            config = INTERPRET_FUSED_CONFIG
-        elif M <= DECODE_ROWS:
-            config = FUSED_DECODE_CONFIG
-        else:
-            key = (pow2_bucket(M), N, K, w.stride(0) == 1, x.dtype, w.dtype, s.dtype, bt.dtype,
-                   tuple(sorted(flags.items())))
-            config = FUSED_TUNERS[x.dtype].pick(key, run)
-    run(config)
+    key = (pow2_bucket(M), N, K, w.stride(0) == 1, x.dtype, w.dtype, s.dtype, bt.dtype, tuple(sorted(flags.items())))
+    run(config or _choose(x.device, M, INTERPRET_FUSED_CONFIG, FUSED_DECODE_CONFIG, FUSED_TUNERS[x.dtype], key, run))
     return out
 
 
