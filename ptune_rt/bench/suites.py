@@ -10,6 +10,7 @@ import importlib
 import sys
 
 SUITES = {
+    "bitfit": "ptune_rt.bench.bitfit",
     "lora": "ptune_rt.bench.lora",
     "mixed-tasks": "ptune_rt.bench.mixed_tasks",
     "prefix": "ptune_rt.bench.prefix",
