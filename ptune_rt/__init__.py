@@ -5,15 +5,14 @@ from ptune_rt import _source_layout
 
 _source_layout.install(_os.path.dirname(_os.path.abspath(__file__)))
 from ptune_rt.methods.lora import LoRAConfig, LoRALinear
-from ptune_rt.swap import merge, mixed_adapters, set_adapter, unmerge
-from ptune_rt.swap import accelerate_peft as accelerate
+from ptune_rt.methods.lora.adapters import merge, mixed_adapters, set_adapter, unmerge
 from ptune_rt.io import load_adapter, save_adapter
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.methods.prompt import PromptTuningConfig, PTuningConfig, remove_prompt
 from ptune_rt.methods.bitfit import BitFitConfig
 from ptune_rt.methods.ln_tuning import LNTuningConfig
 from ptune_rt import registry as _registry
-from ptune_rt.registry import apply, format_report, report, restore
+from ptune_rt.registry import accelerate, apply, format_report, report, restore
 from ptune_rt.io import adapters as _adapters
 
 _adapters.register_handlers(*_registry.checkpoint_handlers())

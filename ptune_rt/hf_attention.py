@@ -497,17 +497,6 @@ def prefix_encoder(model: nn.Module) -> PrefixEncoder:
     return prefix_state(model).encoder
 
 
-def _lora_parameters(model: nn.Module) -> list:
-    from ptune_rt.methods.lora import LoRALinear
-
-    out = []
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            for sub in (m.lora_A, m.lora_B):
-                out.extend(sub.parameters())
-    return out
-
-
 def _head_modules(model: nn.Module, config: PrefixConfig) -> list[str]:
     """Names of the modules trained next to the prefix (see ``PrefixConfig.modules_to_save``)."""
     return head_modules(model, config.modules_to_save, "PrefixConfig", ENCODER_ATTR)
@@ -654,10 +643,8 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
                 if id(p) not in head_ids:
                     head_ids.add(id(p))
                     head_params.append(p)
-        keep = {id(p) for p in _lora_parameters(model)}
-        for p in params:
-            # the base is frozen; parameters another ptune-rt method made trainable stay so; heads train
-            want = True if id(p) in head_ids else (p.requires_grad if keep else False)
+        for p in params:  # the base is frozen, the heads train (ptune_rt.apply keeps other methods' training)
+            want = id(p) in head_ids
             if p.requires_grad != want:
                 changed.append((p, p.requires_grad))
                 p.requires_grad_(want)
@@ -703,14 +690,4 @@ def remove_prefix(model: nn.Module) -> nn.Module:
         if id(p) in present:
             p.requires_grad_(flag)
     del model.__dict__[STATE_ATTR]
-    return model
-
-
-def keep_prefix_trainable(model: nn.Module) -> nn.Module:
-    """After another ptune-rt method froze the model, make the prefix (and the heads trained with it)
-    trainable again (no-op without one); returns the model."""
-    if has_prefix(model):
-        state = prefix_state(model)
-        for p in list(state.encoder.parameters()) + list(state.head_params):
-            p.requires_grad_(True)
     return model

@@ -203,7 +203,7 @@ class SubsetCheckpoint:
         except (TypeError, ValueError) as e:
             raise AdapterError(f"{source}: 'config' is not a valid {self.config_class.__name__}: {e}") from None
 
-    def plan_load(self, model, config, tensors: dict, *, adapter_name, file_key, weights_file):
+    def plan_load(self, model, config, tensors: dict, *, adapter_name, file_key, weights_file, hint=None):
         """Check everything first; the returned plan applies the method (when not applied) and copies."""
         from ptune_rt.errors import AdapterError
         if adapter_name is not None:

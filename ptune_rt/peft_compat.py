@@ -39,7 +39,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ptune_rt import hf_attention
-from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
+from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder, check_model_dtype
 from ptune_rt.ops.lora_linear import resolve_backend
 
 #: PeftModel attribute recording what ``accelerate_prefix`` changed.
@@ -236,6 +236,7 @@ def _plan(peft_model, backend: str):
 def accelerate_prefix(peft_model, backend: str = "auto") -> list[dict]:
     """Run a PEFT prefix-tuning model through the fused prefix attention, in place (see the module
     docstring); returns one report row. Every check runs before the first change."""
+    check_model_dtype(peft_model, "ptune_rt.accelerate")
     task, adapter, base, config, encoder = _plan(peft_model, backend)
     hf_attention.apply_prefix(base, config, encoder=encoder)  # validates the base model before changing it
     # Nothing below can fail.

@@ -16,7 +16,7 @@ from torch import nn
 from ptune_rt.methods.method import Method
 
 _ENTRIES = (
-    "ptune_rt.registry:LORA",
+    "ptune_rt.methods.lora:METHOD",
     "ptune_rt.registry:PREFIX",
     "ptune_rt.registry:PROMPT_TUNING",
     "ptune_rt.registry:P_TUNING",
@@ -31,21 +31,6 @@ ORDER_ATTR = "_ptune_rt_order"
 # The entries of the methods that predate their packages
 # ----------------------------------------------------------------------------------------------
 
-def _lora() -> Method:
-    from ptune_rt import swap
-    from ptune_rt.io import lora as lora_io
-    from ptune_rt.methods.lora import LoRAConfig
-
-    def trainable(model):
-        return [p for m in swap.lora_modules(model).values() for n, p in m.named_parameters()
-                if p.requires_grad and not n.startswith("base_layer.")]
-
-    return Method("lora", LoRAConfig, swap.apply_lora, swap.restore_lora, lambda m: bool(swap.lora_modules(m)),
-                  trainable, swap.lora_rows, swap.lora_cells, swap.lora_summary, lora_io,
-                  example=lambda: LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-                  peft_types=(lora_io.PEFT_TYPE,))
-
-
 def _prefix() -> Method:
     from ptune_rt import hf_attention, swap
     from ptune_rt.io import prefix as prefix_io
@@ -55,10 +40,16 @@ def _prefix() -> Method:
         st = hf_attention.prefix_state(model)
         return [p for p in list(st.encoder.parameters()) + list(st.head_params) if p.requires_grad]
 
+    from ptune_rt import peft_compat
+    from ptune_rt.methods.method import PeftBridge
+    from ptune_rt.report_format import prompt_learning_cells
+
+    bridge = PeftBridge("PEFT prefix-tuning / P-tuning v2 adapter", peft_compat.is_peft_prefix_model,
+                        peft_compat.accelerate_prefix, peft_compat.is_accelerated, peft_compat.restore_prefix)
     return Method("prefix", PrefixConfig, hf_attention.apply_prefix, hf_attention.remove_prefix,
-                  hf_attention.has_prefix, trainable, swap.prefix_rows, swap.prompt_learning_cells,
+                  hf_attention.has_prefix, trainable, swap.prefix_rows, prompt_learning_cells,
                   swap.prefix_summary, prefix_io, example=lambda: PrefixConfig(num_virtual_tokens=4),
-                  peft_types=(prefix_io.PEFT_TYPE,))
+                  peft_types=(prefix_io.PEFT_TYPE,), peft_bridge=bridge)
 
 
 def _prompt(name: str) -> Method:
@@ -76,13 +67,15 @@ def _prompt(name: str) -> Method:
     def rows(model):
         return [r for r in swap.prompt_rows(model) if r["method"] == name]
 
+    from ptune_rt.report_format import prompt_learning_cells
+
     return Method(name, config_class, prompt.apply_prompt, prompt.remove_prompt, is_applied, trainable, rows,
-                  swap.prompt_learning_cells, swap.prompt_summary, prompt_io.make_handler(name),
+                  prompt_learning_cells, swap.prompt_summary, prompt_io.make_handler(name),
                   example=lambda: config_class(num_virtual_tokens=4), peft_types=(prompt_io.PEFT_TYPES[name],))
 
 
 def __getattr__(name: str):
-    builders = {"LORA": _lora, "PREFIX": _prefix, "PROMPT_TUNING": lambda: _prompt("prompt_tuning"),
+    builders = {"PREFIX": _prefix, "PROMPT_TUNING": lambda: _prompt("prompt_tuning"),
                 "P_TUNING": lambda: _prompt("p_tuning")}
     if name in builders:
         entry = builders[name]()
@@ -143,7 +136,7 @@ def apply(model: nn.Module, config) -> nn.Module:
         names = [m.config_class.__name__ for m in methods()]
         raise TypeError(f"config must be a ptune_rt config ({', '.join(names[:-1])} or {names[-1]}), got "
                         f"{type(config).__name__}")
-    others = [p for m in applied_methods(model) for p in m.trainable(model)]
+    others = trainable_of_others(model, method.name)
     method.apply(model, config)
     for p in others:
         p.requires_grad_(True)
@@ -156,10 +149,9 @@ def restore(model: nn.Module) -> nn.Module:
     """Undo everything ptune-rt put into ``model``, newest method first: the model comes back
     bit-exact (modules, weights, requires_grad flags, attention implementation, forward)."""
     _require_module(model)
-    from ptune_rt import peft_compat
-
-    if peft_compat.is_accelerated(model):  # a PEFT prefix model run by ptune_rt.accelerate
-        return peft_compat.restore_prefix(model)
+    for bridge in _bridges():
+        if bridge.is_accelerated is not None and bridge.is_accelerated(model):
+            return bridge.restore(model)
     present = applied_methods(model)
     if not present:
         names = ", ".join(m.name for m in methods())
@@ -170,6 +162,35 @@ def restore(model: nn.Module) -> nn.Module:
         m.remove(model)
     model.__dict__.pop(ORDER_ATTR, None)
     return model
+
+
+def _bridges() -> list:
+    return [m.peft_bridge for m in methods() if m.peft_bridge is not None]
+
+
+def accelerate(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
+    """Run an existing PEFT model on ptune-rt's fused path, in place; returns ``report``'s rows.
+
+    Each method with a PEFT bridge says whether the model is one it runs (LoRA: PEFT LoRA layers,
+    swapped for fused modules holding the very same parameters; prefix tuning: the fused prefix
+    attention); see the bridges for what each keeps and refuses. ``ptune_rt.restore(peft_model)``
+    gives PEFT its own modules back."""
+    _require_module(peft_model, "peft_model")
+    from ptune_rt.ops.lora_linear import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    bridges = _bridges()
+    for bridge in bridges:
+        if bridge.claims(peft_model):
+            return bridge.accelerate(peft_model, backend)
+    raise ValueError(f"peft_model ({type(peft_model).__name__}) has no {' and no '.join(b.kind for b in bridges)}; "
+                     "expected a model from peft.get_peft_model(model, config) of one of those methods")
+
+
+def trainable_of_others(model: nn.Module, method: str) -> list:
+    """The parameters the methods of ``model`` other than ``method`` train."""
+    return [p for m in applied_methods(model) if m.name != method for p in m.trainable(model)]
 
 
 def report(model: nn.Module) -> list[dict]:
@@ -203,8 +224,9 @@ def format_report(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def checkpoint_handlers() -> tuple[dict, dict]:
-    """(method name -> checkpoint handler, PEFT peft_type -> method name) for ``ptune_rt.io``."""
+def checkpoint_handlers() -> tuple[dict, dict, object]:
+    """(method name -> checkpoint handler, PEFT peft_type -> method name, ``trainable_of_others``)
+    for ``ptune_rt.io.adapters.register_handlers``."""
     handlers = {m.name: m.checkpoint for m in methods()}
     peft_types = {t: m.name for m in methods() for t in m.peft_types}
-    return handlers, peft_types
+    return handlers, peft_types, trainable_of_others

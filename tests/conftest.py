@@ -24,7 +24,7 @@ def lora_functions(monkeypatch):
     """Training batches of any size through the LoRA op's ``autograd.Function``s (projection groups,
     SwiGLU recompute, the op itself), the path of batches above ``SMALL_BATCH_ROWS`` rows: the
     tests' tiny batches would otherwise take the small-batch path (plain ops under autograd)."""
-    from ptune_rt.methods import lora
+    from ptune_rt.methods.lora import layer as lora
 
     monkeypatch.setattr(lora, "SMALL_BATCH_ROWS", 0)
 

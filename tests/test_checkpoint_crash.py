@@ -18,6 +18,7 @@ import torch
 import ptune_rt
 from ptune_rt import LoRAConfig, load_adapter, save_adapter
 from ptune_rt.io import durable
+from ptune_rt.methods.lora.inject import lora_modules
 
 from helpers_models import tiny_llama
 
@@ -123,7 +124,7 @@ def lora_model(alpha: float, seed: int):
 def fingerprint(model) -> dict:
     """Every LoRA tensor and scaling of ``model``."""
     out = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    mods = ptune_rt.swap.lora_modules(model)
+    mods = lora_modules(model)
     out.update({f"{n}.scaling": torch.tensor(m.scaling["default"]) for n, m in mods.items()})
     return out
 

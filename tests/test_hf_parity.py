@@ -14,7 +14,7 @@ import torch
 
 import ptune_rt
 from ptune_rt import LoRAConfig
-from ptune_rt.swap import lora_modules
+from ptune_rt.methods.lora.inject import lora_modules
 from ptune_rt.testing.tolerances import assert_close_to_reference
 
 from helpers_models import MODELS, copy_peft_lora_weights, input_ids, peft_lora_model, strip_peft_prefix

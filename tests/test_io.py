@@ -16,6 +16,7 @@ import ptune_rt
 from ptune_rt import LoRAConfig, LoRALinear, load_adapter, save_adapter
 from ptune_rt.io import AdapterError
 from ptune_rt.io.peft_config import infer_task_type
+from ptune_rt.methods.lora import inject
 
 from helpers_models import assert_unchanged, input_ids, randomize_lora_b, snapshot, tiny_gpt2, tiny_llama
 
@@ -125,7 +126,7 @@ def test_peft_adapter_loads_with_same_logits(case, tmp_path):
     assert lora_names(model) == expected_modules
     torch.testing.assert_close(logits(model), logits(pm), **TOL)
     assert logits(model).sub(logits(base)).abs().max() > 1e-3  # the adapter does change the output
-    cfg = model._ptune_rt_config
+    cfg = inject.model_config(model)
     assert (cfg.r, cfg.alpha, cfg.bias, cfg.use_rslora) == (4, 8, "none", False)
     # the loaded adapter trains as after ptune_rt.apply
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
@@ -188,7 +189,7 @@ def test_trained_biases_round_trip_both_ways(bias, tmp_path):
     pm = peft_save(base, GPT2_TARGETS, tmp_path / "peft", bias=bias)
     model = load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(logits(model), logits(pm), **TOL)
-    assert model._ptune_rt_config.bias == bias
+    assert inject.model_config(model).bias == bias
 
     mine = ours(base, GPT2_TARGETS, bias=bias)  # random adapter and changed biases
     save_adapter(mine, tmp_path / "ours", format="peft")
@@ -282,7 +283,7 @@ def test_ptune_format_round_trip(case, tmp_path):
     loaded = load_adapter(copy.deepcopy(base), tmp_path)
     assert lora_names(loaded) == lora_names(model)
     torch.testing.assert_close(logits(loaded), logits(model), **TOL)
-    a, b = loaded._ptune_rt_config, model._ptune_rt_config
+    a, b = inject.model_config(loaded), inject.model_config(model)
     assert (a.r, a.alpha, a.dropout, a.use_rslora, a.init, a.backend) == (b.r, b.alpha, b.dropout, b.use_rslora,
                                                                           b.init, b.backend)
     # the loaded model saves the same checkpoint again
@@ -456,13 +457,13 @@ def test_failure_while_loading_rolls_back(llama_peft_dir, tmp_path, monkeypatch)
     gpt2 = tiny_gpt2()
     peft_save(gpt2, GPT2_TARGETS, tmp_path / "all", bias="all")
     snap = snapshot(gpt2)
-    real_apply = ptune_rt.swap.apply_lora
+    real_apply = inject.apply_lora
 
     def apply_then_fail(model, config):
         real_apply(model, config)
         raise RuntimeError("injected failure after the swap")
 
-    monkeypatch.setattr(ptune_rt.swap, "apply_lora", apply_then_fail)
+    monkeypatch.setattr(inject, "apply_lora", apply_then_fail)
     with pytest.raises(RuntimeError, match="after the swap"):
         load_adapter(gpt2, tmp_path / "all")
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import LoRAConfig
-from ptune_rt.methods.lora import RecomputeSwiGLUMixin, swiglu_mlps
+from ptune_rt.methods.lora.swiglu import RecomputeSwiGLUMixin, swiglu_mlps
 from ptune_rt.ops.lora_linear import lora_linear_swiglu
 
 from helpers_models import input_ids, peft_lora_model, randomize_lora_b, tiny_gpt2, tiny_llama, tiny_qwen2

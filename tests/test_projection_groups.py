@@ -15,7 +15,8 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import LoRAConfig
-from ptune_rt.methods.lora import LoRALinear, disable_projection_groups, enable_projection_groups
+from ptune_rt.methods.lora import LoRALinear
+from ptune_rt.methods.lora.groups import disable_projection_groups, enable_projection_groups
 from ptune_rt.testing import assert_close_to_reference
 from ptune_rt.testing.lora_cases import reference_and_gold
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close

@@ -11,7 +11,7 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import LoRAConfig
-from ptune_rt.methods import lora as lora_mod
+from ptune_rt.methods.lora import layer as lora_mod
 from ptune_rt.testing import assert_close_to_reference
 
 from helpers_models import input_ids, peft_lora_model, randomize_lora_b, tiny_llama

@@ -8,7 +8,9 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import LoRAConfig
-from ptune_rt.swap import CONFIG_ATTR, lora_modules
+from ptune_rt import state as model_state
+from ptune_rt.methods.lora import inject
+from ptune_rt.methods.lora.inject import lora_modules
 from ptune_rt.testing.tolerances import assert_close_to_reference, assert_fp32_end_to_end_close
 
 from helpers_models import (MODELS, copy_peft_lora_weights, input_ids, peft_lora_model, tiny_bert, tiny_gpt2,
@@ -38,7 +40,7 @@ def snapshot(model):
         "params": dict(model.named_parameters()),
         "grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "attrs": {k: model.__dict__.get(k) for k in (CONFIG_ATTR, "_ptune_rt_requires_grad")},
+        "attrs": model_state.applied(model),
         "training": {n: m.training for n, m in model.named_modules()},
     }
 
@@ -58,8 +60,10 @@ def assert_unchanged(model, snap):
     assert list(state) == list(snap["state"])
     for k, v in state.items():
         assert v.dtype == snap["state"][k].dtype and torch.equal(v, snap["state"][k]), f"{k} changed"
+    now = model_state.applied(model)
+    assert list(now) == list(snap["attrs"])
     for k, v in snap["attrs"].items():
-        assert model.__dict__.get(k) is v
+        assert now[k] is v
 
 
 def fails_cleanly(model, fn, exc, *words):
@@ -106,7 +110,7 @@ def test_apply_swaps_freezes_and_reports():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
     assert len(trainable) == 8
-    assert getattr(model, CONFIG_ATTR).r == 4
+    assert inject.model_config(model).r == 4
     rows = ptune_rt.report(model)
     assert [r["module"] for r in rows] == list(mods)
     for r in rows:
@@ -214,12 +218,12 @@ def test_report_rows_for_soft_prompts():
 
 def test_target_selection_modes():
     model = tiny_llama()
-    names = ptune_rt.swap.resolve_targets(model, "all-linear")
+    names = inject.resolve_targets(model, "all-linear")
     assert "lm_head" not in names and len(names) == 14
-    assert ptune_rt.swap.resolve_targets(model, r"model\.layers\.1\.self_attn\.(q|v)_proj") == [
+    assert inject.resolve_targets(model, r"model\.layers\.1\.self_attn\.(q|v)_proj") == [
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-    assert len(ptune_rt.swap.resolve_targets(model, None)) == 4  # llama default: q_proj, v_proj
-    assert len(ptune_rt.swap.resolve_targets(tiny_gpt2(), None)) == 2  # gpt2 default: c_attn
+    assert len(inject.resolve_targets(model, None)) == 4  # llama default: q_proj, v_proj
+    assert len(inject.resolve_targets(tiny_gpt2(), None)) == 2  # gpt2 default: c_attn
 
 
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 from ptune_rt.bench.workload import ModelShape
+from ptune_rt.methods.lora.inject import lora_modules
 
 METHODS = ("prompt_tuning", "prefix_tuning", "lora")
 #: Methods PEFT serves only task by task (set_adapter, then that task's rows): the ones with a target.
@@ -132,7 +133,7 @@ def _lora_tasks(peft_model, base, wl: MixedWorkload):
     ptune = ptune_rt.apply(copy.deepcopy(base), ptune_rt.LoRAConfig(r=wl.lora_r, alpha=wl.lora_alpha,
                                                                     target_modules=list(LLAMA_TARGETS)))
     inner = peft_model.get_base_model()
-    mods = ptune_rt.swap.lora_modules(ptune)
+    mods = lora_modules(ptune)
     for n, m in mods.items():
         pm = inner.get_submodule(n)
         for t in range(wl.tasks):

@@ -18,7 +18,8 @@ Each method plugs in its checkpoint handler through the method registry (``ptune
 hands ``register_handlers`` the table at import). A handler provides ``has_adapter``, ``collect``
 (-> a state with ``config``, ``tensors`` and ``fingerprint``), ``to_peft``, ``spec_from_peft``,
 ``tensors_from_peft``, ``spec_from_ptune`` and ``plan_load`` (-> a plan whose ``execute()`` loads
-all or nothing).
+all or nothing); optionally ``hint_from_peft`` (what a PEFT model's config tells ``collect`` and
+``plan_load`` as ``hint``) and ``refuse_peft_model`` (raise for a PEFT model PEFT runs itself).
 """
 from __future__ import annotations
 
@@ -33,10 +34,7 @@ from torch import nn
 from ptune_rt.ops.lora_linear import BACKENDS
 
 from . import durable
-from . import lora as lora_io
 from . import peft_config
-from . import prefix as prefix_io
-from . import prompt as prompt_io
 from .common import AdapterError, model_class
 
 FORMATS = ("peft", "ptune")
@@ -57,12 +55,23 @@ _METHODS: dict = {}
 _PEFT_TYPES: dict = {}
 
 
-def register_handlers(handlers: dict, peft_types: dict) -> None:
-    """Install the registry's checkpoint handlers (method name -> handler, peft_type -> method name)."""
+_trainable_of_others = None
+
+
+def register_handlers(handlers: dict, peft_types: dict, trainable_of_others) -> None:
+    """Install the registry's checkpoint handlers (method name -> handler, peft_type -> method name)
+    and ``trainable_of_others(model, method)``: the parameters the model's other methods train,
+    which stay trainable when a load adds ``method`` (whose apply freezes the model)."""
     _METHODS.clear()
     _METHODS.update(handlers)
     _PEFT_TYPES.clear()
     _PEFT_TYPES.update(peft_types)
+    global _trainable_of_others
+    _trainable_of_others = trainable_of_others
+
+
+def _others_trainable(model: nn.Module, method: str) -> list:
+    return list(_trainable_of_others(model, method)) if _trainable_of_others is not None else []
 
 
 PathLike = Union[str, os.PathLike]
@@ -108,7 +117,7 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if method is not None and method not in _METHODS:
         raise ValueError(f"method must be None or one of {tuple(_METHODS)}, got {method!r}")
-    _refuse_plain_peft_prompt_learning(model)
+    _refuse_peft_models(model)
     model, hints = _unwrap_peft(model, adapter_name)
     if task_type == "auto":
         task_type = peft_config.infer_task_type(model)
@@ -166,47 +175,31 @@ def _check_path_and_name(path, adapter_name) -> None:
 
 
 def _unwrap_peft(model: nn.Module, adapter_name: Optional[str]):
-    """A PeftModel (e.g. after ``ptune_rt.accelerate``) -> (its base model, hints by method: its LoRA
-    config as a LoRAConfig, or its prefix adapter's name); any other model -> (model, {}). Module
-    names are the base model's."""
+    """A PeftModel (e.g. after ``ptune_rt.accelerate``) -> (its base model, {method: hint}): the hint
+    is what the handler's ``hint_from_peft(peft_config, adapter_name, source)`` reads from the PEFT
+    config of the adapter (LoRA: its LoRAConfig; prefix: the adapter's name); any other model ->
+    (model, {}). Module names are the base model's."""
     configs = getattr(model, "peft_config", None)
     get_base = getattr(model, "get_base_model", None)
     if not isinstance(configs, dict) or not callable(get_base):
         return model, {}
     name = adapter_name or getattr(model, "active_adapter", None)
     cfg = configs.get(name) if isinstance(name, str) else None
-    hints = {}
-    peft_type = str(getattr(getattr(cfg, "peft_type", ""), "value", getattr(cfg, "peft_type", "")))
-    if cfg is not None and peft_type.endswith("LORA") and hasattr(cfg, "to_dict"):
-        d = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.to_dict().items()}
-        try:
-            hints[lora_io.METHOD], _ = peft_config.read_lora_config(
-                d, f"{type(model).__name__}.peft_config[{name!r}]", "auto")
-        except AdapterError:
-            pass
-    elif cfg is not None and peft_type.endswith(prefix_io.PEFT_TYPE):
-        hints[prefix_io.METHOD] = name
-    return get_base(), hints
+    peft_type = getattr(cfg, "peft_type", None)
+    method = _PEFT_TYPES.get(str(getattr(peft_type, "value", peft_type)))
+    hook = getattr(_METHODS.get(method), "hint_from_peft", None)
+    if hook is None:
+        return get_base(), {}
+    return get_base(), {method: hook(cfg, name, f"{type(model).__name__}.peft_config[{name!r}]")}
 
 
-def _refuse_plain_peft_prompt_learning(model: nn.Module) -> None:
-    """A PEFT prefix or soft-prompt model runs its prompt through PEFT's own forward, which ptune_rt
-    does not touch."""
-    from ptune_rt import peft_compat
-
-    if peft_compat.is_peft_prefix_model(model) and not peft_compat.is_accelerated(model):
-        raise AdapterError(f"{model_class(model)} is a PEFT prefix-tuning model that PEFT runs itself: use its "
-                           "save_pretrained / load_adapter, or call ptune_rt.accelerate(peft_model) first (then "
-                           "ptune_rt.save_adapter / load_adapter work on it)")
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and callable(getattr(model, "get_base_model", None)):
-        for cfg in configs.values():
-            kind = getattr(cfg, "peft_type", None)
-            kind = str(getattr(kind, "value", kind))
-            if kind in prompt_io.PEFT_TYPES.values():
-                raise AdapterError(f"{model_class(model)} is a PEFT {kind} model that PEFT runs itself: use its "
-                                   "save_pretrained / from_pretrained; to run the soft prompt with ptune-rt, load "
-                                   "its checkpoint into the plain base model: ptune_rt.load_adapter(base_model, path)")
+def _refuse_peft_models(model: nn.Module) -> None:
+    """Each handler's ``refuse_peft_model(model)`` (where it has one) raises for a PEFT model whose
+    adapter PEFT runs itself (ptune_rt cannot save or load into it)."""
+    for handler in _METHODS.values():
+        refuse = getattr(handler, "refuse_peft_model", None)
+        if refuse is not None:
+            refuse(model)
 
 
 def _method_of(model: nn.Module, method: Optional[str] = None) -> str:
@@ -260,7 +253,7 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     directory, format = _locate(path, format)
-    _refuse_plain_peft_prompt_learning(model)
+    _refuse_peft_models(model)
     given, (model, hints) = model, _unwrap_peft(model, adapter_name)
 
     config_file, d, weights_file, raw = durable.read_consistent(directory, *FILES[format], _read_files)
@@ -291,11 +284,12 @@ def load_adapter(model: nn.Module, path: PathLike, *, format: Optional[str] = No
         def file_key(k: str) -> str:
             return k
 
-    if method == prefix_io.METHOD and adapter_name is not None and adapter_name == hints.get(method):
-        adapter_name = None  # the accelerated PEFT prefix model's own adapter: its one prefix
     plan = _METHODS[method].plan_load(model, spec, tensors, adapter_name=adapter_name, file_key=file_key,
-                                      weights_file=str(weights_file))
+                                      weights_file=str(weights_file), hint=hints.get(method))
+    others = _others_trainable(model, method)
     plan.execute()
+    for p in others:
+        p.requires_grad_(True)
     return given
 
 

@@ -32,10 +32,12 @@ from torch import nn
 from ptune_rt import hf_attention
 from ptune_rt.methods.prefix import PrefixConfig
 
+from ptune_rt.targets import module_view
+
 from . import peft_config
 from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
                      collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
-                     int_field, model_class, model_type, module_view,
+                     int_field, model_class, model_type,
                      prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
 
 METHOD = "prefix"
@@ -281,9 +283,12 @@ def _layout_problem(spec: PrefixSpec, want: Layout, cls: str, existing: bool) ->
 
 
 def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
-              file_key: Callable[[str], str], weights_file: str) -> PrefixLoadPlan:
+              file_key: Callable[[str], str], weights_file: str, hint: Optional[str] = None) -> PrefixLoadPlan:
     """Check ``tensors`` and ``spec`` against ``model``; raise AdapterError naming every problem, or
-    return the plan that loads them."""
+    return the plan that loads them. ``hint``: the adapter name of the accelerated PEFT model the
+    prefix belongs to, which ``adapter_name`` may give (it has one prefix)."""
+    if adapter_name is not None and adapter_name == hint:
+        adapter_name = None
     cls = model_class(model)
     header = f"cannot load the prefix of {spec.source} into this {cls}:"
     if adapter_name not in (None, hf_attention.ADAPTER_NAME):
@@ -361,3 +366,18 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
     return PrefixLoadPlan(model, spec.config if existing is None else None, spec.source,
                           [(name, tensors[k]) for k, name in encoder_keys.items()],
                           [(dst, tensors[k]) for k, dst in destinations.items()])
+
+
+def hint_from_peft(peft_config, adapter_name: str, source: str) -> str:
+    """The adapter name of an accelerated PEFT prefix model (its one prefix, see ``plan_load``)."""
+    return adapter_name
+
+
+def refuse_peft_model(model: nn.Module) -> None:
+    """A PEFT prefix model that PEFT runs itself (not accelerated) keeps its prefix out of reach."""
+    from ptune_rt import peft_compat
+
+    if peft_compat.is_peft_prefix_model(model) and not peft_compat.is_accelerated(model):
+        raise AdapterError(f"{model_class(model)} is a PEFT prefix-tuning model that PEFT runs itself: use its "
+                           "save_pretrained / load_adapter, or call ptune_rt.accelerate(peft_model) first (then "
+                           "ptune_rt.save_adapter / load_adapter work on it)")

@@ -42,10 +42,12 @@ from ptune_rt.methods import prompt as prompt_mod
 from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningEncoder, SoftPromptEmbedding,
                                      is_prompt_model)
 
+from ptune_rt.targets import module_view
+
 from . import peft_config
 from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
                      collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
-                     int_field, model_class, model_type, module_view,
+                     int_field, model_class, model_type,
                      prompt_head_destinations, raise_problems, saved_model_and_heads)
 
 #: own method name -> PEFT peft_type
@@ -240,7 +242,10 @@ class _Handler:
     def spec_from_ptune(self, d, source, backend):
         return spec_from_ptune(d, source, backend, self.METHOD)
 
-    def plan_load(self, model, spec, tensors, *, adapter_name, file_key, weights_file):
+    def refuse_peft_model(self, model):
+        refuse_peft_model(model)
+
+    def plan_load(self, model, spec, tensors, *, adapter_name, file_key, weights_file, hint=None):
         return plan_load(model, spec, tensors, adapter_name=adapter_name, file_key=file_key,
                          weights_file=weights_file)
 
@@ -580,3 +585,16 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
 
 
 __all__ = ["PEFT_TYPES", "PromptCheckpoint", "PromptSpec", "SavedTokens", "make_handler"]
+
+
+def refuse_peft_model(model: nn.Module) -> None:
+    """A PEFT soft-prompt model runs its prompt through PEFT's own forward, out of ptune_rt's reach."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and callable(getattr(model, "get_base_model", None)):
+        for cfg in configs.values():
+            kind = getattr(cfg, "peft_type", None)
+            kind = str(getattr(kind, "value", kind))
+            if kind in PEFT_TYPES.values():
+                raise AdapterError(f"{model_class(model)} is a PEFT {kind} model that PEFT runs itself: use its "
+                                   "save_pretrained / from_pretrained; to run the soft prompt with ptune-rt, load "
+                                   "its checkpoint into the plain base model: ptune_rt.load_adapter(base_model, path)")

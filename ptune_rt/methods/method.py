@@ -8,12 +8,13 @@ the method (keys ``module``, ``method``, ``dtype``, ``backend``, ``why`` at leas
 its (shape, size, merged) cells and ``summary(rows)`` one line for ``format_report``;
 ``checkpoint`` its handler for ``save_adapter`` / ``load_adapter`` (see
 :mod:`ptune_rt.io.adapters`); ``example()`` a small config (tests, docs); ``peft_types`` the PEFT
-``peft_type`` values it reads and writes.
+``peft_type`` values it reads and writes; ``peft_bridge`` how ``ptune_rt.accelerate`` runs a PEFT
+model of this method (None: it does not).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,3 +31,20 @@ class Method:
     checkpoint: Any
     example: Callable
     peft_types: tuple = ()
+    peft_bridge: Optional["PeftBridge"] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftBridge:
+    """``ptune_rt.accelerate`` for a PEFT model of one method.
+
+    ``kind`` names what it looks for ("PEFT LoRA layers"); ``claims(peft_model)``: the model is
+    one it runs; ``accelerate(peft_model, backend)`` swaps in the fused path in place and returns
+    the report rows. Where the swap leaves none of the method's own modules for ``is_applied``,
+    ``is_accelerated(model)`` and ``restore(model)`` undo it."""
+
+    kind: str
+    claims: Callable
+    accelerate: Callable
+    is_accelerated: Optional[Callable] = None
+    restore: Optional[Callable] = None

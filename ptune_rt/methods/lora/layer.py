@@ -1,4 +1,4 @@
-"""LoRA: its config and the fused module that replaces a frozen linear layer.
+"""The fused module that replaces a frozen linear layer: :class:`LoRALinear`.
 
 ``LoRALinear`` keeps PEFT's attribute layout (``base_layer``, ``lora_A[name]``, ``lora_B[name]``,
 ``scaling[name]``) so parameter names, state dicts and optimizers line up with PEFT's, and runs
@@ -6,110 +6,18 @@ forward through the fused op ``ptune_rt.ops.lora_linear``.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ptune_rt.methods._config import (check_bool, check_choice, check_int, check_number, check_regex,
-                                      config_kwargs)
 from ptune_rt.ops.lora_linear import (_ZERO_SEED, BACKENDS, OP_DTYPES, _check_inputs, _torch_forward, lora_linear,
                                       lora_linear_fwd, lora_linear_group, lora_linear_swiglu,
                                       resolve_backend)
-
-try:  # GPT-2 style Conv1D: weight is [in_features, out_features]
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()
-
-BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "zeros")
-
-
-@dataclasses.dataclass
-class LoRAConfig:
-    """Hyper-parameters of a LoRA adapter (names follow PEFT's ``LoraConfig`` where they overlap).
-
-    r: rank (1 .. min(in_features, out_features) of every target).
-    alpha: scaling numerator: scale = alpha / r, or alpha / sqrt(r) with ``use_rslora``.
-    dropout: dropout rate on the low-rank input during training.
-    target_modules: module names (suffix match, e.g. ``"q_proj"``), a regex string matched against the
-        full name, or ``"all-linear"``; None picks the model type's default (as PEFT does).
-    bias: "none", "all" (train every bias of the model) or "lora_only" (train the targets' biases).
-    init: "default" (PEFT: Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B) or
-        "zeros" (both zero; for loading).
-    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
-    recompute_mlp: in SwiGLU MLPs (Llama, Mistral, Qwen2, ...: ``down(silu(gate(x)) * up(x))``)
-        whose down projection is a target, keep only gate(x) and up(x) for backward and recompute
-        silu and the product there: two fewer [tokens, intermediate] tensors saved per layer, the
-        same gradients bit for bit, one extra silu and product per layer in backward.
-    group_projections: targets that read one input in one block (q/k/v, gate/up; query/key/value)
-        run as a group on the eager torch path while training without dropout: one shrink GEMM,
-        one dA GEMM and one dX buffer for all of them (results within fp rounding of separate
-        layers, not bit for bit). Other paths are unaffected.
-    """
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: Optional[Union[Sequence[str], str]] = None
-    bias: str = "none"
-    use_rslora: bool = False
-    init: str = "default"
-    backend: str = "auto"
-    recompute_mlp: bool = True
-    group_projections: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-        self.validate()
-
-    def validate(self) -> None:
-        check_int("LoRAConfig.r", self.r)
-        check_number("LoRAConfig.alpha", self.alpha, 0.0, low_open=True)
-        check_number("LoRAConfig.dropout", self.dropout, 0.0, 1.0)
-        check_choice("LoRAConfig.bias", self.bias, BIAS_MODES)
-        check_choice("LoRAConfig.init", self.init, INIT_MODES)
-        check_choice("LoRAConfig.backend", self.backend, BACKENDS)
-        for flag in ("use_rslora", "recompute_mlp", "group_projections"):
-            check_bool(f"LoRAConfig.{flag}", getattr(self, flag))
-        tm = self.target_modules
-        if isinstance(tm, str):
-            check_regex("LoRAConfig.target_modules", tm)
-        elif tm is not None and not (isinstance(tm, (list, tuple)) and all(isinstance(t, str) and t for t in tm)):
-            raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
-
-    def to_dict(self) -> dict:
-        return {"method": "lora", **dataclasses.asdict(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRAConfig":
-        return cls(**config_kwargs(cls, d, "lora", "LoRA config"))
-
-    @classmethod
-    def from_json(cls, s: str) -> "LoRAConfig":
-        return cls.from_dict(json.loads(s))
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if Conv1D and isinstance(layer, Conv1D):
-        k, n = layer.weight.shape
-        return k, n
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number
+from ptune_rt.methods.lora.config import INIT_MODES
+from ptune_rt.targets import linear_shape
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -143,6 +51,8 @@ class LoRALinear(nn.Module):
     ``merge()`` folds ``scale * B @ A`` into the base weight (forward then only calls the base
     layer); ``unmerge()`` takes it out again and gives back the original weight bit for bit.
     """
+
+    WRAPS_LAYER = True  # stands in for its base layer (see ptune_rt.targets.module_view)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default", backend: str = "auto",
@@ -721,151 +631,7 @@ def _has_hooks(m: nn.Module) -> bool:
                 or "forward" in m.__dict__)  # a wrapped forward (e.g. accelerate's device hooks)
 
 
-_STANDARD_SWIGLU = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
-_swiglu_class_cache: dict[type, bool] = {}
-
-
-def _forward_is_standard_swiglu(cls: type) -> bool:
-    """True when ``cls.forward`` is exactly ``return down_proj(act_fn(gate_proj(x)) * up_proj(x))``
-    (directly or through one local variable), checked on its syntax tree once per class."""
-    if cls in _swiglu_class_cache:
-        return _swiglu_class_cache[cls]
-    import ast
-    import inspect
-    import textwrap
-
-    ok = False
-    try:
-        fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
-        want = ast.dump(ast.parse(_STANDARD_SWIGLU, mode="eval").body)
-        args = [a.arg for a in fn.args.args]
-        body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
-        if args == ["self", "x"] and not (fn.args.vararg or fn.args.kwarg or fn.args.kwonlyargs):
-            if len(body) == 1 and isinstance(body[0], ast.Return):
-                ok = body[0].value is not None and ast.dump(body[0].value) == want
-            elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
-                  and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
-                  and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
-                ok = ast.dump(body[0].value) == want
-    except (OSError, TypeError, SyntaxError, IndexError):
-        ok = False
-    _swiglu_class_cache[cls] = ok
-    return ok
-
-
-def _is_silu(act: nn.Module) -> bool:
-    return isinstance(act, nn.SiLU) or (type(act).__name__ == "SiLUActivation"
-                                         and type(act).__module__.startswith("transformers."))
-
-
-class RecomputeSwiGLUMixin:
-    """Mixed into a SwiGLU MLP's class (``mlp.__class__`` becomes a subclass of its own class, so
-    isinstance checks, parameters and state_dict keys are unchanged): the down projection gets
-    silu(gate(x)) and up(x) separately and saves only those two for backward."""
-
-    def forward(self, x):
-        return self.down_proj.forward_swiglu(self.gate_proj(x), self.up_proj(x))
-
-    def __reduce_ex__(self, protocol):
-        # the subclass is made at run time, so pickle cannot look it up by name: rebuild it from
-        # the plain class (deepcopy and torch.save of the whole model go through here)
-        rv = super().__reduce_ex__(protocol)
-        return (_new_recompute_instance, (self._ptune_rt_plain_class,)) + tuple(rv[2:])
-
-
-_fused_mlp_classes: dict[type, type] = {}
-
-
-def _recompute_class(cls: type) -> type:
-    if cls not in _fused_mlp_classes:
-        _fused_mlp_classes[cls] = type(cls.__name__, (RecomputeSwiGLUMixin, cls),
-                                       {"__module__": __name__, "__qualname__": f"Recompute{cls.__qualname__}",
-                                        "_ptune_rt_plain_class": cls})
-    return _fused_mlp_classes[cls]
-
-
-def _new_recompute_instance(plain_cls: type):
-    return object.__new__(_recompute_class(plain_cls))
-
-
-def swiglu_mlps(model: nn.Module) -> dict[str, nn.Module]:
-    """The MLPs of ``model`` whose recompute path applies: a transformers class whose forward is the
-    standard SwiGLU expression, a SiLU activation and a ``LoRALinear`` down projection."""
-    out = {}
-    for n, m in model.named_modules():
-        cls = getattr(m, "_ptune_rt_plain_class", type(m))
-        if (cls.__module__.startswith("transformers.models.") and isinstance(getattr(m, "down_proj", None), LoRALinear)
-                and isinstance(getattr(m, "gate_proj", None), nn.Module)
-                and isinstance(getattr(m, "up_proj", None), nn.Module)
-                and _is_silu(getattr(m, "act_fn", None)) and _forward_is_standard_swiglu(cls)):
-            out[n] = m
-    return out
-
-
-def enable_mlp_recompute(model: nn.Module) -> list[str]:
-    """Switch every eligible SwiGLU MLP of ``model`` to the recompute forward; returns their names."""
-    names = []
-    for n, m in swiglu_mlps(model).items():
-        if not isinstance(m, RecomputeSwiGLUMixin):
-            m.__class__ = _recompute_class(type(m))
-        names.append(n)
-    return names
-
-
-def disable_mlp_recompute(model: nn.Module) -> None:
-    """Give every MLP switched by :func:`enable_mlp_recompute` its own class back."""
-    for m in model.modules():
-        if isinstance(m, RecomputeSwiGLUMixin):
-            m.__class__ = m._ptune_rt_plain_class
-
-
-def mlp_recompute_active(mlp: nn.Module) -> bool:
-    return isinstance(mlp, RecomputeSwiGLUMixin)
-
-
-# ----------------------------------------------------------------------------------------
-# projection groups: siblings that read one input share the shrink, dA and dX
-# ----------------------------------------------------------------------------------------
-
-#: Attribute names of the projections that read one input inside one transformers block.
-PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-
-
-def enable_projection_groups(model: nn.Module) -> list[tuple[str, ...]]:
-    """Link the ``LoRALinear`` siblings of every block that read one input (the names in
-    :data:`PROJECTION_GROUPS`, two or more of them swapped, one in_features): in training they run
-    as one :func:`~ptune_rt.ops.lora_linear.lora_linear_group` (see ``LoRALinear._grouped_forward``).
-    Returns the groups as tuples of full module names."""
-    found = []
-    for n, parent in model.named_modules():
-        for names in PROJECTION_GROUPS:
-            mods = [(a, getattr(parent, a, None)) for a in names]
-            mods = [(a, m) for a, m in mods if isinstance(m, LoRALinear)]
-            if len(mods) < 2 or len({m.in_features for _, m in mods}) != 1:
-                continue
-            grp = tuple(m for _, m in mods)
-            for m in grp:
-                m._group, m._stash = grp, None
-            found.append(tuple(f"{n}.{a}" if n else a for a, _ in mods))
-    return found
-
-
 def _ungroup(grp) -> None:
+    """Switch a projection group off for good (see :func:`~ptune_rt.methods.lora.groups.enable_projection_groups`)."""
     for m in grp:
         m._group = m._stash = None
-
-
-def disable_projection_groups(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m._group = m._stash = None
-
-
-def projection_group_names(model: nn.Module) -> dict[str, str]:
-    """Module name -> "+"-joined names of its group's members (short names), for ``report``."""
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, LoRALinear) and m._group is not None:
-            out[n] = "+".join(names.get(id(g), "?").rpartition(".")[2] for g in m._group)
-    return out

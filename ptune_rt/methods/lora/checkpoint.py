@@ -21,21 +21,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ptune_rt.methods.lora import LoRAConfig, LoRALinear, linear_shape
-from ptune_rt import swap
-from ptune_rt.swap import DEFAULT_TARGETS, restore_lora
-
-from . import peft_config
-from .common import (AdapterError, config_from_ptune, cpu_copy, exact_regex, is_linear_like, match_heads,
-                     match_targets, model_class, model_type, module_view, raise_problems, saved_model_and_heads,
-                     shape_str)
+from ptune_rt import state as model_state
+from ptune_rt.io import peft_config
+from ptune_rt.io.common import (AdapterError, config_from_ptune, cpu_copy, exact_regex, model_class, model_type,
+                                raise_problems, saved_model_and_heads, shape_str)
+from ptune_rt.methods.lora import inject
+from ptune_rt.methods.lora import peft_config as lora_peft_config
+from ptune_rt.methods.lora.config import LoRAConfig
+from ptune_rt.methods.lora.inject import DEFAULT_TARGETS, SOURCE_ATTR, restore_lora
+from ptune_rt.methods.lora.layer import LoRALinear
+from ptune_rt.targets import is_linear_like, linear_shape, match_heads, match_targets, module_view
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
-#: Model attributes ``apply`` sets (its config, the requires_grad flags it replaced): a failed load puts them back.
-CONFIG_ATTR = getattr(swap, "CONFIG_ATTR", "_ptune_rt_config")
-_MODEL_ATTRS = (CONFIG_ATTR, getattr(swap, "REQUIRES_GRAD_ATTR", "_ptune_rt_requires_grad"))
-_MISSING = object()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +118,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     dropout = _one_value({n: m.lora_dropout_p[a] for n, m in mods.items()}, "dropout rates")
     scaling = _one_value({n: m.scaling[a] for n, m in mods.items()}, "scalings")
 
-    cfg0 = getattr(model, CONFIG_ATTR, None)
-    cfg0 = cfg0 if isinstance(cfg0, LoRAConfig) else config_hint
+    cfg0 = inject.model_config(model) or config_hint
     plain = math.isclose(scaling, alpha / r, rel_tol=1e-6)
     rs = math.isclose(scaling, alpha / math.sqrt(r), rel_tol=1e-6)
     if plain and rs:
@@ -183,7 +180,7 @@ def _check_heads_vs_targets(heads: list[str], targets: list[str]) -> None:
 
 def to_peft(state: LoRAState, model: nn.Module, task_type: Optional[str]) -> tuple[dict, dict]:
     """(``adapter_config.json`` contents, ``adapter_model.safetensors`` tensors) as PEFT writes them."""
-    config = peft_config.lora_to_peft(state.config, model, task_type, state.fan_in_fan_out, state.head_names)
+    config = lora_peft_config.lora_to_peft(state.config, model, task_type, state.fan_in_fan_out, state.head_names)
     tensors = {peft_config.PEFT_KEY_PREFIX + k: t for k, t in state.tensors.items()}
     return config, tensors
 
@@ -208,7 +205,7 @@ class LoRASpec:
 
 def spec_from_peft(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
     """A LoRASpec from PEFT's ``adapter_config.json`` dict for LORA."""
-    config, exclude = peft_config.read_lora_config(d, source, backend or "auto")
+    config, exclude = lora_peft_config.read_lora_config(d, source, backend or "auto")
     return LoRASpec(config=config, source=source, exclude_modules=exclude,
                     heads=peft_config.peft_task_heads(d, source))
 
@@ -266,13 +263,13 @@ class LoRALoadPlan:
     def execute(self) -> nn.Module:
         model = self.model
         grads = [(p, p.requires_grad) for p in model.parameters()]
-        attrs = {k: vars(model).get(k, _MISSING) for k in _MODEL_ATTRS}
+        prior = model_state.get(model, inject.NAME)
+        prior_config = prior.config if prior is not None else None
         backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         added: list[LoRALinear] = []
         try:
             if self.fresh:
-                from ptune_rt import hf_attention  # imports transformers' attention glue: only when needed
-                hf_attention.keep_prefix_trainable(swap.apply_lora(model, self.apply_config))
+                inject.apply_lora(model, self.apply_config)
             if self.add_config is not None:
                 c = self.add_config
                 for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
@@ -291,7 +288,7 @@ class LoRALoadPlan:
                 for dst, src in copies:
                     dst.copy_(src)
             if self.fresh:
-                setattr(model, CONFIG_ATTR, self.final_config)
+                inject.set_model_config(model, self.final_config)
         except BaseException:
             with torch.no_grad():
                 for dst, old in backups:
@@ -302,17 +299,16 @@ class LoRALoadPlan:
                 restore_lora(model)
             for p, flag in grads:
                 p.requires_grad_(flag)
-            for k, v in attrs.items():
-                if v is not _MISSING:
-                    setattr(model, k, v)
-                elif k in vars(model):
-                    delattr(model, k)
+            if prior is not None:
+                prior.config = prior_config
+            elif model_state.get(model, inject.NAME) is not None:
+                model_state.forget(model, inject.NAME)
             raise
         return model
 
 
 def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
-              file_key: Callable[[str], str], weights_file: str) -> LoRALoadPlan:
+              file_key: Callable[[str], str], weights_file: str, hint=None) -> LoRALoadPlan:
     """Check ``tensors`` (module-path keys) and ``spec`` against ``model``; raise AdapterError
     listing every problem, or return the plan that loads them."""
     cls = model_class(model)
@@ -383,7 +379,7 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
         problems.append(f"adapter_name={adapter_name!r} is an adapter of LoRA modules {holders[:3]} but not of "
                         f"{sorted(set(existing) - set(holders))[:3]}")
     if add:
-        peft_layers = [n for n, m in existing.items() if isinstance(m, swap.peft_lora_linear_class_or_none() or ())]
+        peft_layers = [n for n, m in existing.items() if m.__dict__.get(SOURCE_ATTR) == "peft"]
         if peft_layers:
             problems.append(f"adapter_name={adapter_name!r}: this model's LoRA layers come from a PEFT model "
                             f"({peft_layers[:3]} ...), which keeps its own adapter registry; add adapters with "
@@ -525,3 +521,15 @@ def _why_unexpected(key: str, view, names, bias: str) -> str:
     if module and module not in view and module.replace(".base_layer", "") not in view:
         return f" (there is no module {module!r} in this model)"
     return ""
+
+
+def hint_from_peft(peft_config, adapter_name: str, source: str) -> Optional[LoRAConfig]:
+    """The LoRAConfig of a PEFT model's LoRA adapter (None where ptune_rt's LoRA cannot express it):
+    ``collect`` takes what the modules do not say (e.g. rsLoRA when both scalings agree) from it."""
+    if not hasattr(peft_config, "to_dict"):
+        return None
+    d = {k: (v.value if hasattr(v, "value") else v) for k, v in peft_config.to_dict().items()}
+    try:
+        return lora_peft_config.read_lora_config(d, source, "auto")[0]
+    except AdapterError:
+        return None

@@ -1,0 +1,204 @@
+"""Working with a model's LoRA adapters: ``merge`` / ``unmerge`` (bit-exact), ``set_adapter``, and
+``mixed_adapters`` (each row of a batch with its own adapter, for serving many tasks from one base)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ptune_rt.methods._config import check_bool
+from ptune_rt.methods.lora.inject import _require_swapped
+from ptune_rt.methods.lora.layer import META_MERGE, LoRALinear
+
+def merge(model: nn.Module, untie: bool = False) -> nn.Module:
+    """Fold every swapped module's adapter into its base weight (see ``LoRALinear.merge``).
+
+    A base weight shared with another parameter (a tied model whose ``lm_head`` is a target shares
+    it with the input embedding) would give that parameter ``s B A`` too: refused with a
+    ValueError naming them, unless ``untie=True``, which first gives each such base layer its own
+    copy of the weight, sets ``tie_word_embeddings=False`` in the model's config so transformers
+    does not tie them again, and warns naming the parameters (PEFT warns and merges).
+
+    All or nothing: if one module cannot merge, those merged by this call are unmerged again
+    (bit-exact) and untied weights are tied again before the error propagates."""
+    mods = _require_swapped(model, "merge")
+    check_bool("untie", untie)
+    todo = {n: m for n, m in mods.items() if not m.merged}
+    for n, m in todo.items():
+        if m.disabled:
+            raise ValueError(f"cannot merge module {n!r}: its adapter is disabled")
+        if m.active_adapter not in m.lora_A:
+            raise ValueError(f"cannot merge module {n!r}: active_adapter {m.active_adapter!r} is not one of its "
+                             f"adapters {list(m.lora_A)}")
+        if m.on_meta():
+            raise ValueError(f"module {n!r}: {META_MERGE}")
+    tied = _tied_base_weights(model, todo)
+    if tied and not untie:
+        raise ValueError(f"cannot merge: {_describe_ties(tied)}; merging would add the adapter to those parameters "
+                         "too. Pass untie=True to give each LoRA base layer its own copy of the weight first")
+    retie = _untie(model, todo, tied) if tied else (lambda: None)
+    done = []
+    try:
+        for m in todo.values():
+            m.merge()
+            done.append(m)
+    except Exception:
+        for m in reversed(done):
+            m.unmerge()
+        retie()
+        raise
+    return model
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _tied_base_weights(model: nn.Module, mods: dict[str, LoRALinear]) -> dict[str, list[str]]:
+    """LoRA module name -> the other parameters sharing its base weight's storage (tied weights)."""
+    by_storage: dict[tuple, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.numel():
+            by_storage.setdefault(_storage_key(p), []).append(n)
+    out = {}
+    for n, m in mods.items():
+        own = f"{n}.base_layer.weight"
+        others = [p for p in by_storage.get(_storage_key(m.base_layer.weight), []) if p != own]
+        if others:
+            out[n] = others
+    return out
+
+
+def _describe_ties(tied: dict[str, list[str]]) -> str:
+    return "; ".join(f"the base weight of LoRA module {n!r} is tied to {others}" for n, others in tied.items())
+
+
+def _untie(model: nn.Module, mods: dict[str, LoRALinear], tied: dict[str, list[str]]):
+    """Give each tied base layer its own copy of its weight and switch the config's tying off;
+    returns the function that undoes both."""
+    configs = [c for c in _tie_configs(model) if getattr(c, "tie_word_embeddings", False)]
+    olds = {n: mods[n].base_layer.weight for n in tied}
+    warnings.warn(f"ptune_rt.merge(untie=True): {_describe_ties(tied)}; each of these LoRA base layers gets its own "
+                  "copy of the weight before merging (the tied parameters keep theirs), and the model config's "
+                  "tie_word_embeddings is set to False", UserWarning, stacklevel=3)
+    for n, w in olds.items():
+        mods[n].base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    for c in configs:
+        c.tie_word_embeddings = False
+
+    def retie():
+        for n, w in olds.items():
+            mods[n].base_layer.weight = w
+        for c in configs:
+            c.tie_word_embeddings = True
+    return retie
+
+
+def _tie_configs(model: nn.Module) -> list:
+    """The model's transformers config and its text config (where tie_word_embeddings may live)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    text = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
+    return [cfg] if text is cfg else [cfg, text]
+
+
+def _require_adapter(mods: dict[str, LoRALinear], name: str, prefix: str, hint: str = "") -> None:
+    """Raise unless every module of ``mods`` holds the adapter ``name``; the message starts with
+    ``prefix`` (the argument) and ends its list of the model's adapters with ``hint``."""
+    lacking = [n for n, m in mods.items() if name not in m.lora_A]
+    if lacking:
+        held = sorted({a for m in mods.values() for a in m.lora_A})
+        raise ValueError(f"{prefix}{name!r} is not an adapter of LoRA modules {lacking[:3]}"
+                         f"{' ...' if len(lacking) > 3 else ''} (the model's adapters: {held}{hint})")
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Make ``adapter_name`` the active LoRA adapter of every swapped module (adapters are added with
+    ``ptune_rt.load_adapter(model, path, adapter_name=...)``), as PEFT's ``set_adapter``: the active
+    adapter's weights become trainable, the others frozen. Checked first, all or nothing: every
+    module must hold the adapter, and a model with a merged adapter must be unmerged before
+    switching. Returns the model."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__}")
+    mods = _require_swapped(model, "set_adapter")
+    _require_adapter(mods, adapter_name, "adapter_name=")
+    merged = [n for n, m in mods.items() if m.merged and m.active_adapter != adapter_name]
+    if merged:
+        raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have adapter "
+                         f"{mods[merged[0]].active_adapter!r} merged into their base weight: ptune_rt.unmerge(model) "
+                         f"before switching to {adapter_name!r}")
+    for m in mods.values():
+        m.active_adapter = adapter_name
+        for name in m.lora_A:
+            for layer in (m.lora_A[name], m.lora_B[name]):
+                layer.requires_grad_(name == adapter_name)
+    return model
+
+
+class mixed_adapters:
+    """``with ptune_rt.mixed_adapters(model, adapter_names):`` row i of every batch the model runs
+    uses the LoRA adapter ``adapter_names[i]`` (``None`` or ``"__base__"``: the base model alone),
+    as PEFT's ``adapter_names=`` forward argument: many tasks' adapters served in one batch from one
+    unmerged base. Inference only (``torch.no_grad()``; ``generate()`` qualifies). Checked on entry,
+    before anything changes: every name must be an adapter of every LoRA module, and no adapter may
+    be merged. Each LoRA linear then runs the base matmul once for the whole batch and, per adapter,
+    the low-rank term on the rows that use it; in a decode step (one token per row) all used adapters
+    at once, against their A and B stacked once per block. On the Triton backend every step runs
+    the stacked form through the fused kernels (the shrink kernel, then the low-rank term added in
+    the base GEMM's accumulator); elsewhere torch ops. Adapter weights must not change inside a
+    block."""
+
+    BASE = "__base__"
+
+    def __init__(self, model: nn.Module, adapter_names):
+        if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
+            raise TypeError(f"adapter_names must be a sequence of adapter names (one per row, None or "
+                            f"{self.BASE!r} for the base model), got {type(adapter_names).__name__}")
+        names = [self.BASE if n is None else n for n in adapter_names]
+        if not names:
+            raise ValueError("adapter_names is empty; expected one adapter name per row of the batch")
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"adapter_names must hold str or None, got {type(bad[0]).__name__}")
+        self.mods = _require_swapped(model, "mixed_adapters")
+        used = [n for n in dict.fromkeys(names) if n != self.BASE]
+        for n in used:
+            _require_adapter(self.mods, n, "adapter_names: ", f", or None / {self.BASE!r} for the base model")
+        off = [m for m, mod in self.mods.items() if mod.disabled]
+        if off:
+            raise ValueError(f"modules {off[:3]}{' ...' if len(off) > 3 else ''} have their adapters disabled; enable "
+                             "them before serving a mixed-adapter batch (rows that want the base model take None)")
+        merged = [m for m, mod in self.mods.items() if mod.merged]
+        if merged:
+            raise ValueError(f"modules {merged[:3]}{' ...' if len(merged) > 3 else ''} have an adapter merged into "
+                             "their base weight, which every row would get: ptune_rt.unmerge(model) first")
+        self._check_not_nested()
+        device = next(iter(self.mods.values())).weight.device  # index tensors where the layers run
+        self.rows = (len(names), tuple((n, torch.tensor([i for i, m in enumerate(names) if m == n], device=device))
+                                       for n in used))
+
+    def _check_not_nested(self) -> None:
+        busy = [m for m, mod in self.mods.items() if mod._rows is not None]
+        if busy:
+            raise RuntimeError(f"modules {busy[:3]} are already inside a ptune_rt.mixed_adapters block: "
+                               "blocks do not nest")
+
+    def __enter__(self):
+        self._check_not_nested()  # again: another block may have been entered since this one was made
+        for mod in self.mods.values():
+            mod._rows, mod._rows_stack = self.rows, None
+        return self
+
+    def __exit__(self, *exc):
+        for mod in self.mods.values():
+            mod._rows, mod._rows_stack = None, None
+        return False
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of its base weight again, bit-exact (see ``LoRALinear.unmerge``)."""
+    for m in _require_swapped(model, "unmerge").values():
+        m.unmerge()
+    return model

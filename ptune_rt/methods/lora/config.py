@@ -1,0 +1,74 @@
+"""LoRA's hyper-parameters: :class:`LoRAConfig` (names follow PEFT's ``LoraConfig``)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional, Sequence, Union
+
+from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number, check_regex
+from ptune_rt.methods.config_base import MethodConfig
+from ptune_rt.ops.lora_linear import BACKENDS
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("default", "gaussian", "zeros")
+
+
+@dataclasses.dataclass
+class LoRAConfig(MethodConfig):
+    """Hyper-parameters of a LoRA adapter (names follow PEFT's ``LoraConfig`` where they overlap).
+
+    r: rank (1 .. min(in_features, out_features) of every target).
+    alpha: scaling numerator: scale = alpha / r, or alpha / sqrt(r) with ``use_rslora``.
+    dropout: dropout rate on the low-rank input during training.
+    target_modules: module names (suffix match, e.g. ``"q_proj"``), a regex string matched against the
+        full name, or ``"all-linear"``; None picks the model type's default (as PEFT does).
+    bias: "none", "all" (train every bias of the model) or "lora_only" (train the targets' biases).
+    init: "default" (PEFT: Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B) or
+        "zeros" (both zero; for loading).
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    recompute_mlp: in SwiGLU MLPs (Llama, Mistral, Qwen2, ...: ``down(silu(gate(x)) * up(x))``)
+        whose down projection is a target, keep only gate(x) and up(x) for backward and recompute
+        silu and the product there: two fewer [tokens, intermediate] tensors saved per layer, the
+        same gradients bit for bit, one extra silu and product per layer in backward.
+    group_projections: targets that read one input in one block (q/k/v, gate/up; query/key/value)
+        run as a group on the eager torch path while training without dropout: one shrink GEMM,
+        one dA GEMM and one dX buffer for all of them (results within fp rounding of separate
+        layers, not bit for bit). Other paths are unaffected.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: Optional[Union[Sequence[str], str]] = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init: str = "default"
+    backend: str = "auto"
+    recompute_mlp: bool = True
+    group_projections: bool = True
+
+    METHOD: ClassVar[str] = "lora"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_int("LoRAConfig.r", self.r)
+        check_number("LoRAConfig.alpha", self.alpha, 0.0, low_open=True)
+        check_number("LoRAConfig.dropout", self.dropout, 0.0, 1.0)
+        check_choice("LoRAConfig.bias", self.bias, BIAS_MODES)
+        check_choice("LoRAConfig.init", self.init, INIT_MODES)
+        check_choice("LoRAConfig.backend", self.backend, BACKENDS)
+        for flag in ("use_rslora", "recompute_mlp", "group_projections"):
+            check_bool(f"LoRAConfig.{flag}", getattr(self, flag))
+        tm = self.target_modules
+        if isinstance(tm, str):
+            check_regex("LoRAConfig.target_modules", tm)
+        elif tm is not None and not (isinstance(tm, (list, tuple)) and all(isinstance(t, str) and t for t in tm)):
+            raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r

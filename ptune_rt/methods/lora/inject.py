@@ -1,0 +1,267 @@
+"""How LoRA goes into a model and out again: ``apply_lora`` swaps the targets for ``LoRALinear``
+modules with fresh adapters and freezes the rest; ``restore_lora`` puts the original modules back
+(the very same objects). Only the instance passed in changes, never a class; every check runs
+before the first change."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ptune_rt import state as model_state
+from ptune_rt.methods.lora.config import LoRAConfig
+from ptune_rt.methods.lora.groups import disable_projection_groups, enable_projection_groups
+from ptune_rt.methods.lora.layer import LoRALinear
+from ptune_rt.methods.lora.swiglu import disable_mlp_recompute, enable_mlp_recompute
+from ptune_rt.ops.lora_linear import OP_DTYPES, resolve_backend
+from ptune_rt.targets import is_linear, linear_shape, module_matches, output_layer_names
+
+NAME = LoRAConfig.METHOD
+
+#: Default targets per model type when ``target_modules`` is None (the same choice PEFT makes).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "t5": ["q", "v"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
+}
+
+#: Top-level submodules ptune-rt itself attaches (prefix / prompt encoders): never LoRA targets.
+OWN_MODULES = ("prompt_encoder",)
+#: LoRALinear attribute: the module ``restore`` puts back (not registered as a submodule).
+ORIGIN_ATTR = "_ptune_rt_origin"
+#: LoRALinear attribute: "apply" or "peft", how the module got into the model.
+SOURCE_ATTR = "_ptune_rt_source"
+
+
+@dataclasses.dataclass
+class LoRAModelState:
+    """What a model carrying LoRA records (``ptune_rt.state``): the config it was applied or loaded
+    with, and the requires_grad flags (by parameter name) from before ``apply_lora`` (None when
+    the modules came from a PEFT model)."""
+
+    config: Optional[LoRAConfig]
+    requires_grad: Optional[dict] = None
+
+
+def model_config(model: nn.Module) -> Optional[LoRAConfig]:
+    """The LoRAConfig ``model`` was applied or loaded with (None: none recorded)."""
+    st = model_state.get(model, NAME)
+    return st.config if st is not None else None
+
+
+def set_model_config(model: nn.Module, config: LoRAConfig) -> None:
+    st = model_state.get(model, NAME)
+    if st is None:
+        model_state.record(model, NAME, LoRAModelState(config))
+    else:
+        st.config = config
+
+
+
+def _peft_lora_classes():
+    """(LoraLayer, lora Linear) of the installed PEFT, or (None, None) without PEFT."""
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+    except Exception:
+        return None, None
+    return LoraLayer, Linear
+
+
+def peft_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    LoraLayer, _ = _peft_lora_classes()
+    if LoraLayer is None:
+        return {}
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every ``LoRALinear`` of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _require_module(model, arg: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _require_swapped(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    _require_module(model)
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError(f"{what}: model has no ptune-rt LoRA modules; expected a model passed through "
+                         "ptune_rt.apply(...) or ptune_rt.accelerate(...)")
+    return mods
+
+
+def _check_weight_dtype(module_name: str, layer: nn.Module, what: str, backend: str) -> None:
+    """Refuse now, not at the first forward, a layer whose dtype the chosen path cannot run: the fused
+    op takes float32, float16 and bfloat16; float64 runs on the torch path only (as plain torch ops)."""
+    dtype = layer.weight.dtype
+    if dtype in OP_DTYPES:
+        return
+    if dtype == torch.float64:
+        chosen, why = resolve_backend(backend, layer.weight.device)
+        if chosen == "torch":
+            return
+        raise ValueError(f"{what} {module_name!r}, whose weight is float64; the Triton kernels ({why}) take float32, "
+                         "float16 and bfloat16: cast the model, or run float64 with backend='torch' on CPU")
+    raise ValueError(f"{what} {module_name!r}, whose weight is {dtype}; ptune-rt's LoRA runs float32, float16 and "
+                     "bfloat16 layers (float64 on the torch path): cast the model or leave this layer out")
+
+
+def _check_backend(backend: str, module_name: str, layer: nn.Module, arg: str) -> None:
+    try:
+        resolve_backend(backend, layer.weight.device)
+    except RuntimeError as e:
+        raise ValueError(f"{arg}={backend!r} cannot run target {module_name!r}: {e}") from None
+
+
+def resolve_targets(model: nn.Module, target_modules) -> list[str]:
+    """Names of the modules ``target_modules`` selects; raises naming what did not match.
+
+    A list selects modules whose name equals an entry or ends with ``"." + entry``; a string is
+    a regular expression matched against full module names; ``"all-linear"`` selects every
+    nn.Linear / Conv1D except the output layer; None takes the model type's default.
+    """
+    if target_modules is None:
+        mtype = getattr(getattr(model, "config", None), "model_type", None)
+        if mtype not in DEFAULT_TARGETS:
+            raise ValueError(f"LoRAConfig.target_modules is None and there is no default for model type "
+                             f"{mtype!r}: pass LoRAConfig(target_modules=[...])")
+        target_modules = DEFAULT_TARGETS[mtype]
+    # ptune-rt's own trainable modules (a prefix / prompt encoder) are never LoRA targets.
+    named = {n: m for n, m in model.named_modules() if n.split(".")[0] not in OWN_MODULES}
+    order = {n: i for i, n in enumerate(named)}
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        skip = output_layer_names(model, named)
+        names = [n for n, m in named.items() if is_linear(m) and n not in skip]
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"LoRAConfig.target_modules={target_modules!r} is not a valid regular expression: "
+                             f"{e}") from None
+        names = [n for n in named if n and pattern.fullmatch(n)]
+    else:
+        names, unmatched = set(), []
+        for t in target_modules:
+            hits = [n for n in named if module_matches(n, [t])]
+            if not hits:
+                unmatched.append(t)
+            names.update(hits)
+        if unmatched:
+            raise ValueError(f"LoRAConfig.target_modules entries {unmatched} match no module of "
+                             f"{type(model).__name__}; expected names (or name suffixes) of its nn.Linear / "
+                             f"Conv1D layers, e.g. {_example_linear_names(named)}")
+        names = sorted(names, key=order.__getitem__)
+    if not names:
+        raise ValueError(f"LoRAConfig.target_modules={target_modules!r} matches no module of "
+                         f"{type(model).__name__}")
+    for n in names:
+        m = named[n]
+        if not is_linear(m):
+            raise TypeError(f"LoRAConfig.target_modules selects module {n!r}, a {type(m).__name__}; "
+                            "LoRA targets must be nn.Linear or GPT-2 Conv1D layers")
+    return names
+
+
+def _example_linear_names(named: dict) -> list[str]:
+    leaves = []
+    for n, m in named.items():
+        leaf = n.rpartition(".")[2]
+        if is_linear(m) and leaf not in leaves:
+            leaves.append(leaf)
+    return leaves[:8]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _refuse_already_swapped(model: nn.Module) -> None:
+    mods = lora_modules(model)
+    if mods:
+        first = next(iter(mods))
+        raise ValueError(f"model already carries ptune-rt LoRA modules (e.g. {first!r}); expected an unswapped "
+                         "model: call ptune_rt.restore(model) first")
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Swap the targets of ``config`` for ``LoRALinear`` modules (in place) and freeze the rest.
+
+    Afterwards exactly these parameters train: every adapter's lora_A / lora_B, plus the targets'
+    biases with ``bias="lora_only"`` or every parameter named ``*.bias`` with ``bias="all"`` (as
+    in PEFT). The previous requires_grad flags are kept and given back by ``restore``.
+    """
+    _require_module(model)
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    config.validate()
+    _refuse_already_swapped(model)
+    peft_layers = peft_lora_layers(model)
+    if peft_layers:
+        raise ValueError(f"model already has PEFT LoRA layers (e.g. {next(iter(peft_layers))!r}); expected a "
+                         "plain model: use ptune_rt.accelerate(peft_model) to run a PEFT model on fused modules")
+    names = resolve_targets(model, config.target_modules)
+    for n in names:  # every check before the first change
+        layer = model.get_submodule(n)
+        in_f, out_f = linear_shape(layer)
+        if config.r > min(in_f, out_f):
+            raise ValueError(f"LoRAConfig.r={config.r} must be at most min(in_features={in_f}, "
+                             f"out_features={out_f}) of target {n!r}")
+        _check_backend(config.backend, n, layer, "LoRAConfig.backend")
+        _check_weight_dtype(n, layer, "LoRAConfig.target_modules selects", config.backend)
+    new = {n: LoRALinear(model.get_submodule(n), config.r, config.alpha, config.dropout, config.use_rslora,
+                         config.init, config.backend) for n in names}
+
+    # Nothing below can fail on a validated model.
+    before = {pn: p.requires_grad for pn, p in model.named_parameters()}
+    trainable_bias = set()
+    if config.bias == "all":
+        trainable_bias = {pn for pn in before if pn.rpartition(".")[2] == "bias"}
+    elif config.bias == "lora_only":
+        trainable_bias = {f"{n}.bias" for n in names if new[n].base_layer.bias is not None}
+    for pn, p in model.named_parameters():
+        p.requires_grad_(pn in trainable_bias)
+    for n, m in new.items():
+        m.__dict__[ORIGIN_ATTR] = m.base_layer
+        m.__dict__[SOURCE_ATTR] = "apply"
+        m.train(m.base_layer.training)
+        _set_submodule(model, n, m)
+    if config.recompute_mlp:
+        enable_mlp_recompute(model)
+    if config.group_projections:
+        enable_projection_groups(model)
+    model_state.record(model, NAME, LoRAModelState(config, before))
+    return model
+
+
+def restore_lora(model: nn.Module) -> nn.Module:
+    """Undo ``apply`` / ``accelerate`` of LoRA: unmerge where merged, then put the original modules back
+    (the very same objects, so weights are bit-exact) and, after ``apply``, the previous
+    requires_grad flags. After ``accelerate`` PEFT's LoRA layers come back, holding the same
+    (possibly trained) adapter parameters."""
+    mods = _require_swapped(model, "restore")
+    disable_mlp_recompute(model)
+    disable_projection_groups(model)
+    for m in mods.values():
+        m.unmerge()
+    for n, m in mods.items():
+        origin = m.__dict__.get(ORIGIN_ATTR, m.base_layer)
+        origin.train(m.training)
+        if origin is not m.base_layer:  # a PEFT layer: hand back the enabled / disabled state
+            origin._disable_adapters = m.disabled
+        _set_submodule(model, n, origin)
+    st = model_state.get(model, NAME)
+    if st is not None and st.requires_grad is not None:
+        for pn, p in model.named_parameters():
+            if pn in st.requires_grad:
+                p.requires_grad_(st.requires_grad[pn])
+    model_state.forget(model, NAME)
+    return model

@@ -1,0 +1,237 @@
+"""``ptune_rt.accelerate`` for PEFT LoRA models: PEFT's LoRA layers are replaced by
+``PeftLoRALinear`` modules (``LoRALinear`` that PEFT also sees as its tuner layers) holding the very
+same Parameter objects under the same names."""
+from __future__ import annotations
+
+from torch import nn
+
+from ptune_rt.methods.lora.groups import enable_projection_groups
+from ptune_rt.methods.lora.inject import (ORIGIN_ATTR, SOURCE_ATTR, _check_backend, _check_weight_dtype,
+                                          _peft_lora_classes, _refuse_already_swapped, _set_submodule,
+                                          lora_modules, peft_lora_layers)
+from ptune_rt.methods.lora.layer import LoRALinear
+from ptune_rt.methods.lora.report import lora_rows
+from ptune_rt.methods.lora.swiglu import enable_mlp_recompute
+from ptune_rt.methods.method import PeftBridge
+from ptune_rt.targets import is_linear, linear_shape
+
+_PEFT_LORA_LINEAR = None
+
+
+def _peft_lora_linear_class():
+    """``PeftLoRALinear``: the module ``accelerate_peft`` puts in, defined on first use (imports PEFT)."""
+    global _PEFT_LORA_LINEAR
+    if _PEFT_LORA_LINEAR is not None:
+        return _PEFT_LORA_LINEAR
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class PeftLoRALinear(LoRALinear, BaseTunerLayer):
+        """A ``LoRALinear`` that PEFT also recognises as one of its tuner layers.
+
+        PEFT finds its layers structurally (``isinstance(m, BaseTunerLayer)``): so do its
+        ``save_pretrained`` / ``get_peft_model_state_dict``, ``merge_adapter`` / ``unmerge_adapter``
+        and the ``disable_adapter()`` context. Those keep working on this module: its
+        ``active_adapter``, ``merged`` and ``disabled`` state is PEFT's own (``_active_adapter``,
+        ``merged_adapters``, ``_disable_adapters``), ``merge`` accepts PEFT's arguments, and a
+        disabled, merged layer unmerges before running, as PEFT's does. It holds one adapter:
+        switching to or deleting other adapters raises. PEFT's ``add_adapter`` / ``load_adapter``
+        under a new name would wrap this layer in a new PEFT layer (renaming its parameters):
+        call ``ptune_rt.restore(peft_model)`` first, which puts PEFT's own layers back.
+        """
+
+        adapter_layer_names = ("lora_A", "lora_B")
+        other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout_p")
+
+        @property
+        def active_adapter(self) -> str:
+            return self._active_adapter
+
+        @active_adapter.setter
+        def active_adapter(self, name: str) -> None:
+            self._active_adapter = name
+
+        @property
+        def merged(self) -> bool:
+            return bool(self.merged_adapters)
+
+        @merged.setter
+        def merged(self, value: bool) -> None:
+            self.merged_adapters = [self._active_adapter] if value else []
+
+        @property
+        def disabled(self) -> bool:
+            return self._disable_adapters
+
+        @disabled.setter
+        def disabled(self, value: bool) -> None:
+            self._disable_adapters = bool(value)
+
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs:
+                raise TypeError(f"{type(self).__name__} takes only the input tensor; got extra arguments "
+                                f"{sorted(kwargs) or len(args)} (PEFT's mixed-batch adapter_names is not supported: "
+                                "call ptune_rt.restore(peft_model) first)")
+            if self.disabled and self.merged:
+                self.unmerge()
+            return super().forward(x)
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            if adapter_names is not None and list(adapter_names) != [self._active_adapter]:
+                raise ValueError(f"adapter_names={adapter_names!r}: this layer holds only the adapter "
+                                 f"{self._active_adapter!r}")
+            if not self.disabled:
+                LoRALinear.merge(self)
+
+        def unmerge(self) -> None:
+            LoRALinear.unmerge(self)
+
+        def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            if names != list(self.lora_A):
+                raise ValueError(f"adapter_names={adapter_names!r}: a layer swapped by ptune_rt.accelerate holds "
+                                 f"only the adapter {list(self.lora_A)}; call ptune_rt.restore(peft_model) to "
+                                 "switch adapters")
+            for layer in (*self.lora_A.values(), *self.lora_B.values()):
+                layer.requires_grad_(not inference_mode)
+            self._active_adapter = names[0]
+
+        def delete_adapter(self, adapter_name: str, *args, **kwargs) -> None:
+            raise ValueError("a layer swapped by ptune_rt.accelerate cannot delete its adapter; call "
+                             "ptune_rt.restore(peft_model) first")
+
+        def update_layer(self, *args, **kwargs) -> None:
+            raise ValueError("a layer swapped by ptune_rt.accelerate cannot take another adapter; call "
+                             "ptune_rt.restore(peft_model) first")
+
+    PeftLoRALinear.__module__ = __name__
+    PeftLoRALinear.__qualname__ = "PeftLoRALinear"
+    _PEFT_LORA_LINEAR = PeftLoRALinear
+    return PeftLoRALinear
+
+
+def peft_lora_linear_class_or_none():
+    """The class ``accelerate`` gives PEFT's LoRA layers, or None while no PEFT model was accelerated
+    (no layer can be one then; PEFT is not imported for the question)."""
+    return _PEFT_LORA_LINEAR
+
+
+def __getattr__(name: str):
+    # ``PeftLoRALinear`` of this module exists once PEFT is imported; pickle finds it here too.
+    if name == "PeftLoRALinear":
+        return _peft_lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
+    """Run an existing PEFT LoRA model on fused ``LoRALinear`` modules, in place; returns ``report``.
+
+    Every ``peft.tuners.lora.layer.Linear`` (over nn.Linear, or GPT-2 Conv1D with
+    fan_in_fan_out) is replaced by a ``PeftLoRALinear`` (a ``LoRALinear`` that PEFT also sees as
+    one of its tuner layers) holding the very same base layer and lora_A / lora_B modules, hence
+    the same Parameter objects under the same names: ``named_parameters()`` and ``state_dict()``
+    keys, an optimizer built before the call and requires_grad flags are unaffected, and PEFT's
+    ``save_pretrained``, ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload`` and
+    ``disable_adapter()`` keep working. Scaling (rsLoRA included) and the dropout rate are taken
+    from each layer; the dropout mask itself is drawn differently from PEFT's.
+
+    Supported: one adapter per layer, active and unmerged. Refused before any change: DoRA and
+    other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
+    merged or disabled layers, LoRA on embeddings / convolutions / quantized layers. Switching
+    or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped layers;
+    adding or loading another adapter through PEFT would wrap them (renaming their parameters).
+    For any of these, ``ptune_rt.restore(peft_model)`` first puts PEFT's own layers back.
+    """
+    _refuse_already_swapped(peft_model)
+    _, PeftLinear = _peft_lora_classes()
+    layers = peft_lora_layers(peft_model)
+    if not layers:
+        raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers; expected a model "
+                         "from peft.get_peft_model(model, LoraConfig(...))")
+    plans = {n: _plan_peft_layer(n, m, PeftLinear, backend) for n, m in layers.items()}
+    cls = _peft_lora_linear_class()
+    new = {}
+    for n, (m, adapter, dropout) in plans.items():
+        lora = cls.from_adapter_modules(m.base_layer, m.lora_A[adapter], m.lora_B[adapter],
+                                               scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
+                                               dropout=dropout, backend=backend, adapter_name=adapter)
+        lora.__dict__[ORIGIN_ATTR] = m
+        lora.__dict__[SOURCE_ATTR] = "peft"
+        lora.train(m.training)
+        new[n] = lora
+    for n, lora in new.items():  # nothing below can fail on a validated model
+        _set_submodule(peft_model, n, lora)
+    enable_mlp_recompute(peft_model)  # SwiGLU MLPs: recompute the gated product in backward
+    enable_projection_groups(peft_model)  # q/k/v, gate/up: one shrink, dA and dX per group
+    return lora_rows(peft_model)
+
+
+def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
+    """Validate one PEFT LoRA layer; returns (layer, adapter name, dropout p)."""
+    where = f"PEFT LoRA layer {name!r}"
+    if type(m) is not PeftLinear:
+        kind = type(m).__name__
+        raise TypeError(f"{where} is a {type(m).__module__}.{kind}; ptune_rt.accelerate supports LoRA on "
+                        "nn.Linear and GPT-2 Conv1D layers only (peft.tuners.lora.layer.Linear), not "
+                        "embedding, convolution or quantized LoRA layers")
+    base = m.base_layer
+    if not is_linear(base):
+        raise TypeError(f"{where} wraps a {type(base).__name__}; expected an nn.Linear or GPT-2 Conv1D base layer")
+    magnitude = getattr(m, "lora_magnitude_vector", {})  # DoRA
+    adapters = sorted(set(m.lora_A) | set(m.lora_B) | set(getattr(m, "lora_embedding_A", {})) | set(magnitude))
+    active = list(m.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"{where} has active adapters {active}; ptune_rt.accelerate supports exactly one active "
+                         "adapter (peft_model.set_adapter(name))")
+    adapter = active[0]
+    if adapters != [adapter]:
+        raise ValueError(f"{where} holds adapters {adapters} (active: {adapter!r}); ptune_rt.accelerate supports "
+                         "one adapter per layer: delete the others (peft_model.delete_adapter(name))")
+    if getattr(m, "use_dora", {}).get(adapter, False) or len(magnitude):
+        raise ValueError(f"{where} uses DoRA (use_dora=True), which ptune_rt.accelerate does not support")
+    variant = getattr(m, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        raise ValueError(f"{where} uses the LoRA variant {type(variant).__name__}, which ptune_rt.accelerate "
+                         "does not support; expected plain LoRA")
+    if getattr(m, "lora_bias", {}).get(adapter, False) or m.lora_B[adapter].bias is not None:
+        raise ValueError(f"{where} has lora_bias=True, which ptune_rt.accelerate does not support")
+    if m.merged:
+        raise ValueError(f"{where} is merged ({m.merged_adapters}); expected unmerged layers: call "
+                         "peft_model.unmerge_adapter() first")
+    if m.disable_adapters:
+        raise ValueError(f"{where} has its adapters disabled; expected enabled adapters (leave "
+                         "peft_model.disable_adapter() first)")
+    drop = m.lora_dropout[adapter] if adapter in m.lora_dropout else nn.Identity()
+    if isinstance(drop, nn.Dropout):
+        p = float(drop.p)
+    elif isinstance(drop, nn.Identity):
+        p = 0.0
+    else:
+        raise TypeError(f"{where} has a lora_dropout of type {type(drop).__name__}; expected nn.Dropout or "
+                        "nn.Identity")
+    a, b = m.lora_A[adapter], m.lora_B[adapter]
+    in_f, out_f = linear_shape(base)
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+        raise TypeError(f"{where}: lora_A / lora_B must be nn.Linear, got {type(a).__name__} / {type(b).__name__}")
+    r = a.weight.shape[0]
+    if tuple(a.weight.shape) != (r, in_f) or tuple(b.weight.shape) != (out_f, r):
+        raise ValueError(f"{where}: lora_A.weight {tuple(a.weight.shape)} / lora_B.weight "
+                         f"{tuple(b.weight.shape)} do not fit the base layer (in={in_f}, out={out_f}); "
+                         f"expected [r, {in_f}] and [{out_f}, r]")
+    if a.weight.dtype != b.weight.dtype:
+        raise TypeError(f"{where}: lora_A and lora_B have dtypes {a.weight.dtype} and {b.weight.dtype}; "
+                        "expected one dtype")
+    dev = base.weight.device
+    if a.weight.device != dev or b.weight.device != dev:
+        raise ValueError(f"{where}: lora_A / lora_B are on {a.weight.device} / {b.weight.device} but the base "
+                         f"weight is on {dev}; expected one device")
+    _check_backend(backend, name, base, "backend")
+    _check_weight_dtype(name, base, "ptune_rt.accelerate: PEFT LoRA layer", backend)
+    return m, adapter, p
+
+
+def claims(peft_model: nn.Module) -> bool:
+    """PEFT LoRA layers, or LoRA layers already swapped in (``accelerate_peft`` then says so)."""
+    return bool(peft_lora_layers(peft_model)) or bool(lora_modules(peft_model))
+
+
+BRIDGE = PeftBridge(kind="PEFT LoRA layers", claims=claims, accelerate=accelerate_peft)
