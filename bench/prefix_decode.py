@@ -1,7 +1,7 @@
 """Prefix-tuning decode steps: the prefixed KV cache against concatenation, and against PEFT.
 
 A decode step on the torch path attends one query over [prefix ; cache]. ptune-rt keeps the cache
-in a buffer with P free rows in front (``ptune_rt.prefix_cache``); switched off, every step
+in a buffer with P free rows in front (``ptune_rt.methods.prefix.cache``); switched off, every step
 concatenates the prefix and the whole cache per layer (and ``DynamicLayer`` concatenates the cache
 with the new token). PEFT keeps the prefix inside its cache and pays ``DynamicLayer``'s copy.
 
@@ -49,8 +49,8 @@ def _generate(model, prompt, new_tokens: int, adopt: bool):
     """(tokens, median seconds between decode steps) of one greedy generation."""
     from transformers import LogitsProcessorList
 
-    import ptune_rt.hf_attention as H
-    from ptune_rt.prefix_cache import adopt_cache
+    import ptune_rt.methods.prefix.inject as H
+    from ptune_rt.methods.prefix.cache import adopt_cache
 
     clock = _Clock()
     H.adopt_cache = adopt_cache if adopt else (lambda *a, **k: None)
@@ -96,10 +96,10 @@ def loop_case(wl, base, P: int, context: int, rounds: int) -> dict:
     """Single decode steps in a hand-written loop (the cache cropped back after each step), ptune-rt
     with the prefixed cache against ptune-rt concatenating, alternating step by step. PEFT is left
     out: its prefix cache is rebuilt on every call outside ``generate``, so such a loop is wrong there."""
-    import ptune_rt.hf_attention as H
+    import ptune_rt.methods.prefix.inject as H
     from ptune_rt.bench.prefix import build
     from ptune_rt.bench.timing import bootstrap_ratio_ci
-    from ptune_rt.prefix_cache import adopt_cache
+    from ptune_rt.methods.prefix.cache import adopt_cache
 
     s = build(wl, P, base)
     s.ptune.eval()

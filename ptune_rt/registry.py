@@ -17,7 +17,7 @@ from ptune_rt.methods.method import Method
 
 _ENTRIES = (
     "ptune_rt.methods.lora:METHOD",
-    "ptune_rt.registry:PREFIX",
+    "ptune_rt.methods.prefix:METHOD",
     "ptune_rt.registry:PROMPT_TUNING",
     "ptune_rt.registry:P_TUNING",
     "ptune_rt.methods.bitfit:METHOD",
@@ -30,27 +30,6 @@ ORDER_ATTR = "_ptune_rt_order"
 # ----------------------------------------------------------------------------------------------
 # The entries of the methods that predate their packages
 # ----------------------------------------------------------------------------------------------
-
-def _prefix() -> Method:
-    from ptune_rt import hf_attention, swap
-    from ptune_rt.io import prefix as prefix_io
-    from ptune_rt.methods.prefix import PrefixConfig
-
-    def trainable(model):
-        st = hf_attention.prefix_state(model)
-        return [p for p in list(st.encoder.parameters()) + list(st.head_params) if p.requires_grad]
-
-    from ptune_rt import peft_compat
-    from ptune_rt.methods.method import PeftBridge
-    from ptune_rt.report_format import prompt_learning_cells
-
-    bridge = PeftBridge("PEFT prefix-tuning / P-tuning v2 adapter", peft_compat.is_peft_prefix_model,
-                        peft_compat.accelerate_prefix, peft_compat.is_accelerated, peft_compat.restore_prefix)
-    return Method("prefix", PrefixConfig, hf_attention.apply_prefix, hf_attention.remove_prefix,
-                  hf_attention.has_prefix, trainable, swap.prefix_rows, prompt_learning_cells,
-                  swap.prefix_summary, prefix_io, example=lambda: PrefixConfig(num_virtual_tokens=4),
-                  peft_types=(prefix_io.PEFT_TYPE,), peft_bridge=bridge)
-
 
 def _prompt(name: str) -> Method:
     from ptune_rt import swap
@@ -75,7 +54,7 @@ def _prompt(name: str) -> Method:
 
 
 def __getattr__(name: str):
-    builders = {"PREFIX": _prefix, "PROMPT_TUNING": lambda: _prompt("prompt_tuning"),
+    builders = { "PROMPT_TUNING": lambda: _prompt("prompt_tuning"),
                 "P_TUNING": lambda: _prompt("p_tuning")}
     if name in builders:
         entry = builders[name]()

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import ptune_rt
-from ptune_rt import hf_attention, peft_compat
+from ptune_rt.methods.prefix import attention as attention_fn
+from ptune_rt.methods.prefix import inject as prefix_inject
+from ptune_rt.methods.prefix import peft_bridge
 from ptune_rt.testing.tolerances import FP32_END_TO_END, assert_fp32_end_to_end_close
 
 from helpers_models import (HIDDEN, VOCAB, main_output, padded_batch, peft_lora_model, tiny_gpt2,
@@ -147,9 +149,9 @@ def test_logits_match_and_parameters_are_peft_s(name, projection):
     assert [(n, id(p)) for n, p in pm.named_parameters()] == [(n, id(p)) for n, p in params]
     assert {n: p.requires_grad for n, p in pm.named_parameters()} == flags
     assert list(pm.state_dict()) == keys
-    enc = hf_attention.prefix_encoder(pm.base_model)
+    enc = prefix_inject.prefix_encoder(pm.base_model)
     assert enc.embedding is pm.prompt_encoder["default"].embedding
-    assert pm.base_model.config._attn_implementation == hf_attention.ATTN_NAME
+    assert pm.base_model.config._attn_implementation == attention_fn.ATTN_NAME
     for side in (None, "right", "left"):
         ids, mask = padded_batch(side=side)
         with torch.no_grad():
@@ -259,7 +261,7 @@ def test_save_pretrained_after_training_loads_in_peft(name, projection, tmp_path
         # an inference-mode PEFT model (the prefix is embedding.weight itself) accelerates too
         twin = copy.deepcopy(loaded)
         ptune_rt.accelerate(loaded)
-        assert not hf_attention.prefix_encoder(loaded.base_model).prefix_projection
+        assert not prefix_inject.prefix_encoder(loaded.base_model).prefix_projection
         _close(main_output(loaded(input_ids=ids, attention_mask=mask)), main_output(twin(input_ids=ids, attention_mask=mask)),
                f"{name} inference-mode PEFT model")
 
@@ -358,6 +360,6 @@ def test_unsupported_models_are_refused_unchanged():
 
 def test_lora_models_still_take_the_lora_path():
     pm = peft_lora_model(tiny_llama(), ["q_proj"])
-    assert not peft_compat.is_peft_prefix_model(pm)
+    assert not peft_bridge.is_peft_prefix_model(pm)
     rows = ptune_rt.accelerate(pm)
     assert [r["method"] for r in rows] == ["lora", "lora"]

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import ptune_rt
-from ptune_rt import hf_attention
-from ptune_rt.hf_attention import prefix_encoder
+from ptune_rt.methods.prefix import attention as attention_fn
+from ptune_rt.methods.prefix import inject as prefix_inject
+from ptune_rt.methods.prefix.inject import prefix_encoder
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
@@ -314,7 +315,7 @@ def test_sdpa_fallback_takes_per_row_prefixes():
     pk, pv = torch.randn(T, 2, 3, 8, generator=g), torch.randn(T, 2, 3, 8, generator=g)
     tasks = torch.tensor([2, 0, 2], dtype=torch.int32)
     ref = prefix_attention(q, k, v, pk, pv, task_ids=tasks, causal=True, sm_scale=0.3, backend="torch")
-    got = hf_attention._sdpa_concat(q, k, v, pk, pv, None, True, 0.3, 0.0, tasks)
+    got = attention_fn._sdpa_concat(q, k, v, pk, pv, None, True, 0.3, 0.0, tasks)
     assert_fp32_end_to_end_close(got, ref, "SDPA fallback with per-row prefixes")
 
 
@@ -379,7 +380,7 @@ def test_bad_task_ids_raise_before_anything_runs():
     assert not calls, "a layer ran with invalid task_ids"
     assert cache.get_seq_length() == length, "the cache changed"
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert not hf_attention.prefix_state(model).pending_tasks
+    assert not prefix_inject.prefix_state(model).pending_tasks
 
 
 def test_restore_removes_the_forward_wrapper():
@@ -407,4 +408,4 @@ def test_prefix_refuses_a_model_with_a_soft_prompt():
     with pytest.raises(ValueError, match="already has a 'prompt_encoder' module"):
         ptune_rt.apply(model, PrefixConfig(P, num_tasks=2))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not hf_attention.has_prefix(model) and isinstance(model.prompt_encoder, nn.ModuleDict)
+    assert not prefix_inject.has_prefix(model) and isinstance(model.prompt_encoder, nn.ModuleDict)

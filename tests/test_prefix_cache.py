@@ -1,4 +1,4 @@
-"""The prefixed KV-cache layer (ptune_rt.prefix_cache): decode steps attend over [prefix ; cache]
+"""The prefixed KV-cache layer (ptune_rt.methods.prefix.cache): decode steps attend over [prefix ; cache]
 kept in one buffer. Checked against the concatenating path (adoption switched off) and PEFT, and
 unit by unit: appends, regrowth, crop, beam reordering, stale prefix rows, gradients."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ptune_rt
-from ptune_rt import hf_attention
-from ptune_rt import prefix_cache as PC
+from ptune_rt.methods.prefix import inject as prefix_inject
+from ptune_rt.methods.prefix import cache as PC
 from ptune_rt.methods.prefix import PrefixConfig
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
@@ -47,7 +47,7 @@ def spy(monkeypatch):
 
 
 def _no_adoption(monkeypatch):
-    monkeypatch.setattr(hf_attention, "adopt_cache", lambda *a, **k: None)
+    monkeypatch.setattr(prefix_inject, "adopt_cache", lambda *a, **k: None)
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import LoRAConfig, PrefixConfig, load_adapter, save_adapter
-from ptune_rt.hf_attention import ATTN_NAME, has_prefix, prefix_encoder
+from ptune_rt.methods.prefix import inject as prefix_inject
+from ptune_rt.methods.prefix.inject import ATTN_NAME, has_prefix, prefix_encoder
 from ptune_rt.io import AdapterError
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
@@ -234,7 +235,7 @@ def test_ptune_format_round_trip(name, projection, tmp_path):
         nn.init.normal_(other.classifier.weight)
     loaded = load_adapter(other, tmp_path)
     got = prefix_encoder(loaded)
-    assert loaded.__dict__["_ptune_rt_prefix_state"].config == model.__dict__["_ptune_rt_prefix_state"].config
+    assert prefix_inject.prefix_state(loaded).config == prefix_inject.prefix_state(model).config
     assert [n for n, _ in got.named_parameters()] == [n for n, _ in enc.named_parameters()]  # training can resume
     assert all(torch.equal(a, b) for a, b in zip(got.parameters(), enc.parameters()))
     ids, mask = _padded()
@@ -243,7 +244,7 @@ def test_ptune_format_round_trip(name, projection, tmp_path):
     again = load_file(str(tmp_path / "again" / "adapter.safetensors"))
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
     # the backend can be chosen at load time
-    assert load_adapter(copy.deepcopy(base), tmp_path, backend="auto")._ptune_rt_prefix_state.config.backend == "auto"
+    assert prefix_inject.prefix_state(load_adapter(copy.deepcopy(base), tmp_path, backend="auto")).config.backend == "auto"
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -368,7 +369,7 @@ def test_failure_while_loading_rolls_back(llama_dirs, monkeypatch):
                 load_adapter(model, d)
             monkeypatch.undo()
             assert_unchanged(model, snap)
-    real_apply = ptune_rt.hf_attention.apply_prefix
+    real_apply = prefix_inject.apply_prefix
 
     def apply_then_fail(model, config):
         real_apply(model, config)
@@ -376,7 +377,7 @@ def test_failure_while_loading_rolls_back(llama_dirs, monkeypatch):
 
     model = tiny_llama()
     snap = snapshot(model)
-    monkeypatch.setattr(ptune_rt.hf_attention, "apply_prefix", apply_then_fail)
+    monkeypatch.setattr(prefix_inject, "apply_prefix", apply_then_fail)
     with pytest.raises(RuntimeError, match="after apply"):
         load_adapter(model, peft_dir)
     monkeypatch.undo()

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import ptune_rt
-from ptune_rt import hf_attention
-from ptune_rt.hf_attention import ATTN_NAME, has_prefix, prefix_encoder, remove_prefix
+from ptune_rt.methods.prefix import attention as attention_fn
+from ptune_rt.methods.prefix import inject as prefix_inject
+from ptune_rt.methods.prefix.inject import ATTN_NAME, has_prefix, prefix_encoder, remove_prefix
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.testing.tolerances import FP32_END_TO_END, assert_fp32_end_to_end_close
 
@@ -480,7 +481,7 @@ def test_bad_inputs_raise_and_leave_the_model_unchanged():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         ptune_rt.apply(nn.Linear(2, 2), PrefixConfig(P))
     with pytest.raises(TypeError, match="PrefixConfig"):
-        hf_attention.apply_prefix(model, {"num_virtual_tokens": 4})
+        prefix_inject.apply_prefix(model, {"num_virtual_tokens": 4})
     ptune_rt.apply(model, PrefixConfig(P))
     snap = _snapshot(model)
     with pytest.raises(ValueError, match="already carries a ptune-rt prefix"):
@@ -616,11 +617,11 @@ def test_attention_function_paths():
     for causal in (True, False):
         for m in (None, kv_mask):
             ref = prefix_attention(q, k, v, pk, pv, kv_mask=m, causal=causal, sm_scale=0.3, backend="torch")
-            got = hf_attention._sdpa_concat(q, k, v, pk, pv, m, causal, 0.3, 0.0)
+            got = attention_fn._sdpa_concat(q, k, v, pk, pv, m, causal, 0.3, 0.0)
             _close(got, ref, f"SDPA over the concatenation (causal={causal})")
     plain = nn.Module()
     plain.is_causal = True
-    out, weights = hf_attention.prefix_attention_forward(plain, q, k, v, None, scaling=0.3)
+    out, weights = attention_fn.prefix_attention_forward(plain, q, k, v, None, scaling=0.3)
     ref = nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                      attn_mask=torch.ones(5, 7, dtype=torch.bool).tril(2), scale=0.3)
     assert weights is None and out.shape == (2, 5, 4, 8)

@@ -339,7 +339,7 @@ def test_task_stacked_prefix_round_trips_in_the_own_format_only(tmp_path):
     """Prefix tuning with num_tasks > 1 (the prefix sibling of the task stacks above): the own format
     keeps the [T, ...] parameters, PEFT's layout cannot hold them."""
     from ptune_rt import PrefixConfig
-    from ptune_rt.hf_attention import prefix_encoder
+    from ptune_rt.methods.prefix.inject import prefix_encoder
 
     base = tiny_llama()
     ids, tasks = input_ids(3, 5), torch.tensor([2, 0, 1])

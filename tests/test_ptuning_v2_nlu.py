@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import ptune_rt
-from ptune_rt.hf_attention import has_prefix, prefix_encoder, prefix_state
+from ptune_rt.methods.prefix.inject import has_prefix, prefix_encoder, prefix_state
 from ptune_rt.methods.prefix import PrefixConfig
 from ptune_rt.testing.tolerances import FP32_END_TO_END
 

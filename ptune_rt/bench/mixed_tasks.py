@@ -157,7 +157,7 @@ def build(wl: MixedWorkload, method: str, base, device) -> MixedSetup:
     from peft import get_peft_model
 
     import ptune_rt
-    from ptune_rt.hf_attention import prefix_encoder
+    from ptune_rt.methods.prefix.inject import prefix_encoder
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -107,7 +107,7 @@ def build(wl: PrefixWorkload, P: int, base, backend: str = "auto") -> PrefixSetu
     from peft import PrefixTuningConfig, get_peft_model
 
     import ptune_rt
-    from ptune_rt.hf_attention import prefix_encoder
+    from ptune_rt.methods.prefix.inject import prefix_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(wl.seed + 10)

@@ -15,6 +15,8 @@ from ptune_rt.methods._config import config_kwargs
 
 class MethodConfig:
     METHOD: ClassVar[str] = ""
+    #: What ``from_dict`` calls a dict of another method ("not a <KIND>"); default: the class name.
+    KIND: ClassVar[str] = ""
 
     def __post_init__(self):
         self.validate()
@@ -30,7 +32,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
-        return cls(**config_kwargs(cls, d, cls.METHOD, f"{cls.__name__}"))
+        return cls(**config_kwargs(cls, d, cls.METHOD, cls.KIND or cls.__name__))
 
     @classmethod
     def from_json(cls, s: str):

@@ -65,6 +65,7 @@ from ptune_rt.methods._config import check_choice, check_int, check_number, chec
 from ptune_rt.heads import check_modules_to_save, head_modules
 from ptune_rt.ops.lora_linear import BACKENDS, resolve_backend
 from ptune_rt.ops.prompt_inputs import build_inputs_embeds
+from ptune_rt.task_modules import PromptTable, TaskLinear
 
 PROMPT_INITS = ("random", "vocab", "text")
 ENCODERS = ("mlp", "lstm")
@@ -323,20 +324,6 @@ def template_src(pieces: list, tokenizer) -> tuple[list[int], list[int]]:
 # modules holding the trainable parameters
 # ----------------------------------------------------------------------------------------
 
-class PromptTable(nn.Module):
-    """``weight``: [P, hidden] for one task (PEFT's embedding.weight), [T, P, hidden] for T tasks."""
-
-    def __init__(self, num_tasks: int, num_virtual_tokens: int, hidden: int, device=None, dtype=None):
-        super().__init__()
-        shape = (num_virtual_tokens, hidden) if num_tasks == 1 else (num_tasks, num_virtual_tokens, hidden)
-        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-        nn.init.normal_(self.weight)
-
-    def stacked(self) -> torch.Tensor:
-        """[T, P, hidden] (a view)."""
-        return self.weight if self.weight.dim() == 3 else self.weight.unsqueeze(0)
-
-
 class SoftPromptEmbedding(nn.Module):
     """Prompt tuning's parameters: the virtual-token embeddings themselves."""
 
@@ -348,23 +335,6 @@ class SoftPromptEmbedding(nn.Module):
     def prompts(self) -> torch.Tensor:
         """[P, hidden] for one task, [T, P, hidden] for T tasks."""
         return self.embedding.weight
-
-
-class TaskLinear(nn.Module):
-    """One nn.Linear per task, stacked: weight [T, out, in], bias [T, out]; x [T, n, in] -> [T, n, out]."""
-
-    def __init__(self, num_tasks: int, in_features: int, out_features: int, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_tasks, out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(num_tasks, out_features, device=device, dtype=dtype))
-        bound = 1.0 / math.sqrt(in_features)
-        with torch.no_grad():
-            for t in range(num_tasks):  # nn.Linear's initialisation, task by task
-                nn.init.kaiming_uniform_(self.weight[t], a=math.sqrt(5))
-                self.bias[t].uniform_(-bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
 class TaskLSTM(nn.Module):

@@ -300,7 +300,7 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm
 
     ``joined``: for a torch-path decode step, an optional ``(prefix_k, prefix_v, task_ids) ->
     (keys, values) or None`` giving ``[every row's prefix ; k]`` / ``[... ; v]`` already laid out in
-    one tensor (``ptune_rt.prefix_cache`` keeps the cache that way), so the step needs no concatenation."""
+    one tensor (``ptune_rt.methods.prefix.cache`` keeps the cache that way), so the step needs no concatenation."""
     _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range)
     chosen, _ = resolve_attention_backend(backend, q.device, q.shape[-1])
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -1,46 +1,16 @@
-"""Prefix tuning on Hugging Face transformers models through the fused prefix attention.
+"""How a prefix goes into a Hugging Face model and out again: ``apply_prefix`` / ``remove_prefix``.
 
-``apply_prefix(model, PrefixConfig(...))`` changes one model instance (never a class):
-
-* attaches a ``PrefixEncoder`` as ``model.prompt_encoder["default"]`` (PEFT's parameter names:
-  ``prompt_encoder.default.embedding.weight`` ...), the only trainable parameters unless an
-  earlier ``ptune_rt.apply`` (e.g. LoRA) chose others;
-* registers ``ATTN_NAME`` with transformers' ``AttentionInterface`` (the attention function) and
-  ``AttentionMaskInterface`` (a mask function that returns the 2D padding mask over the keys, or
-  None) and switches the model to it with ``set_attn_implementation``;
-* tags every self-attention module with its layer index, and adds a forward pre-hook to the
-  inner model (``model.base_model``) that computes the prefix ``E`` once per forward, hands it
-  down to the attention function as a keyword argument and, in "shift" mode, passes position ids
-  shifted by P.
-
-Mixed-task batches: with ``PrefixConfig(num_tasks=T)`` the encoder holds T prefixes and the
-model's ``forward`` (replaced on the instance by ``PrefixForward``, which only adds the keyword)
-takes ``task_ids`` [batch], also through ``generate``; the pre-hook validates them once per forward
-and hands them down beside ``E``, and every attention call passes the [T, Hkv, P, D] prefix stack
-with the per-row task index to the fused op (no per-row loop, no per-row copy in the glue). The
-prefix gradient of each task is the sum over that task's rows only.
-
-Trained modules besides the prefix: ``PrefixConfig.modules_to_save`` (by default the task head of
-sequence / token classification and question answering models, as PEFT trains it for P-tuning
-v2 on NLU tasks) keep ``requires_grad=True``; the rest of the base model is frozen.
-
-``apply_prefix(model, config, encoder=...)`` runs a given encoder instead (``ptune_rt.peft_compat``
-builds one over a PEFT prefix model's own parameters): it is not attached and no parameter flag
-changes; ``PrefixState.gate`` can then switch the prefix off per forward.
-
-The prefix never enters ``past_key_values``: each attention call gets the cached/new sequence
-keys from the model and the layer's prefix from ``E``, and ``ptune_rt.ops.prefix_attention``
-attends over both without concatenating them. Masks: every query sees all P prefix keys;
-sequence keys follow the model's causal (bottom-right aligned) or bidirectional pattern and the
-padding mask. A missing mask on a causal module means "causal, no padding" (transformers skips
-the mask of unpadded causal batches).
-
-Semantics follow PEFT 0.21.2's prefix tuning (prefix in the cache) on the supported families:
-positions of the real tokens start at P (explicit ``position_ids`` get +P; ``generate`` passes
-``cumsum(mask) - 1``, which then becomes ``P + cumsum(mask) - 1``); GPT-2's learned absolute
-positions and BERT's are shifted the same way, RoBERTa's padding-aware positions start at
-``padding_idx + 1 + P`` (with ``inputs_embeds`` RoBERTa numbers from ``padding_idx + 1`` as PEFT
-gets it).
+``apply_prefix`` changes one model instance (never a class): it attaches the ``PrefixEncoder`` as
+``model.prompt_encoder["default"]`` (PEFT's parameter names), switches the model's attention
+implementation to ``ATTN_NAME`` (:mod:`.attention`, registered with transformers'
+``AttentionInterface`` / ``AttentionMaskInterface``), tags every self-attention module with its
+layer index, and adds a forward pre-hook to the inner model that computes the prefix ``E`` once
+per forward, validates ``task_ids`` (mixed-task batches, through ``PrefixForward``, also in
+``generate``) and, in "shift" mode, passes position ids shifted by P. The base model is frozen;
+``modules_to_save`` (by default the task head of classification / QA models, as PEFT trains it
+for P-tuning v2) trains. Positions follow PEFT 0.21.2 (real tokens start at P; RoBERTa's
+padding-aware positions at ``padding_idx + 1 + P``). ``apply_prefix(model, config, encoder=...)``
+runs a given encoder instead (the PEFT bridge's), attaching nothing and changing no flag.
 """
 from __future__ import annotations
 
@@ -52,29 +22,22 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ptune_rt import state as model_state
 from ptune_rt._cache_names import cache_from_kwargs
-from ptune_rt.methods import _config
 from ptune_rt.heads import head_modules
-from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder, check_model_dtype
+from ptune_rt.methods import _config
+from ptune_rt.methods.prefix.attention import (ATTN_NAME, LAYER_ATTR, MODULE_STATE_ATTR, PREFIX_KWARG, TASKS_KWARG,
+                                               register_attention)
+from ptune_rt.methods.prefix.cache import adopt_cache
+from ptune_rt.methods.prefix.config import PrefixConfig, check_model_dtype
+from ptune_rt.methods.prefix.encoder import PrefixEncoder
 from ptune_rt.ops.lora_linear import resolve_backend
-from ptune_rt.ops.prefix_attention import _prefix_attention, _prefix_rows
-from ptune_rt.prefix_cache import adopt_cache, joined_provider
 
 logger = logging.getLogger(__name__)
 
-#: Name under which the attention and mask functions are registered in transformers.
-ATTN_NAME = "ptune_rt_prefix"
-#: Keyword argument carrying the prefix ``E`` from the inner model's forward to the attention function.
-PREFIX_KWARG = "ptune_rt_prefix"
-#: Keyword argument carrying the per-row task index (int32 [batch], or None) down to the attention function.
-TASKS_KWARG = "ptune_rt_prefix_tasks"
+NAME = PrefixConfig.METHOD
 #: The user-facing keyword of ``forward`` / ``generate`` selecting each row's prefix.
 TASK_IDS = "task_ids"
-#: Attention module attributes: its layer index and the model's prefix state.
-LAYER_ATTR = "_ptune_rt_prefix_layer"
-MODULE_STATE_ATTR = "_ptune_rt_prefix_state"
-#: Model attribute holding the ``PrefixState`` (read by ``remove_prefix`` and adapter checkpoint code).
-STATE_ATTR = "_ptune_rt_prefix_state"
 #: The encoder is ``model.<ENCODER_ATTR>[<ADAPTER_NAME>]``, as in PEFT.
 ENCODER_ATTR = "prompt_encoder"
 ADAPTER_NAME = "default"
@@ -82,8 +45,6 @@ ADAPTER_NAME = "default"
 #: Model types whose attention and position handling this module reproduces (PEFT parity tested
 #: on llama, qwen2, gpt2, bert; mistral, qwen3 and roberta share those code paths).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta")
-
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 
 class PrefixState:
@@ -132,178 +93,6 @@ class PrefixState:
     @property
     def num_virtual_tokens(self) -> int:
         return self.config.num_virtual_tokens
-
-
-# ----------------------------------------------------------------------------------------
-# attention function
-# ----------------------------------------------------------------------------------------
-
-
-def _kv_mask(attention_mask, key, value):
-    """The 2D key mask (or None) and the keys/values it covers."""
-    if attention_mask is None:
-        return None, key, value
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        shape = tuple(getattr(attention_mask, "shape", ()))
-        raise NotImplementedError(
-            f"prefix attention takes a 2D padding mask [batch, keys]; got an attention mask of shape {shape} "
-            "(custom 4D masks are not supported with prefix tuning: pass a 2D attention_mask)")
-    S = key.shape[2]
-    m = attention_mask.to(device=key.device, dtype=torch.bool)
-    if m.shape[1] > S:  # keep the last S positions, the ones the keys hold
-        m = m[:, -S:]
-    elif m.shape[1] < S:  # a pre-allocated cache: only the first positions hold keys
-        key, value = key[:, :, :m.shape[1]], value[:, :, :m.shape[1]]
-    return m, key, value
-
-
-def _visibility(B, L, S, kv_mask, causal, device):
-    """[B, 1, L, S] bool: which sequence keys each query sees."""
-    vis = torch.ones((L, S), dtype=torch.bool, device=device)
-    if causal:
-        vis = torch.arange(S, device=device)[None, :] <= (S - L) + torch.arange(L, device=device)[:, None]
-    vis = vis[None, None].expand(B, 1, L, S)
-    if kv_mask is not None:
-        vis = vis & kv_mask[:, None, None, :]
-    return vis
-
-
-def _sdpa_concat(q, k, v, pk, pv, kv_mask, causal, scale, dropout, task_ids=None):
-    """Unfused attention over [prefix ; sequence] with torch SDPA: used only where the fused op has no
-    counterpart (attention-probability dropout while training) and, without a prefix, for modules
-    that carry none (cross-attention). ``pk``/``pv`` [Hkv, P, D], or [T, Hkv, P, D] with ``task_ids``."""
-    B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    vis = _visibility(B, L, S, kv_mask, causal, q.device)
-    if pk is not None:
-        P = pk.shape[-2]
-        # per-row prefixes (this unfused fallback gathers them) or one broadcast prefix
-        rows_k, rows_v = _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B)
-        k = torch.cat([rows_k.to(q.dtype), k], dim=2)
-        v = torch.cat([rows_v.to(q.dtype), v], dim=2)
-        vis = torch.cat([vis.new_ones((B, 1, L, P)), vis], dim=-1)
-    else:  # a query that sees nothing attends everywhere (its output is padding anyway)
-        vis = vis | ~vis.any(-1, keepdim=True)
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=vis, dropout_p=dropout, scale=scale)
-
-
-def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
-                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
-    """transformers attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] (cache included),
-    attention_mask from ``prefix_padding_mask`` (2D or None). Returns ([B, L, Hq, D], None)."""
-    for name in _UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"{type(module).__name__} passes {name}=..., which prefix attention does not "
-                                      "support")
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    kv_mask, key, value = _kv_mask(attention_mask, key, value)
-    layer = module.__dict__.get(LAYER_ATTR)
-    state = module.__dict__.get(MODULE_STATE_ATTR)
-    # not a prefixed module (e.g. cross-attention), or the prefix is switched off (PEFT's disable_adapter)
-    if layer is None or state is None or not state.enabled():
-        out = _sdpa_concat(query, key, value, None, None, kv_mask, causal, scaling, dropout)
-        return out.transpose(1, 2).contiguous(), None
-    e = kwargs.get(PREFIX_KWARG)
-    if e is None:  # called outside the model's forward, or the prefix is made per layer (see _pre_hook)
-        e = state.encoder()
-    pk, pv = state.encoder.layer_prefix(e, layer)  # [Hkv, P, D], or [T, Hkv, P, D] for T tasks
-    tasks = None
-    if pk.dim() == 4:
-        tasks = kwargs.get(TASKS_KWARG)
-        if tasks is None:
-            raise ValueError(f"task_ids is required: this model has prefixes for num_tasks={pk.shape[0]} tasks; pass "
-                             f"task_ids=[batch] integers in [0, {pk.shape[0]}) to the model's forward or generate")
-    P = pk.shape[-2]
-    window = kwargs.get("sliding_window")
-    if window is not None and P + key.shape[2] > window:
-        raise NotImplementedError(
-            f"prefix ({P}) + sequence ({key.shape[2]}) keys exceed the sliding window ({window}) of layer {layer}; "
-            "prefix attention supports sliding-window layers only while everything fits in the window")
-    if pk.shape[-3] != key.shape[1] or pk.shape[-1] != key.shape[3]:
-        raise ValueError(f"layer {layer}: the prefix has {pk.shape[-3]} kv heads of size {pk.shape[-1]} but the "
-                         f"attention module produces {key.shape[1]} of size {key.shape[3]}")
-    if tasks is not None and tasks.shape[0] != query.shape[0]:
-        raise ValueError(f"task_ids has {tasks.shape[0]} entries but layer {layer} runs a batch of {query.shape[0]} "
-                         "rows; expected one task id per row")
-    if dropout and dropout > 0.0:
-        out = _sdpa_concat(query, key, value, pk, pv, kv_mask, causal, scaling, dropout, tasks)
-    else:
-        # tasks come from check_task_ids (once per forward): the op skips its per-layer range check,
-        # which reads the ids (a device synchronization per layer on a GPU)
-        out = _prefix_attention(query, key, value, pk, pv, kv_mask, tasks, causal, scaling, state.config.backend,
-                                check_task_range=False, joined=joined_provider(key, value))
-    return out.transpose(1, 2).contiguous(), None
-
-
-# ----------------------------------------------------------------------------------------
-# mask function
-# ----------------------------------------------------------------------------------------
-
-
-def _mask_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device) -> str:
-    """"causal" or "bidirectional": the pattern ``mask_function`` describes; anything else raises."""
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
-
-    if mask_function is causal_mask_function:
-        return "causal"
-    if mask_function is bidirectional_mask_function:
-        return "bidirectional"
-    q = torch.arange(q_length, device=device) + q_offset
-    kv = torch.arange(kv_length, device=device) + kv_offset
-    try:
-        got = mask_function(torch.arange(batch_size, device=device)[:, None, None],
-                            torch.zeros((), dtype=torch.long, device=device), q[None, :, None], kv[None, None, :])
-        got = torch.as_tensor(got, device=device).to(torch.bool).expand(batch_size, q_length, kv_length)
-    except Exception as e:  # a mask function that does not take index tensors
-        raise NotImplementedError(f"prefix attention cannot evaluate the model's mask function "
-                                  f"{getattr(mask_function, '__qualname__', mask_function)}: {e}") from None
-    if bool(got.all()):
-        return "bidirectional"
-    if bool((got == (kv[None, :] <= q[:, None])[None]).all()):
-        return "causal"
-    raise NotImplementedError(
-        "the model asks for an attention pattern other than plain causal or bidirectional (e.g. packed sequences, "
-        "a sliding window shorter than the sequence, or image-token overlays), which prefix attention does not support")
-
-
-def prefix_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                        mask_function=None, attention_mask: Optional[torch.Tensor] = None, device=None, **kwargs):
-    """transformers mask function: the 2D boolean padding mask over the keys, or None when every key
-    is real (the attention function adds causality and the always-visible prefix itself)."""
-    if mask_function is None:
-        from transformers.masking_utils import causal_mask_function as mask_function
-    if device is None:
-        device = attention_mask.device if attention_mask is not None else "cpu"
-    pattern = _mask_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device)
-    visible = kv_length
-    if pattern == "causal":
-        end = int(q_offset) + q_length - int(kv_offset)  # a pre-allocated cache holds keys up to the last query
-        visible = min(kv_length, max(end, 0))
-    if attention_mask is None:
-        if visible == kv_length:
-            return None
-        return torch.ones((batch_size, visible), dtype=torch.bool, device=device)
-    m = attention_mask.to(torch.bool)
-    if m.shape[-1] > kv_length:
-        m = m[:, -kv_length:]
-    if m.shape[-1] > visible:
-        m = m[:, :visible]
-    if m.shape[-1] == kv_length and bool(m.all()):
-        return None
-    return m
-
-
-def register_attention() -> None:
-    """Register the attention and mask functions under ``ATTN_NAME`` (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_NAME, prefix_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, prefix_padding_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -482,14 +271,14 @@ def _model_dims(cfg) -> tuple[int, int, int]:
 
 
 def has_prefix(model: nn.Module) -> bool:
-    return isinstance(model, nn.Module) and isinstance(model.__dict__.get(STATE_ATTR), PrefixState)
+    return isinstance(model, nn.Module) and isinstance(model_state.get(model, NAME), PrefixState)
 
 
 def prefix_state(model: nn.Module) -> PrefixState:
     if not has_prefix(model):
         raise ValueError(f"{type(model).__name__} carries no ptune-rt prefix; expected a model passed through "
                          "ptune_rt.apply(model, PrefixConfig(...))")
-    return model.__dict__[STATE_ATTR]
+    return model_state.get(model, NAME)
 
 
 def prefix_encoder(model: nn.Module) -> PrefixEncoder:
@@ -521,7 +310,7 @@ class PrefixForward:
         self.__signature__ = sig.replace(parameters=params)
 
     def __call__(self, *args, task_ids=None, **kwargs):
-        state = self.model.__dict__.get(STATE_ATTR)
+        state = model_state.get(self.model, NAME)
         if state is not None:
             state.pending_tasks.append(task_ids)
         try:
@@ -662,7 +451,7 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
     names = _positional_names(base.forward)
     state.handles.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state, names),
                                                         with_kwargs=True))
-    model.__dict__[STATE_ATTR] = state
+    model_state.record(model, NAME, state)
     return model
 
 
@@ -689,5 +478,5 @@ def remove_prefix(model: nn.Module) -> nn.Module:
     for p, flag in state.changed_grad:
         if id(p) in present:
             p.requires_grad_(flag)
-    del model.__dict__[STATE_ATTR]
+    model_state.forget(model, NAME)
     return model

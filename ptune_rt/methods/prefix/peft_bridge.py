@@ -4,7 +4,7 @@
 ``PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or ``PeftModelForFeatureExtraction``
 whose adapter is a ``PrefixTuningConfig`` and changes that instance only (never a class):
 
-* the base model gets ptune-rt's prefix (``ptune_rt.hf_attention.apply_prefix``) through a
+* the base model gets ptune-rt's prefix (``ptune_rt.inject.apply_prefix``) through a
   ``PrefixEncoder`` whose ``embedding`` (and, with ``prefix_projection``, ``transform``) are PEFT's
   own modules. No parameter is created, renamed or re-flagged: ``peft_model.named_parameters()``
   stays as it was, an optimizer built before the call trains the same tensors, and PEFT's
@@ -38,8 +38,10 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ptune_rt import hf_attention
-from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder, check_model_dtype
+from ptune_rt.methods.prefix import inject
+from ptune_rt.methods.prefix.config import PrefixConfig, check_model_dtype
+from ptune_rt.methods.prefix.encoder import PrefixEncoder
+from ptune_rt.methods.method import PeftBridge
 from ptune_rt.ops.lora_linear import resolve_backend
 
 #: PeftModel attribute recording what ``accelerate_prefix`` changed.
@@ -175,10 +177,10 @@ def _plan(peft_model, backend: str):
     if not isinstance(base, PreTrainedModel):
         raise ValueError(f"{where}: the base model is a {type(base).__name__}; expected a transformers "
                          "PreTrainedModel")
-    if hf_attention.has_prefix(base):
+    if inject.has_prefix(base):
         raise ValueError(f"{where}: its base model already carries a ptune-rt prefix; call "
                          "ptune_rt.restore(base_model) first")
-    layers, kv_heads, head_dim = hf_attention._model_dims(base.config)
+    layers, kv_heads, head_dim = inject._model_dims(base.config)
     token_dim, out_dim = kv_heads * head_dim, 2 * layers * kv_heads * head_dim
     P = cfg.num_virtual_tokens
     found = (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim)
@@ -238,9 +240,9 @@ def accelerate_prefix(peft_model, backend: str = "auto") -> list[dict]:
     docstring); returns one report row. Every check runs before the first change."""
     check_model_dtype(peft_model, "ptune_rt.accelerate")
     task, adapter, base, config, encoder = _plan(peft_model, backend)
-    hf_attention.apply_prefix(base, config, encoder=encoder)  # validates the base model before changing it
+    inject.apply_prefix(base, config, encoder=encoder)  # validates the base model before changing it
     # Nothing below can fail.
-    state = hf_attention.prefix_state(base)
+    state = inject.prefix_state(base)
     state.gate = types.MethodType(_adapter_enabled, peft_model)
     new = {"forward": types.MethodType(_FORWARDS[task], peft_model)}
     if task == "CAUSAL_LM":
@@ -269,14 +271,14 @@ def restore_prefix(peft_model) -> nn.Module:
             peft_model.__dict__.pop(name, None)
         else:
             peft_model.__dict__[name] = old
-    hf_attention.remove_prefix(rec.base)
+    inject.remove_prefix(rec.base)
     return peft_model
 
 
 def report(peft_model) -> list[dict]:
     """One row describing the accelerated prefix (columns shared with ``ptune_rt.report``)."""
     rec = peft_model.__dict__[ACCELERATED_ATTR]
-    state = hf_attention.prefix_state(rec.base)
+    state = inject.prefix_state(rec.base)
     enc = state.encoder
     w = enc.embedding.weight
     backend, why = resolve_backend(state.config.backend, w.device)
@@ -286,3 +288,7 @@ def report(peft_model) -> list[dict]:
              "kv_heads": enc.num_kv_heads, "head_dim": enc.head_dim, "prefix_projection": enc.prefix_projection,
              "dtype": str(w.dtype).replace("torch.", ""), "device": str(w.device), "backend": backend, "why": why,
              "merged": False}]
+
+
+BRIDGE = PeftBridge(kind="PEFT prefix-tuning / P-tuning v2 adapter", claims=is_peft_prefix_model,
+                    accelerate=accelerate_prefix, is_accelerated=is_accelerated, restore=restore_prefix)

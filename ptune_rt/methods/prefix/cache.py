@@ -159,7 +159,7 @@ def _make_class():
             return ks.buf[:, :, :P + ks.n], vs.buf[:, :, :P + vs.n]
 
     PrefixedDynamicLayer.__doc__ = "A ``DynamicLayer`` with P free rows in front of its keys and values (see " \
-        "``ptune_rt.prefix_cache``)."
+        "``ptune_rt.methods.prefix.cache``)."
     return PrefixedDynamicLayer
 
 

@@ -29,16 +29,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ptune_rt import hf_attention
-from ptune_rt.methods.prefix import PrefixConfig
-
+from ptune_rt.io import peft_config
+from ptune_rt.io.common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint,
+                                check_loaded_tensors, collect_prompt_heads, config_from_ptune, copy_all_or_nothing,
+                                cpu_copy, flat_tensors_from_peft, int_field, model_class, model_type,
+                                prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
+from ptune_rt.methods.prefix import inject
+from ptune_rt.methods.prefix.config import PrefixConfig
 from ptune_rt.targets import module_view
-
-from . import peft_config
-from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
-                     collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
-                     int_field, model_class, model_type,
-                     prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
 
 METHOD = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
@@ -73,7 +71,7 @@ def _model_layout(model: nn.Module, P: int) -> Layout:
         raise AdapterError(f"{model_class(model)} has no transformers config: prefix tuning needs a transformers "
                            "PreTrainedModel")
     try:
-        layers, kv_heads, head_dim = hf_attention._model_dims(cfg)
+        layers, kv_heads, head_dim = inject._model_dims(cfg)
     except ValueError as e:
         raise AdapterError(f"{model_class(model)}: {e}") from None
     return Layout(P, layers, kv_heads, head_dim)
@@ -104,7 +102,7 @@ class PrefixCheckpoint(PromptLearningCheckpoint):
 
 
 def has_adapter(model: nn.Module) -> bool:
-    return hf_attention.has_prefix(model)
+    return inject.has_prefix(model)
 
 
 def _num_tasks(enc: nn.Module) -> int:
@@ -120,10 +118,10 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
             hint: Optional[str] = None) -> PrefixCheckpoint:
     """The prefix of ``model`` (and its heads), validated. ``hint``: the adapter name of the PEFT
     model the prefix came from (``ptune_rt.accelerate``), also accepted as ``adapter_name``."""
-    if adapter_name not in (None, hf_attention.ADAPTER_NAME, hint):
+    if adapter_name not in (None, inject.ADAPTER_NAME, hint):
         raise AdapterError(f"adapter_name={adapter_name!r}: a prefix has one adapter "
-                           f"({hint or hf_attention.ADAPTER_NAME!r}); pass None")
-    state = hf_attention.prefix_state(model)
+                           f"({hint or inject.ADAPTER_NAME!r}); pass None")
+    state = inject.prefix_state(model)
     enc = state.encoder
     layout = Layout(enc.num_virtual_tokens, enc.num_layers, enc.num_kv_heads, enc.head_dim)
     hidden = _mlp_hidden(enc)
@@ -256,16 +254,16 @@ class PrefixLoadPlan:
         try:
             if fresh:
                 try:
-                    hf_attention.apply_prefix(model, self.apply_config)
+                    inject.apply_prefix(model, self.apply_config)
                 except (TypeError, ValueError) as e:  # raised before the model changed
                     raise AdapterError(f"cannot load the prefix of {self.source} into this {model_class(model)}: "
                                        f"{e}") from e
-            enc = hf_attention.prefix_encoder(model)
+            enc = inject.prefix_encoder(model)
             copy_all_or_nothing([(enc.get_parameter(name), src) for name, src in self.encoder_copies] +
                                 list(self.other_copies))
         except BaseException:
-            if fresh and hf_attention.has_prefix(model):  # the prefix there is came from this call
-                hf_attention.remove_prefix(model)
+            if fresh and inject.has_prefix(model):  # the prefix there is came from this call
+                inject.remove_prefix(model)
             raise
         return model
 
@@ -291,7 +289,7 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
         adapter_name = None
     cls = model_class(model)
     header = f"cannot load the prefix of {spec.source} into this {cls}:"
-    if adapter_name not in (None, hf_attention.ADAPTER_NAME):
+    if adapter_name not in (None, inject.ADAPTER_NAME):
         raise AdapterError(f"{header} adapter_name={adapter_name!r}: a prefix has one adapter; pass None")
     mtype = model_type(model)
     if spec.model_type is not None and mtype is not None and spec.model_type != mtype:
@@ -299,7 +297,7 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
                            f"({spec.model_class}), this model is {mtype!r} ({cls})")
     P = spec.config.num_virtual_tokens
     T = int(getattr(spec.config, "num_tasks", 1))
-    existing = hf_attention.prefix_state(model) if hf_attention.has_prefix(model) else None
+    existing = inject.prefix_state(model) if inject.has_prefix(model) else None
 
     problems: list[str] = []
     if existing is not None:
@@ -375,9 +373,9 @@ def hint_from_peft(peft_config, adapter_name: str, source: str) -> str:
 
 def refuse_peft_model(model: nn.Module) -> None:
     """A PEFT prefix model that PEFT runs itself (not accelerated) keeps its prefix out of reach."""
-    from ptune_rt import peft_compat
+    from ptune_rt.methods.prefix import peft_bridge  # imports PEFT-facing glue only when asked
 
-    if peft_compat.is_peft_prefix_model(model) and not peft_compat.is_accelerated(model):
+    if peft_bridge.is_peft_prefix_model(model) and not peft_bridge.is_accelerated(model):
         raise AdapterError(f"{model_class(model)} is a PEFT prefix-tuning model that PEFT runs itself: use its "
                            "save_pretrained / load_adapter, or call ptune_rt.accelerate(peft_model) first (then "
                            "ptune_rt.save_adapter / load_adapter work on it)")
