@@ -8,10 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
-#: True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
-#: Read once at import, like Triton itself does when it decorates the kernels.
+#: True when the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import,
+#: as Triton reads it when it decorates them): picks the in-kernel bf16 upcast and the small configs.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET = tl.constexpr(INTERPRET)
+
+
+def interpreting() -> bool:
+    """Whether a launch may take CPU tensors now (``TRITON_INTERPRET=1``): the one switch every
+    launch check and ``ptune_rt.ops.backend.resolve_backend`` read."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (INTERPRET, ConfigTuner, KernelConfig, check_in_tile_offsets, dropout_keep,
-                            fp32_input_precision, launch, mma, pow2_bucket, seed_tensor)
+from ._triton_utils import (ConfigTuner, KernelConfig, check_in_tile_offsets, dropout_keep, fp32_input_precision,
+                            interpreting, launch, mma, pow2_bucket, seed_tensor)
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -273,7 +273,7 @@ MAX_BLOCK = 128
 
 def _check_backend(*tensors):
     dev = tensors[0].device
-    if dev.type != "cuda" and not INTERPRET:
+    if dev.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"the Triton LoRA kernels need CUDA tensors (got {dev}); on CPU they run only under "
             "TRITON_INTERPRET=1. Use backend='torch' for CPU tensors.")

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (INTERPRET, ConfigTuner, KernelConfig, fp32_input_precision, launch, mma,
+from ._triton_utils import (ConfigTuner, KernelConfig, fp32_input_precision, interpreting, launch, mma,
                             pow2_bucket)
 
 LOG2E = 1.4426950408889634
@@ -454,7 +454,7 @@ def _launch(name: str, kernel, grid_fn, config, args, flags, sizes):
 
 def _check_device(*tensors):
     dev = tensors[0].device
-    if dev.type != "cuda" and not INTERPRET:
+    if dev.type != "cuda" and not interpreting():
         raise RuntimeError(f"the Triton attention kernels need CUDA tensors (got {dev}); on CPU they run "
                            "only under TRITON_INTERPRET=1")
     for t in tensors:

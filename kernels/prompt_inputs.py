@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import INTERPRET, KernelConfig, launch
+from ._triton_utils import KernelConfig, interpreting, launch
 
 
 @triton.jit
@@ -60,7 +60,7 @@ INTERPRET_CONFIG = KernelConfig({"BLOCK_L": 16, "BLOCK_H": 64}, 4, 1)
 
 
 def _check_device(dev) -> None:
-    if dev.type != "cuda" and not INTERPRET:
+    if dev.type != "cuda" and not interpreting():
         raise RuntimeError(f"the Triton input kernel needs CUDA tensors (got {dev}); on CPU it runs only under "
                            "TRITON_INTERPRET=1")
 

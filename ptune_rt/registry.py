@@ -1,10 +1,9 @@
 """The list of PEFT methods, and what loops over it: ``apply``, ``restore``, ``report``,
 ``format_report``, and the checkpoint handlers behind ``save_adapter`` / ``load_adapter``.
 
-A method is one :class:`~ptune_rt.methods.method.Method`; adding one is one line in ``_ENTRIES``
-(``"module:attribute"``, imported on first use). BitFit and LayerNorm tuning live in their own
-packages; the entries of LoRA, prefix tuning and the soft prompts are assembled below from the
-modules that implement them.
+A method is a package ``ptune_rt/methods/<name>/`` exposing one :class:`~ptune_rt.methods.method.Method`;
+adding one is one line in ``_ENTRIES`` (``"module:attribute"``, imported on first use). Also
+``accelerate`` (PEFT models, through the methods' PEFT bridges).
 """
 from __future__ import annotations
 
@@ -18,54 +17,13 @@ from ptune_rt.methods.method import Method
 _ENTRIES = (
     "ptune_rt.methods.lora:METHOD",
     "ptune_rt.methods.prefix:METHOD",
-    "ptune_rt.registry:PROMPT_TUNING",
-    "ptune_rt.registry:P_TUNING",
+    "ptune_rt.methods.prompt:PROMPT_TUNING",
+    "ptune_rt.methods.prompt:P_TUNING",
     "ptune_rt.methods.bitfit:METHOD",
     "ptune_rt.methods.ln_tuning:METHOD",
 )
 #: The application order of a model's methods (names), for restoring in reverse.
 ORDER_ATTR = "_ptune_rt_order"
-
-
-# ----------------------------------------------------------------------------------------------
-# The entries of the methods that predate their packages
-# ----------------------------------------------------------------------------------------------
-
-def _prompt(name: str) -> Method:
-    from ptune_rt import swap
-    from ptune_rt.io import prompt as prompt_io
-    from ptune_rt.methods import prompt
-    config_class = prompt.PromptTuningConfig if name == "prompt_tuning" else prompt.PTuningConfig
-
-    def is_applied(model):
-        return prompt.is_prompt_model(model) and prompt.prompt_report(model)["method"] == name
-
-    def trainable(model):
-        return [p for p in model.parameters() if p.requires_grad]  # a prompt model trains its prompt and heads
-
-    def rows(model):
-        return [r for r in swap.prompt_rows(model) if r["method"] == name]
-
-    from ptune_rt.report_format import prompt_learning_cells
-
-    return Method(name, config_class, prompt.apply_prompt, prompt.remove_prompt, is_applied, trainable, rows,
-                  prompt_learning_cells, swap.prompt_summary, prompt_io.make_handler(name),
-                  example=lambda: config_class(num_virtual_tokens=4), peft_types=(prompt_io.PEFT_TYPES[name],))
-
-
-def __getattr__(name: str):
-    builders = { "PROMPT_TUNING": lambda: _prompt("prompt_tuning"),
-                "P_TUNING": lambda: _prompt("p_tuning")}
-    if name in builders:
-        entry = builders[name]()
-        globals()[name] = entry
-        return entry
-    raise AttributeError(name)
-
-
-# ----------------------------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------------------------
 
 _methods: Optional[list] = None
 
@@ -155,7 +113,7 @@ def accelerate(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     attention); see the bridges for what each keeps and refuses. ``ptune_rt.restore(peft_model)``
     gives PEFT its own modules back."""
     _require_module(peft_model, "peft_model")
-    from ptune_rt.ops.lora_linear import BACKENDS
+    from ptune_rt.ops.backend import BACKENDS
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -24,9 +24,9 @@ def lora_functions(monkeypatch):
     """Training batches of any size through the LoRA op's ``autograd.Function``s (projection groups,
     SwiGLU recompute, the op itself), the path of batches above ``SMALL_BATCH_ROWS`` rows: the
     tests' tiny batches would otherwise take the small-batch path (plain ops under autograd)."""
-    from ptune_rt.methods.lora import layer as lora
+    from ptune_rt.ops import lora_dispatch
 
-    monkeypatch.setattr(lora, "SMALL_BATCH_ROWS", 0)
+    monkeypatch.setattr(lora_dispatch, "SMALL_BATCH_ROWS", 0)
 
 
 def pytest_configure(config):

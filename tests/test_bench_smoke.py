@@ -39,7 +39,7 @@ def test_bench_quick_writes_every_section(tmp_path):
     # MLPs' down projections run inside their MLP (recompute_mlp)
     ops = res["ops"]
     n = ops["n_lora_linears"]
-    from ptune_rt.methods.lora.layer import SMALL_BATCH_ROWS  # the quick run trains on the full run's path
+    from ptune_rt.ops.lora_dispatch import SMALL_BATCH_ROWS  # the quick run trains on the full run's path
 
     assert res["workload"]["batch"] * res["workload"]["seq"] > SMALL_BATCH_ROWS
     for step in ("forward", "decode_step", "train_forward", "train_step"):

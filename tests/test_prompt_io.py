@@ -17,7 +17,8 @@ from torch import nn
 import ptune_rt
 from ptune_rt import LoRAConfig, PromptTuningConfig, PTuningConfig, load_adapter, save_adapter
 from ptune_rt.io import AdapterError
-from ptune_rt.io.prompt import SavedTokens
+from ptune_rt.methods.prompt.checkpoint import SavedTokens
+from ptune_rt.methods.prompt.inject import prompt_state
 from ptune_rt.methods.prompt import is_prompt_model, prompt_report
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 
@@ -296,9 +297,8 @@ def test_ptune_format_round_trip_keeps_everything_to_resume_training(tmp_path):
         got = loaded.prompt_encoder.default
         assert [(n, p.shape) for n, p in got.named_parameters()] == [(n, p.shape) for n, p in enc.named_parameters()]
         assert all(p.requires_grad for p in got.parameters())
-        config = loaded.__dict__["_ptune_prompt_config"]
-        assert isinstance(config.tokenizer, SavedTokens) and config.to_dict() == model.__dict__[
-            "_ptune_prompt_config"].to_dict()
+        config = prompt_state(loaded).config
+        assert isinstance(config.tokenizer, SavedTokens) and config.to_dict() == prompt_state(model).config.to_dict()
         tasks = {"task_ids": torch.tensor([2, 0])} if kind == "lstm" else \
             {"task_ids": torch.tensor([1, 0])} if kind == "prompt" else {}
         assert torch.equal(logits(loaded, ids, attention_mask=mask, **tasks),
@@ -313,7 +313,7 @@ def test_ptune_format_round_trip_keeps_everything_to_resume_training(tmp_path):
     # the saved config re-applies elsewhere with the recorded token ids; the backend can be chosen at load time
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "lstm", backend="auto")
     assert prompt_report(loaded)["backend"] == "torch" and "cpu tensors" in prompt_report(loaded)["why"]
-    again = ptune_rt.apply(copy.deepcopy(base), loaded.__dict__["_ptune_prompt_config"])
+    again = ptune_rt.apply(copy.deepcopy(base), prompt_state(loaded).config)
     assert again.prompt_encoder.default.template_src.tolist() == [-1, -2, -3, -4, 9, 10, 11]
     # into a model that already carries the same soft prompt: weights replaced in place
     target = ours(base, "lstm", num_tasks=3, encoder_num_layers=2, encoder_dropout=0.1, seed=11, **template)

@@ -11,7 +11,7 @@ from torch import nn
 
 import ptune_rt
 from ptune_rt import LoRAConfig
-from ptune_rt.methods.lora import layer as lora_mod
+from ptune_rt.ops import lora_dispatch
 from ptune_rt.testing import assert_close_to_reference
 
 from helpers_models import input_ids, peft_lora_model, randomize_lora_b, tiny_llama
@@ -45,7 +45,7 @@ def loss_of(m, ids):
 
 def test_threshold_picks_the_path():
     m = model()
-    rows = lora_mod.SMALL_BATCH_ROWS
+    rows = lora_dispatch.SMALL_BATCH_ROWS
     assert rows >= 1
     small = node_names(loss_of(m, input_ids(batch=1, seq=rows)))
     assert not small & FUNCTION_NODES and "AddmmBackward0" in small
@@ -70,7 +70,7 @@ def test_same_loss_and_gradients_as_the_functions(monkeypatch):
                                if p.requires_grad}
 
     small_loss, small = run(m)
-    monkeypatch.setattr(lora_mod, "SMALL_BATCH_ROWS", 0)
+    monkeypatch.setattr(lora_dispatch, "SMALL_BATCH_ROWS", 0)
     fn_loss, fns = run(m)
     gold_loss, gold = run(gold_model)
     assert len(small) == 2 * 7 * 2 and set(small) == set(fns)
@@ -108,9 +108,8 @@ def test_not_taken_where_it_does_not_apply(case, monkeypatch):
     else:
         m = model(backend="triton")
     taken = []
-    orig = lora_mod.LoRALinear._small_batch_forward
-    monkeypatch.setattr(lora_mod.LoRALinear, "_small_batch_forward",
-                        lambda self, x: (lambda y: (taken.append(y is not None), y)[1])(orig(self, x)))
+    orig = lora_dispatch._is_small_batch
+    monkeypatch.setattr(lora_dispatch, "_is_small_batch", lambda x, args: (lambda t: (taken.append(t), t)[1])(orig(x, args)))
     loss = loss_of(m, input_ids(batch=1, seq=8))
     assert taken and not any(taken)
     if case != "triton backend":  # (the Triton path is the custom op's autograd)

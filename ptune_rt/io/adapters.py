@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ptune_rt.ops.lora_linear import BACKENDS
+from ptune_rt.ops.backend import BACKENDS
 
 from . import durable
 from . import peft_config

@@ -21,53 +21,12 @@ output of torch's generator on the torch path).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "triton", "torch")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a hard dependency; guards broken installs
-        return False
-    return True
-
-
-def resolve_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """Pick the backend for tensors on ``device``: returns ``(backend, reason)``.
-
-    ``auto`` takes Triton on CUDA and the torch path elsewhere. ``triton`` on a CPU device is
-    allowed only under the Triton interpreter; anything else is an error, never a silent fallback.
-    """
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    device = torch.device(device)
-    if requested == "torch":
-        return "torch", "backend='torch' requested"
-    if requested == "auto":
-        if device.type == "cuda" and triton_available():
-            return "triton", "CUDA tensors"
-        return "torch", f"{device.type} tensors (Triton kernels run on CUDA; ask for backend='triton' "\
-            "under TRITON_INTERPRET=1 to interpret them on CPU)"
-    # requested == "triton"
-    if not triton_available():
-        raise RuntimeError("backend='triton' requested but triton cannot be imported")
-    if device.type == "cuda":
-        return "triton", "backend='triton' requested, CUDA tensors"
-    if _interpreting():
-        return "triton", "backend='triton' requested, CPU tensors under TRITON_INTERPRET=1 (interpreter)"
-    raise RuntimeError(
-        f"backend='triton' needs CUDA tensors, got {device.type}; set TRITON_INTERPRET=1 to run the "
-        "kernels in Triton's CPU interpreter, or use backend='torch'")
+from ptune_rt.ops.backend import resolve_backend
 
 
 # ----------------------------------------------------------------------------------------

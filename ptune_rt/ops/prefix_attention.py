@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ptune_rt.ops.lora_linear import resolve_backend
+from ptune_rt.ops.backend import resolve_backend
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -68,7 +68,7 @@ def _rows_without_keys(B, L, S, kv_mask, causal, device):
     return (real.sum(1) == 0)[:, None, None].expand(B, 1, L)
 
 
-def _prefix_rows(prefix, task_ids, B):
+def prefix_rows(prefix, task_ids, B):
     """[Hkv, P, D] -> [B, Hkv, P, D]: a stride-0 broadcast of the one prefix (no copy), or with
     tasks ([T, Hkv, P, D] and ``task_ids`` [B]) each row's task prefix."""
     if task_ids is not None:
@@ -85,7 +85,7 @@ def _torch_forward(q, k, v, pk, pv, kv_mask, task_ids, causal, scale):
     if empty is not None:
         lse_s = lse_s.masked_fill(empty, float("-inf"))
     # The prefix part: every query sees every prefix key, so the same fused kernel with no mask.
-    o_p, lse_p = _flash_cpu(q, _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B), 0.0, False,
+    o_p, lse_p = _flash_cpu(q, prefix_rows(pk, task_ids, B), prefix_rows(pv, task_ids, B), 0.0, False,
                             scale=scale)
     lse = torch.logaddexp(lse_p, lse_s)
     w_s = torch.exp(lse_s - lse).unsqueeze(-1).to(q.dtype)
@@ -115,7 +115,7 @@ def _torch_backward(do, q, k, v, pk, pv, o, lse, kv_mask, task_ids, causal, scal
     # for the prefix keys (GQA reduced in-kernel), and the two dq parts add up.
     lse = lse.to(torch.float32)
     dq, dk, dv = _flash_cpu_bwd(do, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
-    dq_p, dpk_rows, dpv_rows = _flash_cpu_bwd(do, q, _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B),
+    dq_p, dpk_rows, dpv_rows = _flash_cpu_bwd(do, q, prefix_rows(pk, task_ids, B), prefix_rows(pv, task_ids, B),
                                               o, lse, 0.0, False, scale=scale)
     dq = dq.add_(dq_p)
     if task_ids is None:
@@ -281,7 +281,8 @@ def _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range=True
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                      kv_mask: Optional[Tensor] = None, task_ids: Optional[Tensor] = None, causal: bool = True,
-                     sm_scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+                     sm_scale: Optional[float] = None, backend: str = "auto", *, check_task_range: bool = True,
+                     joined=None) -> Tensor:
     """Attention of q [B, Hq, L, D] over [prefix ; k/v [B, Hkv, S, D]] with one softmax.
 
     prefix_k/v: [Hkv, P, D] shared by every row (cast to q's dtype here, so gradients flow into
@@ -289,18 +290,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     [B, S]: 1 for real keys, 0 for padding. Causal masking is bottom-right aligned (query i sees key
     t iff t <= S - L + i); every query sees the whole prefix. The Triton backend takes head dims up
     to 128 (a larger one is a ValueError naming it: :func:`resolve_attention_backend`).
+
+    ``check_task_range=False``: ``task_ids`` are already validated against this prefix stack (the
+    model glue checks them once per forward, not once per layer). ``joined``: for a torch-path
+    decode step, an optional ``(prefix_k, prefix_v, task_ids) -> (keys, values) or None`` giving
+    ``[every row's prefix ; k]`` / ``[... ; v]`` already laid out in one tensor
+    (``ptune_rt.methods.prefix.cache`` keeps the cache that way), so the step needs no concatenation.
     """
-    return _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm_scale, backend, True)
-
-
-def _prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, causal, sm_scale, backend,
-                      check_task_range: bool, joined=None) -> Tensor:
-    """:func:`prefix_attention`; ``check_task_range=False`` for task_ids already validated against
-    this prefix stack (the model glue checks them once per forward, not once per layer).
-
-    ``joined``: for a torch-path decode step, an optional ``(prefix_k, prefix_v, task_ids) ->
-    (keys, values) or None`` giving ``[every row's prefix ; k]`` / ``[... ; v]`` already laid out in
-    one tensor (``ptune_rt.methods.prefix.cache`` keeps the cache that way), so the step needs no concatenation."""
     _check(q, k, v, prefix_k, prefix_v, kv_mask, task_ids, check_task_range)
     chosen, _ = resolve_attention_backend(backend, q.device, q.shape[-1])
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -326,8 +322,8 @@ def _torch_decode_step(q, k, v, pk, pv, kv_mask, task_ids, scale, joined_kv=None
     if joined_kv is not None:
         keys, values = joined_kv
     else:
-        keys = torch.cat([_prefix_rows(pk, task_ids, B), k], dim=2)
-        values = torch.cat([_prefix_rows(pv, task_ids, B), v], dim=2)
+        keys = torch.cat([prefix_rows(pk, task_ids, B), k], dim=2)
+        values = torch.cat([prefix_rows(pv, task_ids, B), v], dim=2)
     mask = None
     if kv_mask is not None:
         mask = torch.cat([kv_mask.new_ones((B, pk.shape[-2])), kv_mask], dim=1)[:, None, None, :]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ptune_rt.ops.lora_linear import resolve_backend
+from ptune_rt.ops.backend import resolve_backend
 
 
 def _virtual_index(src, task_ids):

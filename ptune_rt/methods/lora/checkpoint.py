@@ -307,179 +307,227 @@ class LoRALoadPlan:
         return model
 
 
+@dataclasses.dataclass
+class _LoadTarget:
+    """What ``plan_load`` checks a checkpoint against: the model, its module view, its LoRA modules."""
+
+    model: nn.Module
+    view: dict
+    existing: dict  # name -> LoRALinear already in the model
+    spec: LoRASpec
+
+    @property
+    def fresh(self) -> bool:
+        return not self.existing
+
+    @property
+    def cls(self) -> str:
+        return model_class(self.model)
+
+
 def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
               file_key: Callable[[str], str], weights_file: str, hint=None) -> LoRALoadPlan:
     """Check ``tensors`` (module-path keys) and ``spec`` against ``model``; raise AdapterError
     listing every problem, or return the plan that loads them."""
-    cls = model_class(model)
     view = module_view(model)
-    existing = {n: m for n, m in view.items() if isinstance(m, LoRALinear)}
-    fresh = not existing
-    cfg = spec.config
-    mtype = model_type(model)
+    t = _LoadTarget(model, view, {n: m for n, m in view.items() if isinstance(m, LoRALinear)}, spec)
+    names = _target_names(t)
+    shapes, problems = _check_target_layers(t, names)
+    add, more = _check_adapter_name(t, names, adapter_name)
+    raise_problems(f"cannot load the adapter of {spec.source} into this {t.cls}:", problems + more)
+    lora_keys, destinations, artifacts = _expected_keys(t, names, shapes, tensors)
+    expected = {k: (spec.config.r, shapes[n][0]) if which == "A" else (shapes[n][1], spec.config.r)
+                for k, (n, which) in lora_keys.items()}
+    expected.update({k: tuple(d.shape) for k, d in destinations.items()})
+    problems = _check_tensors(t, names, tensors, expected, artifacts, lora_keys, shapes, file_key)
+    raise_problems(f"cannot load {weights_file} into this {t.cls}:", problems)
+    apply_config, final_config = _fresh_configs(t, names) if t.fresh else (None, None)
+    return LoRALoadPlan(model, t.fresh, apply_config, final_config,
+                        [(n, which, tensors[k]) for k, (n, which) in lora_keys.items()],
+                        [(dst, tensors[k]) for k, dst in destinations.items()], adapter_name,
+                        spec.config if add else None)
 
-    # 1. Is this the base model the adapter was made for?
+
+def _target_names(t: _LoadTarget) -> list[str]:
+    """The modules the adapter targets in this model; raises when it was made for another base model."""
+    spec, mtype = t.spec, model_type(t.model)
     if spec.model_type is not None and mtype is not None and spec.model_type != mtype:
         raise AdapterError(f"{spec.source}: the adapter was saved for model_type {spec.model_type!r} "
-                           f"({spec.model_class}), this model is {mtype!r} ({cls})")
+                           f"({spec.model_class}), this model is {mtype!r} ({t.cls})")
     if spec.targets is not None:
         names = list(spec.targets)
-        absent = [n for n in names if n not in view]
+        absent = [n for n in names if n not in t.view]
         if absent:
             raise AdapterError(f"{spec.source}: target modules {absent[:5]}{' ...' if len(absent) > 5 else ''} "
-                               f"do not exist in this {cls}: the adapter was made for another base model")
-    else:
-        tm = cfg.target_modules
+                               f"do not exist in this {t.cls}: the adapter was made for another base model")
+        return names
+    tm = spec.config.target_modules
+    if tm is None:
+        tm = DEFAULT_TARGETS.get(mtype)
         if tm is None:
-            tm = DEFAULT_TARGETS.get(mtype)
-            if tm is None:
-                raise AdapterError(f"{spec.source}: target_modules is null and model type {mtype!r} has no default "
-                                   "targets")
-        names = match_targets(model, view, tm, spec.exclude_modules)
-        if not names:
-            raise AdapterError(f"{spec.source}: target_modules={tm!r} match no module of this {cls} "
-                               f"(model_type {mtype!r}): the adapter was made for another base model")
+            raise AdapterError(f"{spec.source}: target_modules is null and model type {mtype!r} has no default "
+                               "targets")
+    names = match_targets(t.model, t.view, tm, spec.exclude_modules)
+    if not names:
+        raise AdapterError(f"{spec.source}: target_modules={tm!r} match no module of this {t.cls} "
+                           f"(model_type {mtype!r}): the adapter was made for another base model")
+    return names
 
-    problems: list[str] = []
-    shapes: dict[str, tuple[int, int]] = {}
+
+def _check_target_layers(t: _LoadTarget, names: list[str]) -> tuple[dict, list[str]]:
+    """({name: (in_features, out_features)}, problems) of the target layers against the adapter."""
+    cfg, problems, shapes = t.spec.config, [], {}
     for n in names:
-        m = view[n]
+        m = t.view[n]
         if isinstance(m, LoRALinear):
             base = m.base_layer
-        elif fresh and is_linear_like(m):
+        elif t.fresh and is_linear_like(m):
             base = m
-        elif fresh:
+        elif t.fresh:
             kind = f"{type(m).__module__}.{type(m).__qualname__}"
-            hint = (" (a PEFT layer: run ptune_rt.accelerate(peft_model) first, or load with PEFT)"
-                    if kind.startswith("peft.") else "")
-            problems.append(f"target module {n!r} is a {kind}{hint}; ptune_rt's LoRA targets nn.Linear and GPT-2 "
+            why = (" (a PEFT layer: run ptune_rt.accelerate(peft_model) first, or load with PEFT)"
+                   if kind.startswith("peft.") else "")
+            problems.append(f"target module {n!r} is a {kind}{why}; ptune_rt's LoRA targets nn.Linear and GPT-2 "
                             "Conv1D layers")
             continue
         else:
             problems.append(f"target module {n!r} has no LoRA adapter, but this model already carries LoRA "
-                            f"modules ({sorted(existing)[:3]} ...): the adapter does not match them; "
+                            f"modules ({sorted(t.existing)[:3]} ...): the adapter does not match them; "
                             "ptune_rt.restore(model) first to load it fresh")
             continue
         in_f, out_f = linear_shape(base)
         shapes[n] = (in_f, out_f)
         kind = "linear" if isinstance(base, nn.Linear) else "conv1d"
-        if spec.targets is not None:
-            want_in, want_out, want_kind = spec.targets[n]
+        if t.spec.targets is not None:
+            want_in, want_out, want_kind = t.spec.targets[n]
             if (want_in, want_out) != (in_f, out_f) or want_kind != kind:
                 problems.append(f"module {n!r}: adapter expects a {want_kind} layer with in_features={want_in}, "
                                 f"out_features={want_out}; this model has a {kind} layer with in_features={in_f}, "
                                 f"out_features={out_f}")
         if cfg.r > min(in_f, out_f):
             problems.append(f"module {n!r}: rank r={cfg.r} exceeds min(in_features={in_f}, out_features={out_f})")
-    # A name that no LoRA module holds yet adds an adapter beside the model's (same modules, its own
-    # rank, alpha and dropout); a name some modules hold and others do not is an inconsistent model.
+    return shapes, problems
+
+
+def _check_adapter_name(t: _LoadTarget, names: list[str], adapter_name: Optional[str]) -> tuple[bool, list[str]]:
+    """(whether the load adds ``adapter_name`` beside the model's adapters, problems). A name no LoRA
+    module holds yet adds an adapter (same modules, its own rank, alpha and dropout); a name some
+    modules hold and others do not is an inconsistent model."""
+    cfg, existing, problems = t.spec.config, t.existing, []
+    if t.fresh:
+        if adapter_name not in (None, "default"):
+            problems.append(f"adapter_name={adapter_name!r}: a model without LoRA modules gets the adapter 'default'")
+        return False, problems
     holders = [n for n, m in existing.items() if adapter_name in m.lora_A] if adapter_name is not None else []
-    add = not fresh and adapter_name is not None and not holders
-    if not fresh and adapter_name is not None and 0 < len(holders) < len(existing):
+    add = adapter_name is not None and not holders
+    if adapter_name is not None and 0 < len(holders) < len(existing):
         problems.append(f"adapter_name={adapter_name!r} is an adapter of LoRA modules {holders[:3]} but not of "
                         f"{sorted(set(existing) - set(holders))[:3]}")
     if add:
-        peft_layers = [n for n, m in existing.items() if m.__dict__.get(SOURCE_ATTR) == "peft"]
-        if peft_layers:
-            problems.append(f"adapter_name={adapter_name!r}: this model's LoRA layers come from a PEFT model "
-                            f"({peft_layers[:3]} ...), which keeps its own adapter registry; add adapters with "
-                            "PEFT's load_adapter before ptune_rt.accelerate, or ptune_rt.restore(model) first")
-        if cfg.bias != "none":
-            problems.append(f"bias={cfg.bias!r}: the checkpoint trains the base layers' biases, which every adapter "
-                            f"of this model shares; an added adapter (adapter_name={adapter_name!r}) must have "
-                            "bias='none' (load it into a model of its own)")
-        if spec.heads and any(match_heads(view, spec.heads, dotted=spec.heads_exact).values()):
-            problems.append(f"the checkpoint saves whole modules (modules_to_save={list(spec.heads)}), which every "
-                            f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) cannot "
-                            "replace them (load it into a model of its own)")
-    if not fresh:
-        extra = sorted(set(existing) - set(names))
-        if extra:
-            problems.append(f"this model's LoRA modules {extra[:5]}{' ...' if len(extra) > 5 else ''} are not in the "
-                            "adapter; ptune_rt.restore(model) first to load it fresh")
-        for n in names:
-            m = existing.get(n)
-            if m is None or add:
-                continue
-            a = adapter_name or m.active_adapter
-            if a not in m.lora_A:
-                problems.append(f"module {n!r} has no adapter named {a!r} (it has {sorted(m.lora_A.keys())})")
-                continue
-            if m.merged:
-                problems.append(f"module {n!r} has its adapter merged into the base weight: unmerge it before "
-                                "loading new adapter weights")
-            elif m.r[a] != cfg.r:
-                problems.append(f"module {n!r}: the model's adapter has rank r={m.r[a]}, the checkpoint r={cfg.r}")
-            elif not math.isclose(m.scaling[a], cfg.scaling, rel_tol=1e-6):
-                problems.append(f"module {n!r}: the model's adapter has scaling {m.scaling[a]}, the checkpoint "
-                                f"{cfg.scaling} (lora_alpha={cfg.alpha}, r={cfg.r}, use_rslora={cfg.use_rslora})")
-    elif adapter_name not in (None, "default"):
-        problems.append(f"adapter_name={adapter_name!r}: a model without LoRA modules gets the adapter 'default'")
-    raise_problems(f"cannot load the adapter of {spec.source} into this {cls}:", problems)
-
-    # 2. The keys: LoRA weights, biases, whole heads. Shapes from this model.
-    expected: dict[str, tuple[int, ...]] = {}
-    lora_keys: dict[str, tuple[str, str]] = {}
+        problems += _cannot_add(t, adapter_name)
+    extra = sorted(set(existing) - set(names))
+    if extra:
+        problems.append(f"this model's LoRA modules {extra[:5]}{' ...' if len(extra) > 5 else ''} are not in the "
+                        "adapter; ptune_rt.restore(model) first to load it fresh")
     for n in names:
-        in_f, out_f = shapes[n]
-        expected[f"{n}.lora_A.weight"] = (cfg.r, in_f)
-        expected[f"{n}.lora_B.weight"] = (out_f, cfg.r)
+        m = existing.get(n)
+        if m is None or add:
+            continue
+        a = adapter_name or m.active_adapter
+        if a not in m.lora_A:
+            problems.append(f"module {n!r} has no adapter named {a!r} (it has {sorted(m.lora_A.keys())})")
+        elif m.merged:
+            problems.append(f"module {n!r} has its adapter merged into the base weight: unmerge it before "
+                            "loading new adapter weights")
+        elif m.r[a] != cfg.r:
+            problems.append(f"module {n!r}: the model's adapter has rank r={m.r[a]}, the checkpoint r={cfg.r}")
+        elif not math.isclose(m.scaling[a], cfg.scaling, rel_tol=1e-6):
+            problems.append(f"module {n!r}: the model's adapter has scaling {m.scaling[a]}, the checkpoint "
+                            f"{cfg.scaling} (lora_alpha={cfg.alpha}, r={cfg.r}, use_rslora={cfg.use_rslora})")
+    return add, problems
+
+
+def _cannot_add(t: _LoadTarget, adapter_name: str) -> list[str]:
+    """Why the checkpoint cannot become another adapter beside the model's (empty: it can)."""
+    problems = []
+    peft_layers = [n for n, m in t.existing.items() if m.__dict__.get(SOURCE_ATTR) == "peft"]
+    if peft_layers:
+        problems.append(f"adapter_name={adapter_name!r}: this model's LoRA layers come from a PEFT model "
+                        f"({peft_layers[:3]} ...), which keeps its own adapter registry; add adapters with "
+                        "PEFT's load_adapter before ptune_rt.accelerate, or ptune_rt.restore(model) first")
+    if t.spec.config.bias != "none":
+        problems.append(f"bias={t.spec.config.bias!r}: the checkpoint trains the base layers' biases, which every "
+                        f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) must have "
+                        "bias='none' (load it into a model of its own)")
+    if t.spec.heads and any(match_heads(t.view, t.spec.heads, dotted=t.spec.heads_exact).values()):
+        problems.append(f"the checkpoint saves whole modules (modules_to_save={list(t.spec.heads)}), which every "
+                        f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) cannot "
+                        "replace them (load it into a model of its own)")
+    return problems
+
+
+def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict):
+    """(LoRA key -> (module, "A" / "B"), other key -> the model tensor it loads into, PEFT wrapper
+    keys to ignore): LoRA weights, biases, whole heads."""
+    lora_keys = {}
+    for n in names:
         lora_keys[f"{n}.lora_A.weight"] = (n, "A")
         lora_keys[f"{n}.lora_B.weight"] = (n, "B")
-    state = _swapped_state(model, names if fresh else [])
-    destinations = dict(_bias_entries(state, names, cfg.bias))
-
-    heads_found = match_heads(view, spec.heads, dotted=spec.heads_exact)
-    problems = []
+    state = _swapped_state(t.model, names if t.fresh else [])
+    destinations = dict(_bias_entries(state, names, t.spec.config.bias))
     heads: list[str] = []
-    for h, found in heads_found.items():
-        if not found and spec.heads_exact:
-            problems.append(f"module {h!r} (modules_to_save) does not exist in this {cls}")
+    for found in match_heads(t.view, t.spec.heads, dotted=t.spec.heads_exact).values():
         heads += [n for n in found if n not in heads]
-    try:
-        _check_heads_vs_targets(heads, names)
-    except AdapterError as e:
-        problems.append(str(e))
     artifacts = set()
     for h in heads:
         in_file = [k for k in tensors if k.startswith(h + ".")]
         artifacts |= {k for k in in_file if k[len(h) + 1:].startswith(_PEFT_WRAPPER_PARTS)}
         # A PEFT head absent from the file keeps the model's own head (as in PEFT); a partly present one is an error.
-        if spec.heads_exact or len(in_file) > len(artifacts & set(in_file)):
-            destinations.update({k: t for k, t in state.items() if k.startswith(h + ".")})
-    for k, t in destinations.items():
-        expected[k] = tuple(t.shape)
+        if t.spec.heads_exact or len(in_file) > len(artifacts & set(in_file)):
+            destinations.update({k: v for k, v in state.items() if k.startswith(h + ".")})
+    return lora_keys, destinations, artifacts
 
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected and k not in artifacts]
-    for k in missing:
-        problems.append(f"missing key {file_key(k)!r} (expected shape {shape_str(expected[k])})")
-    for k in unexpected:
-        problems.append(f"unexpected key {file_key(k)!r}{_why_unexpected(k, view, names, cfg.bias)}")
+
+def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_keys, shapes, file_key) -> list[str]:
+    """Heads, missing / unexpected keys, shapes, dtypes and finiteness of the checkpoint's tensors."""
+    spec, problems = t.spec, []
+    heads = []
+    for h, found in match_heads(t.view, spec.heads, dotted=spec.heads_exact).items():
+        if not found and spec.heads_exact:
+            problems.append(f"module {h!r} (modules_to_save) does not exist in this {t.cls}")
+        heads += [n for n in found if n not in heads]
+    try:
+        _check_heads_vs_targets(heads, names)
+    except AdapterError as e:
+        problems.append(str(e))
+    for k in expected:
+        if k not in tensors:
+            problems.append(f"missing key {file_key(k)!r} (expected shape {shape_str(expected[k])})")
+    for k in tensors:
+        if k not in expected and k not in artifacts:
+            problems.append(f"unexpected key {file_key(k)!r}{_why_unexpected(k, t.view, names, spec.config.bias)}")
     for k, want in expected.items():
-        t = tensors.get(k)
-        if t is None:
+        x = tensors.get(k)
+        if x is None:
             continue
-        if tuple(t.shape) != want:
+        if tuple(x.shape) != want:
             problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(want)} "
-                            f"{_shape_reason(k, lora_keys, shapes, cfg.r)}, found {shape_str(t.shape)}")
-        elif not t.is_floating_point():
-            problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
-        elif not bool(torch.isfinite(t).all()):
+                            f"{_shape_reason(k, lora_keys, shapes, spec.config.r)}, found {shape_str(x.shape)}")
+        elif not x.is_floating_point():
+            problems.append(f"{file_key(k)!r} has dtype {x.dtype}; expected a floating-point tensor")
+        elif not bool(torch.isfinite(x).all()):
             problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
-    raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
+    return problems
 
-    apply_config = final_config = None
-    if fresh:
-        apply_config = dataclasses.replace(cfg, target_modules=exact_regex(names), init="zeros")
-        nice = cfg.target_modules
-        if spec.targets is None and (spec.exclude_modules or nice is None):
-            nice = list(names)
-        final_config = dataclasses.replace(cfg, target_modules=nice)
-    return LoRALoadPlan(model, fresh, apply_config, final_config,
-                        [(n, which, tensors[k]) for k, (n, which) in lora_keys.items()],
-                        [(dst, tensors[k]) for k, dst in destinations.items()], adapter_name,
-                        cfg if add else None)
+
+def _fresh_configs(t: _LoadTarget, names: list[str]) -> tuple[LoRAConfig, LoRAConfig]:
+    """(the config that swaps in exactly ``names`` with zero adapters, the config the model records)."""
+    cfg = t.spec.config
+    apply_config = dataclasses.replace(cfg, target_modules=exact_regex(names), init="zeros")
+    nice = cfg.target_modules
+    if t.spec.targets is None and (t.spec.exclude_modules or nice is None):
+        nice = list(names)
+    return apply_config, dataclasses.replace(cfg, target_modules=nice)
 
 
 def _swapped_state(model: nn.Module, to_swap: list[str]) -> dict[str, torch.Tensor]:

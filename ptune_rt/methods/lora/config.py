@@ -7,7 +7,7 @@ from typing import ClassVar, Optional, Sequence, Union
 
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number, check_regex
 from ptune_rt.methods.config_base import MethodConfig
-from ptune_rt.ops.lora_linear import BACKENDS
+from ptune_rt.ops.backend import BACKENDS
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "zeros")

@@ -16,7 +16,8 @@ from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.groups import disable_projection_groups, enable_projection_groups
 from ptune_rt.methods.lora.layer import LoRALinear
 from ptune_rt.methods.lora.swiglu import disable_mlp_recompute, enable_mlp_recompute
-from ptune_rt.ops.lora_linear import OP_DTYPES, resolve_backend
+from ptune_rt.ops.backend import resolve_backend
+from ptune_rt.ops.lora_linear import OP_DTYPES
 from ptune_rt.targets import is_linear, linear_shape, module_matches, output_layer_names
 
 NAME = LoRAConfig.METHOD

@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ptune_rt.ops.lora_linear import (_ZERO_SEED, BACKENDS, OP_DTYPES, _check_inputs, _torch_forward, lora_linear,
-                                      lora_linear_fwd, lora_linear_group, lora_linear_swiglu,
-                                      resolve_backend)
+from ptune_rt.ops.lora_dispatch import (InferencePlan, LoRAArgs, lora_forward, plan_inference, run_inference,
+                                        stacked_lora_linear, takes_plain_ops)
+from ptune_rt.ops.backend import BACKENDS, resolve_backend
+from ptune_rt.ops.lora_linear import OP_DTYPES, lora_linear_group, lora_linear_swiglu
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number
 from ptune_rt.methods.lora.config import INIT_MODES
 from ptune_rt.targets import linear_shape
@@ -79,7 +80,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         self._merge_record: Optional[_MergeRecord] = None
-        self._inference_cache: Optional[tuple] = None  # see _inference_forward
+        self._inference_cache: Optional[InferencePlan] = None  # see _inference_forward
         self._group: Optional[tuple] = None  # sibling projections of one input: see _grouped_forward
         self._stash: Optional[tuple] = None  # (input, output) a sibling computed for this layer
         self._rows: Optional[tuple] = None  # per-row adapters of a mixed batch: see _mixed_forward
@@ -295,35 +296,11 @@ class LoRALinear(nn.Module):
             y = self._inference_forward(x)
             if y is not None:
                 return y
-        else:
-            y = self._small_batch_forward(x)
-            if y is not None:
-                return y
-            if self._group is not None:
-                y = self._grouped_forward(x)
-                if y is not None:
-                    return y
         args = self._op_args()
         if args is None:
             return self._merged_guard(self.base_layer(x))
-        if self._float64_path(x):
-            return self._plain_forward(x, args)
-        return lora_linear(x, *args, backend=self.backend)
-
-    def _float64_path(self, x) -> bool:
-        """A float64 layer and input on the torch path: a reference run, computed with plain torch ops
-        (the fused op takes float32, float16 and bfloat16)."""
-        return (isinstance(x, torch.Tensor) and x.dtype == torch.float64 == self.base_layer.weight.dtype
-                and self.backend_choice()[0] == "torch")
-
-    def _plain_forward(self, x: torch.Tensor, args: tuple) -> torch.Tensor:
-        """``x W^T + b + s (dropout(x) A^T) B^T`` as plain torch ops under autograd (PEFT's formula)."""
-        w, bias, a, b, scale, p = args
-        x2 = x.reshape(-1, self.in_features)
-        xd = nn.functional.dropout(x2, p) if p else x2
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-        y = y.addmm_(torch.mm(xd.to(a.dtype), a.t()), b.t(), alpha=scale)
-        return y.view(*x.shape[:-1], self.out_features)
+        group = (lambda: self._grouped_forward(x)) if self._group is not None else None
+        return lora_forward(x, args, group)
 
     def _merged_guard(self, y: torch.Tensor) -> torch.Tensor:
         """``y``, or while training a merged layer whose adapter requires grad, ``y`` through
@@ -340,9 +317,9 @@ class LoRALinear(nn.Module):
         saves g and u instead of silu(g), u and the product. Hooks registered on this layer still
         run: a hooked layer takes the plain path."""
         args = self._op_args() if torch.is_grad_enabled() and not _has_hooks(self) else None
-        if args is None or self._small_batch_args(g) is not None or self._float64_path(g):  # g: like silu(g) * u
+        if args is None or takes_plain_ops(g, args):  # g: shaped like silu(g) * u
             return self(nn.functional.silu(g) * u)
-        return lora_linear_swiglu(g, u, *args, backend=self.backend)
+        return lora_linear_swiglu(g, u, *args)
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A batch whose rows use different adapters (``ptune_rt.mixed_adapters``), inference only:
@@ -357,16 +334,15 @@ class LoRALinear(nn.Module):
                              f"got a batch of {x.shape[0] if x.dim() else 0} rows (input {tuple(x.shape)}); pass one "
                              "name per row of the batch the model runs (generate with num_beams or "
                              "num_return_sequences > 1 multiplies the rows)")
-        if groups and self.backend_choice()[0] == "triton":
-            return self._mixed_triton(x)
+        if groups and self.backend_choice()[0] == "triton":  # every step stacked, in the fused kernels
+            return stacked_lora_linear(x, self.base_weight_nk(), self.base_layer.bias, *self._mixed_stack(x.device),
+                                       self.backend)
         y = self.base_layer(x)
         if not groups:
             return y
         if x.dim() == 3 and x.shape[1] == 1:  # a decode step: every adapter at once, 3 ops for any count
-            a_cat, b_cat, col_scale = self._mixed_stack(x.device)
-            S = nn.functional.linear(x.to(a_cat.dtype), a_cat).mul_(col_scale)  # [B, 1, sum r]
-            y += nn.functional.linear(S, b_cat).to(y.dtype)
-            return y
+            return stacked_lora_linear(x, self.base_weight_nk(), self.base_layer.bias, *self._mixed_stack(x.device),
+                                       self.backend, base_out=y)
         for name, rows in groups:
             if rows.device != x.device:
                 rows = rows.to(x.device)
@@ -376,22 +352,6 @@ class LoRALinear(nn.Module):
             delta = nn.functional.linear(nn.functional.linear(xr.to(a.dtype), a), b).mul_(self.scaling[name])
             y.index_add_(0, rows, delta.to(y.dtype))
         return y
-
-    def _mixed_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixed batch on the Triton backend, prefill and decode alike: the skinny kernel computes
-        every used adapter's shrink S = x [A_1; ...; A_n]^T, the rows' column scales keep each row's
-        own adapter, and the fused kernel adds S [B_1 ... B_n]^T to x W^T + b in its accumulator
-        (two kernel launches and one scale for any number of adapters; the low-rank term never goes
-        to memory as an M x N tensor)."""
-        from ptune_rt.kernels import lora as K
-
-        a_cat, b_cat, col_scale = self._mixed_stack(x.device)
-        batch = x.shape[0]
-        x2 = x.reshape(-1, self.in_features)
-        S = K.skinny_matmul(x2, a_cat)  # [B * L, sum r], fp32
-        S.view(batch, -1, S.shape[-1]).mul_(col_scale)
-        y = K.fused_lowrank_matmul(x2, self.base_weight_nk(), S, b_cat, bias=self.base_layer.bias, scale=1.0)
-        return y.view(*x.shape[:-1], self.out_features)
 
     def _mixed_stack(self, device) -> tuple:
         """The stacked form of a mixed batch (a torch-path decode step, every Triton-path step): the used
@@ -415,47 +375,15 @@ class LoRALinear(nn.Module):
         self._rows_stack = (a_cat, b_cat, col_scale)
         return self._rows_stack
 
-    def _op_args(self) -> Optional[tuple]:
-        """(weight [out, in], bias, A, B, scale, dropout rate) of the active adapter for the op, or
-        None when the base layer alone runs (merged, disabled, or no such adapter)."""
+    def _op_args(self) -> Optional[LoRAArgs]:
+        """The active adapter's operands, or None when the base layer alone runs (merged, disabled, or
+        no such adapter)."""
         name = self.active_adapter
         if self.merged or self.disabled or name not in self.lora_A:
             return None
         p = self.lora_dropout_p[name] if self.training else 0.0
-        return (self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                self.scaling[name], p)
-
-    def _small_batch_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Training path of a small batch (at most :data:`SMALL_BATCH_ROWS` rows), or None for the
-        op's path: without dropout, in one dtype, on the torch backend, the same three BLAS calls as
-        the op's torch path (``y = x W^T + b``, then ``y += s (x A^T) B^T`` in place), recorded by
-        autograd's own C++ nodes. Autograd then saves what the op saves (``x`` and the ``M x r``
-        shrink; the weights by reference). Below a few dozen rows a step costs its per-op overhead,
-        not its FLOPs, and a Python ``autograd.Function`` (the op, a projection group, the SwiGLU
-        recompute) costs more there than it saves; from about a hundred rows on, the op's single
-        ``dX`` buffer and shared shrinks are level or ahead."""
-        args = self._small_batch_args(x)
-        if args is None:
-            return None
-        w, bias, a, b, scale, _ = args
-        y = _lowrank_linear(x.reshape(-1, self.in_features), w.t(), bias, a.t(), b.t(), scale)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def _small_batch_args(self, x) -> Optional[tuple]:
-        """The op arguments (:meth:`_op_args`) when ``x`` takes the small-batch path, else None."""
-        if not isinstance(x, torch.Tensor):
-            return None  # the op's clear error
-        if _rows_of(x) > SMALL_BATCH_ROWS or torch.compiler.is_compiling():
-            return None
-        args = self._op_args()
-        if args is None:
-            return None
-        w, _, a, b, _, p = args
-        if (p != 0.0 or x.shape[-1] != self.in_features or x.dtype not in OP_DTYPES
-                or not (x.dtype == w.dtype == a.dtype == b.dtype) or x.device != w.device
-                or self.backend_choice()[0] != "torch"):
-            return None  # the op's path (and its clear errors)
-        return args
+        return LoRAArgs(self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
+                        self.lora_B[name].weight, self.scaling[name], p, self.backend)
 
     def _grouped_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Training path of a layer in a projection group (q/k/v or gate/up of one block, see
@@ -486,10 +414,10 @@ class LoRALinear(nn.Module):
             if _has_hooks(m):
                 return None
             args = m._op_args()
-            if (args is None or args[5] != 0.0 or m.backend_choice()[0] != "torch"
-                    or not (x.dtype == args[0].dtype == args[2].dtype == args[3].dtype)):
+            if (args is None or args.dropout != 0.0 or m.backend_choice()[0] != "torch"
+                    or not (x.dtype == args.weight.dtype == args.a.dtype == args.b.dtype)):
                 return None
-            members.append(args[:5])
+            members.append((args.weight, args.bias, args.a, args.b, args.scale))
         outs = lora_linear_group(x, members)
         mine = None
         for m, y in zip(grp, outs):
@@ -502,13 +430,12 @@ class LoRALinear(nn.Module):
     def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The decode-step path (autograd off), or None for the checked path.
 
-        The op's input checks and backend choice run once and are cached against exactly what they
-        were run for: the parameter objects and the storages they point at (so ``.to()``, a new
-        ``.data`` or a replaced Parameter rebuild the cache; in-place updates are seen as they are),
-        the adapter name, the backend setting, and the input's dtype, device and width. A first call
-        with bad input returns None, so the checked path raises its clear error. Per call this saves
-        the checks, the backend resolution, the custom-op dispatch and three transposes: most of a
-        LoRA linear's overhead at batch 1."""
+        The op's input checks and backend choice run once into an
+        :class:`~ptune_rt.ops.lora_dispatch.InferencePlan`, kept while it matches (same parameter
+        objects and storages, adapter, backend, input dtype, device and width): per call this saves
+        the checks, the backend resolution, the custom-op dispatch and three transposes, most of a
+        LoRA linear's overhead at batch 1. A first call with bad input returns None, so the
+        checked path raises its clear error."""
         if self.merged or self.disabled:
             return self.base_layer(x)
         name = self.active_adapter
@@ -521,39 +448,13 @@ class LoRALinear(nn.Module):
         b = self._modules["lora_B"]._modules[name]._parameters["weight"]
         base = self._modules["base_layer"]._parameters
         w, bias = base["weight"], base.get("bias")
-        c = self._inference_cache
-        if (c is None or c[0] is not a or c[1] is not b or c[2] is not w or c[3] is not bias or c[4] != name
-                or c[5] != self.backend or x.dtype != c[6] or x.device != c[7] or x.shape[-1] != self.in_features
-                or c[8] != (a.data_ptr(), b.data_ptr(), w.data_ptr())):
-            c = self._build_inference_cache(x, name, a, b, w, bias)
-            if c is None:
+        plan = self._inference_cache
+        if plan is None or not plan.matches(x, a, b, w, bias, name, self.backend):
+            plan = self._inference_cache = plan_inference(x, w, self.fan_in_fan_out, bias, a, b, self.scaling[name],
+                                                          name, self.backend)
+            if plan is None:
                 return None
-        scale = self.scaling[name]
-        x2 = x.reshape(-1, self.in_features)
-        if c[9] == "lean":  # one dtype throughout, torch path: three BLAS calls on cached views
-            w_t, a_t, b_t = c[10]
-            y = _lowrank_linear(x2, w_t, bias, a_t, b_t, scale)
-        elif c[9] == "torch":
-            y, _ = _torch_forward(x2, w.t() if self.fan_in_fan_out else w, bias, a, b, scale, 0.0, 0)
-        else:  # the Triton kernels stay behind the one custom op (one dispatched op per linear)
-            y, _ = lora_linear_fwd(x2, w.t() if self.fan_in_fan_out else w, bias, a, b, float(scale), 0.0,
-                                   _ZERO_SEED, c[9])
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def _build_inference_cache(self, x, name, a, b, w, bias):
-        self._inference_cache = None
-        w_nk = w.t() if self.fan_in_fan_out else w
-        try:
-            _check_inputs(x, w_nk, bias, a, b, self.scaling[name], 0.0)
-            chosen, _ = resolve_backend(self.backend, x.device)
-        except (TypeError, ValueError, RuntimeError):
-            return None  # the checked path raises the error
-        views = None
-        if chosen == "torch" and a.dtype == x.dtype:
-            chosen, views = "lean", (w_nk.t(), a.t(), b.t())
-        self._inference_cache = (a, b, w, bias, name, self.backend, x.dtype, x.device,
-                                 (a.data_ptr(), b.data_ptr(), w.data_ptr()), chosen, views)
-        return self._inference_cache
+        return run_inference(x, plan, self.scaling[name])
 
     # The inference cache holds views of the weights: drop it whenever they may move, so that e.g.
     # ``model.to("cuda")`` or ``model.half()`` never keeps the old copies alive, and never pickle it.
@@ -601,26 +502,6 @@ class _MergedAdapterGuard(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # SwiGLU MLPs: recompute the gated product in backward
 # ----------------------------------------------------------------------------------------
-
-
-#: Training batches of at most this many rows (tokens) run the LoRA linears as plain torch ops under
-#: autograd (:meth:`LoRALinear._small_batch_forward`); larger ones through the op's
-#: ``autograd.Function``s. Measured on CPU, steps of a Llama-like model (hidden 512, 8 layers, r=16,
-#: all seven projections) against PEFT: 8 tokens 1.05x (the Functions: 0.96x), 64 tokens 1.03x
-#: (0.98x), 128 tokens 1.04x (1.06x), 256 and 512 tokens level.
-SMALL_BATCH_ROWS = 64
-
-
-def _lowrank_linear(x2, w_t, bias, a_t, b_t, scale: float) -> torch.Tensor:
-    """``x2 W^T + b + scale (x2 A^T) B^T`` as three BLAS calls on transposed views, the low-rank
-    term added in place into the base output (no M x N temporary); autograd records it as is."""
-    y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
-    return y.addmm_(torch.mm(x2, a_t), b_t, alpha=scale)
-
-
-def _rows_of(x: torch.Tensor) -> int:
-    """Rows of ``x`` seen as a matrix [rows, x.shape[-1]] (0 for a scalar or an empty last dim)."""
-    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
 
 
 def _has_hooks(m: nn.Module) -> bool:

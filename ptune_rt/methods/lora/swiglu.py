@@ -25,6 +25,8 @@ def _forward_is_standard_swiglu(cls: type) -> bool:
 
     ok = False
     try:
+        # transformers has no flag saying an MLP is plain SwiGLU: its forward's syntax tree is the only
+        # proof that recomputing silu(gate) * up gives what the class computes
         fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
         want = ast.dump(ast.parse(_STANDARD_SWIGLU, mode="eval").body)
         args = [a.arg for a in fn.args.args]
@@ -96,6 +98,8 @@ def enable_mlp_recompute(model: nn.Module) -> list[str]:
     names = []
     for n, m in swiglu_mlps(model).items():
         if not isinstance(m, RecomputeSwiGLUMixin):
+            # no transformers hook replaces an MLP's forward, and a forward hook would still save the
+            # product: a subclass of the MLP's own class (isinstance, parameters, state_dict unchanged)
             m.__class__ = _recompute_class(type(m))
         names.append(n)
     return names

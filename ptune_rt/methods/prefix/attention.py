@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ptune_rt.methods.prefix.cache import joined_provider
-from ptune_rt.ops.prefix_attention import _prefix_attention, _prefix_rows
+from ptune_rt.ops.prefix_attention import prefix_attention, prefix_rows
 
 #: Name under which the attention and mask functions are registered in transformers.
 ATTN_NAME = "ptune_rt_prefix"
@@ -70,7 +70,7 @@ def _sdpa_concat(q, k, v, pk, pv, kv_mask, causal, scale, dropout, task_ids=None
     if pk is not None:
         P = pk.shape[-2]
         # per-row prefixes (this unfused fallback gathers them) or one broadcast prefix
-        rows_k, rows_v = _prefix_rows(pk, task_ids, B), _prefix_rows(pv, task_ids, B)
+        rows_k, rows_v = prefix_rows(pk, task_ids, B), prefix_rows(pv, task_ids, B)
         k = torch.cat([rows_k.to(q.dtype), k], dim=2)
         v = torch.cat([rows_v.to(q.dtype), v], dim=2)
         vis = torch.cat([vis.new_ones((B, 1, L, P)), vis], dim=-1)
@@ -126,8 +126,8 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     else:
         # tasks come from check_task_ids (once per forward): the op skips its per-layer range check,
         # which reads the ids (a device synchronization per layer on a GPU)
-        out = _prefix_attention(query, key, value, pk, pv, kv_mask, tasks, causal, scaling, state.config.backend,
-                                check_task_range=False, joined=joined_provider(key, value))
+        out = prefix_attention(query, key, value, pk, pv, kv_mask, tasks, causal, scaling, state.config.backend,
+                               check_task_range=False, joined=joined_provider(key, value))
     return out.transpose(1, 2).contiguous(), None
 
 

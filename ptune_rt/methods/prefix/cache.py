@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ptune_rt.ops.prefix_attention import _prefix_rows
+from ptune_rt.ops.prefix_attention import prefix_rows
 
 #: Attribute put on the views the layer hands out, naming the layer that owns their buffer.
 OWNER_ATTR = "_ptune_rt_prefixed_layer"
@@ -154,7 +154,7 @@ def _make_class():
             if not _same_stamp(stamp, self._ptune_rt_stamp):
                 B = ks.buf.shape[0]
                 for side, pre in ((ks, prefix_k), (vs, prefix_v)):
-                    side.buf[:, :, :P].copy_(_prefix_rows(pre, task_ids, B))
+                    side.buf[:, :, :P].copy_(prefix_rows(pre, task_ids, B))
                 self._ptune_rt_stamp = stamp
             return ks.buf[:, :, :P + ks.n], vs.buf[:, :, :P + vs.n]
 
@@ -205,6 +205,8 @@ def adopt(layer, num_virtual_tokens: int) -> bool:
     d["_ptune_rt_keys"], d["_ptune_rt_values"] = _Side(), _Side()
     d["_ptune_rt_P"] = int(num_virtual_tokens)
     d["_ptune_rt_stamp"] = None
+    # transformers' cache builds its DynamicLayer objects itself (no factory to pass): the layer
+    # becomes the prefixed subclass in place, keeping every attribute the cache reads
     layer.__class__ = cls
     layer.keys, layer.values = keys, values
     return True

@@ -11,7 +11,7 @@ from torch import nn
 from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number
 from ptune_rt.methods.config_base import MethodConfig
-from ptune_rt.ops.lora_linear import BACKENDS
+from ptune_rt.ops.backend import BACKENDS
 
 POSITION_MODES = ("shift", "none")
 

@@ -31,7 +31,7 @@ from ptune_rt.methods.prefix.attention import (ATTN_NAME, LAYER_ATTR, MODULE_STA
 from ptune_rt.methods.prefix.cache import adopt_cache
 from ptune_rt.methods.prefix.config import PrefixConfig, check_model_dtype
 from ptune_rt.methods.prefix.encoder import PrefixEncoder
-from ptune_rt.ops.lora_linear import resolve_backend
+from ptune_rt.ops.backend import resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def _per_layer_prefix(state: PrefixState) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _calls_attention_interface(cls) -> bool:
+    # transformers exposes no flag for "this attention calls AttentionInterface": its source does
     try:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
@@ -335,6 +336,50 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
 
     Every check runs before the first change: a failed call leaves the model as it was.
     """
+    dims, attn_modules = _check_model(model, config, encoder)
+    limit, offset, roberta = _position_limits(model, config)
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        resolve_backend(config.backend, device)
+    except RuntimeError as e:
+        raise ValueError(f"PrefixConfig.backend={config.backend!r} cannot run on this model: {e}") from None
+    own = encoder is None
+    if own and isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
+        raise ValueError(f"{type(model).__name__} already has a {ENCODER_ATTR!r} module (a soft prompt?); remove it "
+                         "first (ptune_rt.restore(model))")
+    heads = _head_modules(model, config) if own else []
+    encoder = _new_encoder(model, config, dims, device) if own else _checked_encoder(model, config, encoder, dims,
+                                                                                     device)
+    register_attention()
+    attn_impls = _switch_attention(model)
+    # Nothing below can fail on a validated model.
+    changed, head_params = _freeze_around(model, heads) if own else ([], [])
+    if own:
+        model.add_module(ENCODER_ATTR, nn.ModuleDict({ADAPTER_NAME: encoder}))
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+    base = model.base_model
+    state = PrefixState(config, encoder, base, attn_modules, attn_impls, changed, limit, offset, roberta)
+    state.owns_encoder = own
+    state.heads, state.head_params = heads, head_params
+    if own:
+        # forward / generate must accept task_ids, and transformers has no hook adding a keyword: the
+        # instance's forward (never the class's) wraps the model's own
+        model.__dict__["forward"] = PrefixForward(model, model.__dict__.get("forward"))
+    for m, idx in attn_modules.values():
+        m.__dict__[LAYER_ATTR] = idx
+        m.__dict__[MODULE_STATE_ATTR] = state
+    names = _positional_names(base.forward)
+    state.handles.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state, names),
+                                                        with_kwargs=True))
+    model_state.record(model, NAME, state)
+    return model
+
+
+def _check_model(model: nn.Module, config: PrefixConfig, encoder) -> tuple[tuple[int, int, int], dict]:
+    """((layers, kv_heads, head_dim), the self-attention modules) of a model the prefix supports;
+    raises naming what it does not support."""
     if not isinstance(config, PrefixConfig):
         raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
     if encoder is not None and not isinstance(encoder, PrefixEncoder):
@@ -362,55 +407,64 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"prefix tuning does not support model_type {mtype!r} ({type(model).__name__}); "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    layers, kv_heads, head_dim = _model_dims(cfg)
-    attn_modules = find_attention_modules(model, layers)
+    dims = _model_dims(cfg)
+    attn_modules = find_attention_modules(model, dims[0])
     if getattr(cfg, "is_causal", True) is False and any(getattr(m, "is_causal", False)
                                                           for m, _ in attn_modules.values()):
         raise ValueError(f"{type(model).__name__} has config.is_causal=False (bidirectional use of a causal "
                          "model), which prefix tuning does not support")
-    base = model.base_model
-    fwd_params = inspect.signature(base.forward).parameters
+    fwd_params = inspect.signature(model.base_model.forward).parameters
     if "position_ids" not in fwd_params or not any(p.kind == inspect.Parameter.VAR_KEYWORD
                                                    for p in fwd_params.values()):
-        raise ValueError(f"{type(base).__name__}.forward must take position_ids and **kwargs for prefix tuning")
-    P = config.num_virtual_tokens
+        raise ValueError(f"{type(model.base_model).__name__}.forward must take position_ids and **kwargs for "
+                         "prefix tuning")
+    return dims, attn_modules
+
+
+def _position_limits(model: nn.Module, config: PrefixConfig) -> tuple[Optional[int], int, bool]:
+    """(max_position_embeddings or None, the smallest position of a real token, RoBERTa-style
+    padding-aware positions); raises when shift mode leaves no position for a token."""
+    base = model.base_model
     roberta = hasattr(getattr(base, "embeddings", None), "create_position_ids_from_input_ids")
     offset = int(base.embeddings.padding_idx) + 1 if roberta else 0
-    limit = getattr(cfg, "max_position_embeddings", None)
+    limit = getattr(model.config, "max_position_embeddings", None)
     limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    P = config.num_virtual_tokens
     if config.position_mode == "shift" and limit is not None and offset + P + 1 > limit:
         raise ValueError(f"PrefixConfig.num_virtual_tokens={P} leaves no room for a single token in shift mode: "
                          f"the model has max_position_embeddings={limit}")
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    try:
-        resolve_backend(config.backend, device)
-    except RuntimeError as e:
-        raise ValueError(f"PrefixConfig.backend={config.backend!r} cannot run on this model: {e}") from None
-    own = encoder is None
-    heads = []
-    if own:
-        if isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
-            raise ValueError(f"{type(model).__name__} already has a {ENCODER_ATTR!r} module (a soft prompt?); remove it "
-                             "first (ptune_rt.restore(model))")
-        heads = _head_modules(model, config)
-        encoder = PrefixEncoder(P, layers, kv_heads, head_dim, config.prefix_projection, config.encoder_hidden_size,
-                                config.dropout, device=device, num_tasks=config.num_tasks)
-        encoder.train(model.training)
-    else:
-        got = (encoder.num_virtual_tokens, encoder.num_layers, encoder.num_kv_heads, encoder.head_dim,
-               encoder.prefix_projection, encoder.num_tasks)
-        want = (P, layers, kv_heads, head_dim, config.prefix_projection, config.num_tasks)
-        if got != want:
-            raise ValueError(f"encoder has (num_virtual_tokens, layers, kv_heads, head_dim, prefix_projection, "
-                             f"num_tasks) = {got}; this {type(model).__name__} with {config!r} needs {want}")
-        devices = {p.device for p in encoder.parameters()}
-        if devices and devices != {torch.device(device)}:
-            raise ValueError(f"encoder parameters are on {sorted(map(str, devices))}, the model on {device}; expected "
-                             "one device")
-    register_attention()
+    return limit, offset, roberta
 
-    configs = {id(cfg): cfg}
+
+def _new_encoder(model: nn.Module, config: PrefixConfig, dims, device) -> PrefixEncoder:
+    layers, kv_heads, head_dim = dims
+    encoder = PrefixEncoder(config.num_virtual_tokens, layers, kv_heads, head_dim, config.prefix_projection,
+                            config.encoder_hidden_size, config.dropout, device=device, num_tasks=config.num_tasks)
+    encoder.train(model.training)
+    return encoder
+
+
+def _checked_encoder(model: nn.Module, config: PrefixConfig, encoder: PrefixEncoder, dims, device) -> PrefixEncoder:
+    """A given encoder, checked against the model's layout and ``config``."""
+    got = (encoder.num_virtual_tokens, encoder.num_layers, encoder.num_kv_heads, encoder.head_dim,
+           encoder.prefix_projection, encoder.num_tasks)
+    want = (config.num_virtual_tokens, *dims, config.prefix_projection, config.num_tasks)
+    if got != want:
+        raise ValueError(f"encoder has (num_virtual_tokens, layers, kv_heads, head_dim, prefix_projection, "
+                         f"num_tasks) = {got}; this {type(model).__name__} with {config!r} needs {want}")
+    devices = {p.device for p in encoder.parameters()}
+    if devices and devices != {torch.device(device)}:
+        raise ValueError(f"encoder parameters are on {sorted(map(str, devices))}, the model on {device}; expected "
+                         "one device")
+    return encoder
+
+
+def _switch_attention(model: nn.Module) -> list:
+    """Switch every config of the model to the prefix attention; returns [(config, previous
+    implementation)] (put back as they were if transformers refuses)."""
+    from transformers import PreTrainedModel
+
+    configs = {id(model.config): model.config}
     for m in model.modules():
         c = getattr(m, "config", None)
         if isinstance(m, PreTrainedModel) and c is not None:
@@ -422,37 +476,25 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
         for c, impl in attn_impls:
             c._attn_implementation_internal = impl
         raise
-    # Nothing below can fail on a validated model.
+    return attn_impls
+
+
+def _freeze_around(model: nn.Module, heads: list[str]) -> tuple[list, list]:
+    """Freeze the base model, train the heads; returns ([(parameter, previous requires_grad)] for
+    the changed ones, the heads' parameters). ``ptune_rt.apply`` keeps other methods' training."""
+    head_params, head_ids = [], set()
+    for name in heads:
+        for p in model.get_submodule(name).parameters():
+            if id(p) not in head_ids:
+                head_ids.add(id(p))
+                head_params.append(p)
     changed = []
-    head_params = []
-    if own:
-        head_ids = set()
-        for name in heads:
-            for p in model.get_submodule(name).parameters():
-                if id(p) not in head_ids:
-                    head_ids.add(id(p))
-                    head_params.append(p)
-        for p in params:  # the base is frozen, the heads train (ptune_rt.apply keeps other methods' training)
-            want = id(p) in head_ids
-            if p.requires_grad != want:
-                changed.append((p, p.requires_grad))
-                p.requires_grad_(want)
-        model.add_module(ENCODER_ATTR, nn.ModuleDict({ADAPTER_NAME: encoder}))
-        for p in encoder.parameters():
-            p.requires_grad_(True)
-    state = PrefixState(config, encoder, base, attn_modules, attn_impls, changed, limit, offset, roberta)
-    state.owns_encoder = own
-    state.heads, state.head_params = heads, head_params
-    if own:
-        model.__dict__["forward"] = PrefixForward(model, model.__dict__.get("forward"))
-    for m, idx in attn_modules.values():
-        m.__dict__[LAYER_ATTR] = idx
-        m.__dict__[MODULE_STATE_ATTR] = state
-    names = _positional_names(base.forward)
-    state.handles.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state, names),
-                                                        with_kwargs=True))
-    model_state.record(model, NAME, state)
-    return model
+    for p in model.parameters():
+        want = id(p) in head_ids
+        if p.requires_grad != want:
+            changed.append((p, p.requires_grad))
+            p.requires_grad_(want)
+    return changed, head_params
 
 
 def remove_prefix(model: nn.Module) -> nn.Module:

@@ -1,33 +1,12 @@
-"""PEFT prefix-tuning / P-tuning v2 models on the fused prefix attention.
+"""PEFT prefix-tuning / P-tuning v2 models on the fused prefix attention (``ptune_rt.accelerate``).
 
-``accelerate_prefix(peft_model)`` (reached through ``ptune_rt.accelerate``) takes a
-``PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or ``PeftModelForFeatureExtraction``
-whose adapter is a ``PrefixTuningConfig`` and changes that instance only (never a class):
-
-* the base model gets ptune-rt's prefix (``ptune_rt.inject.apply_prefix``) through a
-  ``PrefixEncoder`` whose ``embedding`` (and, with ``prefix_projection``, ``transform``) are PEFT's
-  own modules. No parameter is created, renamed or re-flagged: ``peft_model.named_parameters()``
-  stays as it was, an optimizer built before the call trains the same tensors, and PEFT's
-  ``save_pretrained`` / ``get_peft_model_state_dict`` keep working (they read PEFT's encoder);
-* ``peft_model.forward`` (and, for causal LMs, ``prepare_inputs_for_generation``, which PEFT's
-  ``generate`` installs on the base model) are replaced on the instance by versions that call the
-  base model directly instead of putting the prefix into ``past_key_values``. The arguments keep
-  PEFT's meaning: ``position_ids`` are numbered after the P virtual tokens, ``token_type_ids`` are
-  dropped with a warning except for sequence classification, ``task_ids`` is ignored, ``generate``
-  numbers positions ``P + cumsum(mask) - 1``. Logits, losses, gradients and generated tokens are
-  PEFT's (within fp32 rounding);
-* ``peft_model.disable_adapter()`` still runs the plain base model (the prefix is switched off
-  while PEFT marks the adapter disabled).
-
-Differences from PEFT's own forward: the returned ``past_key_values`` hold the real tokens only
-(PEFT's hold the P prefix positions too), and a cache passed in is used (PEFT replaces it by a fresh
-prefix), so a hand-written decoding loop over ``peft_model(...)`` works.
-
-The PEFT encoder is read as PEFT reads it: in inference mode (a model from
-``PeftModel.from_pretrained``) the prefix is ``embedding.weight`` itself; while training with
-``prefix_projection`` it is ``transform(embedding.weight)``.
-
-``restore_prefix`` (``ptune_rt.restore``) undoes it.
+``accelerate_prefix(peft_model)`` gives the base model ptune-rt's prefix through a ``PrefixEncoder``
+over PEFT's own encoder modules (no parameter created, renamed or re-flagged) and replaces the
+PeftModel instance's ``forward`` (and ``prepare_inputs_for_generation`` for causal LMs) by one
+that calls the base model directly instead of putting the prefix into ``past_key_values``, with
+PEFT's argument meanings; ``restore_prefix`` undoes it. Logits, losses, gradients and generated
+tokens are PEFT's (within fp32 rounding); the returned cache holds the real tokens only, and a
+cache passed in is used (PEFT replaces it), so hand-written decoding loops work.
 """
 from __future__ import annotations
 
@@ -42,7 +21,7 @@ from ptune_rt.methods.prefix import inject
 from ptune_rt.methods.prefix.config import PrefixConfig, check_model_dtype
 from ptune_rt.methods.prefix.encoder import PrefixEncoder
 from ptune_rt.methods.method import PeftBridge
-from ptune_rt.ops.lora_linear import resolve_backend
+from ptune_rt.ops.backend import resolve_backend
 
 #: PeftModel attribute recording what ``accelerate_prefix`` changed.
 ACCELERATED_ATTR = "_ptune_rt_peft_prefix"
@@ -236,8 +215,19 @@ def _plan(peft_model, backend: str):
 
 
 def accelerate_prefix(peft_model, backend: str = "auto") -> list[dict]:
-    """Run a PEFT prefix-tuning model through the fused prefix attention, in place (see the module
-    docstring); returns one report row. Every check runs before the first change."""
+    """Run a PEFT prefix-tuning model through the fused prefix attention, in place; returns one report
+    row. Every check runs before the first change.
+
+    Takes a ``PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or
+    ``PeftModelForFeatureExtraction`` whose adapter is a ``PrefixTuningConfig``. ``named_parameters()``
+    stays as it was, an optimizer built before the call trains the same tensors, and PEFT's
+    ``save_pretrained`` / ``get_peft_model_state_dict`` keep working (they read PEFT's encoder).
+    ``position_ids`` are numbered after the P virtual tokens, ``token_type_ids`` are dropped with a
+    warning except for sequence classification, ``task_ids`` is ignored, ``generate`` numbers
+    positions ``P + cumsum(mask) - 1``. ``peft_model.disable_adapter()`` still runs the plain base
+    model. The PEFT encoder is read as PEFT reads it: in inference mode (``PeftModel.from_pretrained``)
+    the prefix is ``embedding.weight`` itself; while training with ``prefix_projection`` it is
+    ``transform(embedding.weight)``."""
     check_model_dtype(peft_model, "ptune_rt.accelerate")
     task, adapter, base, config, encoder = _plan(peft_model, backend)
     inject.apply_prefix(base, config, encoder=encoder)  # validates the base model before changing it
@@ -250,6 +240,8 @@ def accelerate_prefix(peft_model, backend: str = "auto") -> list[dict]:
         # model's own one (which PEFT keeps) leaves the prefix out of the cache.
         new["prepare_inputs_for_generation"] = peft_model.__dict__.get("base_model_prepare_inputs_for_generation",
                                                                        base.prepare_inputs_for_generation)
+    # PEFT's forward puts the prefix into past_key_values and offers no hook to route it elsewhere:
+    # the PeftModel instance gets its own forward (its class untouched; restore_prefix puts PEFT's back)
     replaced = {}
     for name, value in new.items():
         replaced[name] = peft_model.__dict__.get(name, _MISSING)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ptune_rt.methods.prefix import inject
-from ptune_rt.ops.lora_linear import resolve_backend
+from ptune_rt.ops.backend import resolve_backend
 from ptune_rt.report_format import backends_cell, carriers, dtype_device, plural, sizes_cell, tasks_cell
 
 

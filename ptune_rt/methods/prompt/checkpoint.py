@@ -38,24 +38,24 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ptune_rt.methods import prompt as prompt_mod
-from ptune_rt.methods.prompt import (PromptTuningConfig, PTuningConfig, PTuningEncoder, SoftPromptEmbedding,
-                                     is_prompt_model)
+from ptune_rt.io import peft_config
+from ptune_rt.io.common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint,
+                                check_loaded_tensors, collect_prompt_heads, config_from_ptune, copy_all_or_nothing,
+                                cpu_copy, flat_tensors_from_peft, int_field, model_class, model_type,
+                                prompt_head_destinations, raise_problems, saved_model_and_heads)
+from ptune_rt.methods.prompt import inject
+from ptune_rt.methods.prompt.config import PromptTuningConfig, PTuningConfig, _tokenizer_to_dict
+from ptune_rt.methods.prompt.encoders import PTuningEncoder, SoftPromptEmbedding
+from ptune_rt.methods.prompt.forward import ADAPTER, MODULE_ATTR
+from ptune_rt.methods.prompt.inject import is_prompt_model
+from ptune_rt.methods.prompt.template import _encode, _resolve_tokenizer, parse_template, template_src
 
 from ptune_rt.targets import module_view
-
-from . import peft_config
-from .common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint, check_loaded_tensors,
-                     collect_prompt_heads, config_from_ptune, copy_all_or_nothing, cpu_copy, flat_tensors_from_peft,
-                     int_field, model_class, model_type,
-                     prompt_head_destinations, raise_problems, saved_model_and_heads)
 
 #: own method name -> PEFT peft_type
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
 CONFIGS = {"prompt_tuning": PromptTuningConfig, "p_tuning": PTuningConfig}
 #: Model attribute where ``apply_prompt`` keeps the config it applied.
-CONFIG_ATTR = "_ptune_prompt_config"
-ADAPTER = prompt_mod.ADAPTER
 _PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _PEFT_ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}
 
@@ -97,7 +97,7 @@ class _Recorder:
         self.entries: list[dict] = []
 
     def __call__(self, text, add_special_tokens: bool = True, **kwargs):
-        ids = prompt_mod._encode(self.tokenizer, text, add_special_tokens, "tokenizer text")
+        ids = _encode(self.tokenizer, text, add_special_tokens, "tokenizer text")
         entry = {"text": text, "special": bool(add_special_tokens), "ids": ids}
         if entry not in self.entries:
             self.entries.append(entry)
@@ -107,16 +107,16 @@ class _Recorder:
 def _template_src(config, tokenizer) -> list[int]:
     """The template (virtual token v as -(v + 1), anchor text as token ids) ``config`` gives."""
     if isinstance(config, PTuningConfig):
-        pieces = prompt_mod.parse_template(config.effective_template, config.num_virtual_tokens,
+        pieces = parse_template(config.effective_template, config.num_virtual_tokens,
                                            config.anchors or {}, "PTuningConfig.template")
-        before, after = prompt_mod.template_src(pieces, tokenizer)
+        before, after = template_src(pieces, tokenizer)
         return before + after
     return [-(v + 1) for v in range(config.num_virtual_tokens)]
 
 
 def _has_text(config) -> bool:
     if isinstance(config, PTuningConfig):
-        pieces = prompt_mod.parse_template(config.effective_template, config.num_virtual_tokens,
+        pieces = parse_template(config.effective_template, config.num_virtual_tokens,
                                            config.anchors or {}, "PTuningConfig.template")
         return any(kind == "text" for kind, _ in pieces)
     return False
@@ -193,7 +193,7 @@ def _record_tokens(config, layout: dict) -> list[dict]:
         return []
     what = f"{type(config).__name__}.tokenizer"
     try:
-        recorder = _Recorder(prompt_mod._resolve_tokenizer(config.tokenizer, what))
+        recorder = _Recorder(_resolve_tokenizer(config.tokenizer, what))
     except ValueError as e:
         if needs_template:
             raise AdapterError(f"cannot record the token ids of the template's anchor text: {e}") from None
@@ -260,10 +260,11 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     if adapter_name not in (None, ADAPTER):
         raise AdapterError(f"adapter_name={adapter_name!r}: a soft prompt has one adapter ({ADAPTER!r}); pass None")
     fwd = _forward(model)
-    config = model.__dict__.get(CONFIG_ATTR)
+    st = inject.prompt_state(model)
+    config = st.config if st is not None else None
     if not isinstance(config, CONFIGS[fwd.method]):
         raise AdapterError(f"{model_class(model)} carries a {fwd.method} soft prompt but not the config it was applied "
-                           f"with (model.{CONFIG_ATTR}); expected a model from ptune_rt.apply")
+                           "with; expected a model from ptune_rt.apply")
     layout = _layout_of(model)
     enc = fwd.encoder
     with torch.no_grad():
@@ -309,7 +310,7 @@ def to_peft(state: PromptCheckpoint, model: nn.Module, task_type: Optional[str])
     heads_n, layers_n = _model_counts(model)
     if state.method == "prompt_tuning":
         # PEFT's config insists on a tokenizer name with TEXT; without one the (spent) init is written as RANDOM
-        tok_name = prompt_mod._tokenizer_to_dict(cfg.tokenizer) if cfg.init == "text" else None
+        tok_name = _tokenizer_to_dict(cfg.tokenizer) if cfg.init == "text" else None
         init = _PEFT_INITS[cfg.init] if cfg.init != "text" or tok_name else "RANDOM"
         fields = {"prompt_tuning_init": init, "prompt_tuning_init_text": cfg.init_text if init == "TEXT" else None,
                   "tokenizer_name_or_path": tok_name if init == "TEXT" else None, "tokenizer_kwargs": None}
@@ -465,17 +466,17 @@ class PromptLoadPlan:
                 try:
                     # the new parameters are overwritten below: their initialisation leaves the caller's RNG alone
                     with torch.random.fork_rng(devices=[]):
-                        prompt_mod.apply_prompt(model, self.apply_config)
+                        inject.apply_prompt(model, self.apply_config)
                 except (TypeError, ValueError) as e:  # raised before the model changed
                     raise AdapterError(f"cannot load the soft prompt of {self.source} into this "
                                        f"{model_class(model)}: {e}") from e
-                model.__dict__[CONFIG_ATTR] = self.final_config
+                inject.prompt_state(model).config = self.final_config
             enc = _forward(model).encoder
             copy_all_or_nothing([(enc.get_parameter(name), src) for name, src in self.encoder_copies] +
                                 list(self.other_copies))
         except BaseException:
             if fresh and is_prompt_model(model):  # the soft prompt there is came from this call
-                prompt_mod.remove_prompt(model)
+                inject.remove_prompt(model)
             raise
         return model
 
@@ -542,8 +543,8 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
                 problems.append(f"the checkpoint's encoder has encoder_hidden_size="
                                 f"{spec.layout['encoder_hidden_size']}, the model's "
                                 f"{existing['encoder_hidden_size']}{restore}")
-    elif hasattr(model, prompt_mod.MODULE_ATTR):
-        problems.append(prompt_mod.occupied_message(model))
+    elif hasattr(model, MODULE_ATTR):
+        problems.append(inject.occupied_message(model))
     raise_problems(header, problems)
 
     # The keys: the table (PEFT) or the encoder's parameters (own format), and whole heads.
@@ -551,7 +552,7 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
         shaper = _forward(model).encoder
         what = f"(this model's soft prompt: {_describe(existing)})"
     else:
-        shaper = _shape_encoder(spec, H, prompt_mod._adapter_dtype(emb.weight))
+        shaper = _shape_encoder(spec, H, inject._adapter_dtype(emb.weight))
         what = f"({_describe(spec.layout or {'num_virtual_tokens': P, 'num_tasks': T, 'hidden_size': H})})"
     expected: dict[str, tuple[int, ...]] = {}
     why: dict[str, str] = {}

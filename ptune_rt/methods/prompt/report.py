@@ -1,8 +1,10 @@
-"""``report`` rows of the prefix and soft-prompt methods."""
+"""What ``ptune_rt.report`` says of a soft prompt: one row per prompt, and the summary line."""
 from __future__ import annotations
 
 from torch import nn
 
+from ptune_rt.methods.prompt import inject
+from ptune_rt.methods.prompt.forward import ADAPTER, MODULE_ATTR
 from ptune_rt.report_format import backends_cell, carriers, plural, sizes_cell, tasks_cell
 
 
@@ -10,14 +12,12 @@ def prompt_rows(model: nn.Module) -> list[dict]:
     """``report`` rows of a soft prompt: one (keys: module, method "prompt_tuning" / "p_tuning", source,
     adapter, num_virtual_tokens, num_tasks, hidden_size, template_tokens, before_input, encoder,
     trainable_parameters, dtype, device, backend and why of the input builder, merged False)."""
-    from ptune_rt.methods import prompt  # imports the input-builder op: keep swap importable alone
-
     rows = []
-    for root, carrier in carriers(model, prompt.is_prompt_model, lambda m: m.__dict__["forward"]):
-        info = prompt.prompt_report(carrier)
+    for root, carrier in carriers(model, inject.is_prompt_model, lambda m: m.__dict__["forward"]):
+        info = inject.prompt_report(carrier)
         w = carrier.get_input_embeddings().weight
-        rows.append({"module": f"{root}{prompt.MODULE_ATTR}.{prompt.ADAPTER}", "method": info["method"],
-                     "source": "apply", "adapter": prompt.ADAPTER, "num_virtual_tokens": info["num_virtual_tokens"],
+        rows.append({"module": f"{root}{MODULE_ATTR}.{ADAPTER}", "method": info["method"],
+                     "source": "apply", "adapter": ADAPTER, "num_virtual_tokens": info["num_virtual_tokens"],
                      "num_tasks": info["num_tasks"], "hidden_size": int(w.shape[1]),
                      "template_tokens": info["template_tokens"], "before_input": info["before_input"],
                      "encoder": info["encoder"], "trainable_parameters": info["trainable_parameters"],
