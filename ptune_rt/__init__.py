@@ -14,6 +14,8 @@ from ptune_rt.methods.ln_tuning import LNTuningConfig
 from ptune_rt import registry as _registry
 from ptune_rt.registry import accelerate, apply, format_report, report, restore
 from ptune_rt.io import adapters as _adapters
+from ptune_rt.adapter_tools import (disable_adapter, merge_and_unload, print_trainable_parameters,
+                                    trainable_parameters)
 
 _adapters.register_handlers(*_registry.checkpoint_handlers())
 
@@ -26,3 +28,4 @@ __all__ += ["load_adapter", "save_adapter"]
 __all__ += ["PrefixConfig", "PrefixEncoder"]
 __all__ += ["PromptTuningConfig", "PTuningConfig", "remove_prompt"]
 __all__ += ["BitFitConfig", "LNTuningConfig"]
+__all__ += ["disable_adapter", "merge_and_unload", "print_trainable_parameters", "trainable_parameters"]

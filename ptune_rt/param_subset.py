@@ -73,6 +73,32 @@ def remove_subset(model: nn.Module, method: str) -> None:
     model_state.forget(model, method)
 
 
+def unload_subset(model: nn.Module, method: str) -> None:
+    """Keep the trained values, give back every flag: the plain model with the method's training in it."""
+    st = model_state.get(model, method)
+    params = dict(model.named_parameters())
+    for n, flag in st.flags.items():
+        params[n].requires_grad_(flag)
+    model_state.forget(model, method)
+
+
+def disable_subset(model: nn.Module, method: str):
+    """The values from before training in place of the trained ones; returns the function that puts
+    the trained values back."""
+    st = model_state.get(model, method)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        trained = {n: params[n].detach().clone() for n in st.names}
+        for n, value in st.originals.items():
+            params[n].copy_(value)
+
+    def enable() -> None:
+        with torch.no_grad():
+            for n, value in trained.items():
+                params[n].copy_(value)
+    return enable
+
+
 class SubsetOps:
     """A subset method's ``apply`` / ``remove`` / ``is_applied`` / ``trainable``, for its registry entry.
 
@@ -98,6 +124,13 @@ class SubsetOps:
 
     def trainable(self, model: nn.Module) -> list:
         return model_state.get(model, self.method).parameters(model)
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        unload_subset(model, self.method)
+        return model
+
+    def disable(self, model: nn.Module):
+        return disable_subset(model, self.method)
 
 
 def subset_tensors(model: nn.Module, method: str) -> dict[str, torch.Tensor]:

@@ -9,7 +9,10 @@ its (shape, size, merged) cells and ``summary(rows)`` one line for ``format_repo
 ``checkpoint`` its handler for ``save_adapter`` / ``load_adapter`` (see
 :mod:`ptune_rt.io.adapters`); ``example()`` a small config (tests, docs); ``peft_types`` the PEFT
 ``peft_type`` values it reads and writes; ``peft_bridge`` how ``ptune_rt.accelerate`` runs a PEFT
-model of this method (None: it does not).
+model of this method (None: it does not); ``merge_and_unload(model)`` leaves the trained
+method inside the plain model's own weights and removes everything else of it (None: it cannot be
+merged, e.g. a prefix); ``disable(model)`` switches the method off and returns the function that
+switches it back on (None: it cannot be).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ class Method:
     example: Callable
     peft_types: tuple = ()
     peft_bridge: Optional["PeftBridge"] = None
+    merge_and_unload: Optional[Callable] = None
+    disable: Optional[Callable] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,4 +45,5 @@ def summary(rows: list[dict]) -> str:
 
 OPS = param_subset.SubsetOps(NAME, "BitFit", BitFitConfig, bias_names)
 METHOD = Method(NAME, BitFitConfig, OPS.apply, OPS.remove, OPS.is_applied, OPS.trainable, report_rows, cells, summary,
-                param_subset.SubsetCheckpoint(NAME, BitFitConfig, OPS.apply, bias_names), example=BitFitConfig)
+                param_subset.SubsetCheckpoint(NAME, BitFitConfig, OPS.apply, bias_names), example=BitFitConfig,
+                merge_and_unload=OPS.merge_and_unload, disable=OPS.disable)

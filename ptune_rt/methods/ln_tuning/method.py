@@ -108,4 +108,5 @@ OPS = param_subset.SubsetOps(NAME, "LN tuning", LNTuningConfig, trained_names)
 CHECKPOINT = _LNCheckpoint(NAME, LNTuningConfig, OPS.apply, trained_names,
                            param_subset.PeftLayout(PEFT_TYPE, _peft_key, _peft_name, _config_to_peft, _config_from_peft))
 METHOD = Method(NAME, LNTuningConfig, OPS.apply, OPS.remove, OPS.is_applied, OPS.trainable, report_rows, cells,
-                summary, CHECKPOINT, example=LNTuningConfig, peft_types=(PEFT_TYPE,))
+                summary, CHECKPOINT, example=LNTuningConfig, peft_types=(PEFT_TYPE,),
+                merge_and_unload=OPS.merge_and_unload, disable=OPS.disable)

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from ptune_rt.methods._config import check_bool
-from ptune_rt.methods.lora.inject import _require_swapped
+from ptune_rt import state as model_state
+from ptune_rt.methods.lora.groups import disable_projection_groups
+from ptune_rt.methods.lora.inject import SOURCE_ATTR, _require_swapped, _set_submodule, restore_requires_grad
+from ptune_rt.methods.lora.swiglu import disable_mlp_recompute
 from ptune_rt.methods.lora.layer import META_MERGE, LoRALinear
 
 def merge(model: nn.Module, untie: bool = False) -> nn.Module:
@@ -202,3 +205,42 @@ def unmerge(model: nn.Module) -> nn.Module:
     for m in _require_swapped(model, "unmerge").values():
         m.unmerge()
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRA module's active adapter into its base weight and put the base layers back in
+    place of the ``LoRALinear`` modules (the model's own modules, classes and requires_grad flags
+    as before ``apply``): the plain model, whose ``save_pretrained`` loads into the stock class.
+    Checked first, all or nothing (see :func:`merge`). A model from ``ptune_rt.accelerate`` keeps
+    PEFT's wrapper: use its own ``merge_and_unload()``."""
+    mods = _require_swapped(model, "merge_and_unload")
+    from_peft = [n for n, m in mods.items() if m.__dict__.get(SOURCE_ATTR) == "peft"]
+    if from_peft:
+        raise ValueError(f"merge_and_unload: LoRA modules {from_peft[:3]} come from a PEFT model run by "
+                         "ptune_rt.accelerate; call peft_model.merge_and_unload() (PEFT's own) instead")
+    merge(model)
+    disable_mlp_recompute(model)
+    disable_projection_groups(model)
+    for n, m in mods.items():
+        m.base_layer.train(m.training)
+        _set_submodule(model, n, m.base_layer)
+    restore_requires_grad(model)
+    model_state.forget(model, "lora")
+    return model
+
+
+def disable(model: nn.Module):
+    """Run every LoRA module's base layer alone; returns the function that enables them again."""
+    mods = _require_swapped(model, "disable_adapter")
+    merged = [n for n, m in mods.items() if m.merged]
+    if merged:
+        raise ValueError(f"disable_adapter: LoRA modules {merged[:3]} have their adapter merged into the base weight; "
+                         "ptune_rt.unmerge(model) first")
+    before = {n: m.disabled for n, m in mods.items()}
+    for m in mods.values():
+        m.disabled = True
+
+    def enable() -> None:
+        for n, m in mods.items():
+            m.disabled = before[n]
+    return enable

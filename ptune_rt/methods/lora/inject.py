@@ -79,6 +79,15 @@ def peft_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def restore_requires_grad(model: nn.Module) -> None:
+    """The requires_grad flags from before ``apply_lora`` back (none recorded: nothing changes)."""
+    st = model_state.get(model, NAME)
+    if st is not None and st.requires_grad is not None:
+        for pn, p in model.named_parameters():
+            if pn in st.requires_grad:
+                p.requires_grad_(st.requires_grad[pn])
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every ``LoRALinear`` of ``model`` by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -259,10 +268,6 @@ def restore_lora(model: nn.Module) -> nn.Module:
         if origin is not m.base_layer:  # a PEFT layer: hand back the enabled / disabled state
             origin._disable_adapters = m.disabled
         _set_submodule(model, n, origin)
-    st = model_state.get(model, NAME)
-    if st is not None and st.requires_grad is not None:
-        for pn, p in model.named_parameters():
-            if pn in st.requires_grad:
-                p.requires_grad_(st.requires_grad[pn])
+    restore_requires_grad(model)
     model_state.forget(model, NAME)
     return model

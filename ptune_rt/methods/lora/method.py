@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ptune_rt.methods.lora import checkpoint, inject, peft_bridge, report
+from ptune_rt.methods.lora import adapters, checkpoint, inject, peft_bridge, report
 from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.method import Method
 
@@ -25,4 +25,5 @@ METHOD = Method(
     is_applied=lambda model: bool(inject.lora_modules(model)), trainable=trainable,
     report_rows=report.lora_rows, cells=report.lora_cells, summary=report.lora_summary, checkpoint=checkpoint,
     example=lambda: LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-    peft_types=(checkpoint.PEFT_TYPE,), peft_bridge=peft_bridge.BRIDGE)
+    peft_types=(checkpoint.PEFT_TYPE,), peft_bridge=peft_bridge.BRIDGE, merge_and_unload=adapters.merge_and_unload,
+    disable=adapters.disable)

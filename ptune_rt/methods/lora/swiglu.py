@@ -55,7 +55,10 @@ class RecomputeSwiGLUMixin:
     silu(gate(x)) and up(x) separately and saves only those two for backward."""
 
     def forward(self, x):
-        return self.down_proj.forward_swiglu(self.gate_proj(x), self.up_proj(x))
+        down = self.down_proj
+        if not isinstance(down, LoRALinear):  # unloaded under it (e.g. PEFT's merge_and_unload): the plain MLP
+            return super().forward(x)
+        return down.forward_swiglu(self.gate_proj(x), self.up_proj(x))
 
     def __reduce_ex__(self, protocol):
         # the subclass is made at run time, so pickle cannot look it up by name: rebuild it from

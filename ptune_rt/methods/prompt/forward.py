@@ -125,6 +125,7 @@ class PromptForward:
         # finds from input_ids; from inputs_embeds it takes the last column: all padding goes first
         self.last_token_head = self.row_labels and isinstance(getattr(model, "score", None), nn.Module)
         self._generating = 0
+        self.disabled = False  # ptune_rt.disable_adapter: the model runs without its soft prompt
         base_sig = inspect.signature(prev if prev is not None else type(model).forward.__get__(model))
         params = list(base_sig.parameters.values())
         self.positional = [p.name for p in params
@@ -149,6 +150,9 @@ class PromptForward:
         return type(self.model).forward(self.model, **kwargs)
 
     def __call__(self, *args, task_ids=None, **kwargs):
+        if self.disabled:
+            return self.prev(*args, **kwargs) if self.prev is not None else type(self.model).forward(
+                self.model, *args, **kwargs)
         if len(args) > len(self.positional):
             raise TypeError(f"forward takes at most {len(self.positional)} positional arguments, got {len(args)}")
         for name, a in zip(self.positional, args):

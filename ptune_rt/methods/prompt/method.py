@@ -9,6 +9,17 @@ from ptune_rt.methods.prompt.config import PromptTuningConfig, PTuningConfig
 from ptune_rt.report_format import prompt_learning_cells
 
 
+def disable(model: nn.Module):
+    """Run the model without its soft prompt; returns the function that switches it back on."""
+    fwd = model.__dict__["forward"]
+    before = fwd.disabled
+    fwd.disabled = True
+
+    def enable() -> None:
+        fwd.disabled = before
+    return enable
+
+
 def _entry(config_class) -> Method:
     name = config_class.METHOD
 
@@ -24,7 +35,8 @@ def _entry(config_class) -> Method:
     return Method(name=name, config_class=config_class, apply=inject.apply_prompt, remove=inject.remove_prompt,
                   is_applied=is_applied, trainable=trainable, report_rows=rows, cells=prompt_learning_cells,
                   summary=report.prompt_summary, checkpoint=checkpoint.make_handler(name),
-                  example=lambda: config_class(num_virtual_tokens=4), peft_types=(checkpoint.PEFT_TYPES[name],))
+                  example=lambda: config_class(num_virtual_tokens=4), peft_types=(checkpoint.PEFT_TYPES[name],),
+                  disable=disable)
 
 
 PROMPT_TUNING = _entry(PromptTuningConfig)
