@@ -146,6 +146,9 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         tensors[f"{n}.lora_B.weight"] = m.lora_B[a].weight
     tensors.update(_bias_entries(state, mods, config.bias))
 
+    if not heads_required:  # "auto": the task heads, and the modules the model trains whole
+        recorded = model_state.get(model, inject.NAME)
+        head_names = list(dict.fromkeys(list(head_names) + (recorded.heads if recorded is not None else [])))
     heads: list[str] = []
     for h, found in match_heads(view, head_names, dotted=True).items():
         if not found and heads_required:

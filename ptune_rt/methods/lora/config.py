@@ -5,6 +5,7 @@ import dataclasses
 import math
 from typing import ClassVar, Optional, Sequence, Union
 
+from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number, check_regex
 from ptune_rt.methods.config_base import MethodConfig
 from ptune_rt.ops.backend import BACKENDS
@@ -34,6 +35,11 @@ class LoRAConfig(MethodConfig):
         run as a group on the eager torch path while training without dropout: one shrink GEMM,
         one dA GEMM and one dX buffer for all of them (results within fp rounding of separate
         layers, not bit for bit). Other paths are unaffected.
+    modules_to_save: modules trained whole next to the adapters and saved with them (PEFT's
+        ``modules_to_save``): None picks the task head of sequence / token classification and
+        question answering models (``classifier``, ``score``, ``qa_outputs``, ...), as PEFT's task
+        types do, and nothing elsewhere; ``[]`` trains the adapters alone; a list names modules (a
+        whole name or a dotted suffix). A head is never a LoRA target.
     """
 
     r: int = 8
@@ -46,12 +52,15 @@ class LoRAConfig(MethodConfig):
     backend: str = "auto"
     recompute_mlp: bool = True
     group_projections: bool = True
+    modules_to_save: Optional[list] = None
 
     METHOD: ClassVar[str] = "lora"
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -68,6 +77,7 @@ class LoRAConfig(MethodConfig):
             check_regex("LoRAConfig.target_modules", tm)
         elif tm is not None and not (isinstance(tm, (list, tuple)) and all(isinstance(t, str) and t for t in tm)):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
+        check_modules_to_save("LoRAConfig", self.modules_to_save)
 
     @property
     def scaling(self) -> float:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ptune_rt import state as model_state
+from ptune_rt.heads import head_modules
 from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.groups import disable_projection_groups, enable_projection_groups
 from ptune_rt.methods.lora.layer import LoRALinear
@@ -46,6 +47,7 @@ class LoRAModelState:
 
     config: Optional[LoRAConfig]
     requires_grad: Optional[dict] = None
+    heads: list = dataclasses.field(default_factory=list)  # modules trained whole (modules_to_save)
 
 
 def model_config(model: nn.Module) -> Optional[LoRAConfig]:
@@ -218,7 +220,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     if peft_layers:
         raise ValueError(f"model already has PEFT LoRA layers (e.g. {next(iter(peft_layers))!r}); expected a "
                          "plain model: use ptune_rt.accelerate(peft_model) to run a PEFT model on fused modules")
-    names = resolve_targets(model, config.target_modules)
+    heads = head_modules(model, config.modules_to_save, "LoRAConfig", OWN_MODULES[0])
+    names = _without_heads(resolve_targets(model, config.target_modules), heads, config.target_modules)
     for n in names:  # every check before the first change
         layer = model.get_submodule(n)
         in_f, out_f = linear_shape(layer)
@@ -239,6 +242,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         trainable_bias = {f"{n}.bias" for n in names if new[n].base_layer.bias is not None}
     for pn, p in model.named_parameters():
         p.requires_grad_(pn in trainable_bias)
+    for h in heads:  # the task head trains whole next to the adapters, as PEFT's modules_to_save
+        model.get_submodule(h).requires_grad_(True)
     for n, m in new.items():
         m.__dict__[ORIGIN_ATTR] = m.base_layer
         m.__dict__[SOURCE_ATTR] = "apply"
@@ -248,8 +253,23 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         enable_mlp_recompute(model)
     if config.group_projections:
         enable_projection_groups(model)
-    model_state.record(model, NAME, LoRAModelState(config, before))
+    model_state.record(model, NAME, LoRAModelState(config, before, heads))
     return model
+
+
+def _without_heads(names: list[str], heads: list[str], target_modules) -> list[str]:
+    """The targets minus those inside a head. A head named by ``target_modules`` itself (a list or
+    a regex, not ``"all-linear"`` or the default) is an error: a module is trained whole or adapted."""
+    inside = [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
+    explicit = target_modules is not None and target_modules != "all-linear"
+    if inside and explicit:
+        raise ValueError(f"LoRAConfig.target_modules selects {inside[:3]}, inside the modules trained whole "
+                         f"(modules_to_save: {heads}); a module is either a LoRA target or trained whole")
+    kept = [n for n in names if n not in inside]
+    if not kept:
+        raise ValueError(f"LoRAConfig.target_modules={target_modules!r} selects only modules trained whole "
+                         f"(modules_to_save: {heads}); nothing is left to adapt")
+    return kept
 
 
 def restore_lora(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ptune_rt import state as model_state
 from ptune_rt.methods.lora import adapters, checkpoint, inject, peft_bridge, report
 from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.method import Method
@@ -17,7 +18,10 @@ def trainable(model: nn.Module) -> list:
         out += [p for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias"]
     elif bias == "lora_only":
         out += [m.base_layer.bias for m in mods.values() if m.base_layer.bias is not None]
-    return [p for p in out if p.requires_grad]
+    st = model_state.get(model, inject.NAME)
+    for h in st.heads if st is not None else []:
+        out += list(model.get_submodule(h).parameters())
+    return list({id(p): p for p in out if p.requires_grad}.values())
 
 
 METHOD = Method(
