@@ -14,12 +14,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET = tl.constexpr(INTERPRET)
 
 
-def interpreting() -> bool:
-    """Whether a launch may take CPU tensors now (``TRITON_INTERPRET=1``): the one switch every
-    launch check and ``ptune_rt.ops.backend.resolve_backend`` read."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @triton.jit
 def mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
     """``acc + a @ b`` with an fp32 accumulator.
@@ -205,3 +199,11 @@ class ConfigTuner:
 
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# Plain Python helpers go below the jit functions: Triton's cache key holds a jit function's line number,
+# so a line added above one recompiles every kernel that calls it.
+def interpreting() -> bool:
+    """Whether a launch may take CPU tensors now (``TRITON_INTERPRET=1``): the one switch every
+    launch check and ``ptune_rt.ops.backend.resolve_backend`` read."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
