@@ -1,8 +1,4 @@
-"""PEFT methods: config dataclasses and the modules holding trainable parameters."""
-from .lora import LoRAConfig, LoRALinear
-from .prefix import PrefixConfig, PrefixEncoder
-from .prompt import PromptTuningConfig, PTuningConfig, PTuningEncoder, SoftPromptEmbedding
-
-__all__ = ["LoRAConfig", "LoRALinear"]
-__all__ += ["PrefixConfig", "PrefixEncoder"]
-__all__ += ["PromptTuningConfig", "PTuningConfig", "PTuningEncoder", "SoftPromptEmbedding"]
+"""One package per PEFT method (config, modules, how it goes into and out of a model, report rows,
+checkpoint handler, and its registry entry ``METHOD``); ``ptune_rt.registry`` lists them. Methods
+do not import each other: what two share lives below them (``ptune_rt.targets``, ``heads``,
+``task_modules``, ``param_subset``, ``io.common``)."""
