@@ -35,7 +35,7 @@ from ptune_rt.ops.backend import BACKENDS
 
 from . import durable
 from . import peft_config
-from .common import AdapterError, model_class
+from .common import AdapterError, gather_shards, is_sharded, model_class
 
 FORMATS = ("peft", "ptune")
 PEFT_CONFIG = "adapter_config.json"
@@ -93,6 +93,16 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
     checkpoint or exactly the new one, and the next save removes what the killed one left
     (hidden ``.ptune-rt-*`` entries). One process saves into a directory at a time.
 
+    Distributed training: a DDP model is whole on every rank; save it from one rank
+    (``if dist.get_rank() == 0: save_adapter(ddp_model.module, path)``). A model sharded by FSDP2
+    (``fully_shard``) or with DTensor parameters is saved by calling ``save_adapter`` on every rank
+    of the default process group with the same arguments: each rank gathers the adapter's (and the
+    saved heads') shards with ``DTensor.full_tensor()``, a collective (a rank that does not call it
+    leaves the others waiting), never the frozen base weights; rank 0 alone writes the directory
+    (it must be on a file system rank 0 sees; the other ranks' ``path`` is not touched); the other
+    ranks return the path once rank 0 has written, or raise AdapterError if it failed. The files are
+    those a single process writes (the class name is the model's, not FSDP's ``FSDP...`` subclass).
+
     format: "peft" (PEFT's layout; PEFT loads it) or "ptune" (own layout with a model fingerprint).
         A prefix (prefix tuning / P-tuning v2) is written in PEFT's layout as PEFT writes it: the
         prefix itself as ``prompt_embeddings`` (projected through the MLP when there is one); the
@@ -133,6 +143,7 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         head_names, heads_required = list(modules_to_save), True
 
     method = _method_of(model, method)
+    sharded = is_sharded(model)
     state = _METHODS[method].collect(model, adapter_name, head_names, heads_required, hints.get(method))
 
     if format == "peft":
@@ -147,6 +158,8 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         tensors = dict(state.tensors)
         metadata = {"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)}
     config_name, weights_name = FILES[format]
+    if sharded:  # what the handlers copied without cpu_copy (BitFit, LN tuning) is still sharded
+        tensors = gather_shards(tensors)
 
     # Serialize fully in memory first: nothing touches the disk until both files are known good.
     from safetensors.torch import save as safetensors_bytes
@@ -157,14 +170,37 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         raise AdapterError(f"cannot serialize the adapter of {model_class(model)}: {e}") from e
 
     directory = Path(path)
+    if not sharded:
+        _write(directory, path, (config_name, config_bytes), (weights_name, weight_bytes))
+        return str(directory)
+    # A sharded model: every rank gathered the tensors above; rank 0 writes, the others wait for it
+    # and raise if it failed.
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        _write(directory, path, (config_name, config_bytes), (weights_name, weight_bytes))
+        return str(directory)
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            _write(directory, path, (config_name, config_bytes), (weights_name, weight_bytes))
+        except BaseException as e:
+            outcome[0] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise AdapterError(f"rank 0 failed to write the adapter of {model_class(model)} to {str(path)!r}: "
+                           f"{outcome[0]}")
+    return str(directory)
+
+
+def _write(directory: Path, path: PathLike, config: tuple[str, bytes], weights: tuple[str, bytes]) -> None:
     if directory.suffix.lower() in PICKLE_SUFFIXES + (".safetensors", ".json") and not directory.is_dir():
-        raise ValueError(f"path must be a directory to write {config_name} and {weights_name} into, got a file name "
+        raise ValueError(f"path must be a directory to write {config[0]} and {weights[0]} into, got a file name "
                          f"{str(path)!r}")
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"path {str(path)!r} exists and is not a directory")
-    durable.replace_checkpoint(directory, (config_name, config_bytes), (weights_name, weight_bytes),
-                               tuple(FILES.values()))
-    return str(directory)
+    durable.replace_checkpoint(directory, config, weights, tuple(FILES.values()))
 
 
 def _check_path_and_name(path, adapter_name) -> None:

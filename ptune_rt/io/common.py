@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -19,7 +20,12 @@ def model_type(model: nn.Module) -> Optional[str]:
 
 
 def model_class(model: nn.Module) -> str:
-    return type(model).__name__
+    """The model's class name; for a model sharded by FSDP2 the class ``fully_shard`` derived it
+    from (``LlamaForCausalLM``, not ``FSDPLlamaForCausalLM``), so checkpoints do not depend on it."""
+    cls, fsdp = type(model), _fsdp_module_class()
+    if fsdp is not None and issubclass(cls, fsdp):
+        cls = next((c for c in cls.__mro__ if not issubclass(c, fsdp)), cls)
+    return cls.__name__
 
 
 def exact_regex(names: Iterable[str]) -> str:
@@ -101,9 +107,44 @@ ENCODER_MODULE = "prompt_encoder"
 ENCODER_PREFIX = ENCODER_MODULE + "."
 
 
+def _dtensor_class():
+    """torch's DTensor class once anything has imported it (no DTensor can exist before), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _fsdp_module_class():
+    """FSDP2's ``FSDPModule`` once ``torch.distributed.fsdp`` is imported (``fully_shard`` needs it), else None."""
+    return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+
+
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous CPU copy (never a view of the live tensor) for a checkpoint."""
-    return t.detach().to("cpu", copy=True).contiguous()
+    """A detached, contiguous CPU copy (never a view of the live tensor) for a checkpoint.
+
+    A DTensor (a parameter of a model sharded by FSDP2's ``fully_shard`` or tensor parallelism, or
+    a result computed from one) is gathered whole first with ``full_tensor()``: a collective, which
+    every rank of its device mesh must reach (``save_adapter`` is called on every rank)."""
+    t = t.detach()
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(t, dtensor):
+        t = t.full_tensor()
+    return t.to("cpu", copy=True).contiguous()
+
+
+def gather_shards(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each DTensor replaced by its whole CPU copy (``cpu_copy``; in key order, the
+    same on every rank), for the checkpoint code that copies tensors without ``cpu_copy``."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return tensors
+    return {k: cpu_copy(t) if isinstance(t, dtensor) else t for k, t in tensors.items()}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded across processes (FSDP2 ``fully_shard`` or DTensor parameters):
+    saving it gathers shards, collectively on every rank."""
+    dtensor, fsdp = _dtensor_class(), _fsdp_module_class()
+    return (fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())) or \
+        (dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()))
 
 
 @dataclasses.dataclass(kw_only=True)
