@@ -207,7 +207,8 @@ class SubsetCheckpoint:
             raise AdapterError(f"{self.method} has one adapter per model: leave adapter_name None")
         st = model_state.get(model, self.method)
         mtype = getattr(getattr(model, "config", None), "model_type", None)
-        return Collected(st.config, subset_tensors(model, self.method), mtype, type(model).__name__)
+        from ptune_rt.io.common import model_class
+        return Collected(st.config, subset_tensors(model, self.method), mtype, model_class(model))
 
     def to_peft(self, collected: Collected, model, task_type):
         if self.peft is None:

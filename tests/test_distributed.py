@@ -254,11 +254,7 @@ def test_adapter_equals_single_process_run(run, engine, method):
 def _save_cases():
     for method in METHODS:
         for fmt in FORMATS[method]:
-            marks = ()
-            if (method, fmt) == ("ln_tuning", "ptune"):
-                marks = pytest.mark.xfail(strict=True, reason="ptune_rt/param_subset.py writes type(model).__name__, "
-                                          "FSDP2's FSDPLlamaForCausalLM, as the model class (the tensors are right)")
-            yield pytest.param(method, fmt, marks=marks, id=f"{method}-{fmt}")
+            yield pytest.param(method, fmt, id=f"{method}-{fmt}")
 
 
 @pytest.mark.parametrize("method, fmt", list(_save_cases()))

@@ -19,13 +19,17 @@ def model_type(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def model_class(model: nn.Module) -> str:
-    """The model's class name; for a model sharded by FSDP2 the class ``fully_shard`` derived it
-    from (``LlamaForCausalLM``, not ``FSDPLlamaForCausalLM``), so checkpoints do not depend on it."""
+def unsharded_class(model: nn.Module) -> type:
+    """The model's class; for a model sharded by FSDP2 the class ``fully_shard`` derived it from
+    (``LlamaForCausalLM``, not ``FSDPLlamaForCausalLM``), so checkpoints do not depend on it."""
     cls, fsdp = type(model), _fsdp_module_class()
     if fsdp is not None and issubclass(cls, fsdp):
         cls = next((c for c in cls.__mro__ if not issubclass(c, fsdp)), cls)
-    return cls.__name__
+    return cls
+
+
+def model_class(model: nn.Module) -> str:
+    return unsharded_class(model).__name__
 
 
 def exact_regex(names: Iterable[str]) -> str:

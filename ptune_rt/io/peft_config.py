@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ptune_rt.io.common import PEFT_HEAD_PREFIX, PROMPT_KEY, name_list
+from ptune_rt.io.common import PEFT_HEAD_PREFIX, PROMPT_KEY, name_list, unsharded_class
 
 #: Prefix of every tuner-layer key in a PEFT checkpoint (the PeftModel -> LoraModel -> base model path).
 PEFT_KEY_PREFIX = "base_model.model."
@@ -29,7 +29,7 @@ _SUFFIX_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
 
 def infer_task_type(model: nn.Module) -> Optional[str]:
     """PEFT's task type for a transformers model class, or None when there is none."""
-    cls = type(model).__name__
+    cls = unsharded_class(model).__name__
     try:
         from transformers.models.auto import modeling_auto as auto
         tables = (("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
@@ -59,7 +59,7 @@ def auto_mapping(model: nn.Module, task_type: Optional[str]) -> Optional[dict[st
     """PEFT's ``auto_mapping`` field: the base model class, written only without a task type."""
     if task_type is not None:
         return None
-    cls = type(model)
+    cls = unsharded_class(model)
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
