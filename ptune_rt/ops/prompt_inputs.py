@@ -56,10 +56,24 @@ def _backward(ctx, dout):
     emb_shape, emb_dtype, p_shape, p_dtype = ctx.shapes
     need_emb, need_prompts = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     demb = dprompts = None
+    P = p_shape[-2]
+    T = 1 if len(p_shape) == 2 else p_shape[0]
+    if torch.compiler.is_compiling():
+        # traced (torch.compile): no data-dependent shapes (nonzero, boolean indexing), so every slot of
+        # dout goes in, the ones of the other kind to an extra row that is dropped; the same sums as the
+        # eager path below, which reads only the slots it needs
+        virt = src < 0
+        flat = dout.reshape(-1, dout.shape[-1])
+        if need_prompts:
+            t = task_ids.long()[:, None] if task_ids is not None else 0
+            index = torch.where(virt, t * P - src.long() - 1, T * P).reshape(-1)
+            dprompts = _sum_rows_by_index(flat, index, T * P, skip_last=True).reshape(p_shape).to(p_dtype)
+        if need_emb:
+            index = torch.where(virt, emb_shape[0], src.long()).reshape(-1)
+            demb = _sum_rows_by_index(flat, index, emb_shape[0], skip_last=True).to(emb_dtype)
+        return None, demb, dprompts, None, None
     virt, rows, cols, t, v = _virtual_index(src, task_ids)
     if need_prompts:
-        P = p_shape[-2]
-        T = 1 if len(p_shape) == 2 else p_shape[0]
         dprompts = _sum_rows_by_index(dout[rows, cols], t * P + v, T * P).reshape(p_shape).to(p_dtype)
     if need_emb:
         tok = ~virt
@@ -67,10 +81,13 @@ def _backward(ctx, dout):
     return None, demb, dprompts, None, None
 
 
-def _sum_rows_by_index(rows: Tensor, index: Tensor, n: int) -> Tensor:
+def _sum_rows_by_index(rows: Tensor, index: Tensor, n: int, skip_last: bool = False) -> Tensor:
     """[n, H] fp32: out[i] = sum of the ``rows`` [N, H] whose ``index`` is i. PyTorch's embedding
     backward, deterministic on CUDA (``index_add_`` / ``index_put_(accumulate=True)`` are not
-    guaranteed to be)."""
+    guaranteed to be). ``skip_last``: ``index`` also holds ``n``, for rows that are left out (the
+    embedding backward's padding index)."""
+    if skip_last:
+        return torch.ops.aten.embedding_dense_backward(rows.float(), index.long(), n + 1, n, False)[:n]
     return torch.ops.aten.embedding_dense_backward(rows.float(), index.long(), n, -1, False)
 
 
@@ -94,7 +111,9 @@ def build_inputs_embeds(src: Tensor, embedding: Tensor, prompts: Tensor, task_id
         if t is not None and t.device != src.device:
             raise ValueError(f"src is on {src.device} but {name} is on {t.device}")
     P = prompts.shape[-2]
-    if src.numel():
+    # the value checks read src and task_ids back: eager only, so a compiled caller has no graph break here
+    checking = not torch.compiler.is_compiling()
+    if checking and src.numel():
         lo, hi = int(src.min()), int(src.max())
         if hi >= V or lo < -P:
             raise ValueError(f"src values must be token ids in [0, {V}) or virtual tokens in [-{P}, -1], got "
@@ -105,7 +124,7 @@ def build_inputs_embeds(src: Tensor, embedding: Tensor, prompts: Tensor, task_id
             raise ValueError(f"task_ids must be an integer tensor [batch={src.shape[0]}], got "
                              f"{tuple(task_ids.shape)} {task_ids.dtype}")
         wide = task_ids.to(torch.int64)  # uint16/32/64 have no min/max kernels
-        if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) >= T):
+        if checking and wide.numel() and (int(wide.min()) < 0 or int(wide.max()) >= T):
             raise ValueError(f"task_ids must be in [0, {T}), got values in [{int(wide.min())}, {int(wide.max())}]")
         task_ids = task_ids.to(torch.int32)  # every integer dtype alike (int32 stays as it is, any stride)
     chosen, _ = resolve_backend(backend, src.device)

@@ -63,12 +63,13 @@ def _row_spans(mask: Optional[torch.Tensor], B: int, L: int, device, what: str):
     n_real = ones.sum(1)
     first = torch.where(n_real > 0, ones.int().argmax(1), torch.zeros_like(n_real))
     end = first + n_real
-    j = torch.arange(L, device=device)
-    inside = (j >= first[:, None]) & (j < end[:, None])
-    if not torch.equal(inside, ones):
-        bad = int((inside != ones).any(1).nonzero()[0, 0])
-        raise ValueError(f"{what} row {bad} has padding between its tokens ({mask[bad].tolist()}); expected each row's "
-                         "ones to be contiguous (left or right padding only)")
+    if not torch.compiler.is_compiling():  # a data-dependent check: eager only (no graph break when compiled)
+        j = torch.arange(L, device=device)
+        inside = (j >= first[:, None]) & (j < end[:, None])
+        if not torch.equal(inside, ones):
+            bad = int((inside != ones).any(1).nonzero()[0, 0])
+            raise ValueError(f"{what} row {bad} has padding between its tokens ({mask[bad].tolist()}); expected each "
+                             "row's ones to be contiguous (left or right padding only)")
     return first, end
 
 
@@ -115,9 +116,13 @@ class PromptForward:
     passes it on). Held in ``model.__dict__["forward"]``; ``remove_prompt`` takes it out.
     """
 
-    def __init__(self, model: nn.Module, prev, method: str, backend: str, A: int, E: int, num_tasks: int):
+    def __init__(self, model: nn.Module, prev, method: str, backend: str, A: int, E: int, num_tasks: int, *,
+                 has_text: bool):
         self.model, self.prev, self.method, self.backend = model, prev, method, backend
         self.A, self.E, self.num_tasks = A, E, num_tasks
+        # whether the template holds anchor text (token ids >= 0 in ``template_src``): fixed when the
+        # prompt is applied, so the forward never reads the template's values to decide
+        self.has_text = has_text
         # a sequence classifier's labels are one per row (or per row and label), not per token:
         # they pass through as they are, as in PEFT
         self.row_labels = type(model).__name__.endswith("ForSequenceClassification")
@@ -175,6 +180,9 @@ class PromptForward:
 
     # -- limits ----------------------------------------------------------------------------
     def _check_positions(self, pos: torch.Tensor, what: str) -> None:
+        # reads the largest position: eager only, so a compiled forward has no graph break here
+        if torch.compiler.is_compiling():
+            return
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if isinstance(limit, int) and pos.numel():
             top = int(pos.max())
@@ -246,12 +254,14 @@ class PromptForward:
         else:  # inputs_embeds, or an embedding module with its own forward (e.g. scaled): gather its rows
             rows = embeds if embeds is not None else emb_module(ids)
             table = rows.reshape(B * L, -1)
-            if E and bool((tmpl >= 0).any()):  # anchor text: its embeddings go after the caller's rows
+            if self.has_text:  # anchor text: its embeddings go after the caller's rows
                 table = torch.cat([table, emb_module(tmpl.clamp(min=0)).to(rows.dtype)], dim=0)
                 tmpl_vals = torch.where(tmpl_vals >= 0, B * L + slot, tmpl_vals)
             tok = col + torch.arange(B, device=device)[:, None] * L
         src = torch.where(is_tmpl, tmpl_vals, tok)
-        prompts = enc.prompts()
+        # compiled: the encoder runs in the graph (P-tuning's no-grad cache of its output compares data
+        # pointers, which Dynamo cannot trace); the same values as the cached ones
+        prompts = enc.encode() if torch.compiler.is_compiling() and hasattr(enc, "encode") else enc.prompts()
         if tasks is not None and prompts.dim() == 2:
             prompts = prompts.unsqueeze(0)
         new_embeds = build_inputs_embeds(src, table, prompts, tasks, backend=self.backend)
