@@ -1,7 +1,6 @@
 """torch.compile traces each method's forward and training step as one graph.
 
-On a tiny Llama and a left-padded batch (prefix tuning also without a mask: with one it still
-breaks, outside the prompt path, see ``PREFIX_MASK_BREAK``), for LoRA, prefix tuning, prompt tuning
+On a tiny Llama and a left-padded batch (prefix tuning also without a mask), for LoRA, prefix tuning, prompt tuning
 and P-tuning (also with anchor text in the template, fed ``inputs_embeds``): ``torch._dynamo.explain``
 counts no graph break for the forward (eval, no grad, with labels) nor for a training step (train
 mode, forward and ``loss.backward()`` in the compiled function; Dynamo traces the backward with
@@ -92,12 +91,8 @@ def zero_grads(model):
         p.grad = None
 
 
-PREFIX_MASK_BREAK = pytest.mark.xfail(
-    strict=True, reason="graph break outside the prompt path: ptune_rt/methods/prefix/attention.py "
-    "prefix_padding_mask reads bool(mask.all()) (Tensor.item) whenever an attention_mask is passed")
-
 CASES = [pytest.param("lora", True, id="lora"),
-         pytest.param("prefix", True, id="prefix", marks=PREFIX_MASK_BREAK),
+         pytest.param("prefix", True, id="prefix"),
          pytest.param("prefix", False, id="prefix-no-mask"),
          pytest.param("prompt_tuning", True, id="prompt_tuning"),
          pytest.param("p_tuning", True, id="p_tuning"),

@@ -184,8 +184,8 @@ def prefix_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset
         m = m[:, -kv_length:]
     if m.shape[-1] > visible:
         m = m[:, :visible]
-    if m.shape[-1] == kv_length and bool(m.all()):
-        return None
+    if m.shape[-1] == kv_length and not torch.compiler.is_compiling() and bool(m.all()):
+        return None  # no padding: the unmasked path (eager only: reading the mask would break a compiled graph)
     return m
 
 

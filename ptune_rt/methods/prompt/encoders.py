@@ -116,6 +116,8 @@ class PTuningEncoder(nn.Module):
     def prompts(self) -> torch.Tensor:
         """``encode()``; with gradients off (or nothing trainable) the result is cached and reused
         until a parameter changes (an in-place update or a new tensor), or its dtype / device does."""
+        if torch.compiler.is_compiling():
+            return self.encode()  # the cache compares data pointers, which a compiled graph cannot read
         params = list(self.parameters())
         random = self.training and self.encoder_dropout > 0
         if random or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):

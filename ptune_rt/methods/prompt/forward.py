@@ -261,7 +261,7 @@ class PromptForward:
         src = torch.where(is_tmpl, tmpl_vals, tok)
         # compiled: the encoder runs in the graph (P-tuning's no-grad cache of its output compares data
         # pointers, which Dynamo cannot trace); the same values as the cached ones
-        prompts = enc.encode() if torch.compiler.is_compiling() and hasattr(enc, "encode") else enc.prompts()
+        prompts = enc.prompts()
         if tasks is not None and prompts.dim() == 2:
             prompts = prompts.unsqueeze(0)
         new_embeds = build_inputs_embeds(src, table, prompts, tasks, backend=self.backend)
