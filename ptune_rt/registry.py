@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import nn
 
+from ptune_rt import trainer_checkpoints
 from ptune_rt.methods.method import Method
 
 _ENTRIES = (
@@ -79,6 +80,7 @@ def apply(model: nn.Module, config) -> nn.Module:
         p.requires_grad_(True)
     order = [n for n in model.__dict__.get(ORDER_ATTR, []) if n != method.name]
     model.__dict__[ORDER_ATTR] = order + [method.name]
+    trainer_checkpoints.install(model)  # Trainer checkpoints hold the adapter (ptune_rt/trainer_checkpoints.py)
     return model
 
 
@@ -98,6 +100,7 @@ def restore(model: nn.Module) -> nn.Module:
     for m in reversed(present):
         m.remove(model)
     model.__dict__.pop(ORDER_ATTR, None)
+    trainer_checkpoints.uninstall(model)
     return model
 
 
