@@ -384,11 +384,12 @@ def _locate(path: PathLike, format: Optional[str]) -> tuple[Path, str]:
             raise AdapterError(f"{p} holds both {PEFT_CONFIG} (PEFT) and {PTUNE_CONFIG} (ptune-rt): pass "
                                "format='peft' or format='ptune'")
         if not (has_peft or has_ptune):
-            pickles = sorted(f for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
-            if pickles:
-                raise _pickle_refusal(pickles[0])
+            # No config, so no adapter: whatever else the folder holds (a Trainer's optimizer.pt,
+            # a whole model) is named, not refused as a pickle adapter.
+            found = sorted(f.name for f in p.iterdir() if not f.name.startswith("."))
+            listed = ", ".join(found[:12]) + (f" and {len(found) - 12} more" if len(found) > 12 else "")
             raise FileNotFoundError(f"{p} holds no adapter: expected {PEFT_CONFIG} (PEFT) or {PTUNE_CONFIG} "
-                                    "(ptune-rt)")
+                                    f"(ptune-rt); it holds {listed or 'nothing'}")
         format = "peft" if has_peft else "ptune"
     if not _has_config(p, format):
         raise FileNotFoundError(f"{p} has no {FILES[format][0]} (needed for format={format!r})")
