@@ -7,7 +7,7 @@ import contextlib
 
 from torch import nn
 
-from ptune_rt import registry
+from ptune_rt import registry, trainer_checkpoints
 
 
 def _applied(model: nn.Module, what: str) -> list:
@@ -34,6 +34,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for m in reversed(present):
         m.merge_and_unload(model)
     model.__dict__.pop(registry.ORDER_ATTR, None)
+    trainer_checkpoints.uninstall(model)  # the plain model saves as the stock class does
     return model
 
 

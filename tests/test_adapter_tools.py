@@ -34,6 +34,7 @@ def test_merge_and_unload_gives_the_plain_model_with_merged_weights(tmp_path):
     assert type(model.model.layers[0].mlp) is plain_mlp
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not registry.applied_methods(model) and not ptune_rt.report(model)
+    assert not any(k.startswith("_ptune_rt") for k in model.__dict__) and "save_pretrained" not in model.__dict__
     merged = logits(model)
     assert_fp32_end_to_end_close(merged, adapted, "merged vs adapter logits")
 
