@@ -5,7 +5,7 @@ from ptune_rt import _source_layout
 
 _source_layout.install(_os.path.dirname(_os.path.abspath(__file__)))
 from ptune_rt.methods.lora import LoRAConfig, LoRALinear
-from ptune_rt.methods.lora.adapters import merge, mixed_adapters, set_adapter, unmerge
+from ptune_rt.methods.lora.adapters import add_weighted_adapter, merge, mixed_adapters, set_adapter, unmerge
 from ptune_rt.io import load_adapter, save_adapter
 from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.methods.prompt import PromptTuningConfig, PTuningConfig, remove_prompt
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",
-           "mixed_adapters", "set_adapter", "unmerge", "__version__"]
+           "mixed_adapters", "set_adapter", "unmerge", "add_weighted_adapter", "__version__"]
 __all__ += ["load_adapter", "save_adapter"]
 __all__ += ["PrefixConfig", "PrefixEncoder"]
 __all__ += ["PromptTuningConfig", "PTuningConfig", "remove_prompt"]

@@ -149,3 +149,53 @@ def test_trainable_parameters(capsys):
                                        f"trainable%: {share:.4f}\n")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         ptune_rt.trainable_parameters("model")
+
+
+@pytest.mark.parametrize("combination_type, rank_b", [("linear", 4), ("cat", 2), ("svd", 2)])
+def test_add_weighted_adapter_matches_peft(combination_type, rank_b, tmp_path):
+    import copy
+
+    import peft
+
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=rank_b, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(tmp_path)
+    model = ptune_rt.load_adapter(copy.deepcopy(base), tmp_path / "a")  # "a" is its adapter "default"
+    ptune_rt.load_adapter(model, tmp_path / "b", adapter_name="b")
+
+    weights = [0.7, -0.4]
+    pm.add_weighted_adapter(["a", "b"], weights, "c", combination_type=combination_type)
+    pm.set_adapter("c")
+    ptune_rt.add_weighted_adapter(model, ["default", "b"], weights, "c", combination_type=combination_type)
+    ptune_rt.set_adapter(model, "c")
+    x = ids()
+    with torch.no_grad():
+        want, got = pm(input_ids=x).logits, model(input_ids=x).logits
+    assert_fp32_end_to_end_close(got, want, f"add_weighted_adapter {combination_type} vs PEFT")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.r["c"] == {"linear": 4, "cat": 6, "svd": 4}[combination_type] and q.scaling["c"] == 1.0
+
+
+def test_add_weighted_adapter_refuses_bad_input_before_any_change():
+    model = ptune_rt.apply(tiny_llama(), ptune_rt.LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    snap = snapshot(model)
+    for kwargs, err, match in [
+            (dict(adapters=["nope"], weights=[1.0], adapter_name="c"), ValueError, "'nope' is not an adapter"),
+            (dict(adapters=["default"], weights=[1.0, 2.0], adapter_name="c"), ValueError, "weights must be 1"),
+            (dict(adapters=["default"], weights=[float("nan")], adapter_name="c"), ValueError, "finite"),
+            (dict(adapters="default", weights=[1.0], adapter_name="c"), TypeError, "list of adapter names"),
+            (dict(adapters=["default"], weights=[1.0], adapter_name="default"), ValueError, "new adapter name"),
+            (dict(adapters=["default"], weights=[1.0], adapter_name="c", combination_type="ties"), ValueError,
+             "combination_type must be one of"),
+            (dict(adapters=["default"], weights=[1.0], adapter_name="c", svd_rank=1000), ValueError,
+             "svd_rank=1000 exceeds")]:
+        with pytest.raises(err, match=match):
+            ptune_rt.add_weighted_adapter(model, **kwargs)
+        assert_unchanged(model, snap)

@@ -92,7 +92,8 @@ def test_merged_export_snippet_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         want = model(input_ids=ids).logits
     monkeypatch.chdir(tmp_path)
-    code = code.replace('LlamaForCausalLM.from_pretrained("merged")', 'reloaded = LlamaForCausalLM.from_pretrained("merged")')
+    load = 'LlamaForCausalLM.from_pretrained("merged")'
+    code = code.replace(load, f"reloaded = {load}")
     scope = {"ptune_rt": ptune_rt, "LlamaForCausalLM": LlamaForCausalLM, "model": model}
     exec(compile(code, "README: Merged export", "exec"), scope)
     with torch.no_grad():

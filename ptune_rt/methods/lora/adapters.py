@@ -2,7 +2,9 @@
 ``mixed_adapters`` (each row of a batch with its own adapter, for serving many tasks from one base)."""
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -244,3 +246,80 @@ def disable(model: nn.Module):
         for n, m in mods.items():
             m.disabled = before[n]
     return enable
+
+
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapter_name: str,
+                         combination_type: str = "svd", svd_rank: Optional[int] = None) -> nn.Module:
+    """Add ``adapter_name`` to every LoRA module, a weighted combination of ``adapters``, as PEFT's
+    ``add_weighted_adapter`` builds it (same operands, same rank, alpha = rank): "linear" (equal
+    ranks: A = sum sign_i sqrt|w_i s_i| A_i, B = sum sqrt|w_i s_i| B_i), "cat" (the adapters' A
+    and B stacked, rank the sum: the exact sum of w_i s_i B_i A_i) or "svd" (the rank ``svd_rank``,
+    default the largest, truncation of sum w_i s_i B_i A_i). The new adapter starts inactive and
+    frozen; ``set_adapter(model, adapter_name)`` makes it the one that runs. Checked first."""
+    mods = _require_swapped(model, "add_weighted_adapter")
+    if isinstance(adapters, str) or not adapters or not all(isinstance(a, str) for a in adapters):
+        raise TypeError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    if isinstance(weights, (str, bytes)) or len(weights) != len(adapters) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be {len(adapters)} finite numbers, one per adapter, got {weights!r}")
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+    for a in adapters:
+        _require_adapter(mods, a, "adapters: ")
+    taken = [n for n, m in mods.items() if adapter_name in m.lora_A]
+    if not isinstance(adapter_name, str) or not adapter_name or taken:
+        raise ValueError(f"adapter_name must be a new adapter name, got {adapter_name!r}"
+                         f"{' (already an adapter of ' + repr(taken[:3]) + ')' if taken else ''}")
+    rank = _combined_rank(mods, adapters, combination_type, svd_rank)
+    config = model_state.get(model, "lora")
+    rslora = bool(getattr(getattr(config, "config", None), "use_rslora", False))
+    first = adapters[0]
+    for m in mods.values():
+        a, b = _combine(m, adapters, [float(w) for w in weights], combination_type, rank)
+        m.add_adapter(adapter_name, rank, float(rank), m.lora_dropout_p[first], rslora, init="zeros")
+        with torch.no_grad():
+            m.lora_A[adapter_name].weight.copy_(a)
+            m.lora_B[adapter_name].weight.copy_(b)
+        for layer in (m.lora_A[adapter_name], m.lora_B[adapter_name]):
+            layer.requires_grad_(False)
+    return model
+
+
+def _combined_rank(mods: dict, adapters: list, combination_type: str, svd_rank) -> int:
+    ranks = sorted({m.r[a] for m in mods.values() for a in adapters})
+    if combination_type == "linear":
+        if len(ranks) != 1:
+            raise ValueError(f"combination_type='linear' needs adapters of one rank, got ranks {ranks}")
+        return ranks[0]
+    if combination_type == "cat":
+        return sum(next(iter(mods.values())).r[a] for a in adapters)
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be None or an integer >= 1, got {svd_rank!r}")
+    limit = min(min(m.in_features, m.out_features) for m in mods.values())
+    rank = svd_rank or max(ranks)
+    if rank > limit:
+        raise ValueError(f"svd_rank={rank} exceeds the smallest min(in_features, out_features)={limit} of the "
+                         "LoRA modules")
+    return rank
+
+
+def _combine(m: LoRALinear, adapters: list, weights: list, combination_type: str, rank: int):
+    """(A [rank, in], B [out, rank]) of the combination in one module (fp32 math, the adapters' dtype)."""
+    As = [m.lora_A[a].weight.detach().float() for a in adapters]
+    Bs = [m.lora_B[a].weight.detach().float() for a in adapters]
+    ws = [w * m.scaling[a] for w, a in zip(weights, adapters)]
+    dtype = m.lora_A[adapters[0]].weight.dtype
+    if combination_type == "linear":
+        a = sum(math.copysign(math.sqrt(abs(w)), w) * A for w, A in zip(ws, As))
+        b = sum(math.sqrt(abs(w)) * B for w, B in zip(ws, Bs))
+    elif combination_type == "cat":
+        a = torch.cat([w * A for w, A in zip(ws, As)], dim=0)
+        b = torch.cat(Bs, dim=1)
+    else:
+        delta = sum(w * (B @ A) for w, A, B in zip(ws, As, Bs))
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=True)
+        b, a = U[:, :rank] @ torch.diag(S[:rank]), Vh[:rank, :]
+    return a.to(dtype), b.to(dtype)

@@ -137,7 +137,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     heads, used, head_tensors = collect_prompt_heads(model, module_view(model), head_names, heads_required)
     config = dataclasses.replace(state.config, encoder_hidden_size=hidden)
     return PrefixCheckpoint(config=config, layout=layout, hidden=hidden,
-                            encoder_tensors=PrefixCheckpoint.encoder_copies(enc), prompt_embeddings=prompt, heads=heads, head_names=used, head_tensors=head_tensors)
+                            encoder_tensors=PrefixCheckpoint.encoder_copies(enc), prompt_embeddings=prompt,
+                            heads=heads, head_names=used, head_tensors=head_tensors)
 
 
 def to_peft(state: PrefixCheckpoint, model: nn.Module, task_type: Optional[str]) -> tuple[dict, dict]:

@@ -166,7 +166,8 @@ def _plan(peft_model, backend: str):
     if found != (layers, kv_heads, token_dim):
         raise ValueError(
             f"{where}: PrefixTuningConfig has num_layers={cfg.num_layers}, "
-            f"num_attention_heads={cfg.num_attention_heads}, token_dim={cfg.token_dim}; the fused attention needs the prefix split [P, 2*L*Hkv*D] of this "
+            f"num_attention_heads={cfg.num_attention_heads}, token_dim={cfg.token_dim}; the fused attention needs "
+            f"the prefix split [P, 2*L*Hkv*D] of this "
             f"{type(base).__name__}: num_layers={layers}, num_attention_heads={kv_heads} (kv heads), "
             f"token_dim={token_dim} ({kv_heads} x head_dim {head_dim})")
 
