@@ -653,7 +653,10 @@ def plot(results: dict, path: Path) -> None:
     ax1.set_xticklabels(labels, fontsize=8)
     ax1.set_ylabel("ms per training step (median, 95% CI)")
     ax1.set_title("Training step time")
-    ax1.legend(fontsize=8, loc="upper left")
+    tops = [d["speed"]["variants"][n].get("median_ci95_s") or [0.0, d["speed"]["variants"][n]["median_s"]]
+            for d in fams.values() for n in VARIANTS]
+    ax1.set_ylim(0, 1.45 * max([t[1] * 1e3 for t in tops] or [1.0]))  # room for the legend above the bars
+    ax1.legend(fontsize=8, loc="upper right")
     wg = [[d["ops"][n]["weight_grad_gemms"] for d in fams.values()] for n in VARIANTS]
     other = [[d["ops"][n]["gemms"] - d["ops"][n]["weight_grad_gemms"] for d in fams.values()] for n in VARIANTS]
     for k, n in enumerate(VARIANTS):
