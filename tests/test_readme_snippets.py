@@ -1,5 +1,5 @@
 """The README's "Distributed training", "With the HF Trainer" and "Merged export" snippets run as
-written: the torchrun script in two gloo processes (FSDP2 and DDP), the other two on a tiny model
+written: the script in two gloo processes (torchrun FSDP2 and DDP, accelerate launch), the others on a tiny model
 and dataset standing in for the user's ``model``, ``base`` and ``ds``."""
 import os
 import pathlib
@@ -50,9 +50,18 @@ def test_distributed_snippet_runs_under_torchrun(tmp_path):
         proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
         saved[out.name] = load_file(out / "my-adapter" / "adapter_model.safetensors")
-    assert saved["fsdp2"].keys() == saved["ddp"].keys() and saved["fsdp2"]
-    for k in saved["ddp"]:  # one step from the same model on the same data: the same adapter either way
+    assert "accelerate launch --multi_gpu --num_processes 2 train.py" in commands
+    out = tmp_path / "accelerate"
+    out.mkdir()
+    (out / "train.py").write_text(script)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "train.py"]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved[out.name] = load_file(out / "my-adapter" / "adapter_model.safetensors")
+    assert saved["fsdp2"].keys() == saved["ddp"].keys() == saved["accelerate"].keys() and saved["fsdp2"]
+    for k in saved["ddp"]:  # one step from the same model on the same data: the same adapter every way
         assert_fp32_end_to_end_close(saved["fsdp2"][k], saved["ddp"][k], k)
+        assert_fp32_end_to_end_close(saved["accelerate"][k], saved["fsdp2"][k], k)
 
 
 class TokenDataset(torch.utils.data.Dataset):
