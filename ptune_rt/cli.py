@@ -11,7 +11,8 @@ def main(argv=None) -> int:
     sub.add_parser("check", add_help=False,
                    help="numerical-equality report of every kernel vs its eager reference (ptune-rt check --help)")
     sub.add_parser("bench", add_help=False,
-                   help="LoRA benchmark + equality report, HF PEFT vs ptune-rt (ptune-rt bench --help)")
+                   help="benchmark + equality report, HF PEFT vs ptune-rt: --suite lora (default), prefix, "
+                        "mixed-tasks or bitfit (ptune-rt bench --help)")
     sub.add_parser("compile-report", add_help=False,
                    help="compile every shipped kernel config for sm_80/sm_90 without a GPU and report "
                         "registers, spills and shared memory (ptune-rt compile-report --help)")
