@@ -481,28 +481,11 @@ class PromptLoadPlan:
         return model
 
 
-def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
-              file_key: Callable[[str], str], weights_file: str) -> PromptLoadPlan:
-    """Check ``tensors`` and ``spec`` against ``model``; raise AdapterError naming every problem, or
-    return the plan that loads them."""
+def _model_problems(model: nn.Module, spec: PromptSpec, existing: Optional[dict], V: int, H: int) -> list[str]:
+    """What keeps the checkpoint out of this model: another base model's sizes or vocabulary, or a
+    soft prompt already there that the checkpoint does not match."""
     cls = model_class(model)
-    header = f"cannot load the soft prompt of {spec.source} into this {cls}:"
-    if adapter_name not in (None, ADAPTER):
-        raise AdapterError(f"{header} adapter_name={adapter_name!r}: a soft prompt has one adapter; pass None")
-    mtype = model_type(model)
-    if spec.model_type is not None and mtype is not None and spec.model_type != mtype:
-        raise AdapterError(f"{spec.source}: the adapter was saved for model_type {spec.model_type!r} "
-                           f"({spec.model_class}), this model is {mtype!r} ({cls})")
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
-        raise AdapterError(f"{header} {cls} has no input embeddings (get_input_embeddings()); expected a Hugging "
-                           "Face model")
-    V, H = (int(n) for n in emb.weight.shape)
-    cfg = spec.config
-    P, T = cfg.num_virtual_tokens, cfg.num_tasks
-    existing = _layout_of(model) if is_prompt_model(model) else None
-
+    P, T = spec.config.num_virtual_tokens, spec.config.num_tasks
     problems: list[str] = []
     if spec.hidden is not None and spec.hidden != H:
         declared = "token_dim" if spec.flat else "hidden_size in its fingerprint"
@@ -545,7 +528,31 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
                                 f"{existing['encoder_hidden_size']}{restore}")
     elif hasattr(model, MODULE_ATTR):
         problems.append(inject.occupied_message(model))
-    raise_problems(header, problems)
+    return problems
+
+
+def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
+              file_key: Callable[[str], str], weights_file: str) -> PromptLoadPlan:
+    """Check ``tensors`` and ``spec`` against ``model``; raise AdapterError naming every problem, or
+    return the plan that loads them."""
+    cls = model_class(model)
+    header = f"cannot load the soft prompt of {spec.source} into this {cls}:"
+    if adapter_name not in (None, ADAPTER):
+        raise AdapterError(f"{header} adapter_name={adapter_name!r}: a soft prompt has one adapter; pass None")
+    mtype = model_type(model)
+    if spec.model_type is not None and mtype is not None and spec.model_type != mtype:
+        raise AdapterError(f"{spec.source}: the adapter was saved for model_type {spec.model_type!r} "
+                           f"({spec.model_class}), this model is {mtype!r} ({cls})")
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
+        raise AdapterError(f"{header} {cls} has no input embeddings (get_input_embeddings()); expected a Hugging "
+                           "Face model")
+    V, H = (int(n) for n in emb.weight.shape)
+    cfg = spec.config
+    P, T = cfg.num_virtual_tokens, cfg.num_tasks
+    existing = _layout_of(model) if is_prompt_model(model) else None
+    raise_problems(header, _model_problems(model, spec, existing, V, H))
 
     # The keys: the table (PEFT) or the encoder's parameters (own format), and whole heads.
     if existing is not None:
@@ -568,6 +575,7 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
             encoder_keys[ENCODER_PREFIX + name] = name
 
     view = module_view(model)
+    problems: list[str] = []
     destinations = prompt_head_destinations(view, spec.heads, spec.heads_exact, tensors, cls, problems)
     for k, t in destinations.items():
         expected[k] = tuple(t.shape)
