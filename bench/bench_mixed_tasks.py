@@ -1,15 +1,18 @@
-"""Mixed-task serving benchmark script: the same run as ``ptune-rt bench --suite mixed-tasks``
-(all options pass through).
+"""Mixed-task serving benchmark script: regenerates the committed ``bench/results/mixed_tasks_cpu.*``
+(``ptune-rt bench --suite mixed-tasks --full --out bench/results``); any other options pass through.
 
-    python bench/bench_mixed_tasks.py --repeats 3            # full CPU/CUDA run into bench/results
+    python bench/bench_mixed_tasks.py                        # the committed run: --full, into bench/results
+    python bench/bench_mixed_tasks.py --repeats 3            # --full with fewer rounds, into bench/results
     python bench/bench_mixed_tasks.py --quick --out /tmp/b   # tiny shapes
 
 The runner lives in the package (``ptune_rt.bench.mixed_tasks``) so the command works from a plain
-install; this script only calls it.
+install; ``ptune-rt bench`` itself writes to ./ptune-rt-results and never into bench/results unless told to.
 """
 import sys
+from pathlib import Path
 
+from ptune_rt.bench.common import committed_run_argv
 from ptune_rt.bench.mixed_tasks import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(committed_run_argv(sys.argv[1:], Path(__file__).resolve().parent / "results")))

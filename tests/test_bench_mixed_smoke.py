@@ -7,7 +7,7 @@ import pytest
 
 from ptune_rt.cli import main as cli_main
 
-from helpers_bench import json_numbers, run_quick
+from helpers_bench import check_mode_and_plan, check_speed_verdicts, json_numbers, run_quick
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*right-padding was detected.*")
 
@@ -47,8 +47,11 @@ def test_bench_mixed_tasks_quick(tmp_path):
     # prefix tuning: one fused attention op per layer for all rows and tasks
     assert res["ops"]["prefix_tuning"]["ptune-rt"]["forward"]["custom"] == wl["layers"]
     assert len(res["targets"]) == 4 and {t["unit"] for t in res["targets"]} == {"x"}
-    for head in ("## Dispatched ops", "## Equality", "throughput ratio", "PASS" if any(
-            t["pass"] for t in res["targets"]) else "MISS"):
+    check_speed_verdicts(res["targets"], rounds=3)
+    check_mode_and_plan(res, "quick")
+    assert res["methods"] == ["prompt_tuning", "prefix_tuning", "lora"]
+    for head in ("## Dispatched ops", "## Equality", "throughput ratio", "| inconclusive (noise) |",
+                 "mode quick, finished in"):
         assert head in text
 
 
@@ -59,3 +62,15 @@ def test_bench_mixed_tasks_refuses_too_few_repeats(tmp_path):
     with pytest.raises(SystemExit, match="--methods must name some of"):
         cli_main(["bench", "--suite", "mixed-tasks", "--quick", "--out", str(tmp_path), "--methods", "adapters",
                   "--no-progress"])
+
+
+def test_bench_mixed_tasks_modes():
+    """Default: the methods with a target, in rounds enough for a verdict; --full: the committed run's command."""
+    from ptune_rt.bench import mixed_tasks
+
+    full = mixed_tasks.parse(["--full"])
+    assert (full.mode, full.repeats, mixed_tasks.chosen_methods(full)) == ("full", 7, list(mixed_tasks.METHODS))
+    default = mixed_tasks.parse([])
+    assert (default.mode, default.repeats, mixed_tasks.chosen_methods(default)) == (
+        "default", 6, list(mixed_tasks.TASK_BY_TASK))
+    assert mixed_tasks.chosen_methods(mixed_tasks.parse(["--methods", "lora"])) == ["lora"]

@@ -6,7 +6,7 @@ import pytest
 
 from ptune_rt.cli import main as cli_main
 
-from helpers_bench import json_numbers, run_quick
+from helpers_bench import check_mode_and_plan, check_speed_verdicts, json_numbers, run_quick
 
 SECTIONS = ("provenance", "workload", "cases", "generate", "ops", "float64", "attention_flops_model", "analytic",
             "targets")
@@ -64,9 +64,14 @@ def test_bench_prefix_quick(tmp_path):
     assert res["analytic"]["rows"][0]["batch"] == 1
     assert len(res["targets"]) == 3 * len(wl["cases"])
     assert {t["unit"] for t in res["targets"]} == {"x", "tensors"}
+    check_speed_verdicts(res["targets"], rounds=2)
+    assert all(t["verdict"] == "PASS" for t in res["targets"] if t["measure"] == "saved")
+    check_mode_and_plan(res, "quick")
+    assert res["plan"]["kinds"]["P4_seq40_forward"]["calls"] == 3 * (0 + 2)  # 3 variants x (warm-up + rounds)
 
     for head in ("## Targets", "## Bytes saved for backward", "## Dispatched ops", "## Equality",
-                 "## Analytic HBM traffic", "Largest saved activations, PEFT", "Largest saved activations, ptune-rt"):
+                 "## Analytic HBM traffic", "Largest saved activations, PEFT", "Largest saved activations, ptune-rt",
+                 "inconclusive (noise)", "mode quick, finished in"):
         assert head in text, head
     assert "model, not a measurement" in text.lower()
 
@@ -74,3 +79,19 @@ def test_bench_prefix_quick(tmp_path):
 def test_bench_prefix_refuses_bad_repeats(tmp_path):
     with pytest.raises(SystemExit, match="must be >= 1"):
         cli_main(["bench", "--suite", "prefix", "--quick", "--out", str(tmp_path), "--repeats", "0", "--no-progress"])
+
+
+def test_bench_prefix_modes():
+    """Default: one prefix length in rounds enough for a verdict; --full: the committed run's command."""
+    from ptune_rt.bench import prefix
+
+    full = prefix.parse(["--full"])
+    assert (full.mode, full.repeats, full.long_train_repeats, full.wait_for_load, full.max_wait) == (
+        "full", 9, 5, 1.5, 300)
+    assert prefix.workload(full).prefix_lengths == (32, 128)
+    default = prefix.parse([])
+    assert (default.mode, default.repeats, default.long_train_repeats) == ("default", 6, None)
+    wl = prefix.workload(default)
+    assert wl.prefix_lengths == (32,) and wl.seqs == (256, 1024)
+    assert prefix.workload(prefix.parse(["--prefix-lengths", "32,128"])).prefix_lengths == (32, 128)
+    assert prefix.parse(["--quick"]).mode == "quick"

@@ -4,6 +4,10 @@ HF PEFT and ptune-rt (and, where it means something, the frozen base model witho
 run side by side in one process on the same weights and inputs, with interleaved timings. The run
 writes ``lora_<device>.json`` (all numbers plus provenance), ``lora_<device>.md`` (the tables) and
 ``lora_<device>.png`` (a plot), and prints the tables.
+
+Modes: the default run times every case on the benchmark model in :data:`MODES` ``["default"]``
+rounds (under 5 minutes on a 2-core CPU); ``--full`` is the configuration of the committed results
+(``bench/results/lora_cpu.*``); ``--quick`` runs tiny shapes in seconds.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ptune_rt.bench.common import add_common_arguments, default_out_dir, provenance, wait_for_quiet
+from ptune_rt.bench.common import add_common_arguments, default_out_dir, provenance, resolve_mode, wait_for_quiet
 
 #: Run order: timings first (right after the optional wait for a quiet machine).
 SECTIONS = ("speed", "memory", "ops", "flops", "equality", "analytic", "triton")
@@ -31,6 +35,35 @@ TARGETS = {
     "compute_ops_per_lora_linear": 1.0,
 }
 
+#: The settings of each run mode (an option given on the command line wins). ``default``: the benchmark
+#: model, 6 timed rounds per case (the fewest behind a PASS / MISS, ``report.MIN_ROUNDS_FOR_VERDICT``),
+#: under 5 minutes on a 2-core CPU; ``full``: the command of the committed ``bench/results/lora_cpu.*``.
+MODES = {
+    "quick": {"repeats": 5, "train_block": 1, "gate_max_wait": 120.0},
+    "default": {"repeats": 6, "train_block": 1, "gate_max_wait": 120.0},
+    "full": {"repeats": 61, "train_block": 2, "quiet_gate": 0.85, "gate_max_wait": 60.0},
+}
+FULL_HELP = ("the configuration of the committed results (bench/results/lora_cpu.*): --repeats 61 --train-block 2 "
+             "--quiet-gate 0.85 --gate-max-wait 60, about 25 minutes on a 2-core CPU")
+
+#: Seconds per call on the 2-core CPU of the committed results (runs without the quiet gate, other jobs
+#: around), per workload: the plan's prior costs until the run's own calls are measured. Speed cases: one
+#: call of one variant; sections: one progress step; ``quiet_gate``: one gated round (a one-second idle
+#: sample, plus waits).
+PRIOR_S = {
+    "default": {"build": 1.0, "train_dropout0": 2.0, "train_dropout0.1": 2.2, "forward_nograd": 0.85,
+                "generate_per_token": 1.1, "memory": 2.2, "ops": 5.0, "flops": 2.3, "equality": 4.5,
+                "analytic": 0.01, "triton": 9.0, "quiet_gate": 1.5},
+    "quick": {"build": 0.2, "train_dropout0": 0.05, "train_dropout0.1": 0.05, "forward_nograd": 0.02,
+              "generate_per_token": 0.1, "memory": 0.1, "ops": 0.25, "flops": 0.3, "equality": 0.1,
+              "analytic": 0.01, "triton": 10.0, "quiet_gate": 1.5},
+}
+#: The variants each speed case times, in the order of the run.
+SPEED_CASES = {"train_dropout0": ("peft", "ptune-rt"), "train_dropout0.1": ("peft", "ptune-rt"),
+               "forward_nograd": ("base", "peft", "ptune-rt"), "generate_per_token": ("base", "peft", "ptune-rt")}
+#: Progress steps of each untimed section.
+SECTION_STEPS = {"equality": 4, "memory": 4, "ops": 3, "flops": 3, "analytic": 1, "triton": 1}
+
 
 # ----------------------------------------------------------------------------------------
 # sections
@@ -38,14 +71,14 @@ TARGETS = {
 
 
 class Bench:
-    def __init__(self, workload, device, repeats: int, warmup: int, progress, gate=None, train_block: int = 1):
+    def __init__(self, workload, device, repeats: int, warmup: int, plan, gate=None, train_block: int = 1):
         self.gate = gate
         self.train_block = train_block
         self.wl = workload
         self.device = device
         self.repeats = repeats
         self.warmup = warmup
-        self.progress = progress
+        self.plan = plan
         self._setups = {}
         self._base = None
 
@@ -59,10 +92,10 @@ class Bench:
         return self._setups[dropout]
 
     def tick(self, n: int = 1):
-        self.progress.update(n)
+        self.plan.advance(n)
 
     def status(self, text: str):
-        self.progress.set_description_str(text)
+        self.plan.status(text)
 
     # -- equality ---------------------------------------------------------------------------
 
@@ -140,7 +173,7 @@ class Bench:
         res = {}
         for p in (0.0, 0.1):
             key = f"train_dropout{p:g}"
-            self.status(f"speed: {key}")
+            self.plan.begin(key, f"speed: {key}")
             s = self.setup(p)
             models = {"peft": s.peft, "ptune-rt": s.ptune}
             for m in models.values():
@@ -148,7 +181,8 @@ class Bench:
             fns = {n: (lambda m=m: W.train_step(m, s.input_ids)) for n, m in models.items()}
             cpu = {}
             times = interleaved(fns, self.repeats, self.warmup, s.device, setup=lambda n: W.zero_grads(models[n]),
-                                tick=self.tick, cpu_times=cpu, gate=self.gate, block=self.train_block)
+                                tick=self.plan.ticker(self.train_block, self.warmup * len(fns)), cpu_times=cpu,
+                                gate=self.gate, block=self.train_block)
             for m in models.values():
                 W.zero_grads(m)
                 m.eval()
@@ -162,14 +196,15 @@ class Bench:
         models = s.models
         for m in models.values():
             m.eval()
-        self.status("speed: forward_nograd")
+        self.plan.begin("forward_nograd", "speed: forward_nograd")
         fns = {n: (lambda m=m: W.forward_logits(m, s.input_ids)) for n, m in models.items()}
         cpu = {}
-        res["forward_nograd"] = summarize(interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick,
+        res["forward_nograd"] = summarize(interleaved(fns, self.repeats, self.warmup, s.device,
+                                                      tick=self.plan.ticker(1, self.warmup * len(fns)),
                                                       cpu_times=cpu, gate=self.gate), cpu_times=cpu)
         res["forward_nograd"]["what"] = f"no-grad forward (eval), batch {self.wl.batch} x seq {self.wl.seq}; seconds"
 
-        self.status("speed: generate")
+        self.plan.begin("generate_per_token", "speed: generate")
         new = self.wl.gen_new_tokens
         outs = {}
 
@@ -178,7 +213,8 @@ class Bench:
 
         fns = {n: (lambda n=n, m=m: gen(n, m)) for n, m in models.items()}
         cpu = {}
-        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.tick, cpu_times=cpu, gate=self.gate)
+        times = interleaved(fns, self.repeats, self.warmup, s.device, tick=self.plan.ticker(1, self.warmup * len(fns)),
+                            cpu_times=cpu, gate=self.gate)
         res["generate_per_token"] = summarize(times, per=new, cpu_times=cpu)
         res["generate_per_token"]["what"] = (f"greedy generate, batch {self.wl.gen_batch}, {self.wl.gen_prompt}-token "
                                              f"prompt, {new} new tokens; wall time / new tokens (prefill included)")
@@ -314,6 +350,9 @@ class Bench:
 
 
 def evaluate_targets(results: dict) -> list[dict]:
+    """One row per target; speed targets are judged on their 95% interval (``report.verdict``)."""
+    from ptune_rt.bench.report import judge
+
     rows = []
     speed = results.get("speed", {})
     labels = {"train_dropout0": "training step, dropout 0", "train_dropout0.1": "training step, dropout 0.1",
@@ -321,26 +360,27 @@ def evaluate_targets(results: dict) -> list[dict]:
     for key, label in labels.items():
         if key in speed:
             v = speed[key]["speedup"]
+            rounds = len(speed[key]["variants"]["peft"]["runs_s"])
             rows.append({"target": f"{label}: ptune-rt speed vs PEFT", "value": v, "goal": f">= {TARGETS[key]:.2f}x",
-                         "pass": v >= TARGETS[key], "unit": "x", "ci95": speed[key].get("speedup_ci95")})
+                         "unit": "x", **judge(v, TARGETS[key], True, speed[key].get("speedup_ci95"), rounds)})
     mem = results.get("memory", {})
     if "dropout0.1" in mem:
         v = mem["dropout0.1"]["ratio_ptune_over_peft"]
         t = TARGETS["saved_activation_bytes_ratio_dropout0.1"]
         rows.append({"target": "activation bytes saved for backward, dropout 0.1: ptune-rt / PEFT", "value": v,
-                     "goal": f"<= {t:.2f}x", "pass": v <= t, "unit": "x"})
+                     "goal": f"<= {t:.2f}x", "unit": "x", **judge(v, t, False)})
     ops = results.get("ops", {})
     tri = results.get("triton", {})
     t = TARGETS["compute_ops_per_lora_linear"]
     if "compute_ops_per_lora_linear_forward" in tri:
         v = tri["compute_ops_per_lora_linear_forward"]
         rows.append({"target": "dispatched ops per LoRA linear per forward, Triton path (interpreter probe)",
-                     "value": v, "goal": f"<= {t:g}", "pass": v <= t, "unit": "ops"})
+                     "value": v, "goal": f"<= {t:g}", "unit": "ops", **judge(v, t, False)})
     elif "forward" in ops and "ptune-rt" in ops["forward"]:
         backend = ",".join(ops.get("ptune_backend", {}))
         v = ops["forward"]["ptune-rt"]["per_lora_linear_compute"]
         rows.append({"target": f"dispatched ops per LoRA linear per forward ({backend} path, top level)",
-                     "value": v, "goal": f"<= {t:g}", "pass": v <= t, "unit": "ops"})
+                     "value": v, "goal": f"<= {t:g}", "unit": "ops", **judge(v, t, False)})
     return rows
 
 
@@ -354,43 +394,59 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ptune-rt bench",
         description="LoRA benchmark + numerical-equality report: HF PEFT vs ptune-rt (and the frozen base model) "
                     "on a Llama-like model with random weights, side by side in one run.")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported; default 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed runs per variant (median reported; default {MODES['default']['repeats']}, --full "
+                        f"{MODES['full']['repeats']}, --quick {MODES['quick']['repeats']})")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--quiet-gate", type=float, default=None, metavar="IDLE",
                    help="CPU runs: before every timed round wait (up to --gate-max-wait s) until the CPUs were at "
-                        "least this fraction idle over one second, e.g. 0.9 (Linux; default: off)")
-    p.add_argument("--gate-max-wait", type=float, default=120.0, help="longest wait per round for --quiet-gate (s)")
-    p.add_argument("--train-block", type=int, default=1, metavar="N",
+                        "least this fraction idle over one second, e.g. 0.9 (Linux; default: off, --full 0.85)")
+    p.add_argument("--gate-max-wait", type=float, default=None,
+                   help="longest wait per round for --quiet-gate (s; default 120, --full 60)")
+    p.add_argument("--train-block", type=int, default=None, metavar="N",
                    help="training steps: per round run each model N steps in a row and time the mean of the last "
-                        "N-1 (steady state, as a training loop sees it; default 1: one step per model per round)")
-    add_common_arguments(p, max_wait=1800.0)
+                        "N-1 (steady state, as a training loop sees it; default 1: one step per model per round; "
+                        "--full 2)")
+    add_common_arguments(p, max_wait=1800.0, full=FULL_HELP, plan=True)
     return p
 
 
-def _progress_total(sections, repeats, warmup) -> int:
-    n = 0
-    if "equality" in sections:
-        n += 4
-    if "speed" in sections:
-        n += repeats * (2 + 2 + 3 + 3)
-    if "memory" in sections:
-        n += 4
-    if "ops" in sections:
-        n += 3
-    if "flops" in sections:
-        n += 3
-    if "analytic" in sections:
-        n += 1
-    if "triton" in sections:
-        n += 1
-    return n
+def build_dropouts(sections) -> list:
+    """The LoRA dropouts whose models the chosen sections need (built once each, up front)."""
+    out = []
+    if set(sections) & {"speed", "memory", "ops", "flops", "equality"}:
+        out.append(0.0)
+    if set(sections) & {"speed", "memory"}:
+        out.append(0.1)
+    return out
+
+
+def make_plan(args, sections, gated: bool):
+    """The run's plan: every model build, timed call and section step, with its prior cost."""
+    from ptune_rt.bench.timing import Plan
+
+    prior = PRIOR_S["quick" if args.quick else "default"]
+    plan = Plan()
+    n_builds = len(build_dropouts(sections))
+    if n_builds:
+        plan.add("build", n_builds, prior["build"], "building models")
+    for sec in SECTIONS:
+        if sec not in sections:
+            continue
+        if sec != "speed":
+            plan.add(sec, SECTION_STEPS[sec], prior[sec])
+            continue
+        for case, variants in SPEED_CASES.items():
+            block = args.train_block if case.startswith("train") else 1
+            per_call = prior[case] + (prior["quiet_gate"] / (len(variants) * block) if gated else 0.0)
+            plan.add(case, len(variants) * (args.warmup + args.repeats * block), per_call, f"speed: {case}")
+    return plan
 
 
 def run(args, argv) -> dict:
     import torch
-    from tqdm.auto import tqdm
 
     from ptune_rt.bench import analytic
     from ptune_rt.bench.workload import Workload, default_device
@@ -408,40 +464,49 @@ def run(args, argv) -> dict:
     device = args.device or default_device()
     wl = Workload.quick() if args.quick else Workload.default()
     results: dict = {"schema": "ptune-rt-bench-lora/1", "provenance": provenance(device, argv),
-                     "workload": wl.to_dict(), "mode": "quick" if args.quick else "default",
+                     "workload": wl.to_dict(), "mode": args.mode,
                      "repeats": args.repeats, "warmup": args.warmup, "train_block": args.train_block}
     if args.wait_for_load is not None and torch.device(device).type == "cpu" and hasattr(os, "getloadavg"):
         results["provenance"]["wait_for_load"] = wait_for_quiet(args.wait_for_load, args.max_wait)
         results["provenance"]["load_average_at_start"] = list(os.getloadavg())
     t0 = time.perf_counter()
-    progress = tqdm(total=_progress_total(sections, args.repeats, args.warmup), disable=args.no_progress,
-                    unit="step", dynamic_ncols=True, file=sys.stderr)
     gate = None
     if args.quiet_gate is not None and torch.device(device).type == "cpu":
         from ptune_rt.bench.timing import QuietGate
 
         gate = QuietGate(args.quiet_gate, args.gate_max_wait)
-    bench = Bench(wl, device, args.repeats, args.warmup, progress, gate, train_block=args.train_block)
+    plan = make_plan(args, sections, gate is not None).start(disable=args.no_progress)
+    bench = Bench(wl, device, args.repeats, args.warmup, plan, gate, train_block=args.train_block)
     try:
         section_s = results["section_wall_s"] = {}
+        ts = time.perf_counter()
+        for p in build_dropouts(sections):
+            plan.begin("build", f"building models (dropout {p:g})")
+            bench.setup(p)
+            plan.advance()
+        if "build" in plan.kinds:
+            section_s["build"] = time.perf_counter() - ts
         for sec in SECTIONS:
             if sec not in sections:
                 continue
             ts = time.perf_counter()
+            if sec != "speed":
+                plan.begin(sec)
             if sec == "analytic":
-                progress.set_description_str("analytic HBM / roofline")
+                plan.status("analytic HBM / roofline")
                 results["analytic"] = {"seven_b": analytic.seven_b_table(r=16, e=2),
                                        "bench_model_fp32": _bench_model_analytic(wl)}
-                progress.update(1)
+                plan.advance()
             else:
                 results[sec] = getattr(bench, sec)()
             section_s[sec] = time.perf_counter() - ts
     finally:
-        progress.close()
+        plan.close()
     results["provenance"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if gate is not None:
         results["provenance"]["quiet_gate"] = gate.summary()
     results["provenance"]["wall_time_s"] = time.perf_counter() - t0
+    results["plan"] = plan.summary()
     results["targets"] = evaluate_targets(results)
     return results
 
@@ -463,11 +528,27 @@ def _bench_model_analytic(wl) -> dict:
     return out
 
 
+def parse(argv) -> argparse.Namespace:
+    """The options of ``argv`` with the run mode's settings (:data:`MODES`) filled in; ``.mode`` says which."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_mode(args, parser, argv, MODES)
+    return args
+
+
 def main(argv=None, command_argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from ptune_rt.bench import report
 
+    if args.dry_run:
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        plan = make_plan(args, sections, args.quiet_gate is not None)
+        print(f"ptune-rt bench (LoRA), mode {args.mode}: {args.repeats} timed rounds per case, warm-up "
+              f"{args.warmup}, train block {args.train_block}, quiet gate {args.quiet_gate}; would write to "
+              f"{args.out or default_out_dir()}\n")
+        print("\n".join(plan.table()))
+        return 0
     out_dir = args.out or default_out_dir()
     with warnings.catch_warnings():
         # transformers' own deprecation notice, raised from inside PEFT on every training forward
@@ -476,6 +557,7 @@ def main(argv=None, command_argv=None) -> int:
     paths = report.write_all(results, Path(out_dir))
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
+    print(f"ptune-rt bench: {report.finished_line(results)}", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,10 @@ Finally an analytic HBM-bytes / H100-roofline model of one 7B-class attention la
 chain vs the fused Triton kernels (a model, not a measurement).
 
 Writes ``prefix_<device>.json`` (numbers + provenance), ``.md`` and ``.png``.
+
+Modes (:data:`MODES`): the default run times P = 32 at both sequence lengths in 6 rounds (under 5
+minutes on a 2-core CPU); ``--full`` is the configuration of the committed results
+(``bench/results/prefix_cpu.*``: both prefix lengths); ``--quick`` runs tiny shapes in seconds.
 """
 from __future__ import annotations
 
@@ -40,6 +44,35 @@ from ptune_rt.bench.workload import ModelShape
 SPEED_TARGET = 1.10
 SPEED_CASES = ("train", "forward")
 MiB = 2**20
+
+#: The settings of each run mode (an option given on the command line wins). ``default``: one prefix
+#: length at both sequence lengths, 6 timed rounds per case (the fewest behind a PASS / MISS), under 5
+#: minutes on a 2-core CPU; ``full``: the command of the committed ``bench/results/prefix_cpu.*``.
+MODES = {
+    "quick": {"repeats": 5},
+    "default": {"repeats": 6, "prefix_lengths": "32"},
+    "full": {"repeats": 9, "long_train_repeats": 5, "wait_for_load": 1.5, "max_wait": 300.0},
+}
+FULL_HELP = ("the configuration of the committed results (bench/results/prefix_cpu.*): P in 32,128, --repeats 9 "
+             "--long-train-repeats 5 --wait-for-load 1.5 --max-wait 300, about 6 minutes on a 2-core CPU")
+
+
+def prior_s(wl: "PrefixWorkload", quick: bool) -> dict:
+    """Seconds per call in the committed run on its 2-core CPU: the plan's prior costs until
+    the run's own calls are measured. ``train`` / ``forward`` / ``saved`` are functions of the sequence
+    length (one call of one variant); the rest per progress step."""
+    if quick:
+        ref_l, base = 32, {"train": 0.05, "forward": 0.02, "saved_extra": 0.1, "generate": 0.1, "ops": 0.3,
+                           "float64": 0.1, "build": 0.5}
+    else:
+        ref_l, base = 256, {"train": 0.92, "forward": 0.37, "saved_extra": 1.3, "generate": 0.36, "ops": 1.8,
+                            "float64": 2.4, "build": 2.2}
+    b = wl.batch / (2 if quick else 4)
+    out = dict(base)
+    out["train"] = lambda L: base["train"] * b * (L / ref_l) ** 1.24
+    out["forward"] = lambda L: base["forward"] * b * (L / ref_l) ** 1.06
+    out["saved"] = lambda L: 1.9 * out["train"](L) + base["saved_extra"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -421,24 +454,24 @@ def attention_flops(B, Hq, L, P, D, layers) -> dict:
 
 
 class PrefixBench:
-    def __init__(self, wl: PrefixWorkload, device, repeats: int, long_train_repeats: int, warmup: int, progress):
+    def __init__(self, wl: PrefixWorkload, device, repeats: int, long_train_repeats: int, warmup: int, plan):
         import torch
 
         from ptune_rt.bench.workload import build_base
 
         self.wl, self.device = wl, torch.device(device)
         self.repeats, self.long_train_repeats, self.warmup = repeats, long_train_repeats, warmup
-        self.progress = progress
+        self.plan = plan
         self.status("building models")
         self.base = build_base(wl.model_workload(), self.device)
         self.setups = {P: build(wl, P, self.base) for P in wl.prefix_lengths}
         self.ids, self.prompt_ids = make_inputs(wl, self.device)
 
     def status(self, text: str):
-        self.progress.set_description_str(text)
+        self.plan.status(text)
 
     def tick(self, n: int = 1):
-        self.progress.update(n)
+        self.plan.advance(n)
 
     def train_repeats(self, L: int) -> int:
         return self.long_train_repeats if L == max(self.wl.seqs) else self.repeats
@@ -454,7 +487,7 @@ class PrefixBench:
         out = {"P": P, "seq": L, "load_average_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
         # bytes saved for backward; this step is also each model's untimed warm-up training step
-        self.status(f"P={P} seq={L}: saved for backward")
+        self.plan.begin(f"P{P}_seq{L}_saved", f"P={P} seq={L}: saved for backward")
         mem = {}
         for name, m in models.items():
             m.train()
@@ -467,7 +500,7 @@ class PrefixBench:
         mem["attention_matrix_elements_B_H_L_PL"] = wl.batch * wl.heads * L * (P + L)
         out["memory"] = mem
 
-        self.status(f"P={P} seq={L}: training step")
+        self.plan.begin(f"P{P}_seq{L}_train", f"P={P} seq={L}: training step")
         losses = {}
 
         def train(n, m):
@@ -477,7 +510,7 @@ class PrefixBench:
         fns = {n: (lambda n=n, m=m: train(n, m)) for n, m in models.items()}
         cpu: dict = {}
         times = interleaved(fns, n_train, self.warmup, self.device, setup=lambda n: W.zero_grads(models[n]),
-                            tick=self.tick, cpu_times=cpu)
+                            tick=self.plan.ticker(1, self.warmup * len(fns)), cpu_times=cpu)
         train_res = summarize(times, cpu_times=cpu)
         train_res["what"] = (f"forward + causal-LM loss + backward, batch {wl.batch} x seq {L}, P = {P}; seconds "
                              f"per step ({n_train} interleaved runs after {self.warmup + 1} untimed steps)")
@@ -490,7 +523,7 @@ class PrefixBench:
             W.zero_grads(m)
             m.eval()
 
-        self.status(f"P={P} seq={L}: no-grad forward")
+        self.plan.begin(f"P{P}_seq{L}_forward", f"P={P} seq={L}: no-grad forward")
         logits = {}
 
         def fwd(n, m):
@@ -500,7 +533,8 @@ class PrefixBench:
         # a prefix costing nothing at all would reach
         fns = {n: (lambda n=n, m=m: fwd(n, m)) for n, m in {**models, "base": self.base}.items()}
         cpu = {}
-        times = interleaved(fns, self.repeats, self.warmup, self.device, tick=self.tick, cpu_times=cpu)
+        times = interleaved(fns, self.repeats, self.warmup, self.device,
+                            tick=self.plan.ticker(1, self.warmup * len(fns)), cpu_times=cpu)
         fwd_res = summarize(times, cpu_times=cpu)
         fwd_res["what"] = (f"no-grad forward (eval), batch {wl.batch} x seq {L}, P = {P}; seconds; 'base' is the frozen "
                            "model without a prefix")
@@ -509,7 +543,8 @@ class PrefixBench:
         eq.update({"logits_shape": list(lm.shape), "logits_max_abs_diff": float((lm - lp).abs().max()),
                    "logits_max_abs": float(lp.abs().max()),
                    "argmax_agreement": float((lm.argmax(-1) == lp.argmax(-1)).float().mean())})
-        del logits, lp, lm
+        logits.clear()  # the closure above holds the dict: empty it rather than del the name
+        del lp, lm
         out["speed"] = {"train": train_res, "forward": fwd_res}
         out["equality"] = eq
         return out
@@ -522,7 +557,7 @@ class PrefixBench:
         from ptune_rt.bench import workload as W
         from ptune_rt.bench.timing import interleaved, summarize
 
-        self.status(f"P={P}: generate")
+        self.plan.begin(f"P{P}_generate", f"P={P}: generate")
         s, wl = self.setups[P], self.wl
         outs = {}
 
@@ -533,7 +568,8 @@ class PrefixBench:
             m.eval()
         fns = {n: (lambda n=n, m=m: gen(n, m)) for n, m in s.models.items()}
         cpu: dict = {}
-        times = interleaved(fns, self.repeats, self.warmup, self.device, tick=self.tick, cpu_times=cpu)
+        times = interleaved(fns, self.repeats, self.warmup, self.device,
+                            tick=self.plan.ticker(1, self.warmup * len(fns)), cpu_times=cpu)
         res = summarize(times, per=wl.gen_new_tokens, cpu_times=cpu)
         res["what"] = (f"greedy generate, batch {wl.gen_batch}, {wl.gen_prompt}-token prompt, {wl.gen_new_tokens} new "
                        f"tokens, P = {P}; wall time / new tokens (prefill included)")
@@ -548,6 +584,7 @@ class PrefixBench:
         L = min(wl.seqs)
         ids = self.ids[L]
         res = {"seq": L}
+        self.plan.begin(f"P{P}_ops")
         for name, m in s.models.items():
             self.status(f"P={P}: ops ({name})")
             m.eval()
@@ -572,7 +609,7 @@ class PrefixBench:
         from ptune_rt.bench import workload as W
         from ptune_rt.testing.tolerances import error_report
 
-        self.status(f"P={P}: equality vs float64")
+        self.plan.begin(f"P{P}_float64", f"P={P}: equality vs float64")
         s = self.setups[P]
         ids = self.ids[min(self.wl.seqs)]
         for m in s.models.values():
@@ -592,6 +629,9 @@ class PrefixBench:
 
 
 def evaluate_targets(results: dict) -> list[dict]:
+    """One row per target; speed targets are judged on their 95% interval (``report.verdict``)."""
+    from ptune_rt.bench.report import judge
+
     rows = []
     for c in results.get("cases", []):
         P, L = c["P"], c["seq"]
@@ -600,28 +640,58 @@ def evaluate_targets(results: dict) -> list[dict]:
             if d:
                 v = d["speedup"]
                 rows.append({"target": f"P={P}, seq {L}: {label}, ptune-rt speed vs PEFT", "case": [P, L],
-                             "measure": key, "value": v, "goal": f">= {SPEED_TARGET:.2f}x",
-                             "pass": v >= SPEED_TARGET, "unit": "x"})
+                             "measure": key, "value": v, "goal": f">= {SPEED_TARGET:.2f}x", "unit": "x",
+                             **judge(v, SPEED_TARGET, True, d.get("speedup_ci95"), d["repeats"])})
         mem = c.get("memory", {}).get("ptune-rt")
         if mem:
             v = mem["quadratic_count"]
             rows.append({"target": f"P={P}, seq {L}: ptune-rt saves no [.., L, P+L] tensor and no mask for backward",
-                         "case": [P, L], "measure": "saved", "value": v,
-                         "goal": "0 tensors", "pass": v == 0 and mem["mask_count"] == 0, "unit": "tensors"})
+                         "case": [P, L], "measure": "saved", "value": v, "goal": "0 tensors", "unit": "tensors",
+                         **judge(v + mem["mask_count"], 0, at_least=False)})
     return rows
 
 
-def _progress_total(wl: PrefixWorkload, repeats: int, long_train: int, warmup: int) -> int:
-    n = 0
-    for _, L in wl.cases:
-        n += 2 + 2 * (long_train if L == max(wl.seqs) else repeats) + 3 * repeats  # forward: base too
-    n += len(wl.prefix_lengths) * (2 * repeats + 2 + 1)
-    return n + 1
+def make_plan(wl: PrefixWorkload, repeats: int, long_train: int, warmup: int, quick: bool):
+    """The run's plan: model builds, every case's saved-bytes step and timed calls, per P the generate
+    timing, op counts and float64 check, with their prior costs."""
+    from ptune_rt.bench.timing import Plan
+
+    pr = prior_s(wl, quick)
+    plan = Plan()
+    plan.add("build", 1, pr["build"] * len(wl.prefix_lengths), "building models")
+    for P, L in wl.cases:
+        n_train = long_train if L == max(wl.seqs) else repeats
+        plan.add(f"P{P}_seq{L}_saved", 2, pr["saved"](L), f"P={P} seq={L}: saved for backward")
+        plan.add(f"P{P}_seq{L}_train", 2 * (warmup + n_train), pr["train"](L), f"P={P} seq={L}: training step")
+        plan.add(f"P{P}_seq{L}_forward", 3 * (warmup + repeats), pr["forward"](L), f"P={P} seq={L}: no-grad forward")
+    for P in wl.prefix_lengths:
+        plan.add(f"P{P}_generate", 2 * (warmup + repeats), pr["generate"], f"P={P}: generate")
+    for P in wl.prefix_lengths:
+        plan.add(f"P{P}_ops", 2, pr["ops"], f"P={P}: ops")
+    for P in wl.prefix_lengths:
+        plan.add(f"P{P}_float64", 1, pr["float64"], f"P={P}: equality vs float64")
+    plan.add("analytic", 1, 0.01, "analytic model")
+    return plan
+
+
+def workload(args) -> PrefixWorkload:
+    """The run's workload: the mode's shapes with --prefix-lengths / --seqs applied."""
+    wl = PrefixWorkload.quick() if args.quick else PrefixWorkload.default()
+    for field, text in (("prefix_lengths", args.prefix_lengths), ("seqs", args.seqs)):
+        if text:
+            try:
+                values = tuple(int(x) for x in text.split(",") if x.strip())
+            except ValueError:
+                values = ()
+            if not values or min(values) < 1:
+                raise SystemExit(f"ptune-rt bench --suite prefix: --{field.replace('_', '-')} takes comma-separated "
+                                 f"positive integers, got {text!r}")
+            wl = dataclasses.replace(wl, **{field: values})
+    return wl
 
 
 def run(args, command_argv) -> dict:
     import torch
-    from tqdm.auto import tqdm
 
     import ptune_rt
     from ptune_rt.bench.common import provenance, wait_for_quiet
@@ -634,35 +704,26 @@ def run(args, command_argv) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or default_device())
-    wl = PrefixWorkload.quick() if args.quick else PrefixWorkload.default()
-    for field, text in (("prefix_lengths", args.prefix_lengths), ("seqs", args.seqs)):
-        if text:
-            try:
-                values = tuple(int(x) for x in text.split(",") if x.strip())
-            except ValueError:
-                values = ()
-            if not values or min(values) < 1:
-                raise SystemExit(f"ptune-rt bench --suite prefix: --{field.replace('_', '-')} takes comma-separated "
-                                 f"positive integers, got {text!r}")
-            wl = dataclasses.replace(wl, **{field: values})
+    wl = workload(args)
     long_train = args.long_train_repeats if args.long_train_repeats is not None else args.repeats
     waited = None
     if args.wait_for_load is not None and device.type == "cpu" and hasattr(os, "getloadavg"):
         waited = wait_for_quiet(args.wait_for_load, args.max_wait)
     results: dict = {"schema": "ptune-rt-bench-prefix/1", "provenance": provenance(device, command_argv),
-                     "workload": wl.to_dict(), "mode": "quick" if args.quick else "default",
+                     "workload": wl.to_dict(), "mode": args.mode,
                      "repeats": args.repeats, "long_train_repeats": long_train, "warmup": args.warmup,
                      "targets_definition": {"speed": SPEED_TARGET,
                                             "saved": "no [.., L, P+L] (attention-matrix or mask) tensor on ptune-rt's side"}}
     if waited is not None:
         results["provenance"]["wait_for_load"] = waited
     t0 = time.perf_counter()
-    progress = tqdm(total=_progress_total(wl, args.repeats, long_train, args.warmup), disable=args.no_progress,
-                    unit="step", dynamic_ncols=True, file=sys.stderr)
+    plan = make_plan(wl, args.repeats, long_train, args.warmup, args.quick).start(disable=args.no_progress)
     section_s = results["section_wall_s"] = {}
     try:
         ts = time.perf_counter()
-        bench = PrefixBench(wl, device, args.repeats, long_train, args.warmup, progress)
+        plan.begin("build")
+        bench = PrefixBench(wl, device, args.repeats, long_train, args.warmup, plan)
+        plan.advance()
         section_s["build"] = time.perf_counter() - ts
         results["backend"] = sorted({row["backend"] for s in bench.setups.values() for row in ptune_rt.report(s.ptune)})
         results["cases"] = []
@@ -674,15 +735,16 @@ def run(args, command_argv) -> dict:
             ts = time.perf_counter()
             results[key] = {str(P): fn(P) for P in wl.prefix_lengths}
             section_s[key] = time.perf_counter() - ts
-        progress.set_description_str("analytic model")
+        plan.begin("analytic")
         results["attention_flops_model"] = {
             f"P{P}_seq{L}": attention_flops(wl.batch, wl.heads, L, P, wl.head_dim, wl.layers) for P, L in wl.cases}
         results["analytic"] = seven_b_model()
-        progress.update(1)
+        plan.advance()
     finally:
-        progress.close()
+        plan.close()
     results["provenance"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results["provenance"]["wall_time_s"] = time.perf_counter() - t0
+    results["plan"] = plan.summary()
     results["targets"] = evaluate_targets(results)
     return results
 
@@ -706,7 +768,9 @@ def _target(results, P, L, measure):
 
 
 def _verdict(t) -> str:
-    return "" if t is None else ("PASS" if t["pass"] else "MISS")
+    from ptune_rt.bench.report import verdict_of
+
+    return verdict_of(t)
 
 
 def _shape(sh) -> str:
@@ -759,7 +823,7 @@ def generate_table(results: dict) -> list[str]:
 
 
 def _header(results: dict) -> list[str]:
-    from ptune_rt.bench.report import commit_label, load_label, peak_load
+    from ptune_rt.bench.report import commit_label, load_label, mode_label, peak_load
 
     pv, wl = results["provenance"], results["workload"]
     v = pv["versions"]
@@ -772,7 +836,7 @@ def _header(results: dict) -> list[str]:
              "untimed before those)")
     out = [f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, {loads}, "
            f"{pv['wall_time_s']:.0f} s); torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
-           f"commit {commit}; mode {results['mode']}; {reps}, medians; command `{pv['command']}`.", "",
+           f"commit {commit}; {mode_label(results)}; {reps}, medians; command `{pv['command']}`.", "",
            f"Workload: Llama-like model from a `LlamaConfig` with random weights (hidden {wl['hidden']}, intermediate "
            f"{wl['intermediate']}, {wl['layers']} layers, {wl['heads']} heads / {wl['kv_heads']} KV heads, head dim "
            f"{wl['head_dim']}, vocab {wl['vocab']}), {wl['dtype']}, batch {wl['batch']}, no padding; prefix tuning with "
@@ -799,12 +863,13 @@ def _targets_md(results) -> list[str]:
     tg = results.get("targets", [])
     if not tg:
         return []
-    out = ["| Target | Measured | Goal | Result |", "|---|---:|---|---|"]
+    from ptune_rt.bench.report import VERDICT_RULE, ci_cell, verdict_counts, verdict_of
+
+    out = ["| Target | Measured | 95% interval | Goal | Result |", "|---|---:|---:|---|---|"]
     for t in tg:
         val = f"{t['value']:.3f}x" if t["unit"] == "x" else f"{t['value']} {t['unit']}"
-        out.append(f"| {t['target']} | {val} | {t['goal']} | {'PASS' if t['pass'] else 'MISS'} |")
-    n_pass = sum(t["pass"] for t in tg)
-    out += ["", f"{n_pass} of {len(tg)} targets pass."]
+        out.append(f"| {t['target']} | {val} | {ci_cell(t, 'ci95', 3)} | {t['goal']} | {verdict_of(t)} |")
+    out += ["", f"{len(tg)} targets: {verdict_counts(tg)}. {VERDICT_RULE}"]
     return out
 
 
@@ -1098,27 +1163,49 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ptune-rt bench --suite prefix",
         description="Prefix-tuning benchmark + equality report: HF PEFT vs ptune-rt's fused prefix attention on a "
                     "Llama-like model with random weights, side by side in one run.")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant and case (median; default 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed runs per variant and case (median; default {MODES['default']['repeats']}, --full "
+                        f"{MODES['full']['repeats']}, --quick {MODES['quick']['repeats']})")
     p.add_argument("--long-train-repeats", type=int, default=None, metavar="N",
-                   help="timed runs of the training step at the longest sequence (default: --repeats)")
+                   help="timed runs of the training step at the longest sequence (default: --repeats; --full "
+                        f"{MODES['full']['long_train_repeats']})")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs per variant before each timing (default 1; the training step also runs the "
                         "saved-bytes step untimed first)")
     p.add_argument("--prefix-lengths", default=None, metavar="P,P",
-                   help="comma-separated prefix lengths (default: 32,128; --quick: 4,12)")
+                   help="comma-separated prefix lengths (default: 32; --full: 32,128; --quick: 4,12)")
     p.add_argument("--seqs", default=None, metavar="L,L",
                    help="comma-separated sequence lengths (default: 256,1024; --quick: 24,40)")
-    add_common_arguments(p, max_wait=1500.0)
+    add_common_arguments(p, max_wait=1500.0, full=FULL_HELP, plan=True)
     return p
+
+
+def parse(argv) -> argparse.Namespace:
+    """The options of ``argv`` with the run mode's settings (:data:`MODES`) filled in; ``.mode`` says which."""
+    from ptune_rt.bench.common import resolve_mode
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_mode(args, parser, argv, MODES)
+    return args
 
 
 def main(argv=None, command_argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from ptune_rt.bench.common import default_out_dir
+    from ptune_rt.bench.report import finished_line
 
     command_argv = list(command_argv) if command_argv is not None else ["--suite", "prefix"] + argv
     out_dir = args.out or default_out_dir()
+    if args.dry_run:
+        wl = workload(args)
+        long_train = args.long_train_repeats if args.long_train_repeats is not None else args.repeats
+        print(f"ptune-rt bench --suite prefix, mode {args.mode}: P in {list(wl.prefix_lengths)}, seq in "
+              f"{list(wl.seqs)}, {args.repeats} timed rounds per case ({long_train} for the training step at seq "
+              f"{max(wl.seqs)}), warm-up {args.warmup}, wait for load {args.wait_for_load}; would write to {out_dir}\n")
+        print("\n".join(make_plan(wl, args.repeats, long_train, args.warmup, args.quick).table()))
+        return 0
     with warnings.catch_warnings():
         # transformers' own deprecation notice, raised from inside PEFT on every training forward
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -1126,6 +1213,7 @@ def main(argv=None, command_argv=None) -> int:
     paths = write_all(results, Path(out_dir))
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
+    print(f"ptune-rt bench --suite prefix: {finished_line(results)}", file=sys.stderr)
     return 0
 
 

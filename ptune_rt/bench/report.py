@@ -63,10 +63,70 @@ def file_stem(results: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 
+#: Fewest paired rounds behind a timed PASS / MISS: with n rounds all on one side of the goal a sign test
+#: gives p = 2 / 2**n, below 0.05 from 6 rounds on (and a bootstrap over fewer rounds is too narrow).
+MIN_ROUNDS_FOR_VERDICT = 6
+INCONCLUSIVE = "inconclusive (noise)"
+VERDICT_RULE = (f"*Result*: a timed target is PASS only when its whole 95% interval lies on the goal's side, MISS only "
+                f"when the whole interval lies on the other side, and {INCONCLUSIVE} otherwise (the goal inside "
+                f"the interval, or fewer than {MIN_ROUNDS_FOR_VERDICT} rounds); counts and bytes, which do not vary "
+                "from run to run, are judged by their value.")
+
+
+def verdict(value: float, goal: float, at_least: bool = True, ci95=None, rounds=None,
+            labels: tuple = ("PASS", "MISS")) -> str:
+    """The verdict on one target, the rule every suite uses.
+
+    ``at_least``: the target is ``value >= goal`` (else ``value <= goal``). An exact measurement (no
+    ``ci95`` and no ``rounds``: an op or byte count) is judged by ``value``. A timed one (``rounds``
+    paired rounds, ``ci95`` its 95% interval) gets ``labels[0]`` (pass) only when the whole interval
+    lies on the goal's side, ``labels[1]`` (miss) only when it lies wholly on the other side, and
+    "inconclusive (noise)" otherwise: the goal inside the interval, no interval, or fewer than
+    :data:`MIN_ROUNDS_FOR_VERDICT` rounds.
+    """
+    yes, no = labels
+    if ci95 is None and rounds is None:
+        return yes if (value >= goal if at_least else value <= goal) else no
+    if not ci95 or rounds is None or rounds < MIN_ROUNDS_FOR_VERDICT:
+        return INCONCLUSIVE
+    lo, hi = ci95
+    if at_least:
+        return yes if lo >= goal else no if hi < goal else INCONCLUSIVE
+    return yes if hi <= goal else no if lo > goal else INCONCLUSIVE
+
+
+def judge(value: float, goal: float, at_least: bool = True, ci95=None, rounds=None) -> dict:
+    """A target row's verdict fields: ``verdict`` (:func:`verdict`), ``pass`` (True, False, or None when
+    inconclusive), and the ``ci95`` and ``rounds`` it was judged on."""
+    v = verdict(value, goal, at_least, ci95, rounds)
+    return {"verdict": v, "pass": True if v == "PASS" else False if v == "MISS" else None,
+            "ci95": list(ci95) if ci95 else None, "rounds": rounds}
+
+
+def verdict_of(t) -> str:
+    """The Result cell of a target row ("" for none)."""
+    if not t:
+        return ""
+    return t.get("verdict") or "–"
+
+
+def verdict_counts(targets: list[dict]) -> str:
+    """"2 PASS, 1 MISS, 3 inconclusive (noise)" over a suite's target rows."""
+    counts: dict = {}
+    for t in targets:
+        counts[verdict_of(t)] = counts.get(verdict_of(t), 0) + 1
+    order = ["PASS", "MISS", INCONCLUSIVE]
+    keys = [k for k in order if k in counts] + sorted(k for k in counts if k not in order)
+    return ", ".join(f"{counts[k]} {k}" for k in keys)
+
+
+VERDICT_COLORS = {"PASS": "tab:green", "MISS": "tab:red", INCONCLUSIVE: "tab:gray"}
+
+
 def _target_cell(results, name_start):
     for t in results.get("targets", []):
         if t["target"].startswith(name_start):
-            return t["goal"], "PASS" if t["pass"] else "MISS"
+            return t["goal"], verdict_of(t)
     return "", ""
 
 
@@ -75,12 +135,11 @@ def targets_table(targets: list[dict]) -> list[str]:
     lines = ["| Target | Measured | 95% interval | Goal | Result |", "|---|---:|---:|---|---|"]
     for t in targets:
         val = f"{t['value']:.3f}x" if t["unit"] == "x" else _num(t["value"])
-        lines.append(f"| {t['target']} | {val} | {ci_cell(t, 'ci95', 3)} | {t['goal']} | "
-                     f"{'PASS' if t['pass'] else 'MISS'} |")
+        lines.append(f"| {t['target']} | {val} | {ci_cell(t, 'ci95', 3)} | {t['goal']} | {verdict_of(t)} |")
     if any(t.get("ci95") for t in targets):
         lines += ["", "*95% interval*: paired bootstrap of the ratio of medians over the interleaved rounds (2000 "
                   "resamples), the spread this machine's run-to-run noise puts around the measured ratio. A goal "
-                  "inside it is met or missed by the noise of this run, not by the code."]
+                  "inside it is met or missed by the noise of this run, not by the code. " + VERDICT_RULE]
     return lines
 
 
@@ -365,6 +424,24 @@ def _flops_detail(results) -> list[str]:
     return lines
 
 
+def finished_line(results: dict) -> str:
+    """How long the run took beside the time its plan estimated at the start."""
+    from ptune_rt.bench.timing import format_duration
+
+    pl = results.get("plan") or {}
+    wall = pl.get("wall_s", results["provenance"].get("wall_time_s"))
+    if wall is None:
+        return "finished"
+    eta = pl.get("eta_at_start_s")
+    return f"finished in {format_duration(wall)}" + (
+        f" (estimated {format_duration(eta)} at the start)" if eta is not None else "")
+
+
+def mode_label(results: dict) -> str:
+    """The run mode as the reports print it, with the run's duration and the plan's estimate at the start."""
+    return f"mode {results['mode']}, {finished_line(results)}"
+
+
 def commit_label(pv: dict) -> str:
     """A run's commit as reports print it: 12 hex digits, marked when the tree had local changes."""
     return (pv.get("git_commit") or "unknown")[:12] + (" (dirty)" if pv.get("git_dirty") else "")
@@ -392,11 +469,11 @@ def markdown(results: dict, title: bool = True) -> str:
     out += [
         f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}, {pv['torch_threads']} threads, "
         f"{load_label(pv)}); torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}, peft "
-        f"{v['peft']}; commit {commit}; mode {results['mode']}, {results['repeats']} interleaved runs per variant "
+        f"{v['peft']}; commit {commit}; {mode_label(results)}; {results['repeats']} interleaved runs per variant "
         f"after {results['warmup']} warm-up."
         if pv.get("load_average_at_start") and pv.get("load_average_at_end") else
         f"Run {pv['timestamp_utc']} on {pv['device_name']} ({pv['device']}); torch {v['torch']}, triton {v['triton']}, "
-        f"transformers {v['transformers']}, peft {v['peft']}; commit {commit}; mode {results['mode']}.",
+        f"transformers {v['transformers']}, peft {v['peft']}; commit {commit}; {mode_label(results)}.",
         "",
     ]
     if results.get("train_block", 1) > 1:
@@ -496,6 +573,10 @@ def bar_groups(ax, labels: list[str], series: list[tuple], ylabel: str, title: s
     ax.legend(fontsize=8)
 
 
+_SPEED_LABELS = {"train_dropout0": "training step, dropout 0:", "train_dropout0.1": "training step, dropout 0.1:",
+                 "forward_nograd": "no-grad forward", "generate_per_token": "greedy generate"}
+
+
 def plot(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -516,14 +597,17 @@ def plot(results: dict, path: Path) -> None:
         lo = [sp[k]["speedup"] - sp[k]["speedup_paired_min"] for k in keys]
         hi = [sp[k]["speedup_paired_max"] - sp[k]["speedup"] for k in keys]
         xs = range(len(keys))
-        ax.bar(xs, vals, color=["tab:green" if v >= goals[k] else "tab:red" for k, v in zip(keys, vals)],
+        judged = {t["target"]: verdict_of(t) for t in results.get("targets", [])}
+        colors = [next((VERDICT_COLORS.get(v, "tab:gray") for n, v in judged.items() if n.startswith(_SPEED_LABELS[k])),
+                       "tab:blue") for k in keys]
+        ax.bar(xs, vals, color=colors,
                yerr=[[max(0, v) for v in lo], [max(0, v) for v in hi]], capsize=4)
         ax.scatter(list(xs), [goals[k] for k in keys], marker="_", s=900, color="black", zorder=3, label="target")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([k.replace("_", "\n") for k in keys], fontsize=8)
         ax.set_ylabel("speed vs PEFT (PEFT time / ptune-rt time)")
-        ax.set_title("Speed ratio (median; bars: paired min-max)")
+        ax.set_title("Speed ratio (median; bars: paired min-max; green PASS, red MISS, gray inconclusive)")
         ax.legend(loc="lower right", fontsize=8)
 
     ax = axs[0][1]

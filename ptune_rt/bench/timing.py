@@ -193,3 +193,164 @@ def summarize(times: dict[str, list[float]], baseline: str = "peft", candidate: 
         if cpu_times and baseline in cpu_times and candidate in cpu_times:
             out["speedup_cpu_time"] = statistics.median(cpu_times[baseline]) / statistics.median(cpu_times[candidate])
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# the plan of a run and its ETA
+# ----------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``M:SS`` (``H:MM:SS`` from an hour on)."""
+    s = int(round(max(0.0, seconds)))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+class Plan:
+    """What a benchmark run will do, and a progress bar whose ETA comes from it.
+
+    A run is planned as kinds of work (a timed case, a model build, an untimed section), each with
+    the number of calls it will make and a prior cost per call: seconds on the 2-core CPU of the
+    committed results. While the run goes, :meth:`advance` charges the wall time since the previous
+    advance to the current kind, so a kind's cost per call becomes what its calls measured (the first
+    round of a case calibrates its remaining rounds), and kinds not reached yet are scaled by how the
+    measured kinds compared with their priors (a faster or slower machine, a busy one). The ETA is the
+    estimated cost of every call still to come; ``summary()`` keeps the ETA at the start, and at the
+    start of every kind, beside the actual wall time.
+    """
+
+    def __init__(self):
+        self.kinds: dict[str, dict] = {}
+        self.bar = None
+        self.eta_at_start_s: Optional[float] = None
+        self.eta_log: list[dict] = []
+        self._t0: Optional[float] = None
+        self._last: Optional[float] = None
+        self._current: Optional[str] = None
+        self._end: Optional[float] = None
+
+    def add(self, kind: str, calls: int, prior_s: float, label: Optional[str] = None) -> None:
+        """Plan ``calls`` more calls of ``kind``, ``prior_s`` seconds each before any is measured."""
+        if calls < 0 or prior_s < 0:
+            raise ValueError(f"calls and prior_s must be >= 0, got {calls} and {prior_s} for {kind!r}")
+        k = self.kinds.setdefault(kind, {"label": label or kind, "calls": 0, "prior_s": float(prior_s), "done": 0,
+                                         "seconds": 0.0})
+        k["calls"] += calls
+
+    #: bounds of :meth:`machine_factor`: a few odd first calls do not move the whole estimate further
+    FACTOR_RANGE = (1 / 3, 3.0)
+    #: the priors' own weight in :meth:`machine_factor`, as a fraction of the plan's prior total: a short
+    #: first kind (a model build) moves the estimate of the rest a little, the first timed cases a lot
+    PRIOR_WEIGHT = 0.05
+
+    def machine_factor(self) -> float:
+        """Measured / prior cost over the calls measured so far, the priors themselves counting as
+        ``PRIOR_WEIGHT`` of the plan at ratio 1 (so 1.0 before any call), within :data:`FACTOR_RANGE`."""
+        prior = sum(k["prior_s"] * k["done"] for k in self.kinds.values() if k["done"] and k["prior_s"] > 0)
+        spent = sum(k["seconds"] for k in self.kinds.values() if k["done"] and k["prior_s"] > 0)
+        w = max(1.0, self.PRIOR_WEIGHT * self.total_prior_s())
+        lo, hi = self.FACTOR_RANGE
+        return min(max((spent + w) / (prior + w), lo), hi)
+
+    def per_call_s(self, kind: str) -> float:
+        """The current estimate of one call of ``kind``: its measured mean, else its prior scaled."""
+        k = self.kinds[kind]
+        return k["seconds"] / k["done"] if k["done"] else k["prior_s"] * self.machine_factor()
+
+    def remaining_s(self) -> float:
+        """Estimated seconds of every planned call not done yet."""
+        return sum(max(k["calls"] - k["done"], 0) * self.per_call_s(n) for n, k in self.kinds.items())
+
+    def total_prior_s(self) -> float:
+        return sum(k["calls"] * k["prior_s"] for k in self.kinds.values())
+
+    def start(self, disable: bool = False, file=None) -> "Plan":
+        """Start the clock (and the bar, unless ``disable``); the ETA at this point is kept."""
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self._t0 = self._last = time.perf_counter()
+        self.eta_at_start_s = self.remaining_s()
+        self.bar = tqdm(total=max(self.eta_at_start_s, 1e-9), disable=disable, file=file or sys.stderr,
+                        dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}")
+        self._show()
+        return self
+
+    def begin(self, kind: str, text: Optional[str] = None) -> None:
+        """The calls from now on are ``kind``'s (the time since the last advance is charged to it too)."""
+        if kind not in self.kinds:
+            raise KeyError(f"{kind!r} is not planned (planned: {sorted(self.kinds)})")
+        if kind != self._current and self._t0 is not None:
+            self.eta_log.append({"kind": kind, "elapsed_s": round(time.perf_counter() - self._t0, 2),
+                                 "eta_s": round(self.remaining_s(), 2)})
+        self._current = kind
+        self.status(text or self.kinds[kind]["label"])
+
+    def status(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=False)
+            self._show()
+
+    def advance(self, calls: int = 1) -> None:
+        """``calls`` calls of the current kind are done: charge them the wall time since the last advance."""
+        now = time.perf_counter()
+        k = self.kinds[self._current]
+        k["done"] += calls
+        k["seconds"] += now - self._last
+        self._last = now
+        self._show()
+
+    def ticker(self, calls_per_tick: int = 1, first_extra: int = 0):
+        """A ``tick()`` for :func:`interleaved`: each tick is ``calls_per_tick`` calls (``block``), the
+        first one ``first_extra`` more (the warm-up calls of every variant run before it)."""
+        first = [True]
+
+        def tick():
+            self.advance(calls_per_tick + (first_extra if first[0] else 0))
+            first[0] = False
+
+        return tick
+
+    def _show(self) -> None:
+        if self.bar is None or self.bar.disable:
+            return
+        elapsed = time.perf_counter() - self._t0
+        left = self.remaining_s()
+        self.bar.total = max(elapsed + left, 1e-9)
+        self.bar.n = elapsed
+        self.bar.set_postfix_str(f"about {format_duration(left)} left", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self._end is None and self._t0 is not None:
+            self._end = time.perf_counter()
+        if self.bar is not None:
+            self.bar.close()
+
+    def wall_s(self) -> float:
+        return ((self._end or time.perf_counter()) - self._t0) if self._t0 is not None else 0.0
+
+    def summary(self) -> dict:
+        """The ETA at the start beside the actual wall time; the ETA when each kind began (``elapsed_s``
+        + ``eta_s`` = the total the plan expected then); per kind: calls planned and done, prior and
+        measured seconds per call."""
+        return {"eta_at_start_s": self.eta_at_start_s, "wall_s": self.wall_s(), "prior_total_s": self.total_prior_s(),
+                "eta_log": self.eta_log,
+                "kinds": {n: {"calls": k["calls"], "done": k["done"], "prior_s_per_call": k["prior_s"],
+                              "measured_s_per_call": k["seconds"] / k["done"] if k["done"] else None}
+                          for n, k in self.kinds.items()}}
+
+    def table(self) -> list[str]:
+        """The plan as markdown lines: what runs, how often, for how long (before anything is measured)."""
+        lines = ["| Work | calls | s per call (prior) | s |", "|---|---:|---:|---:|"]
+        for k in self.kinds.values():
+            lines.append(f"| {k['label']} | {k['calls']} | {k['prior_s']:.3g} | {k['calls'] * k['prior_s']:.0f} |")
+        lines.append(f"| **total** |  |  | **{self.total_prior_s():.0f}** ({format_duration(self.total_prior_s())}) |")
+        return lines
+
+    def finished_line(self) -> str:
+        eta = self.eta_at_start_s
+        return (f"finished in {format_duration(self.wall_s())} (estimated {format_duration(eta)} at the start)"
+                if eta is not None else f"finished in {format_duration(self.wall_s())}")
