@@ -19,6 +19,7 @@ def test_bench_bitfit_quick(tmp_path):
     pv, wl = res["provenance"], res["workload"]
     assert pv["device"] == "cpu" and pv["versions"]["torch"] and "--suite bitfit" in pv["command"]
     assert set(res["models"]) == {"bert", "llama"} and res["equality_passed"]
+    assert res["mode"] == "quick" and res["repeats"] == 3  # the option given wins over the mode's 7
     # linears whose weights BitFit freezes: 6 per BERT layer and the pooler; 7 per Llama layer and the LM head
     body_linears = {"bert": 6 * wl["bert_layers"] + 1, "llama": 7 * wl["layers"] + 1}
     for fam, d in res["models"].items():
@@ -55,12 +56,13 @@ def test_bench_bitfit_quick(tmp_path):
 
 def test_verdict_says_inconclusive_when_the_interval_straddles_one():
     from ptune_rt.bench.bitfit import MIN_ROUNDS_FOR_VERDICT, verdict
+    from ptune_rt.bench.report import INCONCLUSIVE
 
     n = MIN_ROUNDS_FOR_VERDICT
     assert verdict(1.3, [1.1, 1.5], n) == "faster"
     assert verdict(0.8, [0.7, 0.95], n) == "slower"
-    assert verdict(1.04, [0.97, 1.12], 41) == "inconclusive (95% interval includes 1.0)"
-    assert verdict(1.3, [1.1, 1.5], n - 1).startswith("inconclusive (fewer than")  # all rounds agree by chance
+    assert verdict(1.04, [0.97, 1.12], 41) == INCONCLUSIVE
+    assert verdict(1.3, [1.1, 1.5], n - 1) == INCONCLUSIVE  # all rounds may agree by chance
     assert verdict(1.5, None, 1).startswith("inconclusive")
 
 

@@ -36,6 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ptune_rt.bench.report import MIN_ROUNDS_FOR_VERDICT
 from ptune_rt.bench.workload import ModelShape
 
 FAMILIES = ("bert", "llama")
@@ -47,10 +48,11 @@ PAIRS = (("full", "masked"), ("full", "ptune-rt"), ("masked", "ptune-rt"))
 #: aten matrix products as they reach the dispatcher (``matmul`` and ``linear`` decompose into these)
 MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_scaled_mm")
 HEAD = {"bert": "classifier", "llama": None}
-DEFAULT_REPEATS = {"default": 41, "quick": 7}
-#: Fewest paired rounds behind a faster / slower verdict. With n rounds all on one side, a sign test
-#: gives p = 2 / 2**n: 0.0625 at 5, 0.031 at 6; a bootstrap interval over fewer rounds is overconfident.
-MIN_ROUNDS_FOR_VERDICT = 6
+#: Each run mode's settings where the command line gives none: --quick a smoke test, the default
+#: under 5 minutes on 2 CPU cores (about 13 s a round), --full the committed run.
+MODE_SETTINGS = {"quick": {"repeats": 7}, "default": {"repeats": 15},
+                 "full": {"repeats": 31, "wait_for_load": 0.7, "max_wait": 900.0, "quiet_gate": 0.8,
+                          "gate_max_wait": 5.0}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,15 +385,12 @@ def median_ci(xs: list, level: float = 0.95, resamples: int = 2000, seed: int = 
 
 
 def verdict(ratio: float, ci, rounds: int) -> str:
-    """faster / slower only when the whole 95% interval of baseline / candidate is on one side of 1
-    and at least ``MIN_ROUNDS_FOR_VERDICT`` paired rounds stand behind it."""
-    if not ci or rounds < MIN_ROUNDS_FOR_VERDICT:
-        return f"inconclusive (fewer than {MIN_ROUNDS_FOR_VERDICT} rounds)"
-    if ci[0] > 1.0:
-        return "faster"
-    if ci[1] < 1.0:
-        return "slower"
-    return "inconclusive (95% interval includes 1.0)"
+    """faster / slower (baseline / candidate against 1.0) by the rule every suite uses
+    (:func:`ptune_rt.bench.report.verdict`): only when the whole 95% interval is on one side and at
+    least ``MIN_ROUNDS_FOR_VERDICT`` paired rounds stand behind it, else inconclusive (noise)."""
+    from ptune_rt.bench.report import verdict as judge
+
+    return judge(ratio, 1.0, True, ci, rounds, labels=("faster", "slower"))
 
 
 def pair(times: dict, cpu: dict, base: str, cand: str) -> dict:
@@ -702,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "equality of the masked model and ptune-rt's BitFit.")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed rounds per model, each variant once per round (median; default "
-                        f"{DEFAULT_REPEATS['default']}, --quick {DEFAULT_REPEATS['quick']})")
+                        f"{MODE_SETTINGS['default']['repeats']}, --quick {MODE_SETTINGS['quick']['repeats']}, --full "
+                        f"{MODE_SETTINGS['full']['repeats']})")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before timing (default 1)")
     p.add_argument("--models", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--quiet-gate", type=float, default=None, metavar="IDLE",
@@ -712,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-block", type=int, default=1, metavar="N",
                    help="per round run each variant N steps in a row and time the mean of the last N-1 (steady "
                         "state; default 1)")
-    add_common_arguments(p, max_wait=1200.0)
+    add_common_arguments(p, max_wait=1200.0, full="the committed run: 31 rounds, waiting for a quiet machine "
+                         "(about 7 minutes on 2 quiet CPU cores)")
     return p
 
 
@@ -726,9 +727,7 @@ def run(args, command_argv) -> dict:
     families = [f.strip() for f in args.models.split(",") if f.strip()]
     if not families or set(families) - set(FAMILIES):
         raise SystemExit(f"ptune-rt bench --suite bitfit: --models must name some of {FAMILIES}, got {args.models!r}")
-    mode = "quick" if args.quick else "default"
-    if args.repeats is None:
-        args.repeats = DEFAULT_REPEATS[mode]
+    mode = args.mode
     if args.repeats < 2:
         raise SystemExit("ptune-rt bench --suite bitfit: --repeats must be >= 2 (an interval needs paired rounds)")
     if args.warmup < 0 or args.train_block < 1:
@@ -776,8 +775,11 @@ def run(args, command_argv) -> dict:
 
 def main(argv=None, command_argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    from ptune_rt.bench.common import default_out_dir
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ptune_rt.bench.common import default_out_dir, resolve_mode
+
+    resolve_mode(args, parser, argv, MODE_SETTINGS)
 
     command_argv = list(command_argv) if command_argv is not None else ["--suite", "bitfit"] + argv
     out_dir = args.out or default_out_dir()
