@@ -80,7 +80,7 @@ def apply(model: nn.Module, config) -> nn.Module:
         p.requires_grad_(True)
     order = [n for n in model.__dict__.get(ORDER_ATTR, []) if n != method.name]
     model.__dict__[ORDER_ATTR] = order + [method.name]
-    trainer_checkpoints.install(model)  # Trainer checkpoints hold the adapter (ptune_rt/trainer_checkpoints.py)
+    trainer_checkpoints.install(model, applied_methods)  # Trainer checkpoints hold the adapter
     return model
 
 

@@ -1,30 +1,28 @@
 """Hugging Face ``Trainer`` checkpoints of a model passed through ``ptune_rt.apply`` hold the
 adapter, never the frozen base model, with no change to the user's Trainer code.
 
-On a ``transformers.PreTrainedModel`` instance ``apply`` calls :func:`install`; ``restore`` calls
-:func:`uninstall`, after which the instance's ``__dict__`` and load hooks are as before ``apply``.
-``install`` puts on the instance:
+``apply`` calls :func:`install` on a ``transformers.PreTrainedModel`` instance and ``restore``
+calls :func:`uninstall` (the instance's ``__dict__`` and load hooks come back as before). The
+instance's own ``save_pretrained``, which the Trainer writes every ``checkpoint-N/`` through, saves
+the adapter as ``ptune_rt.save_adapter`` does (PEFT's layout, which ``load_adapter`` and
+``PeftModel.from_pretrained`` read; ptune-rt's where PEFT's cannot hold it; one folder per method
+when there are several) plus ``model.safetensors`` with only the trainable parameters, the file
+the Trainer reloads on resume and for the best model. Two documented ``load_state_dict`` hooks drop
+the file's guard tensor and clear the frozen base's missing keys. Why these files and not a
+callback, what the guard is for, and what is not covered: :data:`DESIGN`.
+"""
+from __future__ import annotations
 
-* its own ``save_pretrained``. ``Trainer`` writes every ``checkpoint-N/`` (and
-  ``trainer.save_model()``) through ``model.save_pretrained(output_dir, state_dict=None,
-  is_main_process=...)``; this one writes
+import functools
+import os
+import uuid
+import warnings
+from pathlib import Path
 
-  - the adapter as ``ptune_rt.save_adapter`` does: PEFT's layout (``adapter_config.json`` +
-    ``adapter_model.safetensors``, trained task heads included), which ``ptune_rt.load_adapter``
-    and ``PeftModel.from_pretrained`` both load; ptune-rt's own layout where PEFT's cannot hold the
-    adapter (BitFit, a P-tuning template with anchor text); a model carrying several methods gets
-    one folder per method, ``<dir>/<method name>/``;
-  - ``model.safetensors``: the trainable parameters (what the optimizer trains) by the model's own
-    ``state_dict`` names, the file the Trainer reads back, plus a zero-size guard (below);
-  - no ``config.json`` and no frozen weight;
+import torch
+from torch import nn
 
-* two ``load_state_dict`` hooks (torch's documented ``register_load_state_dict_pre_hook`` /
-  ``register_load_state_dict_post_hook``): the pre-hook drops the guard; the post-hook, when the
-  keys loaded are exactly the trainable parameters, clears the missing keys (the frozen base). The
-  Trainer would otherwise log every base weight as missing on each resume and best-model load;
-  ``model.load_state_dict(load_file(".../model.safetensors"))`` passes with ``strict=True``. Any
-  other partial load reports as torch reports it.
-
+DESIGN = """
 Why these files (transformers 5.23, ``trainer.py``). For a model that is not a ``PeftModel``:
 
 * ``train(resume_from_checkpoint=...)`` (``_load_from_checkpoint``) loads ``model.safetensors``
@@ -64,16 +62,6 @@ and so is a model sharded by FSDP2 (``ptune_rt.save_adapter`` saves those on eve
 ``load_adapter`` alone keeps the class's ``save_pretrained``; PEFT models run by
 ``ptune_rt.accelerate`` are ``PeftModel`` s, which the Trainer saves and reloads itself.
 """
-from __future__ import annotations
-
-import functools
-import os
-import uuid
-import warnings
-from pathlib import Path
-
-import torch
-from torch import nn
 
 #: The Trainer's own reload file (transformers' ``SAFE_WEIGHTS_NAME``).
 TRAINER_WEIGHTS = "model.safetensors"
@@ -85,18 +73,19 @@ RELOAD_NOTE = ("trainable parameters of a ptune-rt model for the HF Trainer's re
 HOOK_ATTR = "_ptune_rt_trainer_load_hook"
 
 
-def install(model: nn.Module) -> None:
+def install(model: nn.Module, applied_methods) -> None:
     """Give a ``PreTrainedModel`` instance the adapter ``save_pretrained`` and the two load hooks
     (once; other models, and an instance that already has its own ``save_pretrained``, are left
-    alone)."""
+    alone). ``applied_methods(model)``: the registry's list of the methods a model carries."""
     if HOOK_ATTR in model.__dict__ or "save_pretrained" in model.__dict__ or not _is_pretrained_model(model):
         return
     # transformers offers no hook into save_pretrained: the Trainer calls the method itself, and
     # the class's writes config.json and every weight. An instance attribute changes this model
     # only and leaves with ptune_rt.restore. (A partial, not a bound method: it survives pickling.)
-    model.__dict__["save_pretrained"] = functools.partial(save_pretrained, model)
-    model.__dict__[HOOK_ATTR] = (model.register_load_state_dict_pre_hook(_drop_guard),
-                                 model.register_load_state_dict_post_hook(_forget_frozen_missing))
+    model.__dict__["save_pretrained"] = functools.partial(save_pretrained, applied_methods, model)
+    model.__dict__[HOOK_ATTR] = (
+        model.register_load_state_dict_pre_hook(_drop_guard),
+        model.register_load_state_dict_post_hook(functools.partial(_forget_frozen_missing, applied_methods)))
 
 
 def uninstall(model: nn.Module) -> None:
@@ -116,17 +105,15 @@ def _is_pretrained_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def save_pretrained(model: nn.Module, save_directory, is_main_process: bool = True, state_dict=None,
-                    push_to_hub: bool = False, **kwargs) -> None:
+def save_pretrained(applied_methods, model: nn.Module, save_directory, is_main_process: bool = True,
+                    state_dict=None, push_to_hub: bool = False, **kwargs) -> None:
     """``model.save_pretrained`` of a model carrying ptune-rt methods: the adapter and the
     trainable parameters into ``save_directory`` (see the module docstring); nothing of the
     frozen base. Only the main process writes. Keyword arguments that shape a full-model export
     (``max_shard_size``, ``variant``, ``safe_serialization``, ...) have nothing to act on and are
     ignored. A model that no longer carries a method (``ptune_rt.merge_and_unload``) is saved by
     its class's ``save_pretrained``, whole."""
-    from ptune_rt import registry
-
-    present = registry.applied_methods(model)
+    present = applied_methods(model)
     if not present:
         return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
                                            state_dict=state_dict, push_to_hub=push_to_hub, **kwargs)
@@ -232,15 +219,13 @@ def _trainable_names(model: nn.Module) -> tuple[dict, set]:
     return first, every
 
 
-def _forget_frozen_missing(module: nn.Module, incompatible) -> None:
+def _forget_frozen_missing(applied_methods, module: nn.Module, incompatible) -> None:
     """Post-hook of ``load_state_dict``: a load of exactly the trainable parameters (the
     Trainer's reload of ``model.safetensors``) reports no missing keys (torch documents the lists
     as editable in place; ``strict=True`` then passes)."""
     if not incompatible.missing_keys or incompatible.unexpected_keys:
         return
-    from ptune_rt import registry
-
-    if not registry.applied_methods(module):
+    if not applied_methods(module):
         return
     first, every = _trainable_names(module)
     loaded = set(module.state_dict(keep_vars=True)) - set(incompatible.missing_keys)
