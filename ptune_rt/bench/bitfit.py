@@ -679,12 +679,6 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def write_all(results: dict, out_dir: Path) -> list[Path]:
-    from ptune_rt.bench.report import write_outputs
-
-    return write_outputs(results, out_dir, file_stem(results), markdown, plot)
-
-
 # ----------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------
@@ -774,6 +768,8 @@ def run(args, command_argv) -> dict:
 
 
 def main(argv=None, command_argv=None) -> int:
+    from ptune_rt.bench.report import write_outputs
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -786,7 +782,7 @@ def main(argv=None, command_argv=None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         results = run(args, command_argv)
-    paths = write_all(results, Path(out_dir))
+    paths = write_outputs(results, Path(out_dir), file_stem(results), markdown, plot)
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

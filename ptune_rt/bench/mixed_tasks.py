@@ -607,12 +607,6 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def write_all(results: dict, out_dir: Path) -> list[Path]:
-    from ptune_rt.bench.report import write_outputs
-
-    return write_outputs(results, out_dir, file_stem(results), markdown, plot)
-
-
 # ----------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------
@@ -706,6 +700,8 @@ def run(args, command_argv) -> dict:
 
 
 def main(argv=None, command_argv=None) -> int:
+    from ptune_rt.bench.report import write_outputs
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     from ptune_rt.bench.common import default_out_dir
@@ -724,7 +720,7 @@ def main(argv=None, command_argv=None) -> int:
         # PEFT's prompt tuning drops the position ids generate passes (its documented behaviour)
         warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
         results = run(args, command_argv)
-    paths = write_all(results, Path(out_dir))
+    paths = write_outputs(results, Path(out_dir), file_stem(results), markdown, plot)
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"ptune-rt bench --suite mixed-tasks: {finished_line(results)}", file=sys.stderr)

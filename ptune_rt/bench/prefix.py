@@ -1145,12 +1145,6 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def write_all(results: dict, out_dir: Path) -> list[Path]:
-    from ptune_rt.bench.report import write_outputs
-
-    return write_outputs(results, out_dir, file_stem(results), markdown, plot)
-
-
 # ----------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------
@@ -1191,6 +1185,8 @@ def parse(argv) -> argparse.Namespace:
 
 
 def main(argv=None, command_argv=None) -> int:
+    from ptune_rt.bench.report import write_outputs
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     from ptune_rt.bench.common import default_out_dir
@@ -1210,7 +1206,7 @@ def main(argv=None, command_argv=None) -> int:
         # transformers' own deprecation notice, raised from inside PEFT on every training forward
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         results = run(args, command_argv)
-    paths = write_all(results, Path(out_dir))
+    paths = write_outputs(results, Path(out_dir), file_stem(results), markdown, plot)
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"ptune-rt bench --suite prefix: {finished_line(results)}", file=sys.stderr)
