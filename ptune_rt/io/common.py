@@ -264,16 +264,22 @@ def check_loaded_tensors(expected: dict, why: dict, tensors: dict, view: dict, c
             hint = "" if module in view else f" (there is no module {module!r} in this {cls})"
             problems.append(f"unexpected key {file_key(k)!r}{hint}")
     for k, shape in expected.items():
-        t = tensors.get(k)
-        if t is None:
-            continue
-        if tuple(t.shape) != tuple(shape):
-            problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(shape)} {why[k]}, found "
-                            f"{shape_str(t.shape)}")
-        elif not t.is_floating_point():
-            problems.append(f"{file_key(k)!r} has dtype {t.dtype}; expected a floating-point tensor")
-        elif not bool(torch.isfinite(t).all()):
-            problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
+        if k in tensors:
+            problem = tensor_problem(file_key(k), tensors[k], shape, why[k])
+            if problem:
+                problems.append(problem)
+
+
+def tensor_problem(label: str, t: torch.Tensor, shape, why: str) -> Optional[str]:
+    """What is wrong with the checkpoint tensor ``label`` against the ``shape`` it must have
+    (``why`` explains that shape): its shape, a non-float dtype or non-finite values; None when fine."""
+    if tuple(t.shape) != tuple(shape):
+        return f"shape mismatch for {label!r}: expected {shape_str(shape)} {why}, found {shape_str(t.shape)}"
+    if not t.is_floating_point():
+        return f"{label!r} has dtype {t.dtype}; expected a floating-point tensor"
+    if not bool(torch.isfinite(t).all()):
+        return f"{label!r} holds non-finite values (nan or inf)"
+    return None
 
 
 def copy_all_or_nothing(copies: list) -> None:

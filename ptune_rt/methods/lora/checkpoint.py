@@ -15,6 +15,7 @@ partial change if anything still fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -24,7 +25,7 @@ from torch import nn
 from ptune_rt import state as model_state
 from ptune_rt.io import peft_config
 from ptune_rt.io.common import (AdapterError, config_from_ptune, cpu_copy, exact_regex, model_class, model_type,
-                                raise_problems, saved_model_and_heads, shape_str)
+                                raise_problems, saved_model_and_heads, shape_str, tensor_problem)
 from ptune_rt.methods.lora import inject
 from ptune_rt.methods.lora import peft_config as lora_peft_config
 from ptune_rt.methods.lora.config import LoRAConfig
@@ -327,6 +328,11 @@ class _LoadTarget:
     def cls(self) -> str:
         return model_class(self.model)
 
+    @functools.cached_property
+    def heads_found(self) -> dict:
+        """The checkpoint's whole modules (modules_to_save) -> the model's modules they name."""
+        return match_heads(self.view, self.spec.heads, dotted=self.spec.heads_exact)
+
 
 def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
               file_key: Callable[[str], str], weights_file: str, hint=None) -> LoRALoadPlan:
@@ -462,7 +468,7 @@ def _cannot_add(t: _LoadTarget, adapter_name: str) -> list[str]:
         problems.append(f"bias={t.spec.config.bias!r}: the checkpoint trains the base layers' biases, which every "
                         f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) must have "
                         "bias='none' (load it into a model of its own)")
-    if t.spec.heads and any(match_heads(t.view, t.spec.heads, dotted=t.spec.heads_exact).values()):
+    if t.spec.heads and any(t.heads_found.values()):
         problems.append(f"the checkpoint saves whole modules (modules_to_save={list(t.spec.heads)}), which every "
                         f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) cannot "
                         "replace them (load it into a model of its own)")
@@ -479,7 +485,7 @@ def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict
     state = _swapped_state(t.model, names if t.fresh else [])
     destinations = dict(_bias_entries(state, names, t.spec.config.bias))
     heads: list[str] = []
-    for found in match_heads(t.view, t.spec.heads, dotted=t.spec.heads_exact).values():
+    for found in t.heads_found.values():
         heads += [n for n in found if n not in heads]
     artifacts = set()
     for h in heads:
@@ -495,7 +501,7 @@ def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_key
     """Heads, missing / unexpected keys, shapes, dtypes and finiteness of the checkpoint's tensors."""
     spec, problems = t.spec, []
     heads = []
-    for h, found in match_heads(t.view, spec.heads, dotted=spec.heads_exact).items():
+    for h, found in t.heads_found.items():
         if not found and spec.heads_exact:
             problems.append(f"module {h!r} (modules_to_save) does not exist in this {t.cls}")
         heads += [n for n in found if n not in heads]
@@ -510,16 +516,10 @@ def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_key
         if k not in expected and k not in artifacts:
             problems.append(f"unexpected key {file_key(k)!r}{_why_unexpected(k, t.view, names, spec.config.bias)}")
     for k, want in expected.items():
-        x = tensors.get(k)
-        if x is None:
-            continue
-        if tuple(x.shape) != want:
-            problems.append(f"shape mismatch for {file_key(k)!r}: expected {shape_str(want)} "
-                            f"{_shape_reason(k, lora_keys, shapes, spec.config.r)}, found {shape_str(x.shape)}")
-        elif not x.is_floating_point():
-            problems.append(f"{file_key(k)!r} has dtype {x.dtype}; expected a floating-point tensor")
-        elif not bool(torch.isfinite(x).all()):
-            problems.append(f"{file_key(k)!r} holds non-finite values (nan or inf)")
+        if k in tensors:
+            problem = tensor_problem(file_key(k), tensors[k], want, _shape_reason(k, lora_keys, shapes, spec.config.r))
+            if problem:
+                problems.append(problem)
     return problems
 
 
