@@ -17,20 +17,9 @@ import ptune_rt
 from ptune_rt.ops import prompt_inputs
 from ptune_rt.testing.tolerances import assert_fp32_end_to_end_close
 from helpers_models import padded_batch, tiny_llama
+from test_prompt_io import word_tokenizer
 
 P = 4
-
-
-def word_tokenizer():
-    """A whitespace word-level tokenizer over "w1" .. "w127" (ids 1..127, unknown -> 0)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(1, 128)}
-    vocab["[UNK]"] = 0
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 def make_config(method):
