@@ -282,6 +282,43 @@ def tensor_problem(label: str, t: torch.Tensor, shape, why: str) -> Optional[str
     return None
 
 
+@dataclasses.dataclass
+class PromptLearningLoadPlan:
+    """A validated load of a prefix or soft prompt: ``execute()`` runs ``apply(model)`` when the
+    model has none yet (its errors, raised before any change, become an AdapterError naming
+    ``what`` and ``source``), then copies into ``encoder_of(model)``'s parameters and the heads, all
+    or nothing; after a failure the method ``apply`` put in is taken out again (``is_applied`` /
+    ``remove``)."""
+
+    model: nn.Module
+    what: str                                    # "prefix", "soft prompt"
+    source: str
+    apply: Optional[Callable]                    # None: the model already carries the method
+    is_applied: Callable
+    remove: Callable
+    encoder_of: Callable
+    encoder_copies: list                         # [(encoder parameter name, tensor)]
+    other_copies: list                           # [(model tensor, tensor)]
+
+    def execute(self) -> nn.Module:
+        model = self.model
+        try:
+            if self.apply is not None:
+                try:
+                    self.apply(model)
+                except (TypeError, ValueError) as e:  # raised before the model changed
+                    raise AdapterError(f"cannot load the {self.what} of {self.source} into this {model_class(model)}: "
+                                       f"{e}") from e
+            enc = self.encoder_of(model)
+            copy_all_or_nothing([(enc.get_parameter(name), src) for name, src in self.encoder_copies] +
+                                list(self.other_copies))
+        except BaseException:
+            if self.apply is not None and self.is_applied(model):  # what is there came from this call
+                self.remove(model)
+            raise
+        return model
+
+
 def copy_all_or_nothing(copies: list) -> None:
     """``dst.copy_(src)`` for every pair; if one fails, the ones done are put back, then it raises."""
     backups = []

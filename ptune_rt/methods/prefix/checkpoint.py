@@ -24,6 +24,7 @@ model (model type, layers, kv heads, head size, P).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from ptune_rt.io import peft_config
 from ptune_rt.io.common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint,
-                                check_loaded_tensors, collect_prompt_heads, config_from_ptune, copy_all_or_nothing,
+                                PromptLearningLoadPlan, check_loaded_tensors, collect_prompt_heads, config_from_ptune,
                                 cpu_copy, flat_tensors_from_peft, int_field, model_class, model_type,
                                 prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
 from ptune_rt.methods.prefix import inject
@@ -241,34 +242,6 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> PrefixSpec:
                       model_class=mclass, heads=heads, heads_exact=True)
 
 
-class PrefixLoadPlan:
-    """A validated load: ``execute()`` adds the prefix (if needed) and copies, all or nothing."""
-
-    def __init__(self, model: nn.Module, apply_config: Optional[PrefixConfig], source: str,
-                 encoder_copies: list[tuple[str, torch.Tensor]], other_copies: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.model, self.apply_config, self.source = model, apply_config, source
-        self.encoder_copies, self.other_copies = encoder_copies, other_copies
-
-    def execute(self) -> nn.Module:
-        model = self.model
-        fresh = self.apply_config is not None
-        try:
-            if fresh:
-                try:
-                    inject.apply_prefix(model, self.apply_config)
-                except (TypeError, ValueError) as e:  # raised before the model changed
-                    raise AdapterError(f"cannot load the prefix of {self.source} into this {model_class(model)}: "
-                                       f"{e}") from e
-            enc = inject.prefix_encoder(model)
-            copy_all_or_nothing([(enc.get_parameter(name), src) for name, src in self.encoder_copies] +
-                                list(self.other_copies))
-        except BaseException:
-            if fresh and inject.has_prefix(model):  # the prefix there is came from this call
-                inject.remove_prefix(model)
-            raise
-        return model
-
-
 def _layout_problem(spec: PrefixSpec, want: Layout, cls: str, existing: bool) -> Optional[str]:
     got = spec.layout
     if got is None or (got.layers, got.kv_heads, got.head_dim) == (want.layers, want.kv_heads, want.head_dim):
@@ -282,7 +255,7 @@ def _layout_problem(spec: PrefixSpec, want: Layout, cls: str, existing: bool) ->
 
 
 def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
-              file_key: Callable[[str], str], weights_file: str, hint: Optional[str] = None) -> PrefixLoadPlan:
+              file_key: Callable[[str], str], weights_file: str, hint: Optional[str] = None) -> PromptLearningLoadPlan:
     """Check ``tensors`` and ``spec`` against ``model``; raise AdapterError naming every problem, or
     return the plan that loads them. ``hint``: the adapter name of the accelerated PEFT model the
     prefix belongs to, which ``adapter_name`` may give (it has one prefix)."""
@@ -362,9 +335,10 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
     check_loaded_tensors(expected, why, tensors, view, cls, file_key, problems)
     raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
 
-    return PrefixLoadPlan(model, spec.config if existing is None else None, spec.source,
-                          [(name, tensors[k]) for k, name in encoder_keys.items()],
-                          [(dst, tensors[k]) for k, dst in destinations.items()])
+    apply = None if existing is not None else functools.partial(inject.apply_prefix, config=spec.config)
+    return PromptLearningLoadPlan(model, "prefix", spec.source, apply, inject.has_prefix, inject.remove_prefix,
+                                  inject.prefix_encoder, [(name, tensors[k]) for k, name in encoder_keys.items()],
+                                  [(dst, tensors[k]) for k, dst in destinations.items()])
 
 
 def hint_from_peft(peft_config, adapter_name: str, source: str) -> str:

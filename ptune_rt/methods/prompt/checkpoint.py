@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,7 +41,7 @@ from torch import nn
 
 from ptune_rt.io import peft_config
 from ptune_rt.io.common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint,
-                                check_loaded_tensors, collect_prompt_heads, config_from_ptune, copy_all_or_nothing,
+                                PromptLearningLoadPlan, check_loaded_tensors, collect_prompt_heads, config_from_ptune,
                                 cpu_copy, flat_tensors_from_peft, int_field, model_class, model_type,
                                 prompt_head_destinations, raise_problems, saved_model_and_heads)
 from ptune_rt.methods.prompt import inject
@@ -450,37 +451,6 @@ def _shape_encoder(spec: PromptSpec, hidden: int, dtype: torch.dtype) -> nn.Modu
                           device="meta", dtype=dtype)
 
 
-class PromptLoadPlan:
-    """A validated load: ``execute()`` adds the soft prompt (if needed) and copies, all or nothing."""
-
-    def __init__(self, model: nn.Module, apply_config, final_config, source: str,
-                 encoder_copies: list[tuple[str, torch.Tensor]], other_copies: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.model, self.apply_config, self.final_config, self.source = model, apply_config, final_config, source
-        self.encoder_copies, self.other_copies = encoder_copies, other_copies
-
-    def execute(self) -> nn.Module:
-        model = self.model
-        fresh = self.apply_config is not None
-        try:
-            if fresh:
-                try:
-                    # the new parameters are overwritten below: their initialisation leaves the caller's RNG alone
-                    with torch.random.fork_rng(devices=[]):
-                        inject.apply_prompt(model, self.apply_config)
-                except (TypeError, ValueError) as e:  # raised before the model changed
-                    raise AdapterError(f"cannot load the soft prompt of {self.source} into this "
-                                       f"{model_class(model)}: {e}") from e
-                inject.prompt_state(model).config = self.final_config
-            enc = _forward(model).encoder
-            copy_all_or_nothing([(enc.get_parameter(name), src) for name, src in self.encoder_copies] +
-                                list(self.other_copies))
-        except BaseException:
-            if fresh and is_prompt_model(model):  # the soft prompt there is came from this call
-                inject.remove_prompt(model)
-            raise
-        return model
-
-
 def _model_problems(model: nn.Module, spec: PromptSpec, existing: Optional[dict], V: int, H: int) -> list[str]:
     """What keeps the checkpoint out of this model: another base model's sizes or vocabulary, or a
     soft prompt already there that the checkpoint does not match."""
@@ -532,7 +502,7 @@ def _model_problems(model: nn.Module, spec: PromptSpec, existing: Optional[dict]
 
 
 def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tensor], *, adapter_name: Optional[str],
-              file_key: Callable[[str], str], weights_file: str) -> PromptLoadPlan:
+              file_key: Callable[[str], str], weights_file: str) -> PromptLearningLoadPlan:
     """Check ``tensors`` and ``spec`` against ``model``; raise AdapterError naming every problem, or
     return the plan that loads them."""
     cls = model_class(model)
@@ -588,9 +558,19 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
         final_config = cfg
         apply_config = dataclasses.replace(cfg, init="random", init_text=None) \
             if isinstance(cfg, PromptTuningConfig) and cfg.init == "text" else cfg
-    return PromptLoadPlan(model, apply_config, final_config, spec.source,
-                          [(name, tensors[k]) for k, name in encoder_keys.items()],
-                          [(dst, tensors[k]) for k, dst in destinations.items()])
+    apply = None if apply_config is None else functools.partial(_apply_for_load, apply_config=apply_config,
+                                                                final_config=final_config)
+    return PromptLearningLoadPlan(model, "soft prompt", spec.source, apply, is_prompt_model, inject.remove_prompt,
+                                  lambda m: _forward(m).encoder,
+                                  [(name, tensors[k]) for k, name in encoder_keys.items()],
+                                  [(dst, tensors[k]) for k, dst in destinations.items()])
+
+
+def _apply_for_load(model: nn.Module, apply_config, final_config) -> None:
+    """The soft prompt a fresh load puts in; the model records the checkpoint's own config."""
+    with torch.random.fork_rng(devices=[]):  # parameters overwritten by the load: leave the caller's RNG alone
+        inject.apply_prompt(model, apply_config)
+    inject.prompt_state(model).config = final_config
 
 
 __all__ = ["PEFT_TYPES", "PromptCheckpoint", "PromptSpec", "SavedTokens", "make_handler"]
