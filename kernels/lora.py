@@ -95,17 +95,24 @@ def _skinny_matmul_kernel(
 
 @triton.jit
 def _fused_lowrank_matmul_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, out_ptr, seed_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, out_ptr, seed_ptr, in_scale_ptr, col_scale_ptr, z_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
     stride_sm, stride_sr, stride_bn, stride_br, stride_om, stride_on,
     scale, p, mask_stride_m, mask_stride_n,
     HAS_BIAS: tl.constexpr, LR_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    LR_PRECISION: tl.constexpr,
+    LR_PRECISION: tl.constexpr, IN_SCALE: tl.constexpr, COL_SCALE: tl.constexpr, Z_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One program computes a BLOCK_M x BLOCK_N tile of X W^T + bias + scale * [keep] * S Bt^T."""
+    """One program computes a BLOCK_M x BLOCK_N tile of
+    col_scale * ((X diag(in_scale)) W^T + scale * [keep] * S Bt^T) + bias.
+
+    IN_SCALE multiplies each X tile by its K-slice of ``in_scale`` (contiguous) as it is loaded (an
+    input-channel scale, never an M x K scaled copy); COL_SCALE multiplies the accumulator by the
+    output column's ``col_scale`` (contiguous) before the bias; Z_OUT also stores the accumulator
+    before that scale (what a trainable column scale's gradient needs) to ``z_ptr``, laid out as
+    the output."""
     # Grouped ordering: GROUP_M row-tiles share the same column-tiles of W while they are in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -133,6 +140,9 @@ def _fused_lowrank_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_in = rk < K - k0
         a = tl.load(x_ptrs, mask=m_in & k_in[None, :], other=0.0)
+        if IN_SCALE:
+            in_scale = tl.load(in_scale_ptr + k0 + rk, mask=k_in, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * in_scale[None, :]).to(a.dtype)
         w = tl.load(w_ptrs, mask=k_in[:, None] & n_in, other=0.0)
         acc = mma(a, w.to(a.dtype), acc, INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -164,12 +174,17 @@ def _fused_lowrank_matmul_kernel(
         keep = dropout_keep(tl.load(seed_ptr), pid_m * BLOCK_M + rm, pid_n * BLOCK_N + rn, mask_stride_m,
                             mask_stride_n, p)
         acc += tl.where(keep, lowrank * scale, 0.0)
+    out_offsets = row0 * stride_om + col0 * stride_on + rm[:, None] * stride_om + rn[None, :] * stride_on
+    if Z_OUT:
+        tl.store(z_ptr + out_offsets, acc.to(z_ptr.dtype.element_ty), mask=m_in & n_in)
+    if COL_SCALE:
+        col_scale = tl.load(col_scale_ptr + col0 + rn, mask=rn < N - pid_n * BLOCK_N, other=0.0)
+        acc = acc * col_scale.to(tl.float32)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + col0 * stride_bias + rn * stride_bias, mask=rn < N - pid_n * BLOCK_N,
                        other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    out_ptrs = out_ptr + row0 * stride_om + col0 * stride_on + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in & n_in)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=m_in & n_in)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,29 +348,42 @@ def skinny_matmul(x: torch.Tensor, wt: torch.Tensor, *, scale: float = 1.0, drop
 
 def fused_lowrank_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
-                         seed=0, out: torch.Tensor | None = None,
+                         seed=0, out: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
+                         col_scale: torch.Tensor | None = None, z_out: torch.Tensor | None = None,
                          config: KernelConfig | None = None) -> torch.Tensor:
-    """``x @ w^T + bias + scale * keep * (s @ bt^T)`` for x [M, K], w [N, K], s [M, R], bt [N, R].
+    """``col_scale * ((x * in_scale) @ w^T + scale * keep * (s @ bt^T)) + bias`` for x [M, K],
+    w [N, K], s [M, R], bt [N, R] (R may be 0: a plain, optionally scaled, GEMM).
 
     ``keep`` (only when ``dropout_p > 0``) is the row-major dropout mask of the [M, N] output;
     ``seed`` an int or a one-element int64 tensor. The output has x's dtype. ``bias`` may be strided.
+    ``in_scale`` [K] scales x's columns as its tiles load; ``col_scale`` [N] the output columns
+    before the bias (both contiguous, any float dtype, applied in fp32); ``z_out`` [M, N], laid out
+    as ``out``, receives the result before ``col_scale`` and the bias.
     """
-    _check_backend(x, w, s, bt, bias)
-    check_in_tile_offsets(MAX_BLOCK, x=x, w=w, s=s, bt=bt, bias=bias, out=out)
+    _check_backend(x, w, s, bt, bias, in_scale, col_scale, z_out)
+    check_in_tile_offsets(MAX_BLOCK, x=x, w=w, s=s, bt=bt, bias=bias, out=out, z_out=z_out)
     M, K = x.shape
     N, K2 = w.shape
     R = s.shape[1]
     assert K == K2 and s.shape[0] == M and tuple(bt.shape) == (N, R), (x.shape, w.shape, s.shape, bt.shape)
+    for name, v, n in (("in_scale", in_scale, K), ("col_scale", col_scale, N)):
+        assert v is None or (tuple(v.shape) == (n,) and v.is_contiguous()), (name, v.shape, n)
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    assert z_out is None or (z_out.shape == out.shape and z_out.stride() == out.stride()), (z_out.shape, out.shape)
     BLOCK_R = fused_block_r(R)
     seed_t = seed_tensor(seed, x.device) if dropout_p > 0 else out  # unread without dropout
-    args = (x, w, bias if bias is not None else out, s, bt, out, seed_t, M, N, K, R,
+    if R == 0:  # no low-rank term: pointers that are never read, as for the absent ones below
+        s, bt = out, out
+    args = (x, w, bias if bias is not None else out, s, bt, out, seed_t,
+            in_scale if in_scale is not None else out, col_scale if col_scale is not None else out,
+            z_out if z_out is not None else out, M, N, K, R,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
             s.stride(0), s.stride(1), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
             float(scale), float(dropout_p), N, 1)
     flags = dict(HAS_BIAS=bias is not None, LR_DROPOUT=dropout_p > 0,
                  INPUT_PRECISION=fp32_input_precision(), LR_PRECISION=_fp32_dot_precision(x.dtype, s.dtype),
+                 IN_SCALE=in_scale is not None, COL_SCALE=col_scale is not None, Z_OUT=z_out is not None,
                  BLOCK_R=BLOCK_R)
 
     def run(cfg: KernelConfig):

@@ -176,3 +176,29 @@ def test_inference_fast_path_equals_the_custom_op():
     slow = lora_linear(x, w, b, a.clone().requires_grad_(), bb, 1.5, backend="torch")
     assert slow.requires_grad and not fast.requires_grad
     assert torch.equal(fast, slow.detach())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [0, 5])
+def test_fused_kernel_channel_scales_and_z_out(dtype, rank):
+    """The fused GEMM's input-channel scale (applied to each X tile as it loads), output-column
+    scale (before the bias) and pre-scale output z, with and without a low-rank term: against the
+    same formula in eager ``dtype`` and in float64."""
+    M, K_, N = 37, 70, 45
+    x, w, b, a, bb = make_case(M, K_, N, max(rank, 1), dtype)
+    s = (x.float() @ a.float().t())[:, :rank].contiguous()
+    bt = bb.float()[:, :rank].contiguous()
+    in_scale = torch.rand(K_) + 0.5
+    col_scale = torch.rand(N) + 0.5
+    z = torch.empty(M, N, dtype=dtype)
+    y = K.fused_lowrank_matmul(x, w, s, bt, bias=b, scale=0.7, in_scale=in_scale, col_scale=col_scale, z_out=z)
+
+    def formula(cast):
+        xs = (x.to(cast) * in_scale.to(cast)) if cast == torch.float64 else (x.float() * in_scale).to(dtype)
+        zz = xs.to(cast) @ w.to(cast).t() + 0.7 * (s.to(cast) @ bt.to(cast).t())
+        return zz, zz * col_scale.to(cast) + b.to(cast)
+
+    z_ref, y_ref = (t.to(dtype) for t in formula(torch.float32))
+    z_gold, y_gold = formula(torch.float64)
+    assert_close_to_reference(y, y_ref, y_gold, dtype, "y")
+    assert_close_to_reference(z, z_ref, z_gold, dtype, "z")
