@@ -1,5 +1,6 @@
 """Eager PyTorch references: the executable specification of every fused op."""
+from .dora import dora_linear_reference
 from .lora import lora_linear_reference
 from .prefix_attention import prefix_attention_mask, prefix_attention_reference
 
-__all__ = ["lora_linear_reference", "prefix_attention_mask", "prefix_attention_reference"]
+__all__ = ["dora_linear_reference", "lora_linear_reference", "prefix_attention_mask", "prefix_attention_reference"]
