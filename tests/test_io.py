@@ -416,7 +416,7 @@ def test_unsupported_peft_types_and_features_are_refused(llama_peft_dir, tmp_pat
     pm.save_pretrained(str(tmp_path / "ia3"))
     expect_refusal(base, tmp_path / "ia3", r"peft_type 'IA3' is not supported.*LORA")
 
-    for field, value in [("use_dora", True), ("rank_pattern", {"q_proj": 8}), ("layers_to_transform", [0]),
+    for field, value in [("rank_pattern", {"q_proj": 8}), ("layers_to_transform", [0]),
                          ("init_lora_weights", "pissa")]:
         d = _edited_copy(llama_peft_dir, tmp_path / field, lambda t: None)
         cfg = json.loads((d / "adapter_config.json").read_text())

@@ -30,7 +30,7 @@ BAD = {
 FIELDS = {
     LoRAConfig: {"r": "int", "alpha": "positive", "dropout": "rate", "target_modules": "targets", "bias": "choice",
                  "use_rslora": "bool", "init": "choice", "backend": "choice", "recompute_mlp": "bool",
-                 "group_projections": "bool", "modules_to_save": "names"},
+                 "group_projections": "bool", "modules_to_save": "names", "use_dora": "bool"},
     PrefixConfig: {"num_virtual_tokens": "int", "prefix_projection": "bool", "encoder_hidden_size": "opt_int",
                    "position_mode": "choice", "dropout": "rate", "backend": "choice", "num_tasks": "int",
                    "modules_to_save": "names"},

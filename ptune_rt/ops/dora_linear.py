@@ -159,10 +159,11 @@ class _DoRA(torch.autograd.Function):
                 dm.to(m_dtype) if (need_m and dm is not None) else None, None, None, None)
 
 
-def _with_dropout(x, weight, bias, a, b, magnitude, scale, norm, p):
-    """PEFT's DoRA formula with dropout, as torch ops under autograd (see the module docstring)."""
+def _peft_formula(x, weight, bias, a, b, magnitude, scale, norm, p):
+    """PEFT's DoRA formula as torch ops under autograd: with dropout (see the module docstring), and
+    for float64 layers (a reference run)."""
     mns = magnitude / norm.to(magnitude.dtype)
-    xd = torch.nn.functional.dropout(x, p)
+    xd = torch.nn.functional.dropout(x, p) if p else x
     base = torch.nn.functional.linear(x, weight, bias)
     lora = (xd.to(a.dtype) @ a.t()) @ b.t()
     extra = (mns - 1) * torch.nn.functional.linear(xd, weight).to(mns.dtype) + mns * lora * scale
@@ -187,14 +188,16 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     """DoRA linear on x [..., K] with a frozen weight [N, K] (any strides). ``norm``: the rows'
     ``||W + s B A||`` if the caller has it (e.g. cached in eval), else computed by the expansion
     (``w_sq``: cached ``||W_n||^2``). Dropout (``dropout_p``, pass 0 in eval) as in PEFT."""
-    check_inputs(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p)
+    reference = isinstance(x, Tensor) and x.dtype == torch.float64 == weight.dtype
+    check_inputs(x.float() if reference else x, weight.float() if reference else weight, bias, lora_a, lora_b,
+                 magnitude, scale, dropout_p)
     chosen, _ = resolve_backend(backend, x.device)
     if norm is None:
         norm = weight_norm(weight, lora_a, lora_b, scale, w_sq)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if dropout_p > 0:
-        y = _with_dropout(x2, weight, bias, lora_a, lora_b, magnitude, scale, norm, dropout_p)
+    if dropout_p > 0 or reference:
+        y = _peft_formula(x2, weight, bias, lora_a, lora_b, magnitude, scale, norm, dropout_p)
     else:
         y = _DoRA.apply(x2, weight, bias, lora_a, lora_b, magnitude, float(scale), norm, chosen)
     return y.reshape(*lead, weight.shape[0])

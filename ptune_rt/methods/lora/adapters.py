@@ -137,8 +137,9 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     for m in mods.values():
         m.active_adapter = adapter_name
         for name in m.lora_A:
-            for layer in (m.lora_A[name], m.lora_B[name]):
-                layer.requires_grad_(name == adapter_name)
+            for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector):
+                if name in d:
+                    d[name].requires_grad_(name == adapter_name)
     return model
 
 
@@ -269,6 +270,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
         raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     for a in adapters:
         _require_adapter(mods, a, "adapters: ")
+    dora = sorted({a for m in mods.values() for a in adapters if m.is_dora(a)})
+    if dora:
+        raise ValueError(f"adapters {dora} are DoRA adapters: add_weighted_adapter combines plain LoRA adapters "
+                         "only (a DoRA adapter's magnitude does not combine linearly)")
     taken = [n for n, m in mods.items() if adapter_name in m.lora_A]
     if not isinstance(adapter_name, str) or not adapter_name or taken:
         raise ValueError(f"adapter_name must be a new adapter name, got {adapter_name!r}"

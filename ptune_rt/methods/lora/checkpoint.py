@@ -5,6 +5,7 @@ files (which add the prefix ``base_model.model.``)::
 
     model.layers.0.self_attn.q_proj.lora_A.weight   [r, in_features]
     model.layers.0.self_attn.q_proj.lora_B.weight   [out_features, r]
+    model.layers.0.self_attn.q_proj.lora_magnitude_vector  [out_features] (DoRA adapters only)
     model.layers.0.self_attn.q_proj.base_layer.bias (bias="lora_only" / "all": the target's bias)
     model.norm.bias, ...                            (bias="all": every other bias)
     score.weight, ...                               (modules_to_save: whole heads, e.g. a classifier)
@@ -35,6 +36,8 @@ from ptune_rt.targets import is_linear_like, linear_shape, match_heads, match_ta
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
+#: A DoRA magnitude's key after its module path (PEFT's file key: no adapter name, no ".weight").
+MAGNITUDE_KEY = "lora_magnitude_vector"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +121,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     alpha = _one_value({n: m.lora_alpha[a] for n, m in mods.items()}, "lora_alpha values")
     dropout = _one_value({n: m.lora_dropout_p[a] for n, m in mods.items()}, "dropout rates")
     scaling = _one_value({n: m.scaling[a] for n, m in mods.items()}, "scalings")
+    use_dora = _one_value({n: m.is_dora(a) for n, m in mods.items()}, "DoRA settings (use_dora)")
 
     cfg0 = inject.model_config(model) or config_hint
     plain = math.isclose(scaling, alpha / r, rel_tol=1e-6)
@@ -136,7 +140,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
                             bias=cfg0.bias if cfg0 is not None else "none", use_rslora=use_rslora,
                             init=cfg0.init if cfg0 is not None else "default", backend=backend,
                             recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True,
-                            group_projections=cfg0.group_projections if cfg0 is not None else True)
+                            group_projections=cfg0.group_projections if cfg0 is not None else True,
+                            use_dora=use_dora)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"the model's LoRA adapter cannot be described by a LoRAConfig: {e}") from e
 
@@ -145,6 +150,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     for n, m in mods.items():
         tensors[f"{n}.lora_A.weight"] = m.lora_A[a].weight
         tensors[f"{n}.lora_B.weight"] = m.lora_B[a].weight
+        if use_dora:
+            tensors[f"{n}.{MAGNITUDE_KEY}"] = m.lora_magnitude_vector[a].weight
     tensors.update(_bias_entries(state, mods, config.bias))
 
     if not heads_required:  # "auto": the task heads, and the modules the model trains whole
@@ -278,15 +285,17 @@ class LoRALoadPlan:
                 c = self.add_config
                 for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
                     m = model.get_submodule(module)
-                    m.add_adapter(self.adapter_name, c.r, c.alpha, c.dropout, c.use_rslora, init="zeros")
+                    m.add_adapter(self.adapter_name, c.r, c.alpha, c.dropout, c.use_rslora, init="zeros",
+                                  use_dora=c.use_dora)
                     added.append(m)
-                    for layer in (m.lora_A[self.adapter_name], m.lora_B[self.adapter_name]):
+                    for layer in _adapter_modules(m, self.adapter_name):
                         layer.requires_grad_(False)  # inactive until ptune_rt.set_adapter (as in PEFT)
             copies = list(self.other_copies)
             for module, which, src in self.lora_copies:
                 m = model.get_submodule(module)
                 name = self.adapter_name or m.active_adapter
-                copies.append(((m.lora_A if which == "A" else m.lora_B)[name].weight, src))
+                holder = {"A": m.lora_A, "B": m.lora_B, "M": m.lora_magnitude_vector}[which]
+                copies.append((holder[name].weight, src))
             with torch.no_grad():
                 backups = [(dst, dst.detach().clone()) for dst, _ in copies]
                 for dst, src in copies:
@@ -309,6 +318,11 @@ class LoRALoadPlan:
                 model_state.forget(model, inject.NAME)
             raise
         return model
+
+
+def _adapter_modules(m: LoRALinear, name: str) -> list[nn.Module]:
+    """The modules holding adapter ``name``'s parameters in ``m``."""
+    return [d[name] for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector) if name in d]
 
 
 @dataclasses.dataclass
@@ -345,8 +359,7 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
     add, more = _check_adapter_name(t, names, adapter_name)
     raise_problems(f"cannot load the adapter of {spec.source} into this {t.cls}:", problems + more)
     lora_keys, destinations, artifacts = _expected_keys(t, names, shapes, tensors)
-    expected = {k: (spec.config.r, shapes[n][0]) if which == "A" else (shapes[n][1], spec.config.r)
-                for k, (n, which) in lora_keys.items()}
+    expected = {k: _lora_shape(which, shapes[n], spec.config.r) for k, (n, which) in lora_keys.items()}
     expected.update({k: tuple(d.shape) for k, d in destinations.items()})
     problems = _check_tensors(t, names, tensors, expected, artifacts, lora_keys, shapes, file_key)
     raise_problems(f"cannot load {weights_file} into this {t.cls}:", problems)
@@ -355,6 +368,12 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
                         [(n, which, tensors[k]) for k, (n, which) in lora_keys.items()],
                         [(dst, tensors[k]) for k, dst in destinations.items()], adapter_name,
                         spec.config if add else None)
+
+
+def _lora_shape(which: str, in_out: tuple[int, int], r: int) -> tuple:
+    """The shape of a target's lora_A ("A"), lora_B ("B") or DoRA magnitude ("M") tensor."""
+    in_f, out_f = in_out
+    return {"A": (r, in_f), "B": (out_f, r), "M": (out_f,)}[which]
 
 
 def _target_names(t: _LoadTarget) -> list[str]:
@@ -448,6 +467,9 @@ def _check_adapter_name(t: _LoadTarget, names: list[str], adapter_name: Optional
         elif m.merged:
             problems.append(f"module {n!r} has its adapter merged into the base weight: unmerge it before "
                             "loading new adapter weights")
+        elif m.is_dora(a) != cfg.use_dora:
+            problems.append(f"module {n!r}: the model's adapter has use_dora={m.is_dora(a)}, the checkpoint "
+                            f"use_dora={cfg.use_dora}")
         elif m.r[a] != cfg.r:
             problems.append(f"module {n!r}: the model's adapter has rank r={m.r[a]}, the checkpoint r={cfg.r}")
         elif not math.isclose(m.scaling[a], cfg.scaling, rel_tol=1e-6):
@@ -482,6 +504,8 @@ def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict
     for n in names:
         lora_keys[f"{n}.lora_A.weight"] = (n, "A")
         lora_keys[f"{n}.lora_B.weight"] = (n, "B")
+        if t.spec.config.use_dora:
+            lora_keys[f"{n}.{MAGNITUDE_KEY}"] = (n, "M")
     state = _swapped_state(t.model, names if t.fresh else [])
     destinations = dict(_bias_entries(state, names, t.spec.config.bias))
     heads: list[str] = []
@@ -550,8 +574,8 @@ def _shape_reason(key: str, lora_keys, shapes, r: int) -> str:
     if key in lora_keys:
         n, which = lora_keys[key]
         in_f, out_f = shapes[n]
-        return (f"(r={r}, in_features={in_f} of {n!r})" if which == "A"
-                else f"(out_features={out_f} of {n!r}, r={r})")
+        return {"A": f"(r={r}, in_features={in_f} of {n!r})", "B": f"(out_features={out_f} of {n!r}, r={r})",
+                "M": f"(the DoRA magnitude: out_features={out_f} of {n!r})"}[which]
     return "(this model's tensor)"
 
 
@@ -562,8 +586,8 @@ def _why_unexpected(key: str, view, names, bias: str) -> str:
             if module not in view:
                 return f" (there is no module {module!r} in this model: adapter made for another base model?)"
             return f" (module {module!r} is not selected by the adapter's target_modules)"
-    if "lora_magnitude_vector" in key:
-        return " (DoRA weights: DoRA is not supported)"
+    if MAGNITUDE_KEY in key:
+        return " (a DoRA magnitude, but the adapter config says use_dora=false)"
     if "lora_embedding_" in key:
         return " (LoRA on an embedding layer is not supported)"
     if key.endswith(".bias") and bias != "all":

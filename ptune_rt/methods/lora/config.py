@@ -35,6 +35,9 @@ class LoRAConfig(MethodConfig):
         run as a group on the eager torch path while training without dropout: one shrink GEMM,
         one dA GEMM and one dX buffer for all of them (results within fp rounding of separate
         layers, not bit for bit). Other paths are unaffected.
+    use_dora: DoRA (Liu et al., 2024): each target also gets a trainable magnitude per output row,
+        ``y = m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b`` (PEFT's ``use_dora``), the norm
+        computed without materializing ``W + s B A`` (see ``ptune_rt.ops.dora_linear``).
     modules_to_save: modules trained whole next to the adapters and saved with them (PEFT's
         ``modules_to_save``): None picks the task head of sequence / token classification and
         question answering models (``classifier``, ``score``, ``qa_outputs``, ...), as PEFT's task
@@ -53,6 +56,7 @@ class LoRAConfig(MethodConfig):
     recompute_mlp: bool = True
     group_projections: bool = True
     modules_to_save: Optional[list] = None
+    use_dora: bool = False
 
     METHOD: ClassVar[str] = "lora"
 
@@ -70,7 +74,7 @@ class LoRAConfig(MethodConfig):
         check_choice("LoRAConfig.bias", self.bias, BIAS_MODES)
         check_choice("LoRAConfig.init", self.init, INIT_MODES)
         check_choice("LoRAConfig.backend", self.backend, BACKENDS)
-        for flag in ("use_rslora", "recompute_mlp", "group_projections"):
+        for flag in ("use_rslora", "recompute_mlp", "group_projections", "use_dora"):
             check_bool(f"LoRAConfig.{flag}", getattr(self, flag))
         tm = self.target_modules
         if isinstance(tm, str):

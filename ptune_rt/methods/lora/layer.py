@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ptune_rt.ops.dora_linear import dora_linear, row_norms_sq, weight_norm
 from ptune_rt.ops.lora_dispatch import (InferencePlan, LoRAArgs, lora_forward, plan_inference, run_inference,
                                         stacked_lora_linear, takes_plain_ops)
 from ptune_rt.ops.backend import BACKENDS, resolve_backend
@@ -46,8 +47,21 @@ class _MergeRecord:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.index, self.values) if t is not None)
 
 
+class DoRAMagnitude(nn.Module):
+    """A DoRA adapter's trainable magnitude ``weight`` [out_features] (PEFT's ``lora_magnitude_vector``
+    entries hold it the same way, so parameter names match)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear / Conv1D plus a LoRA adapter, run by the fused op.
+
+    An adapter added with ``use_dora=True`` is a DoRA adapter (``lora_magnitude_vector[name]``
+    holds its magnitude): forward runs ``ptune_rt.ops.dora_linear`` (its norm without an N x K
+    temporary, the rescale inside the fused GEMM).
 
     ``merge()`` folds ``scale * B @ A`` into the base weight (forward then only calls the base
     layer); ``unmerge()`` takes it out again and gives back the original weight bit for bit.
@@ -57,10 +71,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default", backend: str = "auto",
-                 adapter_name: str = "default"):
+                 adapter_name: str = "default", use_dora: bool = False):
         super().__init__()
         self._init_base(base_layer, backend, adapter_name)
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     def _init_base(self, base_layer: nn.Module, backend: str, adapter_name: str) -> None:
         in_f, out_f = linear_shape(base_layer)
@@ -72,6 +86,8 @@ class LoRALinear(nn.Module):
         self.backend = backend
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes
+        self._dora_cache: dict = {}  # see _dora_norm
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -89,10 +105,13 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_adapter_modules(cls, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, *,
                              scaling: float, alpha: Optional[float] = None, dropout: float = 0.0,
-                             backend: str = "auto", adapter_name: str = "default") -> "LoRALinear":
+                             backend: str = "auto", adapter_name: str = "default",
+                             magnitude: Optional[nn.Module] = None) -> "LoRALinear":
         """Wrap existing modules without copying: ``lora_A`` / ``lora_B`` (bias-free nn.Linear,
         weights [r, in] and [out, r]) become ``self.lora_A[adapter_name]`` / ``self.lora_B[...]``,
-        the very same objects, so their Parameters (and an optimizer holding them) carry over."""
+        the very same objects, so their Parameters (and an optimizer holding them) carry over;
+        ``magnitude`` (a module whose ``weight`` is [out], e.g. PEFT's DoRA layer) makes it a DoRA
+        adapter, the same object again."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_base(base_layer, backend, adapter_name)
@@ -121,11 +140,18 @@ class LoRALinear(nn.Module):
         self.lora_alpha[adapter_name] = float(alpha) if alpha is not None else float(scaling) * r
         self.scaling[adapter_name] = float(scaling)
         self.lora_dropout_p[adapter_name] = float(dropout)
+        if magnitude is not None:
+            mw = getattr(magnitude, "weight", None)
+            if not isinstance(mw, torch.Tensor) or tuple(mw.shape) != (self.out_features,):
+                raise ValueError(f"magnitude.weight must be [out_features={self.out_features}], got "
+                                 f"{None if mw is None else tuple(mw.shape)}")
+            self.lora_magnitude_vector[adapter_name] = magnitude
         return self
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init: str = "default") -> None:
+                    init: str = "default", use_dora: bool = False) -> None:
         self._check_adapter_args(name, r, alpha, dropout, use_rslora, init)
+        check_bool("use_dora", use_dora)
         w = self.base_layer.weight
         # Adapter weights live in fp32 on a half-precision base (PEFT's default autocast_adapter_dtype).
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -145,6 +171,15 @@ class LoRALinear(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        if use_dora:  # m starts at the adapted weight's row norms (PEFT): the layer starts as the base
+            norm = weight_norm(self.base_weight_nk(), a.weight, b.weight, self.scaling[name])
+            self.lora_magnitude_vector[name] = DoRAMagnitude(norm.to(dtype))
+
+    def is_dora(self, name: Optional[str] = None) -> bool:
+        """Whether adapter ``name`` (default: the active one) is a DoRA adapter."""
+        return (name or self.active_adapter) in self.lora_magnitude_vector
 
     def _check_adapter_args(self, name, r, alpha, dropout, use_rslora, init) -> None:
         if not isinstance(name, str) or not name:
@@ -166,6 +201,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter {name!r} is the active adapter: activate another one first")
         for d in (self.lora_A, self.lora_B):
             del d[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
             del d[name]
         self._inference_cache = None
@@ -243,6 +280,8 @@ class LoRALinear(nn.Module):
             scale = float(self.scaling[name])
             d = self._delta_like_weight(a, b, scale)
             orig = w.detach()
+            if name in self.lora_magnitude_vector:
+                return self._merge_dora(name, a, b, scale, d)
             merged = (orig.to(d.dtype) + d).to(w.dtype)
             if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(orig).all()):
                 raise ValueError(f"merging adapter {name!r} would make the {w.dtype} base weight non-finite "
@@ -257,6 +296,23 @@ class LoRALinear(nn.Module):
                 values = orig.contiguous().view(-1)[index.long()]
             w.copy_(merged)
         self._merge_record = _MergeRecord(name, a, b, scale, index, values)
+        self.merged = True
+
+    def _merge_dora(self, name: str, a, b, scale: float, d: torch.Tensor) -> None:
+        """DoRA's merge: ``W <- cast(m / ||W + d|| * (W + d))`` per output row (the norm of the unmerged
+        weight, as forward uses). Every element changes, so unmerge restores from a full copy of W."""
+        w = self.base_layer.weight
+        orig = w.detach()
+        m = self.lora_magnitude_vector[name].weight.detach()
+        mns = (m.to(d.dtype) / weight_norm(self.base_weight_nk(), a, b, scale).to(d.dtype))
+        rows = mns[None, :] if self.fan_in_fan_out else mns[:, None]
+        merged = ((orig.to(d.dtype) + d) * rows).to(w.dtype)
+        if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(orig).all()):
+            raise ValueError(f"merging DoRA adapter {name!r} would make the {w.dtype} base weight non-finite; the "
+                             "weight was left unchanged")
+        values = orig.clone()
+        w.copy_(merged)
+        self._merge_record = _MergeRecord(name, a, b, scale, None, values)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -292,6 +348,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._rows is not None:
             return self._mixed_forward(x)
+        if self._dora_active():
+            return self._dora_forward(x)
         if not torch.is_grad_enabled():
             y = self._inference_forward(x)
             if y is not None:
@@ -326,6 +384,10 @@ class LoRALinear(nn.Module):
         the base output for every row, then per adapter ``y[rows] += s * (x[rows] A^T) B^T`` on the
         rows that use it (rows without an adapter keep the base output)."""
         batch, groups = self._rows
+        dora = [n for n, _ in groups if n in self.lora_magnitude_vector]
+        if dora:
+            raise ValueError(f"adapter(s) {dora} are DoRA adapters: a mixed-adapter batch (ptune_rt.mixed_adapters) "
+                             "runs plain LoRA adapters only; run DoRA adapters one at a time (set_adapter)")
         if torch.is_grad_enabled():
             raise RuntimeError("a mixed-adapter batch (ptune_rt.mixed_adapters) runs inference only: call the "
                                "model under torch.no_grad() (generate() does)")
@@ -375,11 +437,41 @@ class LoRALinear(nn.Module):
         self._rows_stack = (a_cat, b_cat, col_scale)
         return self._rows_stack
 
+    def _dora_active(self) -> bool:
+        return not (self.merged or self.disabled) and self.active_adapter in self.lora_magnitude_vector
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        p = self.lora_dropout_p[name] if self.training else 0.0
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return dora_linear(x, self.base_weight_nk(), self.base_layer.bias, a, b,
+                           self.lora_magnitude_vector[name].weight, self.scaling[name], p, self.backend,
+                           norm=self._dora_norm(name))
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` per output row of DoRA adapter ``name`` (detached), recomputed only when W, A
+        or B changed (their storages and version counters key the cache, so an optimizer step or a
+        load invalidates it; eval and generate reuse it). ``||W_n||^2`` is cached the same way."""
+        w = self.base_weight_nk()
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        scale = self.scaling[name]
+        if torch.compiler.is_compiling():
+            return weight_norm(w, a, b, scale)
+        w_key = (w.data_ptr(), w._version, w.dtype, w.device)
+        w_sq = self._dora_cache.get("w_sq")
+        if w_sq is None or w_sq[0] != w_key:
+            w_sq = self._dora_cache["w_sq"] = (w_key, row_norms_sq(w))
+        key = (w_key, a.data_ptr(), a._version, b.data_ptr(), b._version, scale)
+        hit = self._dora_cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._dora_cache[name] = (key, weight_norm(w, a, b, scale, w_sq[1]))
+        return hit[1]
+
     def _op_args(self) -> Optional[LoRAArgs]:
         """The active adapter's operands, or None when the base layer alone runs (merged, disabled, or
-        no such adapter)."""
+        no such adapter) or the adapter is a DoRA one (forward runs it on its own path)."""
         name = self.active_adapter
-        if self.merged or self.disabled or name not in self.lora_A:
+        if self.merged or self.disabled or name not in self.lora_A or name in self.lora_magnitude_vector:
             return None
         p = self.lora_dropout_p[name] if self.training else 0.0
         return LoRAArgs(self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
@@ -460,10 +552,12 @@ class LoRALinear(nn.Module):
     # ``model.to("cuda")`` or ``model.half()`` never keeps the old copies alive, and never pickle it.
     def _apply(self, fn, *args, **kwargs):
         self._inference_cache = None
+        self._dora_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._inference_cache = None
+        self._dora_cache = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):
@@ -471,6 +565,7 @@ class LoRALinear(nn.Module):
         state = dict(state)
         state["_inference_cache"] = None
         state["_stash"] = None
+        state["_dora_cache"] = {}
         return state
 
     def extra_repr(self) -> str:

@@ -134,8 +134,9 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     ``disable_adapter()`` keep working. Scaling (rsLoRA included) and the dropout rate are taken
     from each layer; the dropout mask itself is drawn differently from PEFT's.
 
-    Supported: one adapter per layer, active and unmerged. Refused before any change: DoRA and
-    other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
+    Supported: one adapter per layer, active and unmerged, plain LoRA or DoRA (``use_dora=True``:
+    PEFT's magnitude module is kept as the layer's ``lora_magnitude_vector[name]``, the same object).
+    Refused before any change: other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
     merged or disabled layers, LoRA on embeddings / convolutions / quantized layers. Switching
     or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped layers;
     adding or loading another adapter through PEFT would wrap them (renaming their parameters).
@@ -151,9 +152,11 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     cls = _peft_lora_linear_class()
     new = {}
     for n, (m, adapter, dropout) in plans.items():
+        magnitude = getattr(m, "lora_magnitude_vector", {})
         lora = cls.from_adapter_modules(m.base_layer, m.lora_A[adapter], m.lora_B[adapter],
-                                               scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
-                                               dropout=dropout, backend=backend, adapter_name=adapter)
+                                        scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
+                                        dropout=dropout, backend=backend, adapter_name=adapter,
+                                        magnitude=magnitude[adapter] if adapter in magnitude else None)
         lora.__dict__[ORIGIN_ATTR] = m
         lora.__dict__[SOURCE_ATTR] = "peft"
         lora.train(m.training)
@@ -186,10 +189,11 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
     if adapters != [adapter]:
         raise ValueError(f"{where} holds adapters {adapters} (active: {adapter!r}); ptune_rt.accelerate supports "
                          "one adapter per layer: delete the others (peft_model.delete_adapter(name))")
-    if getattr(m, "use_dora", {}).get(adapter, False) or len(magnitude):
-        raise ValueError(f"{where} uses DoRA (use_dora=True), which ptune_rt.accelerate does not support")
+    dora = adapter in magnitude
+    if getattr(m, "use_dora", {}).get(adapter, False) and not dora:
+        raise ValueError(f"{where} has use_dora=True but no DoRA magnitude for adapter {adapter!r}")
     variant = getattr(m, "lora_variant", {}).get(adapter)
-    if variant is not None:
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         raise ValueError(f"{where} uses the LoRA variant {type(variant).__name__}, which ptune_rt.accelerate "
                          "does not support; expected plain LoRA")
     if getattr(m, "lora_bias", {}).get(adapter, False) or m.lora_B[adapter].bias is not None:

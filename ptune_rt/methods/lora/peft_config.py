@@ -39,7 +39,7 @@ def lora_to_peft(config: LoRAConfig, model: nn.Module, task_type: Optional[str],
         "exclude_modules": None,
         "bias": config.bias,
         "use_rslora": bool(config.use_rslora),
-        "use_dora": False,
+        "use_dora": bool(config.use_dora),
         "lora_bias": False,
         "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": init,
@@ -60,7 +60,6 @@ def _unsupported_features(d: dict) -> list[str]:
         if key in d and not ok(d[key]):
             out.append(f"{key}={d[key]!r}")
 
-    set_("use_dora")
     set_("lora_bias")
     set_("rank_pattern")
     set_("alpha_pattern")
@@ -103,7 +102,8 @@ def read_lora_config(d: dict, source: str, backend: str) -> tuple[LoRAConfig, An
     try:
         config = LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                             target_modules=tm, bias=d.get("bias", "none"), use_rslora=d.get("use_rslora", False),
-                            init="gaussian" if init == "gaussian" else "default", backend=backend)
+                            init="gaussian" if init == "gaussian" else "default", backend=backend,
+                            use_dora=d.get("use_dora", False))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{source}: not a valid LoRA config for ptune_rt: {e}") from e
     return config, (list(exclude) if isinstance(exclude, tuple) else exclude)
@@ -116,6 +116,7 @@ def _check_lora_fields(d: dict, source: str, target_modules, exclude_modules) ->
         check_number(f"{source}: lora_alpha", d.get("lora_alpha", 8), 0.0, low_open=True)
         check_number(f"{source}: lora_dropout", d.get("lora_dropout", 0.0), 0.0, 1.0)
         check_bool(f"{source}: use_rslora", d.get("use_rslora", False))
+        check_bool(f"{source}: use_dora", d.get("use_dora", False))
         for key, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
             if isinstance(value, str):
                 check_regex(f"{source}: {key}", value)
