@@ -23,6 +23,7 @@ _ENTRIES = (
     "ptune_rt.methods.bitfit:METHOD",
     "ptune_rt.methods.ln_tuning:METHOD",
     "ptune_rt.methods.child_tuning:METHOD",
+    "ptune_rt.methods.ia3:METHOD",
 )
 #: The application order of a model's methods (names), for restoring in reverse.
 ORDER_ATTR = "_ptune_rt_order"

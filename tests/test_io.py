@@ -410,11 +410,11 @@ def test_wrong_base_model_is_refused(llama_peft_dir, tmp_path):
 
 
 def test_unsupported_peft_types_and_features_are_refused(llama_peft_dir, tmp_path):
-    from peft import IA3Config
+    from peft import LoHaConfig
     base = tiny_llama()
-    pm = get_peft_model(copy.deepcopy(base), IA3Config(task_type="CAUSAL_LM"))
-    pm.save_pretrained(str(tmp_path / "ia3"))
-    expect_refusal(base, tmp_path / "ia3", r"peft_type 'IA3' is not supported.*LORA")
+    pm = get_peft_model(copy.deepcopy(base), LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path / "loha"))
+    expect_refusal(base, tmp_path / "loha", r"peft_type 'LOHA' is not supported.*LORA")
 
     for field, value in [("rank_pattern", {"q_proj": 8}), ("layers_to_transform", [0]),
                          ("init_lora_weights", "pissa")]:
