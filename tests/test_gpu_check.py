@@ -17,7 +17,8 @@ TINY_LORA = C.LoraCase(19, 40, 24, 8, "float32")
 TINY_ATTN = C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "float32")
 TINY = [TINY_LORA, C.LoraCase(33, 40, 24, 8, "bfloat16", 0.3), C.LoraCase(1, 40, 24, 8, "float16"), TINY_ATTN,
         C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "bfloat16", padding="right"),
-        C.AttentionCase(3, 4, 2, 1, 12, 3, 32, "float16", padding="left"), C.GatherCase(2, 5, 3, 50, 32, 2, "float32")]
+        C.AttentionCase(3, 4, 2, 1, 12, 3, 32, "float16", padding="left"), C.GatherCase(2, 5, 3, 50, 32, 2, "float32"),
+        C.DoraCase(19, 40, 24, 8, "float32"), C.DoraCase(17, 40, 24, 8, "bfloat16")]
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,12 +110,13 @@ def test_checker_passes_the_kernels_on_tiny_cases(case):
     assert res["ok"], res["rows"]
     assert res["gold"] == "float64"
     grads = {"dq", "dk", "dv", "dprefix_k", "dprefix_v"} if getattr(case, "L", 1) > 1 else set()
-    expected = {"lora": {"y", "dx", "dA", "dB"}, "gather": {"out", "dprompts"}, "attention": {"out"} | grads}
+    expected = {"lora": {"y", "dx", "dA", "dB"}, "dora": {"y", "dx", "dA", "dB", "dm"}, "gather": {"out", "dprompts"}, "attention": {"out"} | grads}
     names = {r["output"] for r in res["rows"]} - {"dropout rate"}
     assert names == expected[case.kind]
 
 
 @pytest.mark.parametrize("case,name", [(TINY_LORA, "y"), (TINY_LORA, "dA"), (TINY_ATTN, "out"),
+                                       (C.DoraCase(19, 40, 24, 8, "float32"), "dm"),
                                        (TINY_ATTN, "dprefix_v"), (C.GatherCase(2, 5, 3, 50, 32, 2, "float32"),
                                                                   "dprompts")])
 def test_checker_flags_an_output_off_by_one_percent(case, name):
@@ -159,7 +161,8 @@ TIMED = [(C.LoraCase(19, 40, 24, 8, "float32"), ("train", "forward")),
          (C.LoraCase(19, 40, 24, 8, "float32", 0.3), ("train",)),
          (C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "float32"), ("train", "forward")),
          (C.AttentionCase(2, 4, 2, 1, 12, 3, 32, "float32"), ("forward",)),
-         (C.GatherCase(2, 5, 3, 50, 32, 1, "float32"), ("train", "forward"))]
+         (C.GatherCase(2, 5, 3, 50, 32, 1, "float32"), ("train", "forward")),
+         (C.DoraCase(19, 40, 24, 8, "float32"), ("train", "forward"))]
 
 
 @pytest.mark.parametrize("case", [c for c, _ in TIMED if not getattr(c, "dropout", 0)], ids=lambda c: c.id)
@@ -201,7 +204,8 @@ def test_timing_rows_and_report_with_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "bench", one_call)
     plan = [Section("timing_lora", [PlannedCase(c, 1.0, m) for c, m in TIMED[:2]]),
             Section("timing_attention", [PlannedCase(c, 1.0, m) for c, m in TIMED[2:4]]),
-            Section("timing_gather", [PlannedCase(c, 1.0, m) for c, m in TIMED[4:]])]
+            Section("timing_gather", [PlannedCase(c, 1.0, m) for c, m in TIMED[4:5]]),
+            Section("timing_dora", [PlannedCase(c, 1.0, m) for c, m in TIMED[5:]])]
     for s in plan:
         s.budget_s = float("inf")
     res = report.start_results(plan, None, [], device="cpu")

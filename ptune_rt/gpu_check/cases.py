@@ -40,6 +40,17 @@ class LoraCase:
 
 
 @dataclasses.dataclass(frozen=True)
+class DoraCase(LoraCase):
+    """One DoRA linear (``ptune_rt.ops.dora_linear``): a LoRA case's operands plus a trainable
+    magnitude [N], no dropout."""
+    kind: ClassVar[str] = "dora"
+
+    @property
+    def id(self) -> str:
+        return f"dora {_SHORT[self.dtype]} M{self.M} K{self.K} N{self.N} r{self.r}"
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionCase:
     """Prefix attention: q [B, Hq, L, D] over [prefix [Hkv, P, D] ; k/v [B, Hkv, S, D]]. L = 1 is a
     decode step against a cache of S - 1 keys (forward only); otherwise forward + backward."""
@@ -84,7 +95,9 @@ class GatherCase:
         return f"gather {_SHORT[self.dtype]} B{self.B} L{self.L} P{self.P} V{self.V} H{self.H} T{self.T}"
 
 
-Case = Union[LoraCase, AttentionCase, GatherCase]
+Case = Union[LoraCase, DoraCase, AttentionCase, GatherCase]
+#: Case kinds in report order.
+KINDS = ("lora", "dora", "attention", "gather")
 
 
 def describe(case: Case) -> dict:
@@ -108,6 +121,13 @@ def _lora_numerics() -> list[LoraCase]:
     return cases
 
 
+def _dora_numerics() -> list[DoraCase]:
+    """Every dtype on the q/k/v-sized linear at 4096 tokens, then bf16 decode-sized and the down projection."""
+    qkv, _, down = ((K, N) for _, K, N in LORA_LINEARS)
+    return ([DoraCase(4096, *qkv, 16, dt) for dt in DTYPES] + [DoraCase(16, *qkv, 16, "bfloat16")]
+            + [DoraCase(4096, *down, 16, "bfloat16")])
+
+
 def _attention_numerics() -> list[AttentionCase]:
     a = ATTENTION
     train = [AttentionCase(1, a["Hq"], a["Hkv"], a["L"], a["L"], a["P"], a["D"], dt) for dt in DTYPES]
@@ -128,6 +148,7 @@ def _pytest_numerics() -> list[Case]:
     lora = [LoraCase(M, 4096, 4096, 16, dt) for dt in DTYPES for M in (1, 4096)]
     lora += [LoraCase(16, 4096, 11008, r, "bfloat16") for r in (8, 64)]
     lora.append(LoraCase(4096, 4096, 4096, 16, "bfloat16", DROPOUT_P))
+    lora += [DoraCase(1024, 4096, 4096, 16, dt) for dt in ("bfloat16", "float32")]
     attn = [AttentionCase(1, a["Hq"], a["Hkv"], 1024, 1024, a["P"], a["D"], dt) for dt in DTYPES]
     attn.append(AttentionCase(4, a["Hq"], a["Hkv"], 1, a["L"], a["P"], a["D"], "bfloat16", padding="left"))
     gather = [GatherCase(2, 128, 16, e["V"], e["H"], 2, dt) for dt in ("bfloat16", "float32")]
@@ -138,9 +159,9 @@ def numerics_cases(subset: str = "full") -> dict[str, list[Case]]:
     """Numerics cases by section id, in run order; ``subset="pytest"`` for the pytest-sized subset."""
     if subset == "pytest":
         cases = _pytest_numerics()
-        return {f"numerics_{k}": [c for c in cases if c.kind == k] for k in ("lora", "attention", "gather")}
-    return {"numerics_lora": _lora_numerics(), "numerics_attention": _attention_numerics(),
-            "numerics_gather": _gather_numerics()}
+        return {f"numerics_{k}": [c for c in cases if c.kind == k] for k in KINDS}
+    return {"numerics_lora": _lora_numerics(), "numerics_dora": _dora_numerics(),
+            "numerics_attention": _attention_numerics(), "numerics_gather": _gather_numerics()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,14 +183,17 @@ def timing_cases(subset: str = "full") -> dict[str, list[tuple[Case, tuple[str, 
     attn = [(AttentionCase(1, a["Hq"], a["Hkv"], a["L"], a["L"], a["P"], a["D"], "bfloat16"), MODES),
             (AttentionCase(8, a["Hq"], a["Hkv"], 1, a["L"], a["P"], a["D"], "bfloat16"), ("forward",))]
     gather = [(GatherCase(4, 512, 32, e["V"], e["H"], 1, "bfloat16"), MODES)]
-    return {"timing_lora": lora, "timing_attention": attn, "timing_gather": gather}
+    dora = [(DoraCase(M, *LORA_LINEARS[0][1:], 16, "bfloat16"), MODES) for M in (16, 4096)]
+    return {"timing_lora": lora, "timing_dora": dora, "timing_attention": attn, "timing_gather": gather}
 
 
 SECTION_TITLES = {
     "numerics_lora": "numerics: fused LoRA linear",
+    "numerics_dora": "numerics: DoRA linear",
     "numerics_attention": "numerics: prefix attention",
     "numerics_gather": "numerics: prompt-input gather",
     "timing_lora": "timing: LoRA linear vs PEFT vs eager",
+    "timing_dora": "timing: DoRA linear vs PEFT DoRA vs eager",
     "timing_attention": "timing: prefix attention vs PEFT vs eager",
     "timing_gather": "timing: prompt-input gather vs PEFT",
 }

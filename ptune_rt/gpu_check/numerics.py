@@ -77,7 +77,7 @@ def gold_dtype(case: C.Case, device) -> torch.dtype:
     (then fp32 for half-precision cases)."""
     if torch.device(device).type != "cuda" or case.dtype == "float32":
         return torch.float64
-    if case.kind == "lora":
+    if case.kind in ("lora", "dora"):
         need = (3 * case.M * (case.K + case.N) + case.N * case.K) * 8
     elif case.kind == "attention":  # one KV head at a time: its scores, probabilities and gradients
         need = 6 * case.B * (case.Hq // case.Hkv) * case.L * (case.P + case.S) * 8
@@ -135,6 +135,42 @@ def check_lora(c: C.LoraCase, device, perturb: Perturb = None) -> dict:
     rows = compare(outs, refs, golds, {"y": dt, "dx": dt, "dA": torch.float32, "dB": torch.float32})
     if keep is not None:
         rows.append(_lora_mask_row(keep, c.dropout))
+    return {"gold": str(gold_dt).replace("torch.", ""), "rows": rows}
+
+
+def _dora_reference(x, w, a, b, m, dy, to=None) -> dict:
+    from ptune_rt.reference import dora_linear_reference
+
+    xs, As, Bs, ms = _leaf(x, to), _leaf(a, to), _leaf(b, to), _leaf(m, to)
+    y = dora_linear_reference(xs, w.to(to or w.dtype), None, As, Bs, ms, LORA_SCALE)
+    y.backward(dy.to(to or dy.dtype))
+    return {"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad, "dm": ms.grad}
+
+
+def check_dora(c: C.DoraCase, device, perturb: Perturb = None) -> dict:
+    """The DoRA op (norm by expansion, rescale in the fused GEMM) vs PEFT's formula (materialized norm)."""
+    from ptune_rt.ops.dora_linear import dora_linear, materialized_weight_norm
+
+    dt, g = DTYPES[c.dtype], _generator(device, c)
+    x = _randn(g, c.M, c.K, device=device, dtype=dt)
+    w = _randn(g, c.N, c.K, device=device, dtype=dt, scale=c.K ** -0.5)
+    a = _randn(g, c.r, c.K, device=device, scale=c.K ** -0.5)
+    b = _randn(g, c.N, c.r, device=device, scale=c.r ** -0.5)
+    m = materialized_weight_norm(w, a, b, LORA_SCALE, torch.float32) * (0.5 + torch.rand(c.N, generator=g,
+                                                                                          device=device))
+    dy = _randn(g, c.M, c.N, device=device, dtype=dt)
+    xs, As, Bs, ms = _leaf(x), _leaf(a), _leaf(b), _leaf(m)
+    y = dora_linear(xs, w, None, As, Bs, ms, LORA_SCALE, backend="triton")
+    y.backward(dy)
+    outs = {"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad, "dm": ms.grad}
+    del y, xs, As, Bs, ms
+    gold_dt = gold_dtype(c, device)
+    refs = _dora_reference(x, w, a, b, m, dy)
+    golds = _dora_reference(x, w, a, b, m, dy, to=gold_dt)
+    outs = _perturbed(outs, perturb)
+    # dm reduces dY * (pre-scale output) over the tokens, that output rounded to the activation
+    # dtype in both the op and PEFT's formula: it follows the activation dtype's rule.
+    rows = compare(outs, refs, golds, {"y": dt, "dx": dt, "dA": torch.float32, "dB": torch.float32, "dm": dt})
     return {"gold": str(gold_dt).replace("torch.", ""), "rows": rows}
 
 
@@ -253,7 +289,7 @@ def check_gather(c: C.GatherCase, device, perturb: Perturb = None) -> dict:
     return {"gold": str(gold_dt).replace("torch.", ""), "rows": compare(outs, refs, golds, dict.fromkeys(outs, dt))}
 
 
-CHECKS = {"lora": check_lora, "attention": check_attention, "gather": check_gather}
+CHECKS = {"lora": check_lora, "dora": check_dora, "attention": check_attention, "gather": check_gather}
 
 
 def check(case: C.Case, device="cuda", perturb: Perturb = None) -> dict:

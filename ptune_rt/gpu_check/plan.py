@@ -112,11 +112,11 @@ class CostModel:
                 + self._first(self.tuned, tune_key, n_configs * TUNE_CONFIG_S))
 
     def kernels(self, c: C.Case) -> float:
-        if c.kind == "lora" and c.M <= self.configs["lora_decode_rows"]:  # one fixed config per launch, untuned
-            return self._first(self.compiled, ("lora", c.dtype, c.r, c.M == 1, "decode"), 6 * COMPILE_S)
-        if c.kind == "lora":
-            return self._compile_and_tune(("lora", c.dtype, c.r, c.dropout > 0),
-                                          ("lora", c.dtype, c.M, c.K, c.N, c.r, c.dropout > 0),
+        if c.kind in ("lora", "dora") and c.M <= self.configs["lora_decode_rows"]:  # fixed configs, untuned
+            return self._first(self.compiled, (c.kind, c.dtype, c.r, c.M == 1, "decode"), 6 * COMPILE_S)
+        if c.kind in ("lora", "dora"):  # DoRA: the LoRA kernels with its own flags, tuned per key
+            return self._compile_and_tune((c.kind, c.dtype, c.r, c.dropout > 0),
+                                          (c.kind, c.dtype, c.M, c.K, c.N, c.r, c.dropout > 0),
                                           self.configs["lora"][c.dtype])
         if c.kind == "attention":
             return self._compile_and_tune(("attn", c.dtype, c.mode, c.padding is not None),
@@ -135,7 +135,7 @@ class CostModel:
         """The check itself: the op, the eager reference in its dtype and the float64 gold."""
         if c.kind == "gather":
             return 2 * c.B * (c.L + c.P) * 120e-6 + CASE_OVERHEAD_S  # the per-row Python reference, twice
-        if c.kind == "lora":
+        if c.kind in ("lora", "dora"):
             flops = 2 * (2 * c.M * c.N * c.K)  # y and dX: the two big products
             traffic = (c.M * (c.K + c.N) + c.N * c.K) * (_ELEM[c.dtype] + _ELEM["float64"]) * 8
             extra = 0.0

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from ptune_rt.gpu_check import cases as C
 from ptune_rt.gpu_check import plan as PL
 
 JSON_NAME, MD_NAME, PNG_NAME = "gpu_check.json", "gpu_check.md", "gpu_check.png"
@@ -217,7 +218,7 @@ def plot(res: dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (the tables above hold every number)"
-    groups = [(k, m) for k in ("lora", "attention", "gather") for m in ("train", "forward")
+    groups = [(k, m) for k in C.KINDS for m in ("train", "forward")
               if any(t["kind"] == k and t["mode"] == m and "median_ms" in t for t in res["timings"])]
     fig, axs = plt.subplots(len(groups), 1, figsize=(12, 3.2 * len(groups)), squeeze=False)
     colors = {"ptune-rt": "tab:blue", "PEFT": "tab:orange", "eager": "tab:gray"}

@@ -26,6 +26,19 @@ def _lora(c: C.LoraCase, hw: dict) -> dict:
     return out
 
 
+def _dora(c: C.DoraCase, hw: dict) -> dict:
+    """A LoRA linear's bounds plus what DoRA adds: ptune-rt reads W once more (W A^T for the norm) and
+    writes the M x N pre-scale output; PEFT materializes B A and W + s B A (N x K, fp32: written, read
+    for the norm) and runs its rescale as separate M x N elementwise passes (about four)."""
+    out = _lora(c, hw)
+    e, hbm = _BYTES[c.dtype], hw["hbm_bytes_per_s"]
+    ours = (c.N * c.K * e + c.M * c.N * e) / hbm
+    peft = (4 * c.N * c.K * 4 + 4 * 2 * c.M * c.N * e) / hbm
+    for impl, extra in (("ptune-rt", ours), ("PEFT", peft)):
+        out[impl] = {"forward": out[impl]["forward"] + extra, "train": out[impl]["train"] + extra}
+    return out
+
+
 def _attention_train(c: C.AttentionCase, hw: dict) -> dict:
     from ptune_rt.bench.prefix import fused_chain, peft_chain
 
@@ -91,6 +104,8 @@ def bounds(case: C.Case, hw: dict | None = None) -> dict:
     hw = hw or A.H100_SXM
     if case.kind == "lora":
         out = _lora(case, hw)
+    elif case.kind == "dora":
+        out = _dora(case, hw)
     elif case.kind == "attention":
         out = _decode(case, hw) if case.mode == "decode" else _attention_train(case, hw)
     else:

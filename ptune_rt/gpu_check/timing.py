@@ -53,20 +53,22 @@ class _Holder(torch.nn.Module):
 
 
 def peft_lora_linear(c: C.LoraCase, device):
-    """PEFT's LoRA Linear around an nn.Linear [K -> N] (bias-free), adapters in fp32."""
+    """PEFT's LoRA Linear around an nn.Linear [K -> N] (bias-free), adapters in fp32 (a DoraCase: with
+    ``use_dora=True``, the magnitude initialized by PEFT from these weights)."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import Linear as PeftLinear
 
     dt, g = DTYPES[c.dtype], _generator(device, c)
     lin = torch.nn.Linear(c.K, c.N, bias=False, device=device, dtype=dt)
+    with torch.no_grad():
+        lin.weight.copy_(_randn(g, c.N, c.K, device=device, dtype=dt, scale=c.K ** -0.5))
     holder = inject_adapter_in_model(LoraConfig(r=c.r, lora_alpha=int(LORA_SCALE * c.r), lora_dropout=c.dropout,
-                                                target_modules=["lin"]), _Holder(lin))
+                                                target_modules=["lin"], use_dora=c.kind == "dora"), _Holder(lin))
     layer = holder.lin
     assert isinstance(layer, PeftLinear), type(layer)
     layer.lora_A["default"].float()
     layer.lora_B["default"].float()
     with torch.no_grad():
-        layer.base_layer.weight.copy_(_randn(g, c.N, c.K, device=device, dtype=dt, scale=c.K ** -0.5))
         layer.lora_A["default"].weight.copy_(_randn(g, c.r, c.K, device=device, scale=c.K ** -0.5))
         layer.lora_B["default"].weight.copy_(_randn(g, c.N, c.r, device=device, scale=c.r ** -0.5))
     layer.base_layer.weight.requires_grad_(False)
@@ -149,7 +151,25 @@ def _gather_impls(c: C.GatherCase, device):
     return impls, t["dout"]
 
 
-BUILDERS = {"lora": _lora_impls, "attention": _attention_impls, "gather": _gather_impls}
+def _dora_impls(c: C.DoraCase, device):
+    from ptune_rt.ops.dora_linear import dora_linear
+    from ptune_rt.reference import dora_linear_reference
+
+    dt, g = DTYPES[c.dtype], _generator(device, c)
+    peft = peft_lora_linear(c, device)
+    w, a, b = peft.base_layer.weight, peft.lora_A["default"].weight, peft.lora_B["default"].weight
+    m = peft.lora_magnitude_vector["default"].weight
+    m.data = m.data.float()  # PEFT keeps it in the norm's dtype; fp32 beside fp32 adapters
+    s = peft.scaling["default"]
+    x = _randn(g, c.M, c.K, device=device, dtype=dt).requires_grad_()
+    leaves = [x, a, b, m]
+    impls = {"ptune-rt": Impl(lambda t: dora_linear(x, w, None, a, b, m, s, backend="triton"), leaves),
+             "PEFT": Impl(lambda t: peft(x), leaves, prepare=peft.train),
+             "eager": Impl(lambda t: dora_linear_reference(x, w, None, a, b, m, s), leaves)}
+    return impls, _randn(g, c.M, c.N, device=device, dtype=dt)
+
+
+BUILDERS = {"lora": _lora_impls, "dora": _dora_impls, "attention": _attention_impls, "gather": _gather_impls}
 
 
 # ----------------------------------------------------------------------------------------
