@@ -34,6 +34,10 @@ What is covered, on sm_80 and sm_90:
   every dtype, aligned and unaligned: 2.2 times the builds of the default matrix, and slower
   ones (unaligned builds spill, which makes ptxas slow).
 
+DoRA (``ptune_rt.ops.dora_linear``) reuses these kernels with the fused kernel's channel scales: its
+forward (``COL_SCALE``, ``Z_OUT``) and its dX (``IN_SCALE``) launches are compiled for fp16 and bf16
+activations at rank 8 without bias or dropout (:func:`_record_dora`), with every shipped fused config.
+
 Launches whose specialization is identical (the fused kernel at ranks 32, 64 and 128 differs
 only in values Triton does not specialize on) are compiled once, labelled with all their ranks.
 Not covered: GPT-2 Conv1D weights (their transposed layout gives the fwd y and bwd dX launches
@@ -114,6 +118,33 @@ def _record_step(act: torch.dtype, rank: int, bias: bool, p: float):
     return out
 
 
+_DORA_LAUNCHES = ("dora fwd y", "dora bwd dX")
+
+
+def _record_dora(act: torch.dtype, rank: int):
+    """The fused-kernel launches of one DoRA training step (forward y with the row rescale and the
+    pre-scale output; dX with the rescale as dY's input-channel scale), as (name, kernel, args, flags)."""
+    from ptune_rt.ops import dora_linear as D
+
+    meta = dict(device="meta")
+    M, K, N = TOKENS, IN_FEATURES, OUT_FEATURES
+    x = torch.empty((M, K), dtype=act, **meta)
+    weight = torch.empty((N, K), dtype=act, **meta)
+    a = torch.empty((rank, K), dtype=ADAPTER_DTYPE, **meta)
+    b = torch.empty((N, rank), dtype=ADAPTER_DTYPE, **meta)
+    mns = torch.empty((N,), dtype=torch.float32, **meta)
+    with recorded_launches(L, "_check_backend") as fwd:
+        _, S, z = D._forward(x, weight, None, a, b, SCALE, mns, True, "triton")
+    dy = torch.empty((M, N), dtype=act, **meta)
+    with recorded_launches(L, "_check_backend") as bwd:
+        D._backward(dy, x, S, z, weight, a, b, SCALE, mns, mns, "triton", True)
+    fused = [launch for launch in fwd + bwd if launch[0] is L._fused_lowrank_matmul_kernel]
+    if len(fused) != len(_DORA_LAUNCHES):
+        raise RuntimeError(f"the DoRA op launched the fused kernel {len(fused)} times, kernels/lora_aot.py expects "
+                           f"{len(_DORA_LAUNCHES)} ({', '.join(_DORA_LAUNCHES)})")
+    return [(name, *launch) for name, launch in zip(_DORA_LAUNCHES, fused)]
+
+
 def _expected_mma(kernel, act: torch.dtype, flags: dict) -> tuple:
     """PTX operand types the tensor-core MMAs of a launch must use.
 
@@ -159,6 +190,8 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
                 launches = _record_decode(act, rank, bias)
                 for p in (0.0, DROPOUT_P):
                     launches += _record_step(act, rank, bias, p)
+                if act != torch.float32 and rank == RANKS[0] and not bias:
+                    launches += _record_dora(act, rank)
                 for name, kernel, args, flags in launches:
                     if kernel not in shipped:
                         raise RuntimeError(f"the LoRA wrappers launched {kernel}, which has no "
@@ -184,6 +217,9 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
         block_rs_seen[kernel].add(block_r)
         on = " ".join(_FLAG_NAMES[f] for f in ("HAS_BIAS", "LR_DROPOUT", "HAS_DROPOUT") if flags.get(f))
         launch = f"{name}{' ' + on if on else ''}"
+        if name.startswith("dora"):
+            on = " ".join(f for f in ("IN_SCALE", "COL_SCALE", "Z_OUT") if flags.get(f))
+            launch = f"{name} {on}"
         if act == torch.float32 and not full and launch not in FP32_SUBSET and not name.startswith("decode"):
             continue
         for config in configs:
