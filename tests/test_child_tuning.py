@@ -404,3 +404,17 @@ def test_target_modules_choose_the_trained_parameters():
 
 def test_environment_runs_the_kernels_through_the_interpreter():
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_compile_report_covers_every_shipped_config_dtype_and_mode():
+    """Every config the step can launch is built ahead of time in each dtype and mode (the compile itself runs
+    in test_compile_report)."""
+    from ptune_rt.compile_report import collect_variants
+    from ptune_rt.kernels import child_adamw as CA
+
+    keys = {v.key for v in collect_variants(["_child_"])}
+    for cfg in CA.CONFIGS:
+        for dtype in ("fp32", "fp16", "bf16"):
+            for mode in ("plain", "F", "D"):
+                assert f"_child_adamw_kernel | {cfg} | {dtype} mode {mode}" in keys
+        assert f"_child_keep_mask_kernel | {cfg} | keep mask" in keys
