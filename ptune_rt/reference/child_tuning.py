@@ -58,6 +58,15 @@ def keep_mask(shape, reserve_p: float, seed: int, stream: int, device) -> torch.
     return torch.rand(shape, generator=gen, device=device) < reserve_p
 
 
+def _adamw_in_place(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
+    """torch's single-tensor AdamW step, op for op, on ``p``, ``m``, ``v`` in place."""
+    p.mul_(1.0 - lr * weight_decay)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
+
+
 @torch.no_grad()
 def child_adamw_reference(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                           *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -66,21 +75,19 @@ def child_adamw_reference(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
     D's child), unused when ``mode`` is None or mode F has reserve_p = 1."""
     if mode not in (None, "F", "D"):
         raise ValueError(f"mode must be None, 'F' or 'D', got {mode!r}")
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     work = exp_avg.dtype
-    p = param.to(work)
     g = grad.to(work)
     if mode == "F" and reserve_p < 1.0:
         g = torch.where(keep, g / reserve_p, torch.zeros((), dtype=work, device=g.device))
-    new_p = p * (1.0 - lr * weight_decay)
-    m = exp_avg.lerp(g, 1.0 - beta1)
-    v = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
-    denom = (v.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(eps)
-    new_p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
-    if mode == "D":
-        param.copy_(torch.where(keep, new_p.to(param.dtype), param))
+    if mode == "D":  # step copies, then keep the child's entries only
+        p, m, v = param.to(work, copy=True), exp_avg.clone(), exp_avg_sq.clone()
+        _adamw_in_place(p, g, m, v, **hyper)
+        param.copy_(torch.where(keep, p.to(param.dtype), param))
         exp_avg.copy_(torch.where(keep, m, exp_avg))
         exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
-    else:
-        param.copy_(new_p)
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+        return
+    p = param if param.dtype == work else param.to(work)
+    _adamw_in_place(p, g, exp_avg, exp_avg_sq, **hyper)
+    if p is not param:
+        param.copy_(p)
