@@ -712,3 +712,38 @@ def test_accelerated_model_keeps_peft_features(tmp_path):
         layer.delete_adapter("default")
     with pytest.raises(TypeError, match="adapter_names"):
         layer(torch.randn(2, 64), adapter_names=["default"])
+
+
+def test_peft_adapter_management_after_accelerate():
+    """PEFT's add_adapter / load_adapter / set_adapter(other) raise a clear error after accelerate (PEFT
+    would wrap the swapped layers and run two adapters at once); set_adapter of the held adapter passes;
+    forward(adapter_names=...) runs the rows as PEFT's mixed batch does; restore gives PEFT its methods back."""
+    from peft import LoraConfig
+
+    pm = _peft(("q_proj", "v_proj"))
+    ref = copy.deepcopy(pm)
+    ptune_rt.accelerate(pm)
+    snap = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    with pytest.raises(ValueError, match="PeftModel.add_adapter after ptune_rt.accelerate: the swapped layers hold"):
+        pm.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"set_adapter\('other'\) after ptune_rt.accelerate"):
+        pm.set_adapter("other")
+    with pytest.raises(ValueError, match="load_adapter after ptune_rt.accelerate"):
+        pm.load_adapter("/nonexistent", adapter_name="other")
+    assert list(dict(pm.named_parameters())) == list(snap)
+    pm.set_adapter("default")
+    ids = input_ids(batch=3)
+    pm.eval()
+    ref.eval()
+    names = ["default", "__base__", "default"]
+    with torch.no_grad():
+        got = pm(input_ids=ids, adapter_names=names).logits
+        want = ref(input_ids=ids, adapter_names=names).logits
+        with ref.disable_adapter():
+            base_row = ref(input_ids=ids[1:2]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1:2], base_row, rtol=0, atol=1e-5)  # the "__base__" row really is the base
+    ptune_rt.restore(pm)
+    pm.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))  # PEFT's own again
+    pm.set_adapter("other")
+    assert pm.active_adapter == "other"

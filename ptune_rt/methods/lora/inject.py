@@ -39,6 +39,20 @@ ORIGIN_ATTR = "_ptune_rt_origin"
 SOURCE_ATTR = "_ptune_rt_source"
 
 
+#: Methods of a PEFT model (``PeftModel``, its tuner ``LoraModel``) that ``accelerate`` answers on the
+#: instance while its layers are swapped (see ``peft_bridge.install_peft_guards``); ``restore`` removes them.
+PEFT_GUARDED = ("add_adapter", "load_adapter", "set_adapter", "inject_adapter", "_enable_peft_forward_hooks")
+#: The mark of such an instance attribute (only marked ones are removed).
+GUARD_MARK = "_ptune_rt_guard"
+
+
+def remove_peft_guards(model: nn.Module) -> None:
+    for m in model.modules():
+        for name in PEFT_GUARDED:
+            if getattr(m.__dict__.get(name), GUARD_MARK, False):
+                del m.__dict__[name]
+
+
 @dataclasses.dataclass
 class LoRAModelState:
     """What a model carrying LoRA records (``ptune_rt.state``): the config it was applied or loaded
@@ -289,5 +303,6 @@ def restore_lora(model: nn.Module) -> nn.Module:
             origin._disable_adapters = m.disabled
         _set_submodule(model, n, origin)
     restore_requires_grad(model)
+    remove_peft_guards(model)
     model_state.forget(model, NAME)
     return model
