@@ -11,6 +11,7 @@ import sys
 
 SUITES = {
     "bitfit": "ptune_rt.bench.bitfit",
+    "dora": "ptune_rt.bench.dora",
     "child-tuning": "ptune_rt.bench.child_tuning",
     "lora": "ptune_rt.bench.lora",
     "mixed-tasks": "ptune_rt.bench.mixed_tasks",
