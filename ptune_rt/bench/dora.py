@@ -28,6 +28,7 @@ import dataclasses
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -214,16 +215,14 @@ class AllocationLog:
         """Counts and bytes of the allocations with a target weight's element count (N x K), the
         largest allocation of the step and of the DoRA layers' forwards."""
         nk = [r for r in self.records if r[2] in weight_numels]
-        by_op: dict = {}
-        for op, shape, *_ in nk:
-            by_op[f"{op} -> {'x'.join(map(str, shape))}"] = by_op.get(f"{op} -> {'x'.join(map(str, shape))}", 0) + 1
+        by_op = Counter(f"{op} -> {'x'.join(map(str, shape))}" for op, shape, *_ in nk)
         in_dora = [r for r in self.records if r[4]] or [("none", (), 0, 0, True)]
         largest = {key: dict(zip(("op", "shape", "numel", "bytes"), max(rs, key=lambda r: r[3])[:4]))
                    for key, rs in (("step", self.records), ("dora_forward", in_dora))}
         weight_bytes = max(weight_numels) * weight_itemsize
         return {"allocations": len(self.records), "allocated_bytes": sum(r[3] for r in self.records),
                 "nk_allocations": len(nk), "nk_bytes": sum(r[3] for r in nk),
-                "nk_allocations_by_op_and_shape": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+                "nk_allocations_by_op_and_shape": dict(by_op.most_common()),
                 "largest_target_weight_bytes": weight_bytes, "largest_allocation": largest,
                 "largest_in_dora_forward_over_largest_weight": largest["dora_forward"]["bytes"] / weight_bytes}
 

@@ -11,8 +11,8 @@ import sys
 
 SUITES = {
     "bitfit": "ptune_rt.bench.bitfit",
-    "dora": "ptune_rt.bench.dora",
     "child-tuning": "ptune_rt.bench.child_tuning",
+    "dora": "ptune_rt.bench.dora",
     "lora": "ptune_rt.bench.lora",
     "mixed-tasks": "ptune_rt.bench.mixed_tasks",
     "prefix": "ptune_rt.bench.prefix",
