@@ -64,7 +64,7 @@ def our_config(kind, **kw):
     return PTuningConfig(P, encoder=kind, encoder_hidden_size=32, **kw)
 
 
-def peft_pair(base, kind):
+def peft_pair(base, kind, **config):
     """(PEFT model, ours) on copies of ``base`` with the same prompt parameters."""
     from peft import PromptEncoderConfig, get_peft_model
     from peft import PromptTuningConfig as PeftPromptTuningConfig
@@ -77,7 +77,7 @@ def peft_pair(base, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base), pcfg)
-    ours = ptune_rt.apply(copy.deepcopy(base), our_config(kind))
+    ours = ptune_rt.apply(copy.deepcopy(base), our_config(kind, **config))
     ours.prompt_encoder.load_state_dict(peft_model.prompt_encoder.state_dict())
     return peft_model, ours
 
@@ -193,6 +193,40 @@ def test_matches_peft(name, kind):
         with torch.no_grad():
             expected = peft_model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False)[:, 7:]
     assert torch.equal(greedy(ours, ids), expected)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "mlp"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_peft_placement_matches_peft_on_left_padded_batches(name, kind):
+    """placement="peft": the prompt before the left padding and the model's own positions, as PEFT
+    does: logits, loss and gradients equal PEFT's on a left-padded batch, and so do generate and a
+    hand-written cache loop; the default placement differs there (each row computes what it does alone)."""
+    base = base_model(name)
+    peft_model, ours = peft_pair(base, kind, placement="peft")
+    _, own = peft_pair(base, kind)
+    ids, mask = padded(ROWS, "left")
+    labels = ids.masked_fill(mask == 0, -100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = peft_model(ids, attention_mask=mask, labels=labels)
+    b = ours(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-6)
+    assert (own(ids, attention_mask=mask).logits - a.logits).abs().max() > 1e-3  # the two placements differ
+    a.loss.backward()
+    b.loss.backward()
+    pa, pb = trainable(peft_model), trainable(ours)
+    for n in pa:
+        torch.testing.assert_close(pb[n].grad, pa[n].grad, rtol=1e-5, atol=1e-7, msg=n)
+    peft_model.eval()
+    ours.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            expected = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+                                           do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(greedy(ours, ids, mask), expected)
+    assert torch.equal(decode_loop(ours, ids, mask), expected)
 
 
 @pytest.mark.parametrize("kind", ["prompt", "mlp"])
@@ -608,5 +642,6 @@ def test_bad_inputs_raise_clear_errors():
     holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="padding between its tokens"):
         model(ids, attention_mask=holes, task_ids=torch.tensor([0, 1]))
-    with pytest.raises(TypeError, match="PromptTuningConfig, PTuningConfig, BitFitConfig or LNTuningConfig"):
+    with pytest.raises(TypeError, match=r"config must be a ptune_rt config \(LoRAConfig, PrefixConfig, "
+                                        r"PromptTuningConfig, PTuningConfig, "):
         ptune_rt.apply(model, object())

@@ -35,10 +35,11 @@ FIELDS = {
                    "position_mode": "choice", "dropout": "rate", "backend": "choice", "num_tasks": "int",
                    "modules_to_save": "names"},
     PromptTuningConfig: {"num_virtual_tokens": "int", "init": "choice", "num_tasks": "int", "backend": "choice",
-                         "modules_to_save": "names"},
+                         "modules_to_save": "names", "placement": "choice"},
     PTuningConfig: {"num_virtual_tokens": "int", "encoder": "choice", "encoder_hidden_size": "opt_int",
                     "encoder_num_layers": "int", "encoder_dropout": "rate", "template": "opt_str",
-                    "anchors": "anchors", "num_tasks": "int", "backend": "choice", "modules_to_save": "names"},
+                    "anchors": "anchors", "num_tasks": "int", "backend": "choice", "modules_to_save": "names",
+                    "placement": "choice"},
 }
 REQUIRED = {PromptTuningConfig: {"num_virtual_tokens": 3}, PTuningConfig: {"num_virtual_tokens": 3}}
 CASES = [(cls, f, v) for cls, fields in FIELDS.items() for f, kind in fields.items() for v in BAD[kind]]

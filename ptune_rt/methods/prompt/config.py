@@ -13,6 +13,10 @@ from ptune_rt.methods.prompt.template import parse_template
 from ptune_rt.ops.backend import BACKENDS
 
 PROMPT_INITS = ("random", "vocab", "text")
+#: Where a padded row's soft prompt goes: "after_padding" (each row computes what it computes
+#: alone) or "peft" (PEFT's layout: the prompt first, before any left padding, and the model's own
+#: positions, for bit-parity with PEFT; see ``forward``).
+PLACEMENTS = ("after_padding", "peft")
 ENCODERS = ("mlp", "lstm")
 
 
@@ -49,6 +53,7 @@ class _PromptConfig(MethodConfig):
         check_int(f"{name}.num_virtual_tokens", self.num_virtual_tokens)
         check_int(f"{name}.num_tasks", self.num_tasks)
         check_choice(f"{name}.backend", self.backend, BACKENDS)
+        check_choice(f"{name}.placement", self.placement, PLACEMENTS)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
         check_modules_to_save(name, self.modules_to_save)
@@ -70,6 +75,11 @@ class PromptTuningConfig(_PromptConfig):
         head of sequence / token classification and question answering models (``classifier``,
         ``score``, ...) and nothing elsewhere; ``[]`` trains the prompt alone; a list names modules
         (a whole name or a dotted suffix).
+    placement: "after_padding" (default): a row is ``[left padding] [prompt] [tokens] [right
+        padding]`` with positions counted from its first real token, so a padded row computes what it
+        computes alone; "peft": PEFT's layout ``[prompt] [the row as given]`` with the model's own
+        positions (PEFT drops ``position_ids``), which differs from the row alone under left padding
+        but matches PEFT bit for bit.
     """
 
     METHOD: ClassVar[str] = "prompt_tuning"
@@ -81,6 +91,7 @@ class PromptTuningConfig(_PromptConfig):
     num_tasks: int = 1
     backend: str = "auto"
     modules_to_save: Optional[list] = None
+    placement: str = "after_padding"
 
     def validate(self) -> None:
         self._check_common()
@@ -116,6 +127,8 @@ class PTuningConfig(_PromptConfig):
         task dimension when T > 1), all tasks are encoded in one batched call.
     backend: "auto", "triton" or "torch" for the input builder.
     modules_to_save: modules trained next to the prompt, as in :class:`PromptTuningConfig`.
+    placement: "after_padding" or "peft", as in :class:`PromptTuningConfig` (with "peft" the template's
+        parts go around the row as given, padding included).
     """
 
     METHOD: ClassVar[str] = "p_tuning"
@@ -131,6 +144,7 @@ class PTuningConfig(_PromptConfig):
     num_tasks: int = 1
     backend: str = "auto"
     modules_to_save: Optional[list] = None
+    placement: str = "after_padding"
 
     def __post_init__(self):
         if self.anchors is not None and not isinstance(self.anchors, dict):

@@ -8,8 +8,11 @@ padded row computes what it computes alone; inside ``generate`` a right-padded r
 first, so each row's last real token is in the last column. Positions are counted by the laid-out
 mask (``cumsum - 1``), or shifted past the template without a mask. Decode steps take new tokens
 as they are and only widen the mask and shift positions, so hand-written cache loops and
-``generate`` agree. PEFT 0.21.2 instead puts the prompt before left padding and re-inserts it on
-every call of a cache loop; tests pin both behaviours.
+``generate`` agree. PEFT 0.21.2 instead puts the prompt before left padding, lets the model number
+the positions itself (it drops ``position_ids``) and re-inserts the prompt on every call of a cache
+loop; tests pin both behaviours. ``placement="peft"`` takes PEFT's layout and positions (a row is
+``[template before] [the row as given] [template after]``; decode steps widen the mask and pass no
+positions), for bit-parity with PEFT.
 """
 from __future__ import annotations
 
@@ -117,8 +120,9 @@ class PromptForward:
     """
 
     def __init__(self, model: nn.Module, prev, method: str, backend: str, A: int, E: int, num_tasks: int, *,
-                 has_text: bool):
+                 has_text: bool, peft_placement: bool = False):
         self.model, self.prev, self.method, self.backend = model, prev, method, backend
+        self.peft_placement = peft_placement
         self.A, self.E, self.num_tasks = A, E, num_tasks
         # whether the template holds anchor text (token ids >= 0 in ``template_src``): fixed when the
         # prompt is applied, so the forward never reads the template's values to decide
@@ -227,13 +231,14 @@ class PromptForward:
         A, E = self.A, self.E
         tasks = _as_task_ids(task_ids, B, self.num_tasks, device)
         mask = self._check_mask(kw.get("attention_mask"), B, L, "seq")
-        n_left, end = _row_spans(mask, B, L, device, "attention_mask")
-        # generate (and a decoder's sequence classifier) reads every row's last token off the last
-        # column: there all padding goes first
-        pad_before = L - (end - n_left) if (self._generating or self.last_token_head) else n_left
+        n_left, end, pad_before = self._row_layout(mask, B, L, device)
         col, slot, is_tmpl = _layout(n_left, end, pad_before, L, L, A, E)
 
-        if mask is not None:  # positions counted by the laid-out mask
+        if self.peft_placement:  # the model numbers the positions itself, as under PEFT
+            pos = None
+            new_mask = None if mask is None else torch.where(is_tmpl, torch.ones_like(col), mask.gather(1, col).long()
+                                                             ).to(mask.dtype)
+        elif mask is not None:  # positions counted by the laid-out mask
             new_mask = torch.where(is_tmpl, torch.ones_like(col), mask.gather(1, col).long())
             pos = _mask_positions(new_mask)
             new_mask = new_mask.to(mask.dtype)
@@ -241,7 +246,8 @@ class PromptForward:
             upos = self._caller_positions(kw.get("position_ids"), B, L, 0, device)
             tmpl_pos = torch.where(slot < A, upos[:, :1] + slot, upos[:, -1:] + 1 + slot)
             pos = torch.where(is_tmpl, tmpl_pos, upos.gather(1, col) + A)
-        self._check_positions(pos, f"input of {L} tokens per row")
+        if pos is not None:
+            self._check_positions(pos, f"input of {L} tokens per row")
 
         # the index map: token ids (or rows of a gathered table) and virtual tokens -(v+1)
         tmpl = enc.template_src.to(device)
@@ -271,7 +277,9 @@ class PromptForward:
         out["inputs_embeds"] = new_embeds
         if mask is not None:
             out["attention_mask"] = new_mask
-        if "position_ids" in self.accepts or self.var_kw:
+        if pos is None:
+            out.pop("position_ids", None)
+        elif "position_ids" in self.accepts or self.var_kw:
             out["position_ids"] = pos
         if kw.get("labels") is not None and self.row_labels:
             labels = kw["labels"]
@@ -292,6 +300,20 @@ class PromptForward:
             out["token_type_ids"] = torch.where(is_tmpl, torch.zeros_like(col), tt.gather(1, col).long()).to(tt.dtype)
         self._check_static_cache(cache_from_kwargs(kw), L + E)
         return out, (n_left, end, pad_before, L)
+
+    def _row_layout(self, mask, B: int, L: int, device):
+        """(first real column, end of the real columns, pads before the prompt) per row. Under PEFT's
+        placement the whole row counts as real (its padding stays where it is, after the prompt);
+        otherwise generate (and a decoder's sequence classifier), which read every row's last token
+        off the last column, put all padding first, and anything else puts the left padding first."""
+        if self.peft_placement:
+            zero = torch.zeros(B, dtype=torch.long, device=device)
+            if mask is not None:
+                _row_spans(mask, B, L, device, "attention_mask")  # its checks
+            return zero, zero + L, zero
+        n_left, end = _row_spans(mask, B, L, device, "attention_mask")
+        pad_before = L - (end - n_left) if (self._generating or self.last_token_head) else n_left
+        return n_left, end, pad_before
 
     def _check_static_cache(self, past, needed: int) -> None:
         layers = getattr(past, "layers", None)
@@ -316,6 +338,14 @@ class PromptForward:
                              "expected a cache filled by a forward of this model")
         mask = self._check_mask(kw.get("attention_mask"), B, user_past + n, "cached + new tokens")
         out = dict(kw)
+        if self.peft_placement:  # [before] [prefill row] [after] [decoded tokens]; the model numbers positions
+            if mask is not None:
+                layout = getattr(past, LAYOUT_ATTR, None)
+                L0 = layout[3] if layout is not None and layout[3] <= user_past else user_past
+                out["attention_mask"] = torch.cat([mask.new_ones(B, A), mask[:, :L0], mask.new_ones(B, E - A),
+                                                   mask[:, L0:]], dim=1)
+            out.pop("position_ids", None)
+            return out
         if mask is not None:
             layout = getattr(past, LAYOUT_ATTR, None)
             if layout is not None and layout[0].shape[0] == B and layout[3] <= user_past:

@@ -165,7 +165,8 @@ def apply_prompt(model: nn.Module, config) -> nn.Module:
     # nothing below can fail on a validated model
     A, E = len(layout.before), len(layout.before) + len(layout.after)
     fwd = PromptForward(model, model.__dict__.get("forward"), config.METHOD, config.backend, A, E, config.num_tasks,
-                        has_text=any(t >= 0 for t in layout.before + layout.after))
+                        has_text=any(t >= 0 for t in layout.before + layout.after),
+                        peft_placement=config.placement == "peft")
     gen = PromptGenerate(model, model.__dict__.get("generate")) if callable(getattr(model, "generate", None)) \
         else None
     before_flags = {n: p.requires_grad for n, p in model.named_parameters()}
