@@ -387,3 +387,32 @@ def test_accelerate_runs_peft_ia3_on_the_fused_path_and_restore_gives_it_back(ke
     assert {n: m for n, m in pm.named_modules() if isinstance(m, PeftIA3Layer)}.keys() == peft_layers.keys()
     assert all(m is peft_layers[n] for n, m in pm.named_modules() if n in peft_layers)
     assert_fp32_end_to_end_close(forward_backward(pm, *data)[0], want_logits, f"{key} restored")
+
+
+def test_classifier_head_trains_and_saves_with_the_vectors_both_ways(tmp_path):
+    """A sequence classifier: the head trains whole next to the vectors (PEFT's modules_to_save) and
+    travels with them in either direction."""
+    from peft import IA3Config as PeftIA3Config, PeftModel, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(cfg).eval()
+    ids = input_ids()
+    mine = ptune_rt.apply(copy.deepcopy(base), IA3Config())
+    assert {n for n, p in mine.named_parameters() if p.requires_grad} >= {"classifier.weight", "classifier.bias"}
+    randomize(mine)
+    with torch.no_grad():
+        mine.classifier.weight.mul_(2)
+    ptune_rt.save_adapter(mine, tmp_path / "mine")
+    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "mine")).eval()
+    assert_fp32_end_to_end_close(logits_of(peft_loaded, ids), logits_of(mine, ids), "head: ptune-rt -> PEFT")
+
+    pm = get_peft_model(copy.deepcopy(base), PeftIA3Config(task_type="SEQ_CLS"))
+    randomize(pm, seed=5)
+    with torch.no_grad():
+        pm.base_model.model.classifier.modules_to_save["default"].weight.mul_(3)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    loaded = ptune_rt.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert_fp32_end_to_end_close(logits_of(loaded, ids), logits_of(pm.eval(), ids), "head: PEFT -> ptune-rt")
