@@ -80,12 +80,15 @@ def child_adamw_reference(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
     g = grad.to(work)
     if mode == "F" and reserve_p < 1.0:
         g = torch.where(keep, g / reserve_p, torch.zeros((), dtype=work, device=g.device))
-    if mode == "D":  # step copies, then keep the child's entries only
-        p, m, v = param.to(work, copy=True), exp_avg.clone(), exp_avg_sq.clone()
-        _adamw_in_place(p, g, m, v, **hyper)
-        param.copy_(torch.where(keep, p.to(param.dtype), param))
-        exp_avg.copy_(torch.where(keep, m, exp_avg))
-        exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
+    if mode == "D":  # the same ops out of place, then only the child's entries written back
+        p = param.to(work) * (1.0 - lr * weight_decay)
+        m = exp_avg.lerp(g, 1.0 - beta1)
+        v = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
+        torch.where(keep, p.to(param.dtype), param, out=param)
+        torch.where(keep, m, exp_avg, out=exp_avg)
+        torch.where(keep, v, exp_avg_sq, out=exp_avg_sq)
         return
     p = param if param.dtype == work else param.to(work)
     _adamw_in_place(p, g, exp_avg, exp_avg_sq, **hyper)
