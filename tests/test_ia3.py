@@ -90,6 +90,16 @@ def test_op_takes_strided_views_and_batched_inputs():
     torch.testing.assert_close(y, peft_formula(x3, w, b, scale, False), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output", "input"])
+def test_op_compiles_in_one_graph_with_the_same_gradients(feedforward):
+    x, w, b, scale, dy = op_case(torch.float32, feedforward)
+    fn = torch.compile(lambda x, w, b, s: ia3_linear(x, w, b, s, feedforward, "torch"), fullgraph=True)
+    got = run_grads(fn, x, w, b, scale, dy)
+    want = run_grads(lambda *a: ia3_linear(*a, feedforward=feedforward, backend="torch"), x, w, b, scale, dy)
+    for o, r in zip(got, want):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
 def test_op_rejects_bad_input_naming_the_argument():
     x, w, b, scale, _ = op_case(torch.float32, False)
     with pytest.raises(ValueError, match=r"scale must be a vector \[out_features=36\]"):

@@ -152,7 +152,7 @@ def ia3_linear_bwd(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, bias: O
 
 @ia3_linear_bwd.register_fake
 def _(dy, saved, x, weight, bias, scale, feedforward, backend, need_dx):
-    return (x.new_empty(x.shape) if need_dx else _empty(x)), torch.empty_like(scale)
+    return (dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else _empty(dy)), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
