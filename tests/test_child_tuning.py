@@ -251,38 +251,57 @@ def test_wrapper_d_mode_with_mask_re_estimation():
     assert len(calls) == 3  # before step 1, before step 3, before step 5
 
 
-def test_trainer_runs_with_child_tuning_optimizers(tmp_path):
+class Tokens(torch.utils.data.Dataset):
+    ids = torch.randint(3, VOCAB, (8, 10), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_run(out, optimizer_of, steps, save_steps, resume=None, scheduler_of=lambda opt: None):
+    """A tiny GPT-2 with Child-tuning applied, trained by HF Trainer with ``optimizers=(opt, sched)``."""
+    import warnings
+
     from transformers import Trainer, TrainingArguments
 
-    class Tokens(torch.utils.data.Dataset):
-        ids = torch.randint(3, VOCAB, (6, 10), generator=torch.Generator().manual_seed(0))
+    model = ptune_rt.apply(tiny_gpt2(), ChildTuningConfig(mode="F", reserve_p=0.3))
+    opt = optimizer_of(model)
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=save_steps, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, scheduler_of(opt)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = trainer.train(resume_from_checkpoint=resume)
+    return model, opt, result
 
-        def __len__(self):
-            return len(self.ids)
 
-        def __getitem__(self, i):
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+def test_trainer_runs_the_wrapper_with_a_scheduler(tmp_path):
+    cfg = ChildTuningConfig(mode="F", reserve_p=0.3)
+    before = {n: p.detach().clone() for n, p in tiny_gpt2().named_parameters()}
+    model, opt, result = trainer_run(
+        tmp_path, lambda m: ChildTuningOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-3), cfg, seed=0), 3, 3,
+        scheduler_of=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 10))
+    assert math.isfinite(result.training_loss)
+    assert opt.selection.steps == 3 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.7)
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert (tmp_path / "checkpoint-3" / "optimizer.pt").is_file()
+    ptune_rt.restore(model)
 
-    for name in ("wrapper", "fused"):
-        model = ptune_rt.apply(tiny_gpt2(), ChildTuningConfig(mode="F", reserve_p=0.3))
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        cfg = ChildTuningConfig(mode="F", reserve_p=0.3)
-        if name == "wrapper":
-            opt = ChildTuningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), cfg, seed=0)
-        else:
-            opt = ChildTuningAdamW(model.parameters(), cfg, lr=1e-3, seed=0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 10)
-        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=3, save_steps=3,
-                                 per_device_train_batch_size=2, report_to=[], use_cpu=True, disable_tqdm=True,
-                                 logging_steps=100, seed=0)
-        trainer = Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched))
-        out = trainer.train()
-        assert math.isfinite(out.training_loss)
-        assert opt.selection.steps == 3 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.7)
-        moved = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
-        assert len(moved) == len(before)
-        assert (tmp_path / name / "checkpoint-3" / "optimizer.pt").is_file()
-        ptune_rt.restore(model)
+
+def test_trainer_resumes_the_fused_optimizer_bit_exactly(tmp_path):
+    """4 steps straight and 2 + 2 resumed from the step-2 checkpoint: the optimizer's state_dict carries the
+    moments, the seed and the step count, so the resumed run draws the same masks and ends bit-identical."""
+    def fused(model):
+        return ChildTuningAdamW(model.parameters(), ChildTuningConfig(mode="F", reserve_p=0.3), lr=1e-3, seed=0)
+
+    straight, opt, _ = trainer_run(tmp_path / "a", fused, 4, 2)
+    resumed, opt2, _ = trainer_run(tmp_path / "b", fused, 4, 2, resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert opt.selection.steps == opt2.selection.steps == 4
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_state_dict_round_trip_keeps_fp32_moments_and_the_stream_of_masks():
