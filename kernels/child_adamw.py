@@ -12,10 +12,11 @@ The step is torch's AdamW (decoupled weight decay, bias-corrected moments, ``eps
   of byte ``i // 8`` for element ``i`` (1 bit per parameter), unpacked in the kernel. Entries outside
   the child are skipped entirely: parameter, moments and weight decay stay as they were.
 
-One program reads BLOCK elements of the parameter, the gradient and both moments (and the child bits)
-and writes the parameter and the moments back in place: 7 passes over the tensor (28 bytes a fp32
-parameter, 1/8 byte more in mode D) where an eager masked AdamW makes about 25. The moments are fp32
-whatever the parameter's dtype; the parameter is rounded to its dtype once per step.
+One program reads BLOCK elements of the parameter, the gradient and both moments (in mode D the child
+bits first, then only the child's entries) and writes the parameter and the moments back in place:
+at most 7 passes over the tensor (28 bytes a fp32 parameter, 1/8 byte more in mode D) where an eager
+masked AdamW (a mask multiplied into the gradient, then torch's AdamW) makes 22 to 26. The moments
+are fp32 whatever the parameter's dtype; the parameter is rounded to its dtype once per step.
 """
 from __future__ import annotations
 
