@@ -100,3 +100,38 @@ def match_heads(view: dict[str, nn.Module], head_names: Iterable[str], dotted: b
         hits = [n for n in view if n and (n == h or n.endswith("." + h) if dotted else n.endswith(h))]
         found[h] = [n for n in hits if not any(n.startswith(o + ".") for o in hits if o != n)]
     return found
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of a PEFT ``rank_pattern`` / ``alpha_pattern`` that selects module ``name`` (a
+    regex matched against a suffix of the name that starts at a dot), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def layer_index(name: str, layers_pattern=None) -> int | None:
+    """The layer index in module ``name`` as PEFT reads it for ``layers_to_transform``: the first
+    number after a dotted component (``model.layers.3.mlp`` -> 3), or after one of ``layers_pattern``
+    (a name or a list of names); None when there is none."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def in_layers(name: str, layers_to_transform, layers_pattern=None) -> bool:
+    """Whether module ``name`` lies in one of ``layers_to_transform`` (an index or a list; None or
+    an empty list: every layer), PEFT's rule."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    idx = layer_index(name, layers_pattern)
+    if idx is None:
+        return False
+    return idx == layers_to_transform if isinstance(layers_to_transform, int) else idx in layers_to_transform

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import os
 import warnings
 
@@ -416,8 +417,7 @@ def test_unsupported_peft_types_and_features_are_refused(llama_peft_dir, tmp_pat
     pm.save_pretrained(str(tmp_path / "loha"))
     expect_refusal(base, tmp_path / "loha", r"peft_type 'LOHA' is not supported.*LORA")
 
-    for field, value in [("rank_pattern", {"q_proj": 8}), ("layers_to_transform", [0]),
-                         ("init_lora_weights", "pissa")]:
+    for field, value in [("use_qalora", True), ("init_lora_weights", "pissa")]:
         d = _edited_copy(llama_peft_dir, tmp_path / field, lambda t: None)
         cfg = json.loads((d / "adapter_config.json").read_text())
         cfg[field] = value
@@ -524,11 +524,13 @@ def test_save_validation_errors(tmp_path):
     m.active_adapter = "other"
     with pytest.raises(AdapterError, match="different active adapters"):
         save_adapter(model, tmp_path)
-    with pytest.raises(AdapterError, match="different ranks"):
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear) and "other" not in mod.lora_A:
-                mod.add_adapter("other", r=4, alpha=8.0)
-        save_adapter(model, tmp_path, adapter_name="other")
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear) and "other" not in mod.lora_A:
+            mod.add_adapter("other", r=4, alpha=8.0)
+    save_adapter(model, tmp_path / "ranks", adapter_name="other")  # per-module ranks: PEFT's rank_pattern
+    cfg = json.loads((tmp_path / "ranks" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 2}
+    shutil.rmtree(tmp_path / "ranks")
     with pytest.raises(AdapterError, match="'missing' is not an adapter"):
         save_adapter(model, tmp_path, adapter_name="missing")
     with pytest.raises(ValueError, match="format must be one of"):

@@ -26,11 +26,17 @@ BAD = {
     "opt_str": [5],
     "anchors": [["x"], {"x": 1}, {1: "x"}],
     "targets": [5, [1], ["q_proj", ""], "(", ("q_proj", 3)],
+    "rank_pattern": [["q_proj"], {"q_proj": 0}, {"q_proj": 1.5}, {"(": 2}, {"": 2}],
+    "alpha_pattern": [["q_proj"], {"q_proj": 0}, {"q_proj": NAN}, {"(": 2.0}],
+    "layers": [-1, "0", [1.5], True, [True]],
+    "layers_pattern": [5, [""], ["layers", 3]],
 }
 FIELDS = {
     LoRAConfig: {"r": "int", "alpha": "positive", "dropout": "rate", "target_modules": "targets", "bias": "choice",
                  "use_rslora": "bool", "init": "choice", "backend": "choice", "recompute_mlp": "bool",
-                 "group_projections": "bool", "modules_to_save": "names", "use_dora": "bool"},
+                 "group_projections": "bool", "modules_to_save": "names", "use_dora": "bool",
+                 "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "layers_to_transform": "layers",
+                 "layers_pattern": "layers_pattern"},
     PrefixConfig: {"num_virtual_tokens": "int", "prefix_projection": "bool", "encoder_hidden_size": "opt_int",
                    "position_mode": "choice", "dropout": "rate", "backend": "choice", "num_tasks": "int",
                    "modules_to_save": "names"},

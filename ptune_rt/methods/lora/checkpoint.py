@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,7 +33,7 @@ from ptune_rt.methods.lora import peft_config as lora_peft_config
 from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.inject import DEFAULT_TARGETS, SOURCE_ATTR, restore_lora
 from ptune_rt.methods.lora.layer import LoRALinear
-from ptune_rt.targets import is_linear_like, linear_shape, match_heads, match_targets, module_view
+from ptune_rt.targets import in_layers, is_linear_like, linear_shape, match_heads, match_targets, module_view
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
@@ -84,19 +85,49 @@ def _one_value(values: dict[str, Any], what: str) -> Any:
 
 
 def _targets_spec(model: nn.Module, view: dict[str, nn.Module], names: list[str], config: Optional[LoRAConfig]):
-    """A ``target_modules`` value that selects exactly ``names`` in this model: the configured one
-    if it still does, else PEFT's short form (the last name components), else the full names."""
+    """(``target_modules``, (``layers_to_transform``, ``layers_pattern``)) that select exactly ``names``
+    in this model: the configured ones if they still do, else PEFT's short form (the last name
+    components), else the full names (both without a layer filter)."""
     candidates = []
     tm = config.target_modules if config is not None else None
     if config is not None and tm is None:
         tm = DEFAULT_TARGETS.get(model_type(model))
+    layers = (config.layers_to_transform, config.layers_pattern) if config is not None else (None, None)
     if tm is not None and tm != "all-linear":
-        candidates.append(tm)
-    candidates.append(sorted({n.rsplit(".", 1)[-1] for n in names}))
-    for c in candidates:
-        if set(match_targets(model, view, c)) == set(names):
-            return c
-    return list(names)
+        candidates.append((tm, layers))
+    candidates.append((sorted({n.rsplit(".", 1)[-1] for n in names}), (None, None)))
+    for c, lay in candidates:
+        if {n for n in match_targets(model, view, c) if in_layers(n, *lay)} == set(names):
+            return c, lay
+    return list(names), (None, None)
+
+
+def _value_and_pattern(values: dict[str, Any]) -> tuple[Any, Optional[dict]]:
+    """(the most common value, PEFT's pattern dict for the modules that differ from it: one key
+    per module, its whole name escaped) of per-module ranks or alphas."""
+    counts: dict[Any, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    common = max(counts, key=counts.__getitem__)
+    pattern = {re.escape(n): v for n, v in values.items() if v != common}
+    return common, pattern or None
+
+
+def _rslora_of(mods: dict, adapter: str, cfg0: Optional[LoRAConfig]) -> bool:
+    """use_rslora as the modules' scalings say (every module alpha / r, or every one alpha / sqrt(r));
+    the recorded config decides where both agree (r = 1)."""
+    plain = rs = True
+    for n, m in mods.items():
+        r, alpha, scaling = m.r[adapter], m.lora_alpha[adapter], m.scaling[adapter]
+        plain &= math.isclose(scaling, alpha / r, rel_tol=1e-6)
+        rs &= math.isclose(scaling, alpha / math.sqrt(r), rel_tol=1e-6)
+        if not (plain or rs):
+            raise AdapterError(f"LoRA module {n!r}: scaling {scaling} is neither lora_alpha / r ({alpha / r}) nor "
+                               f"lora_alpha / sqrt(r) ({alpha / math.sqrt(r)}) consistently with the other modules: "
+                               "it cannot be written as a LoRA config")
+    if plain and rs:
+        return cfg0.use_rslora if cfg0 is not None else False
+    return rs
 
 
 def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str], heads_required: bool,
@@ -117,26 +148,21 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         raise AdapterError(f"adapter_name={adapter_name!r} is not an adapter of LoRA modules {lacking[:5]}"
                            f"{' ...' if len(lacking) > 5 else ''}")
     a = adapter_name
-    r = _one_value({n: m.r[a] for n, m in mods.items()}, "ranks r")
-    alpha = _one_value({n: m.lora_alpha[a] for n, m in mods.items()}, "lora_alpha values")
+    ranks = {n: m.r[a] for n, m in mods.items()}
+    alphas = {n: m.lora_alpha[a] for n, m in mods.items()}
+    r, rank_pattern = _value_and_pattern(ranks)
+    alpha, alpha_pattern = _value_and_pattern(alphas)
     dropout = _one_value({n: m.lora_dropout_p[a] for n, m in mods.items()}, "dropout rates")
-    scaling = _one_value({n: m.scaling[a] for n, m in mods.items()}, "scalings")
     use_dora = _one_value({n: m.is_dora(a) for n, m in mods.items()}, "DoRA settings (use_dora)")
 
     cfg0 = inject.model_config(model) or config_hint
-    plain = math.isclose(scaling, alpha / r, rel_tol=1e-6)
-    rs = math.isclose(scaling, alpha / math.sqrt(r), rel_tol=1e-6)
-    if plain and rs:
-        use_rslora = cfg0.use_rslora if cfg0 is not None else False
-    elif plain or rs:
-        use_rslora = rs
-    else:
-        raise AdapterError(f"LoRA scaling {scaling} is neither lora_alpha / r ({alpha / r}) nor "
-                           f"lora_alpha / sqrt(r) ({alpha / math.sqrt(r)}): it cannot be written as a LoRA config")
+    use_rslora = _rslora_of(mods, a, cfg0)
     backend = cfg0.backend if cfg0 is not None else _one_value({n: m.backend for n, m in mods.items()}, "backends")
+    targets, layers = _targets_spec(model, view, list(mods), cfg0)
     try:
-        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout,
-                            target_modules=_targets_spec(model, view, list(mods), cfg0),
+        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets,
+                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                            layers_to_transform=layers[0], layers_pattern=layers[1],
                             bias=cfg0.bias if cfg0 is not None else "none", use_rslora=use_rslora,
                             init=cfg0.init if cfg0 is not None else "default", backend=backend,
                             recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True,
@@ -285,8 +311,8 @@ class LoRALoadPlan:
                 c = self.add_config
                 for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
                     m = model.get_submodule(module)
-                    m.add_adapter(self.adapter_name, c.r, c.alpha, c.dropout, c.use_rslora, init="zeros",
-                                  use_dora=c.use_dora)
+                    m.add_adapter(self.adapter_name, c.rank_for(module), c.alpha_for(module), c.dropout,
+                                  c.use_rslora, init="zeros", use_dora=c.use_dora)
                     added.append(m)
                     for layer in _adapter_modules(m, self.adapter_name):
                         layer.requires_grad_(False)  # inactive until ptune_rt.set_adapter (as in PEFT)
@@ -359,7 +385,7 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
     add, more = _check_adapter_name(t, names, adapter_name)
     raise_problems(f"cannot load the adapter of {spec.source} into this {t.cls}:", problems + more)
     lora_keys, destinations, artifacts = _expected_keys(t, names, shapes, tensors)
-    expected = {k: _lora_shape(which, shapes[n], spec.config.r) for k, (n, which) in lora_keys.items()}
+    expected = {k: _lora_shape(which, shapes[n], spec.config.rank_for(n)) for k, (n, which) in lora_keys.items()}
     expected.update({k: tuple(d.shape) for k, d in destinations.items()})
     problems = _check_tensors(t, names, tensors, expected, artifacts, lora_keys, shapes, file_key)
     raise_problems(f"cannot load {weights_file} into this {t.cls}:", problems)
@@ -395,7 +421,8 @@ def _target_names(t: _LoadTarget) -> list[str]:
         if tm is None:
             raise AdapterError(f"{spec.source}: target_modules is null and model type {mtype!r} has no default "
                                "targets")
-    names = match_targets(t.model, t.view, tm, spec.exclude_modules)
+    names = [n for n in match_targets(t.model, t.view, tm, spec.exclude_modules)
+             if in_layers(n, spec.config.layers_to_transform, spec.config.layers_pattern)]
     if not names:
         raise AdapterError(f"{spec.source}: target_modules={tm!r} match no module of this {t.cls} "
                            f"(model_type {mtype!r}): the adapter was made for another base model")
@@ -432,8 +459,9 @@ def _check_target_layers(t: _LoadTarget, names: list[str]) -> tuple[dict, list[s
                 problems.append(f"module {n!r}: adapter expects a {want_kind} layer with in_features={want_in}, "
                                 f"out_features={want_out}; this model has a {kind} layer with in_features={in_f}, "
                                 f"out_features={out_f}")
-        if cfg.r > min(in_f, out_f):
-            problems.append(f"module {n!r}: rank r={cfg.r} exceeds min(in_features={in_f}, out_features={out_f})")
+        if cfg.rank_for(n) > min(in_f, out_f):
+            problems.append(f"module {n!r}: rank r={cfg.rank_for(n)} exceeds min(in_features={in_f}, "
+                            f"out_features={out_f})")
     return shapes, problems
 
 
@@ -470,11 +498,13 @@ def _check_adapter_name(t: _LoadTarget, names: list[str], adapter_name: Optional
         elif m.is_dora(a) != cfg.use_dora:
             problems.append(f"module {n!r}: the model's adapter has use_dora={m.is_dora(a)}, the checkpoint "
                             f"use_dora={cfg.use_dora}")
-        elif m.r[a] != cfg.r:
-            problems.append(f"module {n!r}: the model's adapter has rank r={m.r[a]}, the checkpoint r={cfg.r}")
-        elif not math.isclose(m.scaling[a], cfg.scaling, rel_tol=1e-6):
+        elif m.r[a] != cfg.rank_for(n):
+            problems.append(f"module {n!r}: the model's adapter has rank r={m.r[a]}, the checkpoint "
+                            f"r={cfg.rank_for(n)}")
+        elif not math.isclose(m.scaling[a], cfg.scaling_for(n), rel_tol=1e-6):
             problems.append(f"module {n!r}: the model's adapter has scaling {m.scaling[a]}, the checkpoint "
-                            f"{cfg.scaling} (lora_alpha={cfg.alpha}, r={cfg.r}, use_rslora={cfg.use_rslora})")
+                            f"{cfg.scaling_for(n)} (lora_alpha={cfg.alpha_for(n)}, r={cfg.rank_for(n)}, "
+                            f"use_rslora={cfg.use_rslora})")
     return add, problems
 
 
@@ -541,7 +571,7 @@ def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_key
             problems.append(f"unexpected key {file_key(k)!r}{_why_unexpected(k, t.view, names, spec.config.bias)}")
     for k, want in expected.items():
         if k in tensors:
-            problem = tensor_problem(file_key(k), tensors[k], want, _shape_reason(k, lora_keys, shapes, spec.config.r))
+            problem = tensor_problem(file_key(k), tensors[k], want, _shape_reason(k, lora_keys, shapes, spec.config))
             if problem:
                 problems.append(problem)
     return problems
@@ -550,7 +580,8 @@ def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_key
 def _fresh_configs(t: _LoadTarget, names: list[str]) -> tuple[LoRAConfig, LoRAConfig]:
     """(the config that swaps in exactly ``names`` with zero adapters, the config the model records)."""
     cfg = t.spec.config
-    apply_config = dataclasses.replace(cfg, target_modules=exact_regex(names), init="zeros")
+    apply_config = dataclasses.replace(cfg, target_modules=exact_regex(names), layers_to_transform=None,
+                                       layers_pattern=None, init="zeros")
     nice = cfg.target_modules
     if t.spec.targets is None and (t.spec.exclude_modules or nice is None):
         nice = list(names)
@@ -570,9 +601,10 @@ def _swapped_state(model: nn.Module, to_swap: list[str]) -> dict[str, torch.Tens
     return out
 
 
-def _shape_reason(key: str, lora_keys, shapes, r: int) -> str:
+def _shape_reason(key: str, lora_keys, shapes, config: LoRAConfig) -> str:
     if key in lora_keys:
         n, which = lora_keys[key]
+        r = config.rank_for(n)
         in_f, out_f = shapes[n]
         return {"A": f"(r={r}, in_features={in_f} of {n!r})", "B": f"(out_features={out_f} of {n!r}, r={r})",
                 "M": f"(the DoRA magnitude: out_features={out_f} of {n!r})"}[which]

@@ -9,6 +9,7 @@ from ptune_rt.heads import check_modules_to_save
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number, check_regex
 from ptune_rt.methods.config_base import MethodConfig
 from ptune_rt.ops.backend import BACKENDS
+from ptune_rt.targets import pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "zeros")
@@ -35,6 +36,11 @@ class LoRAConfig(MethodConfig):
         run as a group on the eager torch path while training without dropout: one shrink GEMM,
         one dA GEMM and one dX buffer for all of them (results within fp rounding of separate
         layers, not bit for bit). Other paths are unaffected.
+    rank_pattern / alpha_pattern: per-module ranks / alphas overriding ``r`` / ``alpha`` (PEFT's
+        names and rule): ``{"regex": value}``, a key selecting the modules whose name ends with a match
+        of it after a dot (``"q_proj"``, ``"layers\\.0\\.self_attn\\.q_proj"``); the first matching key wins.
+    layers_to_transform / layers_pattern: only targets in these layers (an index or a list; PEFT's
+        rule: the first number after a dotted component, or after ``layers_pattern``, e.g. "layers").
     use_dora: DoRA (Liu et al., 2024): each target also gets a trainable magnitude per output row,
         ``y = m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b`` (PEFT's ``use_dora``), the norm
         computed without materializing ``W + s B A`` (see ``ptune_rt.ops.dora_linear``).
@@ -57,6 +63,10 @@ class LoRAConfig(MethodConfig):
     group_projections: bool = True
     modules_to_save: Optional[list] = None
     use_dora: bool = False
+    rank_pattern: Optional[dict] = None
+    alpha_pattern: Optional[dict] = None
+    layers_to_transform: Optional[Union[int, list]] = None
+    layers_pattern: Optional[Union[str, list]] = None
 
     METHOD: ClassVar[str] = "lora"
 
@@ -65,6 +75,11 @@ class LoRAConfig(MethodConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if getattr(self, name) == {}:
+                setattr(self, name, None)  # PEFT writes {} for none
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -82,6 +97,46 @@ class LoRAConfig(MethodConfig):
         elif tm is not None and not (isinstance(tm, (list, tuple)) and all(isinstance(t, str) and t for t in tm)):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
         check_modules_to_save("LoRAConfig", self.modules_to_save)
+        self._validate_patterns()
+
+    def _validate_patterns(self) -> None:
+        for name, check in (("rank_pattern", lambda k, v: check_int(f"LoRAConfig.rank_pattern[{k!r}]", v)),
+                            ("alpha_pattern", lambda k, v: check_number(f"LoRAConfig.alpha_pattern[{k!r}]", v, 0.0,
+                                                                        low_open=True))):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+                raise ValueError(f"LoRAConfig.{name} must be None or a dict of module-name regex -> value, got "
+                                 f"{value!r}")
+            for k, v in value.items():
+                check_regex(f"LoRAConfig.{name} key", k)
+                check(k, v)
+        layers = self.layers_to_transform
+        if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0) \
+                and not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                          for i in layers)):
+            raise ValueError(f"LoRAConfig.layers_to_transform must be None, a layer index >= 0 or a list of them, got "
+                             f"{layers!r}")
+        lp = self.layers_pattern
+        if lp is not None and not (isinstance(lp, str) or isinstance(lp, list) and all(
+                isinstance(p, str) and p for p in lp)):
+            raise ValueError(f"LoRAConfig.layers_pattern must be None, a name or a list of names, got {lp!r}")
+        if lp and layers is None:
+            raise ValueError(f"LoRAConfig.layers_pattern={lp!r} needs layers_to_transform (PEFT's rule)")
+
+    def rank_for(self, module: str) -> int:
+        """Module ``module``'s rank: its ``rank_pattern`` entry, else ``r``."""
+        key = pattern_key(self.rank_pattern or {}, module)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        key = pattern_key(self.alpha_pattern or {}, module)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scaling_for(self, module: str) -> float:
+        r, alpha = self.rank_for(module), self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     @property
     def scaling(self) -> float:

@@ -19,7 +19,7 @@ from ptune_rt.methods.lora.layer import LoRALinear
 from ptune_rt.methods.lora.swiglu import disable_mlp_recompute, enable_mlp_recompute
 from ptune_rt.ops.backend import resolve_backend
 from ptune_rt.ops.lora_linear import OP_DTYPES
-from ptune_rt.targets import is_linear, linear_shape, module_matches, output_layer_names
+from ptune_rt.targets import in_layers, is_linear, linear_shape, module_matches, output_layer_names
 
 NAME = LoRAConfig.METHOD
 
@@ -146,12 +146,13 @@ def _check_backend(backend: str, module_name: str, layer: nn.Module, arg: str) -
         raise ValueError(f"{arg}={backend!r} cannot run target {module_name!r}: {e}") from None
 
 
-def resolve_targets(model: nn.Module, target_modules) -> list[str]:
+def resolve_targets(model: nn.Module, target_modules, layers_to_transform=None, layers_pattern=None) -> list[str]:
     """Names of the modules ``target_modules`` selects; raises naming what did not match.
 
     A list selects modules whose name equals an entry or ends with ``"." + entry``; a string is
     a regular expression matched against full module names; ``"all-linear"`` selects every
-    nn.Linear / Conv1D except the output layer; None takes the model type's default.
+    nn.Linear / Conv1D except the output layer; None takes the model type's default. With
+    ``layers_to_transform`` only those in the given layers (``targets.in_layers``, PEFT's rule).
     """
     if target_modules is None:
         mtype = getattr(getattr(model, "config", None), "model_type", None)
@@ -187,6 +188,12 @@ def resolve_targets(model: nn.Module, target_modules) -> list[str]:
     if not names:
         raise ValueError(f"LoRAConfig.target_modules={target_modules!r} matches no module of "
                          f"{type(model).__name__}")
+    kept = [n for n in names if in_layers(n, layers_to_transform, layers_pattern)]
+    if not kept:
+        raise ValueError(f"LoRAConfig.layers_to_transform={layers_to_transform!r} (layers_pattern={layers_pattern!r}) "
+                         f"keeps none of the {len(names)} targets, e.g. {names[:2]}: no layer index found in their "
+                         "names, or none of these layers")
+    names = kept
     for n in names:
         m = named[n]
         if not is_linear(m):
@@ -235,17 +242,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise ValueError(f"model already has PEFT LoRA layers (e.g. {next(iter(peft_layers))!r}); expected a "
                          "plain model: use ptune_rt.accelerate(peft_model) to run a PEFT model on fused modules")
     heads = head_modules(model, config.modules_to_save, "LoRAConfig", OWN_MODULES[0])
-    names = _without_heads(resolve_targets(model, config.target_modules), heads, config.target_modules)
+    names = _without_heads(resolve_targets(model, config.target_modules, config.layers_to_transform,
+                                           config.layers_pattern), heads, config.target_modules)
     for n in names:  # every check before the first change
         layer = model.get_submodule(n)
         in_f, out_f = linear_shape(layer)
-        if config.r > min(in_f, out_f):
-            raise ValueError(f"LoRAConfig.r={config.r} must be at most min(in_features={in_f}, "
+        r = config.rank_for(n)
+        if r > min(in_f, out_f):
+            where = "r" if r == config.r else "rank_pattern entry"
+            raise ValueError(f"LoRAConfig.{where}={r} must be at most min(in_features={in_f}, "
                              f"out_features={out_f}) of target {n!r}")
         _check_backend(config.backend, n, layer, "LoRAConfig.backend")
         _check_weight_dtype(n, layer, "LoRAConfig.target_modules selects", config.backend)
-    new = {n: LoRALinear(model.get_submodule(n), config.r, config.alpha, config.dropout, config.use_rslora,
-                         config.init, config.backend, use_dora=config.use_dora) for n in names}
+    new = {n: LoRALinear(model.get_submodule(n), config.rank_for(n), config.alpha_for(n), config.dropout,
+                         config.use_rslora, config.init, config.backend, use_dora=config.use_dora) for n in names}
 
     # Nothing below can fail on a validated model.
     before = {pn: p.requires_grad for pn, p in model.named_parameters()}

@@ -44,10 +44,10 @@ def lora_to_peft(config: LoRAConfig, model: nn.Module, task_type: Optional[str],
         "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": init,
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "rank_pattern": dict(config.rank_pattern or {}),
+        "alpha_pattern": {k: _number(v) for k, v in (config.alpha_pattern or {}).items()},
         "layer_replication": None,
     }
 
@@ -61,10 +61,6 @@ def _unsupported_features(d: dict) -> list[str]:
             out.append(f"{key}={d[key]!r}")
 
     set_("lora_bias")
-    set_("rank_pattern")
-    set_("alpha_pattern")
-    set_("layers_to_transform", lambda v: v is None)
-    set_("layers_pattern", lambda v: v is None or v == [] or v == "")
     set_("layer_replication", lambda v: v is None)
     set_("target_parameters")
     set_("trainable_token_indices", lambda v: v is None)
@@ -103,7 +99,10 @@ def read_lora_config(d: dict, source: str, backend: str) -> tuple[LoRAConfig, An
         config = LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                             target_modules=tm, bias=d.get("bias", "none"), use_rslora=d.get("use_rslora", False),
                             init="gaussian" if init == "gaussian" else "default", backend=backend,
-                            use_dora=d.get("use_dora", False))
+                            use_dora=d.get("use_dora", False), rank_pattern=d.get("rank_pattern") or None,
+                            alpha_pattern=d.get("alpha_pattern") or None,
+                            layers_to_transform=d.get("layers_to_transform"),
+                            layers_pattern=d.get("layers_pattern") or None)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{source}: not a valid LoRA config for ptune_rt: {e}") from e
     return config, (list(exclude) if isinstance(exclude, tuple) else exclude)
