@@ -10,7 +10,7 @@ import ptune_rt
 from ptune_rt import LoRAConfig
 from ptune_rt.io.common import AdapterError
 
-from helpers_models import MODELS, input_ids, main_output, randomize_lora_b, strip_peft_prefix
+from helpers_models import MODELS, input_ids, randomize_lora_b, strip_peft_prefix
 
 OPTIONS = {
     "patterns": dict(rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"q_proj": 5}),
