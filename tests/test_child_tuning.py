@@ -60,23 +60,21 @@ def train(model, opt, steps=3, seed=1):
 # the kernel against the eager reference
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [None, "F", "D"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_step_matches_eager_reference(dtype, mode):
+def check_fused_step(dtype, mode, device="cpu"):
     """Three steps of the kernel (5 blocks of 1024, a ragged tail and a partial last mask byte) against
     the eager step in the same dtype and in float64, the same mask each step (F: the Philox mask the
     reference materializes from the same key and stream)."""
     n, stream, seed, p_keep = 5001, 7, 1234, 0.3
     g = torch.Generator().manual_seed(0)
-    param = torch.randn(n, generator=g).to(dtype)
-    grads = [torch.randn(n, generator=g).to(dtype) for _ in range(3)]
-    child = torch.rand(n, generator=g) < p_keep
-    runs = {name: [param.clone() if name != "gold" else param.double(), torch.zeros(n, dtype=work),
-                   torch.zeros(n, dtype=work)]
+    param = torch.randn(n, generator=g).to(device, dtype)
+    grads = [torch.randn(n, generator=g).to(device, dtype) for _ in range(3)]
+    child = (torch.rand(n, generator=g) < p_keep).to(device)
+    runs = {name: [param.clone() if name != "gold" else param.double(), torch.zeros(n, dtype=work, device=device),
+                   torch.zeros(n, dtype=work, device=device)]
             for name, work in (("out", torch.float32), ("ref", torch.float32), ("gold", torch.float64))}
     for step, grad in enumerate(grads, 1):
         key = step_seed(seed, step)
-        keep = child if mode == "D" else keep_mask((n,), p_keep, key, stream, "cpu")
+        keep = child if mode == "D" else keep_mask((n,), p_keep, key, stream, device)
         kw = dict(HYPER, step=step, mode=mode, reserve_p=p_keep)
         child_adamw_step(*runs["out"][:1], grad, *runs["out"][1:], **kw, seed=key, stream=stream,
                          child_bits=pack_bits(child), config=KernelConfig({"BLOCK": 1024}, 4, 1))
@@ -88,6 +86,31 @@ def test_fused_step_matches_eager_reference(dtype, mode):
     if mode == "D":  # outside the child: bit for bit as before
         assert torch.equal(runs["out"][0][~child], param[~child])
         assert not runs["out"][1][~child].any() and not runs["out"][2][~child].any()
+
+
+@pytest.mark.parametrize("mode", [None, "F", "D"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_step_matches_eager_reference(dtype, mode):
+    check_fused_step(dtype, mode)
+
+
+@pytest.mark.gpu
+def test_fused_step_matches_eager_reference_on_cuda():
+    """The same check with the kernels compiled for CUDA (in a child process: this suite's conftest makes
+    the kernels interpreted)."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    code = ("import test_child_tuning as T\n"
+            "for dtype in T.DTYPES:\n"
+            "    for mode in (None, 'F', 'D'):\n"
+            "        T.check_fused_step(dtype, mode, 'cuda')\n"
+            "print('fused step OK')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0 and "fused step OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_kernel_draws_the_mask_the_reference_materializes():
