@@ -425,7 +425,7 @@ def test_lora_and_prefix_on_one_model_are_saved_one_by_one(tmp_path):
     assert json.loads((tmp_path / "prefix" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     with pytest.raises(ValueError, match="method must be None or one of"):
-        save_adapter(model, tmp_path, method="ia3")
+        save_adapter(model, tmp_path, method="loha")
     with pytest.raises(AdapterError, match="carries no prefix adapter"):
         save_adapter(tiny_llama(), tmp_path, method="prefix")
 

@@ -232,6 +232,16 @@ def prompt_head_destinations(view: dict[str, nn.Module], head_names, exact: bool
     return destinations
 
 
+def with_checkpoint_heads(config, view: dict[str, nn.Module], head_names, exact: bool):
+    """``config`` with a PEFT checkpoint's whole modules (``head_names``, as found in the model) as its
+    ``modules_to_save``, so a fresh load trains them next to the method, as PEFT does; ``config``
+    itself when the checkpoint names none that the model has."""
+    heads = [n for found in _prompt_heads(view, head_names, exact).values() for n in found]
+    if not heads:
+        return config
+    return dataclasses.replace(config, modules_to_save=list(dict.fromkeys(heads)))
+
+
 def flat_tensors_from_peft(raw: dict, weights_file: str, what: str):
     """(tensors keyed as the loaders expect, file_key) of a PEFT prompt-learning checkpoint:
     ``prompt_embeddings`` stays, heads lose PEFT's ``base_model.``. ``what`` names the method."""

@@ -167,7 +167,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
                             init=cfg0.init if cfg0 is not None else "default", backend=backend,
                             recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True,
                             group_projections=cfg0.group_projections if cfg0 is not None else True,
-                            use_dora=use_dora)
+                            use_dora=use_dora, modules_to_save=cfg0.modules_to_save if cfg0 is not None else None)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"the model's LoRA adapter cannot be described by a LoRAConfig: {e}") from e
 
@@ -578,8 +578,13 @@ def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_key
 
 
 def _fresh_configs(t: _LoadTarget, names: list[str]) -> tuple[LoRAConfig, LoRAConfig]:
-    """(the config that swaps in exactly ``names`` with zero adapters, the config the model records)."""
+    """(the config that swaps in exactly ``names`` with zero adapters, the config the model records).
+    The checkpoint's whole modules (modules_to_save) train next to the adapter, as in PEFT: they
+    become the config's modules_to_save (without any, a task model's head is picked as by apply)."""
     cfg = t.spec.config
+    heads = [n for found in t.heads_found.values() for n in found]
+    if heads and not t.spec.heads_exact:  # PEFT's file: its modules_to_save train (the own format's config says)
+        cfg = dataclasses.replace(cfg, modules_to_save=list(dict.fromkeys(heads)))
     apply_config = dataclasses.replace(cfg, target_modules=exact_regex(names), layers_to_transform=None,
                                        layers_pattern=None, init="zeros")
     nice = cfg.target_modules

@@ -34,7 +34,8 @@ from ptune_rt.io import peft_config
 from ptune_rt.io.common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint,
                                 PromptLearningLoadPlan, check_loaded_tensors, collect_prompt_heads, config_from_ptune,
                                 cpu_copy, flat_tensors_from_peft, int_field, model_class, model_type,
-                                prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str)
+                                prompt_head_destinations, raise_problems, saved_model_and_heads, shape_str,
+                                with_checkpoint_heads)
 from ptune_rt.methods.prefix import inject
 from ptune_rt.methods.prefix.config import PrefixConfig
 from ptune_rt.targets import module_view
@@ -135,6 +136,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         raise AdapterError(f"the prefix encoder produces {shape_str(prompt.shape)}, expected {layout.split()}"
                            f"{f' for each of {T} tasks' if T > 1 else ''}")
 
+    if not heads_required and state.config is not None:  # "auto": task heads and modules trained whole
+        head_names = list(dict.fromkeys(list(head_names) + inject.trained_head_modules(model, state.config)))
     heads, used, head_tensors = collect_prompt_heads(model, module_view(model), head_names, heads_required)
     config = dataclasses.replace(state.config, encoder_hidden_size=hidden)
     return PrefixCheckpoint(config=config, layout=layout, hidden=hidden,
@@ -335,7 +338,8 @@ def plan_load(model: nn.Module, spec: PrefixSpec, tensors: dict[str, torch.Tenso
     check_loaded_tensors(expected, why, tensors, view, cls, file_key, problems)
     raise_problems(f"cannot load {weights_file} into this {cls}:", problems)
 
-    apply = None if existing is not None else functools.partial(inject.apply_prefix, config=spec.config)
+    config = spec.config if spec.heads_exact else with_checkpoint_heads(spec.config, view, spec.heads, False)
+    apply = None if existing is not None else functools.partial(inject.apply_prefix, config=config)
     return PromptLearningLoadPlan(model, "prefix", spec.source, apply, inject.has_prefix, inject.remove_prefix,
                                   inject.prefix_encoder, [(name, tensors[k]) for k, name in encoder_keys.items()],
                                   [(dst, tensors[k]) for k, dst in destinations.items()])

@@ -287,7 +287,7 @@ def prefix_encoder(model: nn.Module) -> PrefixEncoder:
     return prefix_state(model).encoder
 
 
-def _head_modules(model: nn.Module, config: PrefixConfig) -> list[str]:
+def trained_head_modules(model: nn.Module, config: PrefixConfig) -> list[str]:
     """Names of the modules trained next to the prefix (see ``PrefixConfig.modules_to_save``)."""
     return head_modules(model, config.modules_to_save, "PrefixConfig", ENCODER_ATTR)
 
@@ -348,7 +348,7 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, *, encoder: Optional[Pr
     if own and isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
         raise ValueError(f"{type(model).__name__} already has a {ENCODER_ATTR!r} module (a soft prompt?); remove it "
                          "first (ptune_rt.restore(model))")
-    heads = _head_modules(model, config) if own else []
+    heads = trained_head_modules(model, config) if own else []
     encoder = _new_encoder(model, config, dims, device) if own else _checked_encoder(model, config, encoder, dims,
                                                                                      device)
     register_attention()

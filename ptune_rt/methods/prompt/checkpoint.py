@@ -39,11 +39,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ptune_rt.heads import head_modules
 from ptune_rt.io import peft_config
 from ptune_rt.io.common import (ENCODER_PREFIX, PROMPT_KEY, AdapterError, PromptLearningCheckpoint,
                                 PromptLearningLoadPlan, check_loaded_tensors, collect_prompt_heads, config_from_ptune,
                                 cpu_copy, flat_tensors_from_peft, int_field, model_class, model_type,
-                                prompt_head_destinations, raise_problems, saved_model_and_heads)
+                                prompt_head_destinations, raise_problems, saved_model_and_heads,
+                                with_checkpoint_heads)
 from ptune_rt.methods.prompt import inject
 from ptune_rt.methods.prompt.config import PromptTuningConfig, PTuningConfig, _tokenizer_to_dict
 from ptune_rt.methods.prompt.encoders import PTuningEncoder, SoftPromptEmbedding
@@ -275,6 +277,9 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         else:
             e = enc.prompts()
         prompt = cpu_copy(e)
+    if not heads_required:  # "auto": the task heads, and the modules the config trains whole
+        trained = head_modules(model, config.modules_to_save, type(config).__name__, MODULE_ATTR)
+        head_names = list(dict.fromkeys(list(head_names) + trained))
     heads, used, head_tensors = collect_prompt_heads(model, module_view(model), head_names, heads_required)
     return PromptCheckpoint(method=fwd.method, config=config, layout=layout, tokens=_record_tokens(config, layout),
                             encoder_tensors=PromptCheckpoint.encoder_copies(enc), prompt_embeddings=prompt,
@@ -555,6 +560,8 @@ def plan_load(model: nn.Module, spec: PromptSpec, tensors: dict[str, torch.Tenso
 
     apply_config = final_config = None
     if existing is None:
+        if not spec.heads_exact:  # PEFT's file: its modules_to_save train (the own format's config says)
+            cfg = with_checkpoint_heads(cfg, view, spec.heads, False)
         final_config = cfg
         apply_config = dataclasses.replace(cfg, init="random", init_text=None) \
             if isinstance(cfg, PromptTuningConfig) and cfg.init == "text" else cfg
