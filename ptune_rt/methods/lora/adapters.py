@@ -139,7 +139,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         for name in m.lora_A:
             for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector):
                 if name in d:
-                    d[name].requires_grad_(name == adapter_name)
+                    frozen = d is m.lora_B and name in m.frozen_b
+                    d[name].requires_grad_(name == adapter_name and not frozen)
     return model
 
 

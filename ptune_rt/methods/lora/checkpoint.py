@@ -31,6 +31,7 @@ from ptune_rt.io.common import (AdapterError, config_from_ptune, cpu_copy, exact
 from ptune_rt.methods.lora import inject
 from ptune_rt.methods.lora import peft_config as lora_peft_config
 from ptune_rt.methods.lora.config import LoRAConfig
+from ptune_rt.methods.lora.inits import BASE_MODIFYING, FROZEN_B
 from ptune_rt.methods.lora.inject import DEFAULT_TARGETS, SOURCE_ATTR, restore_lora
 from ptune_rt.methods.lora.layer import LoRALinear
 from ptune_rt.targets import in_layers, is_linear_like, linear_shape, match_heads, match_targets, module_view
@@ -102,6 +103,31 @@ def _targets_spec(model: nn.Module, view: dict[str, nn.Module], names: list[str]
     return list(names), (None, None)
 
 
+def _against_original_base(m: LoRALinear, adapter: str) -> tuple:
+    """(A, B, r, alpha) of ``adapter`` as a plain LoRA adapter of the layer's original base weight.
+    After a base-modifying init (PiSSA, OLoRA: base ``W - s B0 A0``) the trained adapter is
+    ``s (B A - B0 A0)`` against W, written as rank 2r: A' = [A; A0], B' = [B, -B0], and alpha doubled
+    (times sqrt(2) with rsLoRA) so the scaling stays s, as PEFT's conversion for saving does."""
+    A, B = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+    r, alpha = m.r[adapter], m.lora_alpha[adapter]
+    offset = m.init_offset(adapter)
+    if offset is None:
+        return A, B, r, alpha
+    a0, b0 = offset
+    rslora = math.isclose(m.scaling[adapter], alpha / math.sqrt(r), rel_tol=1e-6) and r != 1
+    with torch.no_grad():
+        A2 = torch.cat([A.detach(), a0.to(A.dtype)], 0)
+        B2 = torch.cat([B.detach(), -b0.to(B.dtype)], 1)
+    return A2, B2, 2 * r, alpha * (math.sqrt(2) if rslora else 2)
+
+
+def _saved_init(cfg0: Optional[LoRAConfig]) -> str:
+    """The init a checkpoint records: a base-modifying one is written converted (plain LoRA)."""
+    if cfg0 is None or cfg0.init in BASE_MODIFYING:
+        return "default"
+    return cfg0.init
+
+
 def _value_and_pattern(values: dict[str, Any]) -> tuple[Any, Optional[dict]]:
     """(the most common value, PEFT's pattern dict for the modules that differ from it: one key
     per module, its whole name escaped) of per-module ranks or alphas."""
@@ -148,8 +174,9 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         raise AdapterError(f"adapter_name={adapter_name!r} is not an adapter of LoRA modules {lacking[:5]}"
                            f"{' ...' if len(lacking) > 5 else ''}")
     a = adapter_name
-    ranks = {n: m.r[a] for n, m in mods.items()}
-    alphas = {n: m.lora_alpha[a] for n, m in mods.items()}
+    adapters = {n: _against_original_base(m, a) for n, m in mods.items()}
+    ranks = {n: ad[2] for n, ad in adapters.items()}
+    alphas = {n: ad[3] for n, ad in adapters.items()}
     r, rank_pattern = _value_and_pattern(ranks)
     alpha, alpha_pattern = _value_and_pattern(alphas)
     dropout = _one_value({n: m.lora_dropout_p[a] for n, m in mods.items()}, "dropout rates")
@@ -164,7 +191,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                             layers_to_transform=layers[0], layers_pattern=layers[1],
                             bias=cfg0.bias if cfg0 is not None else "none", use_rslora=use_rslora,
-                            init=cfg0.init if cfg0 is not None else "default", backend=backend,
+                            init=_saved_init(cfg0), backend=backend,
                             recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True,
                             group_projections=cfg0.group_projections if cfg0 is not None else True,
                             use_dora=use_dora, modules_to_save=cfg0.modules_to_save if cfg0 is not None else None)
@@ -174,8 +201,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     state = model.state_dict(keep_vars=True)
     tensors: dict[str, torch.Tensor] = {}
     for n, m in mods.items():
-        tensors[f"{n}.lora_A.weight"] = m.lora_A[a].weight
-        tensors[f"{n}.lora_B.weight"] = m.lora_B[a].weight
+        tensors[f"{n}.lora_A.weight"], tensors[f"{n}.lora_B.weight"] = adapters[n][:2]
         if use_dora:
             tensors[f"{n}.{MAGNITUDE_KEY}"] = m.lora_magnitude_vector[a].weight
     tensors.update(_bias_entries(state, mods, config.bias))
@@ -326,6 +352,7 @@ class LoRALoadPlan:
                 backups = [(dst, dst.detach().clone()) for dst, _ in copies]
                 for dst, src in copies:
                     dst.copy_(src)
+            self._freeze_b_where_the_init_says()
             if self.fresh:
                 inject.set_model_config(model, self.final_config)
         except BaseException:
@@ -344,6 +371,15 @@ class LoRALoadPlan:
                 model_state.forget(model, inject.NAME)
             raise
         return model
+
+    def _freeze_b_where_the_init_says(self) -> None:
+        """A checkpoint of an init whose B stays frozen (MiCA) loads with B frozen, as PEFT does."""
+        config = self.final_config if self.fresh else self.add_config
+        if config is None or config.init not in FROZEN_B:
+            return
+        for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
+            m = self.model.get_submodule(module)
+            m.freeze_b(self.adapter_name or m.active_adapter)
 
 
 def _adapter_modules(m: LoRALinear, name: str) -> list[nn.Module]:

@@ -12,7 +12,7 @@ from ptune_rt.ops.backend import BACKENDS
 from ptune_rt.targets import pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "zeros")
+INIT_MODES = ("default", "gaussian", "zeros", "orthogonal", "mica", "pissa", "olora")
 
 
 @dataclasses.dataclass
@@ -25,8 +25,10 @@ class LoRAConfig(MethodConfig):
     target_modules: module names (suffix match, e.g. ``"q_proj"``), a regex string matched against the
         full name, or ``"all-linear"``; None picks the model type's default (as PEFT does).
     bias: "none", "all" (train every bias of the model) or "lora_only" (train the targets' biases).
-    init: "default" (PEFT: Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B) or
-        "zeros" (both zero; for loading).
+    init: "default" (PEFT: Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B), "zeros"
+        (both zero; for loading), or PEFT's "orthogonal" (r even), "mica" (B frozen), "pissa", "olora"
+        (these two start from a modified base weight; ``restore`` gives the original back and
+        checkpoints are written against it): see ``ptune_rt.methods.lora.inits``.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     recompute_mlp: in SwiGLU MLPs (Llama, Mistral, Qwen2, ...: ``down(silu(gate(x)) * up(x))``)
         whose down projection is a target, keep only gate(x) and up(x) for backward and recompute
@@ -98,6 +100,13 @@ class LoRAConfig(MethodConfig):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
         check_modules_to_save("LoRAConfig", self.modules_to_save)
         self._validate_patterns()
+        if self.use_dora and self.init in ("pissa", "olora"):
+            raise ValueError(f"LoRAConfig.init={self.init!r} with use_dora=True is not supported: a DoRA magnitude "
+                             "would start from the modified base weight's norms")
+        if self.init == "orthogonal":
+            odd = sorted({v for v in [self.r, *(self.rank_pattern or {}).values()] if v % 2})
+            if odd:
+                raise ValueError(f"LoRAConfig.init='orthogonal' needs even ranks, got r / rank_pattern values {odd}")
 
     def _validate_patterns(self) -> None:
         for name, check in (("rank_pattern", lambda k, v: check_int(f"LoRAConfig.rank_pattern[{k!r}]", v)),

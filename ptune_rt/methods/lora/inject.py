@@ -306,6 +306,7 @@ def restore_lora(model: nn.Module) -> nn.Module:
     disable_projection_groups(model)
     for m in mods.values():
         m.unmerge()
+        m.restore_base_weight()
     for n, m in mods.items():
         origin = m.__dict__.get(ORIGIN_ATTR, m.base_layer)
         origin.train(m.training)

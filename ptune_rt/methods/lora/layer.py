@@ -19,6 +19,7 @@ from ptune_rt.ops.backend import BACKENDS, resolve_backend
 from ptune_rt.ops.lora_linear import OP_DTYPES, lora_linear_group, lora_linear_swiglu
 from ptune_rt.methods._config import check_bool, check_choice, check_int, check_number
 from ptune_rt.methods.lora.config import INIT_MODES
+from ptune_rt.methods.lora.inits import FROZEN_B, initial_adapter
 from ptune_rt.targets import linear_shape
 
 
@@ -88,6 +89,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes
         self._dora_cache: dict = {}  # see _dora_norm
+        self.frozen_b: set = set()  # adapters whose lora_B stays frozen (MiCA)
+        self._base_before_init: Optional[torch.Tensor] = None  # see _init_from_weight
+        self._init_offsets: dict = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -157,25 +161,63 @@ class LoRALinear(nn.Module):
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         with torch.no_grad():
             if init == "default":
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                nn.init.zeros_(b.weight)
             elif init == "gaussian":
                 nn.init.normal_(a.weight, std=1.0 / r)
+                nn.init.zeros_(b.weight)
             else:
-                nn.init.zeros_(a.weight)
-            nn.init.zeros_(b.weight)
+                self._init_from_weight(name, init, a.weight, b.weight, r, scale)
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.r[name] = r
         self.lora_alpha[name] = alpha
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling[name] = scale
         self.lora_dropout_p[name] = float(dropout)
+        if init in FROZEN_B:
+            self.freeze_b(name)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         if use_dora:  # m starts at the adapted weight's row norms (PEFT): the layer starts as the base
             norm = weight_norm(self.base_weight_nk(), a.weight, b.weight, self.scaling[name])
             self.lora_magnitude_vector[name] = DoRAMagnitude(norm.to(dtype))
+
+    def _init_from_weight(self, name: str, init: str, a: torch.Tensor, b: torch.Tensor, r: int, scale: float) -> None:
+        """An initialization computed from the base weight (see ``inits``). One that changes the base
+        keeps the original weight (``restore`` puts it back) and the initial adapter (``init_offset``)."""
+        a0, b0, residual = initial_adapter(init, self.base_weight_nk(), r, scale)
+        a.copy_(a0)
+        b.copy_(b0)
+        if residual is None:
+            return
+        if self._base_before_init is not None:
+            raise ValueError(f"init={init!r} changes the base weight, which an earlier adapter's init already "
+                             "changed; add this adapter with another init")
+        w = self.base_layer.weight
+        self._base_before_init = w.detach().clone()
+        w.copy_(residual.t() if self.fan_in_fan_out else residual)
+        self._init_offsets[name] = (a.detach().clone(), b.detach().clone())
+
+    def freeze_b(self, name: str) -> None:
+        """Keep adapter ``name``'s lora_B frozen from now on (MiCA trains A only); ``set_adapter`` respects it."""
+        self.frozen_b.add(name)
+        self.lora_B[name].requires_grad_(False)
+
+    def init_offset(self, name: str) -> Optional[tuple]:
+        """(A0, B0) of an adapter whose init changed the base weight to ``W - s B0 A0`` (PiSSA, OLoRA),
+        else None: the adapter against the original base is ``s (B A - B0 A0)``."""
+        return self._init_offsets.get(name)
+
+    def restore_base_weight(self) -> None:
+        """Give the base layer back the weight it had before a base-modifying init (no-op without one)."""
+        if self._base_before_init is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._base_before_init)
+            self._base_before_init = None
+            self._init_offsets.clear()
 
     def is_dora(self, name: Optional[str] = None) -> bool:
         """Whether adapter ``name`` (default: the active one) is a DoRA adapter."""

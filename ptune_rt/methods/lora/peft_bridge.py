@@ -19,6 +19,8 @@ from ptune_rt.methods.method import PeftBridge
 from ptune_rt.targets import is_linear, linear_shape
 
 _PEFT_LORA_LINEAR = None
+#: PEFT's MiCA variant: LoRA's forward and merge, B frozen; run as plain LoRA with B kept frozen.
+MICA_VARIANT = "MiCALinearVariant"
 
 
 def _peft_lora_linear_class():
@@ -96,6 +98,8 @@ def _peft_lora_linear_class():
                                  "switch adapters")
             for layer in (*self.lora_A.values(), *self.lora_B.values(), *self.lora_magnitude_vector.values()):
                 layer.requires_grad_(not inference_mode)
+            for name in self.frozen_b:
+                self.lora_B[name].requires_grad_(False)
             self._active_adapter = names[0]
 
         def delete_adapter(self, adapter_name: str, *args, **kwargs) -> None:
@@ -160,6 +164,8 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
                                         scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
                                         dropout=dropout, backend=backend, adapter_name=adapter,
                                         magnitude=magnitude[adapter] if adapter in magnitude else None)
+        if type(getattr(m, "lora_variant", {}).get(adapter)).__name__ == MICA_VARIANT:
+            lora.frozen_b.add(adapter)  # PEFT froze B already; set_adapter keeps it so
         lora.__dict__[ORIGIN_ATTR] = m
         lora.__dict__[SOURCE_ATTR] = "peft"
         lora.train(m.training)
@@ -277,7 +283,8 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
     if getattr(m, "use_dora", {}).get(adapter, False) and not dora:
         raise ValueError(f"{where} has use_dora=True but no DoRA magnitude for adapter {adapter!r}")
     variant = getattr(m, "lora_variant", {}).get(adapter)
-    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant") \
+            and type(variant).__name__ != MICA_VARIANT:
         raise ValueError(f"{where} uses the LoRA variant {type(variant).__name__}, which ptune_rt.accelerate "
                          "does not support; expected plain LoRA")
     if getattr(m, "lora_bias", {}).get(adapter, False) or m.lora_B[adapter].bias is not None:

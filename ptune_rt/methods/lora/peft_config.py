@@ -24,7 +24,7 @@ def _number(x: float):
 def lora_to_peft(config: LoRAConfig, model: nn.Module, task_type: Optional[str], fan_in_fan_out: bool,
                  modules_to_save: Optional[list[str]]) -> dict[str, Any]:
     """The ``adapter_config.json`` contents PEFT writes for this LoRA adapter."""
-    init = {"default": True, "gaussian": "gaussian"}.get(config.init, True)
+    init = {"gaussian": "gaussian", "orthogonal": "orthogonal", "mica": "mica"}.get(config.init, True)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -98,7 +98,7 @@ def read_lora_config(d: dict, source: str, backend: str) -> tuple[LoRAConfig, An
     try:
         config = LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                             target_modules=tm, bias=d.get("bias", "none"), use_rslora=d.get("use_rslora", False),
-                            init="gaussian" if init == "gaussian" else "default", backend=backend,
+                            init=init if init in ("gaussian", "orthogonal", "mica") else "default", backend=backend,
                             use_dora=d.get("use_dora", False), rank_pattern=d.get("rank_pattern") or None,
                             alpha_pattern=d.get("alpha_pattern") or None,
                             layers_to_transform=d.get("layers_to_transform"),
