@@ -98,12 +98,13 @@ def _lora_embedding_fwd_kernel(
 FWD_CONFIGS = [
     KernelConfig({"BLOCK_M": 16, "BLOCK_D": 128}, 4, 2),
     KernelConfig({"BLOCK_M": 32, "BLOCK_D": 64}, 4, 2),
-    KernelConfig({"BLOCK_M": 64, "BLOCK_D": 64}, 4, 2),
+    KernelConfig({"BLOCK_M": 64, "BLOCK_D": 64}, 8, 2),
 ]
 INTERPRET_CONFIG = KernelConfig({"BLOCK_M": 16, "BLOCK_D": 32}, 4, 1)
 #: BLOCK_R follows the rank (see ``rank_block``): these are the values it takes. Ranks above the
-#: largest walk the rank in chunks of it.
-BLOCK_RS = (16, 32, 64)
+#: largest walk the rank in chunks of it (a 64-wide rank tile spills on sm_80 and sm_90: its B^T
+#: tile, split for 3xTF32, does not fit beside the accumulator).
+BLOCK_RS = (16, 32)
 #: The largest block dimension of any shipped config (in-tile offsets are 32-bit up to it).
 MAX_BLOCK = 128
 #: Aim for this many programs (about 8 per SM of a 132-SM GPU: a gather needs many loads in flight)

@@ -49,7 +49,7 @@ from ptune_rt.kernels._aot import AotVariant
 #: Modules whose ``aot_variants()`` list the kernel variants to compile.
 AOT_MODULES = ("ptune_rt.kernels.lora_aot", "ptune_rt.kernels.prefix_attention_aot",
                "ptune_rt.kernels.prompt_inputs_aot", "ptune_rt.kernels.child_adamw_aot",
-               "ptune_rt.kernels.ia3_aot")
+               "ptune_rt.kernels.ia3_aot", "ptune_rt.kernels.lora_embedding_aot")
 
 #: Arch names accepted by ``--arch`` and their compute capability.
 ARCHS = {"sm_80": 80, "sm_90": 90}
