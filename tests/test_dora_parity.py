@@ -171,7 +171,7 @@ def test_mixed_batches_and_weighted_combination_refuse_dora(tmp_path):
     mine = ptune_rt.apply(copy.deepcopy(base), LoRAConfig(r=4, alpha=8.0, target_modules=targets, use_dora=True))
     with pytest.raises(ValueError, match="DoRA adapters: add_weighted_adapter combines plain LoRA"):
         ptune_rt.add_weighted_adapter(mine, ["default"], [1.0], "combo")
-    with torch.no_grad(), pytest.raises(ValueError, match="are DoRA adapters: a mixed-adapter batch"):
+    with torch.no_grad(), pytest.raises(ValueError, match="are DoRA adapters or have a lora_bias: a mixed-adapter batch"):
         with ptune_rt.mixed_adapters(mine, ["default", None]):
             mine(input_ids=input_ids())
 

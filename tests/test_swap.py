@@ -593,8 +593,6 @@ def test_accelerate_refuses_unsupported():
     from peft import LoraConfig
 
     cases = []
-    pm = _peft(lora_bias=True)
-    cases.append((pm, ValueError, ["lora_bias"]))
     pm = _peft(targets=("q_proj", "embed_tokens"))
     cases.append((pm, TypeError, ["embed_tokens", "Embedding", "nn.Linear"]))
     pm = _peft()

@@ -181,6 +181,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     alpha, alpha_pattern = _value_and_pattern(alphas)
     dropout = _one_value({n: m.lora_dropout_p[a] for n, m in mods.items()}, "dropout rates")
     use_dora = _one_value({n: m.is_dora(a) for n, m in mods.items()}, "DoRA settings (use_dora)")
+    lora_bias = _one_value({n: m.lora_bias(a) is not None for n, m in mods.items()}, "lora_bias settings")
 
     cfg0 = inject.model_config(model) or config_hint
     use_rslora = _rslora_of(mods, a, cfg0)
@@ -194,7 +195,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
                             init=_saved_init(cfg0), backend=backend,
                             recompute_mlp=cfg0.recompute_mlp if cfg0 is not None else True,
                             group_projections=cfg0.group_projections if cfg0 is not None else True,
-                            use_dora=use_dora, modules_to_save=cfg0.modules_to_save if cfg0 is not None else None)
+                            use_dora=use_dora, lora_bias=lora_bias,
+                            modules_to_save=cfg0.modules_to_save if cfg0 is not None else None)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"the model's LoRA adapter cannot be described by a LoRAConfig: {e}") from e
 
@@ -202,6 +204,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     tensors: dict[str, torch.Tensor] = {}
     for n, m in mods.items():
         tensors[f"{n}.lora_A.weight"], tensors[f"{n}.lora_B.weight"] = adapters[n][:2]
+        if lora_bias:
+            tensors[f"{n}.lora_B.bias"] = m.lora_bias(a)
         if use_dora:
             tensors[f"{n}.{MAGNITUDE_KEY}"] = m.lora_magnitude_vector[a].weight
     tensors.update(_bias_entries(state, mods, config.bias))
@@ -338,7 +342,7 @@ class LoRALoadPlan:
                 for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
                     m = model.get_submodule(module)
                     m.add_adapter(self.adapter_name, c.rank_for(module), c.alpha_for(module), c.dropout,
-                                  c.use_rslora, init="zeros", use_dora=c.use_dora)
+                                  c.use_rslora, init="zeros", use_dora=c.use_dora, lora_bias=c.lora_bias)
                     added.append(m)
                     for layer in _adapter_modules(m, self.adapter_name):
                         layer.requires_grad_(False)  # inactive until ptune_rt.set_adapter (as in PEFT)
@@ -346,8 +350,8 @@ class LoRALoadPlan:
             for module, which, src in self.lora_copies:
                 m = model.get_submodule(module)
                 name = self.adapter_name or m.active_adapter
-                holder = {"A": m.lora_A, "B": m.lora_B, "M": m.lora_magnitude_vector}[which]
-                copies.append((holder[name].weight, src))
+                holder = {"A": m.lora_A, "B": m.lora_B, "b": m.lora_B, "M": m.lora_magnitude_vector}[which]
+                copies.append((holder[name].bias if which == "b" else holder[name].weight, src))
             with torch.no_grad():
                 backups = [(dst, dst.detach().clone()) for dst, _ in copies]
                 for dst, src in copies:
@@ -435,7 +439,7 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
 def _lora_shape(which: str, in_out: tuple[int, int], r: int) -> tuple:
     """The shape of a target's lora_A ("A"), lora_B ("B") or DoRA magnitude ("M") tensor."""
     in_f, out_f = in_out
-    return {"A": (r, in_f), "B": (out_f, r), "M": (out_f,)}[which]
+    return {"A": (r, in_f), "B": (out_f, r), "M": (out_f,), "b": (out_f,)}[which]
 
 
 def _target_names(t: _LoadTarget) -> list[str]:
@@ -531,6 +535,9 @@ def _check_adapter_name(t: _LoadTarget, names: list[str], adapter_name: Optional
         elif m.merged:
             problems.append(f"module {n!r} has its adapter merged into the base weight: unmerge it before "
                             "loading new adapter weights")
+        elif (m.lora_bias(a) is not None) != cfg.lora_bias:
+            problems.append(f"module {n!r}: the model's adapter has lora_bias={m.lora_bias(a) is not None}, the "
+                            f"checkpoint lora_bias={cfg.lora_bias}")
         elif m.is_dora(a) != cfg.use_dora:
             problems.append(f"module {n!r}: the model's adapter has use_dora={m.is_dora(a)}, the checkpoint "
                             f"use_dora={cfg.use_dora}")
@@ -572,6 +579,8 @@ def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict
         lora_keys[f"{n}.lora_B.weight"] = (n, "B")
         if t.spec.config.use_dora:
             lora_keys[f"{n}.{MAGNITUDE_KEY}"] = (n, "M")
+        if t.spec.config.lora_bias:
+            lora_keys[f"{n}.lora_B.bias"] = (n, "b")
     state = _swapped_state(t.model, names if t.fresh else [])
     destinations = dict(_bias_entries(state, names, t.spec.config.bias))
     heads: list[str] = []
@@ -648,11 +657,14 @@ def _shape_reason(key: str, lora_keys, shapes, config: LoRAConfig) -> str:
         r = config.rank_for(n)
         in_f, out_f = shapes[n]
         return {"A": f"(r={r}, in_features={in_f} of {n!r})", "B": f"(out_features={out_f} of {n!r}, r={r})",
-                "M": f"(the DoRA magnitude: out_features={out_f} of {n!r})"}[which]
+                "M": f"(the DoRA magnitude: out_features={out_f} of {n!r})",
+                "b": f"(the lora_bias: out_features={out_f} of {n!r})"}[which]
     return "(this model's tensor)"
 
 
 def _why_unexpected(key: str, view, names, bias: str) -> str:
+    if key.endswith(".lora_B.bias"):
+        return " (a lora_bias, but the adapter config says lora_bias=false)"
     for part in (".lora_A.", ".lora_B."):
         if part in key:
             module = key.split(part)[0]

@@ -43,6 +43,8 @@ class LoRAConfig(MethodConfig):
         of it after a dot (``"q_proj"``, ``"layers\\.0\\.self_attn\\.q_proj"``); the first matching key wins.
     layers_to_transform / layers_pattern: only targets in these layers (an index or a list; PEFT's
         rule: the first number after a dotted component, or after ``layers_pattern``, e.g. "layers").
+    lora_bias: PEFT's ``lora_bias``: lora_B gets a trainable bias (zero at init); the layer adds
+        ``scale * b`` (folded into the fused op's bias: no extra pass).
     use_dora: DoRA (Liu et al., 2024): each target also gets a trainable magnitude per output row,
         ``y = m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b`` (PEFT's ``use_dora``), the norm
         computed without materializing ``W + s B A`` (see ``ptune_rt.ops.dora_linear``).
@@ -65,6 +67,7 @@ class LoRAConfig(MethodConfig):
     group_projections: bool = True
     modules_to_save: Optional[list] = None
     use_dora: bool = False
+    lora_bias: bool = False
     rank_pattern: Optional[dict] = None
     alpha_pattern: Optional[dict] = None
     layers_to_transform: Optional[Union[int, list]] = None
@@ -91,7 +94,7 @@ class LoRAConfig(MethodConfig):
         check_choice("LoRAConfig.bias", self.bias, BIAS_MODES)
         check_choice("LoRAConfig.init", self.init, INIT_MODES)
         check_choice("LoRAConfig.backend", self.backend, BACKENDS)
-        for flag in ("use_rslora", "recompute_mlp", "group_projections", "use_dora"):
+        for flag in ("use_rslora", "recompute_mlp", "group_projections", "use_dora", "lora_bias"):
             check_bool(f"LoRAConfig.{flag}", getattr(self, flag))
         tm = self.target_modules
         if isinstance(tm, str):
@@ -100,6 +103,9 @@ class LoRAConfig(MethodConfig):
             raise ValueError(f"LoRAConfig.target_modules must be a string or a list of non-empty strings, got {tm!r}")
         check_modules_to_save("LoRAConfig", self.modules_to_save)
         self._validate_patterns()
+        if self.use_dora and self.lora_bias:
+            raise ValueError("LoRAConfig.use_dora=True with lora_bias=True is not supported (PEFT does not combine "
+                             "them either)")
         if self.use_dora and self.init in ("pissa", "olora"):
             raise ValueError(f"LoRAConfig.init={self.init!r} with use_dora=True is not supported: a DoRA magnitude "
                              "would start from the modified base weight's norms")

@@ -255,7 +255,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         _check_backend(config.backend, n, layer, "LoRAConfig.backend")
         _check_weight_dtype(n, layer, "LoRAConfig.target_modules selects", config.backend)
     new = {n: LoRALinear(model.get_submodule(n), config.rank_for(n), config.alpha_for(n), config.dropout,
-                         config.use_rslora, config.init, config.backend, use_dora=config.use_dora) for n in names}
+                         config.use_rslora, config.init, config.backend, use_dora=config.use_dora,
+                         lora_bias=config.lora_bias) for n in names}
 
     # Nothing below can fail on a validated model.
     before = {pn: p.requires_grad for pn, p in model.named_parameters()}

@@ -39,13 +39,15 @@ class _MergeRecord:
     and ``values`` a full copy of W when that is smaller.
     """
 
-    __slots__ = ("adapter", "a", "b", "scale", "index", "values")
+    __slots__ = ("adapter", "a", "b", "scale", "index", "values", "bias")
 
-    def __init__(self, adapter, a, b, scale, index, values):
+    def __init__(self, adapter, a, b, scale, index, values, bias=None):
         self.adapter, self.a, self.b, self.scale, self.index, self.values = adapter, a, b, scale, index, values
+        self.bias = bias  # the base bias before a lora_bias was folded in (None: untouched)
 
     def extra_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.index, self.values) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.index, self.values, self.bias)
+                   if t is not None)
 
 
 class DoRAMagnitude(nn.Module):
@@ -72,10 +74,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default", backend: str = "auto",
-                 adapter_name: str = "default", use_dora: bool = False):
+                 adapter_name: str = "default", use_dora: bool = False, lora_bias: bool = False):
         super().__init__()
         self._init_base(base_layer, backend, adapter_name)
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, use_dora, lora_bias)
 
     def _init_base(self, base_layer: nn.Module, backend: str, adapter_name: str) -> None:
         in_f, out_f = linear_shape(base_layer)
@@ -122,8 +124,8 @@ class LoRALinear(nn.Module):
         for what, m in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(m, nn.Linear):
                 raise TypeError(f"{what} must be an nn.Linear, got {type(m).__name__}")
-            if m.bias is not None:
-                raise ValueError(f"{what} must have no bias (bias on the LoRA path is not supported)")
+        if lora_A.bias is not None:
+            raise ValueError("lora_A must have no bias (PEFT's lora_bias puts the bias on lora_B)")
         r = lora_A.weight.shape[0]
         if tuple(lora_A.weight.shape) != (r, self.in_features):
             raise ValueError(f"lora_A.weight must be [r, in_features={self.in_features}], "
@@ -153,14 +155,19 @@ class LoRALinear(nn.Module):
         return self
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init: str = "default", use_dora: bool = False) -> None:
+                    init: str = "default", use_dora: bool = False, lora_bias: bool = False) -> None:
+        """Add adapter ``name``. ``lora_bias`` (PEFT's): lora_B has a trainable bias (zero at init), so
+        the layer adds ``scale * b`` to its output."""
         self._check_adapter_args(name, r, alpha, dropout, use_rslora, init)
         check_bool("use_dora", use_dora)
+        check_bool("lora_bias", lora_bias)
+        if use_dora and lora_bias:
+            raise ValueError("use_dora=True with lora_bias=True is not supported (PEFT does not combine them either)")
         w = self.base_layer.weight
         # Adapter weights live in fp32 on a half-precision base (PEFT's default autocast_adapter_dtype).
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=lora_bias, device=w.device, dtype=dtype)
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         with torch.no_grad():
             if init == "default":
@@ -171,6 +178,8 @@ class LoRALinear(nn.Module):
                 nn.init.zeros_(b.weight)
             else:
                 self._init_from_weight(name, init, a.weight, b.weight, r, scale)
+            if lora_bias:
+                nn.init.zeros_(b.bias)
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.r[name] = r
@@ -315,6 +324,9 @@ class LoRALinear(nn.Module):
             raise KeyError(f"active_adapter {name!r} is not an adapter of this module (has {list(self.lora_A)})")
         if self.on_meta():
             raise ValueError(META_MERGE)
+        if self.lora_B[name].bias is not None and self.base_layer.bias is None:
+            raise ValueError(f"cannot merge adapter {name!r}: it has a lora_bias, and the base layer has no bias to "
+                             "fold it into")
         w = self.base_layer.weight
         with torch.no_grad():
             a = self.lora_A[name].weight.detach().clone()
@@ -337,8 +349,19 @@ class LoRALinear(nn.Module):
             else:
                 values = orig.contiguous().view(-1)[index.long()]
             w.copy_(merged)
-        self._merge_record = _MergeRecord(name, a, b, scale, index, values)
+            bias = self._fold_lora_bias(name, scale)
+        self._merge_record = _MergeRecord(name, a, b, scale, index, values, bias)
         self.merged = True
+
+    def _fold_lora_bias(self, name: str, scale: float) -> Optional[torch.Tensor]:
+        """``bias += scale * b`` for a lora_bias (in fp32, rounded once); returns the bias before."""
+        lb = self.lora_B[name].bias
+        if lb is None:
+            return None
+        bias = self.base_layer.bias
+        before = bias.detach().clone()
+        bias.copy_((before.float() + scale * lb.detach().float()).to(bias.dtype))
+        return before
 
     def _merge_dora(self, name: str, a, b, scale: float, d: torch.Tensor) -> None:
         """DoRA's merge: ``W <- cast(m / ||W + d|| * (W + d))`` per output row (the norm of the unmerged
@@ -365,6 +388,8 @@ class LoRALinear(nn.Module):
         rec = self._merge_record
         w = self.base_layer.weight
         with torch.no_grad():
+            if rec.bias is not None:
+                self.base_layer.bias.copy_(rec.bias)
             values = rec.values.to(device=w.device, dtype=w.dtype)
             if rec.index is None:
                 w.copy_(values)
@@ -426,10 +451,11 @@ class LoRALinear(nn.Module):
         the base output for every row, then per adapter ``y[rows] += s * (x[rows] A^T) B^T`` on the
         rows that use it (rows without an adapter keep the base output)."""
         batch, groups = self._rows
-        dora = [n for n, _ in groups if n in self.lora_magnitude_vector]
-        if dora:
-            raise ValueError(f"adapter(s) {dora} are DoRA adapters: a mixed-adapter batch (ptune_rt.mixed_adapters) "
-                             "runs plain LoRA adapters only; run DoRA adapters one at a time (set_adapter)")
+        special = [n for n, _ in groups if n in self.lora_magnitude_vector or self.lora_B[n].bias is not None]
+        if special:
+            raise ValueError(f"adapter(s) {special} are DoRA adapters or have a lora_bias: a mixed-adapter batch "
+                             "(ptune_rt.mixed_adapters) runs plain LoRA adapters only; run them one at a time "
+                             "(set_adapter)")
         if torch.is_grad_enabled():
             raise RuntimeError("a mixed-adapter batch (ptune_rt.mixed_adapters) runs inference only: call the "
                                "model under torch.no_grad() (generate() does)")
@@ -516,8 +542,21 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled or name not in self.lora_A or name in self.lora_magnitude_vector:
             return None
         p = self.lora_dropout_p[name] if self.training else 0.0
-        return LoRAArgs(self.base_weight_nk(), self.base_layer.bias, self.lora_A[name].weight,
+        return LoRAArgs(self.base_weight_nk(), self.effective_bias(name), self.lora_A[name].weight,
                         self.lora_B[name].weight, self.scaling[name], p, self.backend)
+
+    def lora_bias(self, name: Optional[str] = None) -> Optional[torch.Tensor]:
+        """Adapter ``name``'s lora_B bias (PEFT's ``lora_bias``), or None."""
+        return self.lora_B[name or self.active_adapter].bias
+
+    def effective_bias(self, name: str) -> Optional[torch.Tensor]:
+        """The bias the layer's output gets with adapter ``name``: the base layer's, plus ``scale * b`` of a
+        lora_B bias (an N-vector under autograd, in the base's dtype: its gradient reaches both)."""
+        base, extra = self.base_layer.bias, self.lora_B[name].bias
+        if extra is None:
+            return base
+        total = extra * self.scaling[name] if base is None else base.to(extra.dtype) + extra * self.scaling[name]
+        return total.to(self.base_layer.weight.dtype)
 
     def _grouped_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Training path of a layer in a projection group (q/k/v or gate/up of one block, see
@@ -576,7 +615,8 @@ class LoRALinear(nn.Module):
         la = self._modules["lora_A"]._modules.get(name)
         if la is None:
             return self.base_layer(x)
-        if (self.training and self.lora_dropout_p[name] > 0) or torch.compiler.is_compiling():
+        if (self.training and self.lora_dropout_p[name] > 0) or torch.compiler.is_compiling() \
+                or self.lora_B[name].bias is not None:
             return None
         a = la._parameters["weight"]
         b = self._modules["lora_B"]._modules[name]._parameters["weight"]

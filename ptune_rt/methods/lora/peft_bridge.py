@@ -143,7 +143,7 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
 
     Supported: one adapter per layer, active and unmerged, plain LoRA or DoRA (``use_dora=True``:
     PEFT's magnitude module is kept as the layer's ``lora_magnitude_vector[name]``, the same object).
-    Refused before any change: other LoRA variants, lora_bias, several adapters in a layer or several active adapters,
+    Refused before any change: other LoRA variants, several adapters in a layer or several active adapters,
     merged or disabled layers, LoRA on embeddings / convolutions / quantized layers. Switching
     or deleting adapters and PEFT's mixed-batch ``adapter_names`` raise on the swapped layers;
     adding or loading another adapter through PEFT would wrap them (renaming their parameters).
@@ -287,8 +287,6 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
             and type(variant).__name__ != MICA_VARIANT:
         raise ValueError(f"{where} uses the LoRA variant {type(variant).__name__}, which ptune_rt.accelerate "
                          "does not support; expected plain LoRA")
-    if getattr(m, "lora_bias", {}).get(adapter, False) or m.lora_B[adapter].bias is not None:
-        raise ValueError(f"{where} has lora_bias=True, which ptune_rt.accelerate does not support")
     if m.merged:
         raise ValueError(f"{where} is merged ({m.merged_adapters}); expected unmerged layers: call "
                          "peft_model.unmerge_adapter() first")

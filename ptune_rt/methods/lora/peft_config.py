@@ -40,7 +40,7 @@ def lora_to_peft(config: LoRAConfig, model: nn.Module, task_type: Optional[str],
         "bias": config.bias,
         "use_rslora": bool(config.use_rslora),
         "use_dora": bool(config.use_dora),
-        "lora_bias": False,
+        "lora_bias": bool(config.lora_bias),
         "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": init,
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
@@ -60,7 +60,6 @@ def _unsupported_features(d: dict) -> list[str]:
         if key in d and not ok(d[key]):
             out.append(f"{key}={d[key]!r}")
 
-    set_("lora_bias")
     set_("layer_replication", lambda v: v is None)
     set_("target_parameters")
     set_("trainable_token_indices", lambda v: v is None)
@@ -99,7 +98,8 @@ def read_lora_config(d: dict, source: str, backend: str) -> tuple[LoRAConfig, An
         config = LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                             target_modules=tm, bias=d.get("bias", "none"), use_rslora=d.get("use_rslora", False),
                             init=init if init in ("gaussian", "orthogonal", "mica") else "default", backend=backend,
-                            use_dora=d.get("use_dora", False), rank_pattern=d.get("rank_pattern") or None,
+                            use_dora=d.get("use_dora", False), lora_bias=d.get("lora_bias", False),
+                            rank_pattern=d.get("rank_pattern") or None,
                             alpha_pattern=d.get("alpha_pattern") or None,
                             layers_to_transform=d.get("layers_to_transform"),
                             layers_pattern=d.get("layers_pattern") or None)
@@ -116,6 +116,7 @@ def _check_lora_fields(d: dict, source: str, target_modules, exclude_modules) ->
         check_number(f"{source}: lora_dropout", d.get("lora_dropout", 0.0), 0.0, 1.0)
         check_bool(f"{source}: use_rslora", d.get("use_rslora", False))
         check_bool(f"{source}: use_dora", d.get("use_dora", False))
+        check_bool(f"{source}: lora_bias", d.get("lora_bias", False))
         for key, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
             if isinstance(value, str):
                 check_regex(f"{source}: {key}", value)
