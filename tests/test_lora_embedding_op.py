@@ -94,6 +94,13 @@ def test_strided_inputs_and_int32_ids(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_output_gradient(backend):
+    """A gradient with zero strides (what ``out.sum().backward()`` sends) is read in place."""
+    ids, weight, lora_a, lora_b, dy = make_inputs(torch.bfloat16, seed=4)
+    check_against_reference(backend, torch.bfloat16, ids, weight, lora_a, lora_b, dy[:1, :1].expand_as(dy))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens(backend):
     ids, weight, lora_a, lora_b, dy = make_inputs(torch.float16, shape=(2, 0))
     out, (dw, da, db) = run(lora_embedding, ids, weight, lora_a, lora_b, dy, backend=backend)
