@@ -11,6 +11,8 @@ from ptune_rt.methods.prefix import PrefixConfig, PrefixEncoder
 from ptune_rt.methods.prompt import PromptTuningConfig, PTuningConfig, remove_prompt
 from ptune_rt.methods.bitfit import BitFitConfig
 from ptune_rt.methods.ln_tuning import LNTuningConfig
+from ptune_rt.methods.ia3 import IA3Config
+from ptune_rt.methods.child_tuning import ChildTuningAdamW, ChildTuningConfig, ChildTuningOptimizer, child_mask_from_data
 from ptune_rt import registry as _registry
 from ptune_rt.registry import accelerate, apply, format_report, report, restore
 from ptune_rt.io import adapters as _adapters
@@ -27,5 +29,6 @@ __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "
 __all__ += ["load_adapter", "save_adapter"]
 __all__ += ["PrefixConfig", "PrefixEncoder"]
 __all__ += ["PromptTuningConfig", "PTuningConfig", "remove_prompt"]
-__all__ += ["BitFitConfig", "LNTuningConfig"]
+__all__ += ["BitFitConfig", "LNTuningConfig", "IA3Config"]
+__all__ += ["ChildTuningAdamW", "ChildTuningConfig", "ChildTuningOptimizer", "child_mask_from_data"]
 __all__ += ["disable_adapter", "merge_and_unload", "print_trainable_parameters", "trainable_parameters"]
