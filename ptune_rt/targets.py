@@ -51,6 +51,19 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
 
+def is_lora_target(m: nn.Module) -> bool:
+    """A layer LoRA can adapt: an nn.Linear, a GPT-2 Conv1D or an nn.Embedding."""
+    return is_linear(m) or isinstance(m, nn.Embedding)
+
+
+def lora_target_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a LoRA target; an embedding [V, D] is (V, D): its lookup is the
+    product of a one-hot row and the table."""
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    return linear_shape(layer)
+
+
 def module_view(model: nn.Module) -> dict[str, nn.Module]:
     """``model.named_modules()`` with each layer wrapper seen as one leaf: its inner modules
     (``base_layer``, ``lora_A.<name>``, ...) are hidden, so names are those of the unwrapped model."""

@@ -34,7 +34,7 @@ from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.inits import BASE_MODIFYING, FROZEN_B
 from ptune_rt.methods.lora.inject import DEFAULT_TARGETS, SOURCE_ATTR, restore_lora
 from ptune_rt.methods.lora.layer import LoRALinear
-from ptune_rt.targets import in_layers, is_linear_like, linear_shape, match_heads, match_targets, module_view
+from ptune_rt.targets import in_layers, is_linear_like, lora_target_shape, match_heads, match_targets, module_view
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
@@ -65,7 +65,7 @@ class LoRAState:
         return {
             "model": {"model_type": model_type(model), "class": model_class(model)},
             "targets": [{"module": n, "in_features": m.in_features, "out_features": m.out_features,
-                         "kind": "conv1d" if m.fan_in_fan_out else "linear"} for n, m in self.targets.items()],
+                         "kind": _kind(m.base_layer)} for n, m in self.targets.items()],
             "modules_to_save": list(self.heads),
         }
 
@@ -203,7 +203,8 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     state = model.state_dict(keep_vars=True)
     tensors: dict[str, torch.Tensor] = {}
     for n, m in mods.items():
-        tensors[f"{n}.lora_A.weight"], tensors[f"{n}.lora_B.weight"] = adapters[n][:2]
+        key_a, key_b = type(m).CHECKPOINT_KEYS
+        tensors[f"{n}.{key_a}"], tensors[f"{n}.{key_b}"] = adapters[n][:2]
         if lora_bias:
             tensors[f"{n}.lora_B.bias"] = m.lora_bias(a)
         if use_dora:
@@ -311,7 +312,18 @@ def spec_from_ptune(d: dict, source: str, backend: Optional[str]) -> LoRASpec:
 
 
 _PEFT_WRAPPER_PARTS = ("original_module.", "modules_to_save.")
-_KINDS = ("linear", "conv1d")
+_KINDS = ("linear", "conv1d", "embedding")
+
+
+def _base_of(m: nn.Module) -> nn.Module:
+    return m.base_layer if isinstance(m, LoRALinear) else m
+
+
+def _kind(layer: nn.Module) -> str:
+    """How a checkpoint names a target layer's type."""
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    return "linear" if isinstance(layer, nn.Linear) else "conv1d"
 
 
 class LoRALoadPlan:
@@ -476,7 +488,7 @@ def _check_target_layers(t: _LoadTarget, names: list[str]) -> tuple[dict, list[s
         m = t.view[n]
         if isinstance(m, LoRALinear):
             base = m.base_layer
-        elif t.fresh and is_linear_like(m):
+        elif t.fresh and (is_linear_like(m) or isinstance(m, nn.Embedding)):
             base = m
         elif t.fresh:
             kind = f"{type(m).__module__}.{type(m).__qualname__}"
@@ -490,9 +502,9 @@ def _check_target_layers(t: _LoadTarget, names: list[str]) -> tuple[dict, list[s
                             f"modules ({sorted(t.existing)[:3]} ...): the adapter does not match them; "
                             "ptune_rt.restore(model) first to load it fresh")
             continue
-        in_f, out_f = linear_shape(base)
+        in_f, out_f = lora_target_shape(base)
         shapes[n] = (in_f, out_f)
-        kind = "linear" if isinstance(base, nn.Linear) else "conv1d"
+        kind = _kind(base)
         if t.spec.targets is not None:
             want_in, want_out, want_kind = t.spec.targets[n]
             if (want_in, want_out) != (in_f, out_f) or want_kind != kind:
@@ -575,14 +587,20 @@ def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict
     keys to ignore): LoRA weights, biases, whole heads."""
     lora_keys = {}
     for n in names:
-        lora_keys[f"{n}.lora_A.weight"] = (n, "A")
-        lora_keys[f"{n}.lora_B.weight"] = (n, "B")
+        m = t.view[n]
+        key_a, key_b = (type(m) if isinstance(m, LoRALinear) else inject.lora_class(m)).CHECKPOINT_KEYS
+        lora_keys[f"{n}.{key_a}"] = (n, "A")
+        lora_keys[f"{n}.{key_b}"] = (n, "B")
         if t.spec.config.use_dora:
             lora_keys[f"{n}.{MAGNITUDE_KEY}"] = (n, "M")
         if t.spec.config.lora_bias:
             lora_keys[f"{n}.lora_B.bias"] = (n, "b")
     state = _swapped_state(t.model, names if t.fresh else [])
     destinations = dict(_bias_entries(state, names, t.spec.config.bias))
+    for n in names:  # PEFT saves the table of an embedding it adapts (save_embedding_layers): it loads in
+        k = f"{n}.base_layer.weight"
+        if k in tensors and isinstance(_base_of(t.view[n]), nn.Embedding):
+            destinations[k] = state[k]
     heads: list[str] = []
     for found in t.heads_found.values():
         heads += [n for n in found if n not in heads]
@@ -665,7 +683,7 @@ def _shape_reason(key: str, lora_keys, shapes, config: LoRAConfig) -> str:
 def _why_unexpected(key: str, view, names, bias: str) -> str:
     if key.endswith(".lora_B.bias"):
         return " (a lora_bias, but the adapter config says lora_bias=false)"
-    for part in (".lora_A.", ".lora_B."):
+    for part in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B"):
         if part in key:
             module = key.split(part)[0]
             if module not in view:
@@ -673,8 +691,6 @@ def _why_unexpected(key: str, view, names, bias: str) -> str:
             return f" (module {module!r} is not selected by the adapter's target_modules)"
     if MAGNITUDE_KEY in key:
         return " (a DoRA magnitude, but the adapter config says use_dora=false)"
-    if "lora_embedding_" in key:
-        return " (LoRA on an embedding layer is not supported)"
     if key.endswith(".bias") and bias != "all":
         return f" (a bias, but the adapter config says bias={bias!r})"
     module = key.rsplit(".", 1)[0]

@@ -15,11 +15,13 @@ from ptune_rt import state as model_state
 from ptune_rt.heads import head_modules
 from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.groups import disable_projection_groups, enable_projection_groups
+from ptune_rt.methods.lora.embedding import LoRAEmbedding
 from ptune_rt.methods.lora.layer import LoRALinear
 from ptune_rt.methods.lora.swiglu import disable_mlp_recompute, enable_mlp_recompute
 from ptune_rt.ops.backend import resolve_backend
 from ptune_rt.ops.lora_linear import OP_DTYPES
-from ptune_rt.targets import in_layers, is_linear, linear_shape, module_matches, output_layer_names
+from ptune_rt.targets import (in_layers, is_linear, is_lora_target, lora_target_shape, module_matches,
+                              output_layer_names)
 
 NAME = LoRAConfig.METHOD
 
@@ -123,6 +125,11 @@ def _require_swapped(model: nn.Module, what: str) -> dict[str, LoRALinear]:
     return mods
 
 
+def lora_class(layer: nn.Module) -> type:
+    """The module class that adapts ``layer``: LoRAEmbedding for an embedding, LoRALinear otherwise."""
+    return LoRAEmbedding if isinstance(layer, nn.Embedding) else LoRALinear
+
+
 def _check_weight_dtype(module_name: str, layer: nn.Module, what: str, backend: str) -> None:
     """Refuse now, not at the first forward, a layer whose dtype the chosen path cannot run: the fused
     op takes float32, float16 and bfloat16; float64 runs on the torch path only (as plain torch ops)."""
@@ -196,9 +203,9 @@ def resolve_targets(model: nn.Module, target_modules, layers_to_transform=None, 
     names = kept
     for n in names:
         m = named[n]
-        if not is_linear(m):
+        if not is_lora_target(m):
             raise TypeError(f"LoRAConfig.target_modules selects module {n!r}, a {type(m).__name__}; "
-                            "LoRA targets must be nn.Linear or GPT-2 Conv1D layers")
+                            "LoRA targets must be nn.Linear, GPT-2 Conv1D or nn.Embedding layers")
     return names
 
 
@@ -246,7 +253,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                                            config.layers_pattern), heads, config.target_modules)
     for n in names:  # every check before the first change
         layer = model.get_submodule(n)
-        in_f, out_f = linear_shape(layer)
+        in_f, out_f = lora_target_shape(layer)
         r = config.rank_for(n)
         if r > min(in_f, out_f):
             where = "r" if r == config.r else "rank_pattern entry"
@@ -254,9 +261,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                              f"out_features={out_f}) of target {n!r}")
         _check_backend(config.backend, n, layer, "LoRAConfig.backend")
         _check_weight_dtype(n, layer, "LoRAConfig.target_modules selects", config.backend)
-    new = {n: LoRALinear(model.get_submodule(n), config.rank_for(n), config.alpha_for(n), config.dropout,
-                         config.use_rslora, config.init, config.backend, use_dora=config.use_dora,
-                         lora_bias=config.lora_bias) for n in names}
+    new = _new_modules(model, names, config)
 
     # Nothing below can fail on a validated model.
     before = {pn: p.requires_grad for pn, p in model.named_parameters()}
@@ -280,6 +285,23 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         enable_projection_groups(model)
     model_state.record(model, NAME, LoRAModelState(config, before, heads))
     return model
+
+
+def _new_modules(model: nn.Module, names: list[str], config: LoRAConfig) -> dict:
+    """The LoRA module of every target, not yet in the model. An init that changes a base weight
+    (PiSSA, OLoRA) is undone in the modules already built if a later one fails."""
+    new: dict = {}
+    try:
+        for n in names:
+            layer = model.get_submodule(n)
+            new[n] = lora_class(layer)(layer, config.rank_for(n), config.alpha_for(n), config.dropout,
+                                       config.use_rslora, config.init, config.backend, use_dora=config.use_dora,
+                                       lora_bias=config.lora_bias)
+    except BaseException:
+        for m in new.values():
+            m.restore_base_weight()
+        raise
+    return new
 
 
 def _without_heads(names: list[str], heads: list[str], target_modules) -> list[str]:

@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, use_dora, lora_bias)
 
     def _init_base(self, base_layer: nn.Module, backend: str, adapter_name: str) -> None:
-        in_f, out_f = linear_shape(base_layer)
+        in_f, out_f = self.layer_shape(base_layer)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.base_layer = base_layer
@@ -108,6 +108,15 @@ class LoRALinear(nn.Module):
         self._rows: Optional[tuple] = None  # per-row adapters of a mixed batch: see _mixed_forward
         self._rows_stack: Optional[tuple] = None  # its decode-step operands: see _mixed_stack
 
+    #: Where the adapter's A and B go in a checkpoint, after the module's path (PEFT's file keys).
+    CHECKPOINT_KEYS = ("lora_A.weight", "lora_B.weight")
+    #: The attributes PEFT's tuner-layer code finds the adapters under (its ``adapter_layer_names``).
+    PEFT_ADAPTER_LAYER_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    @staticmethod
+    def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
+        return linear_shape(base_layer)
+
     @classmethod
     def from_adapter_modules(cls, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, *,
                              scaling: float, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -122,9 +131,9 @@ class LoRALinear(nn.Module):
         nn.Module.__init__(self)
         self._init_base(base_layer, backend, adapter_name)
         for what, m in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if not isinstance(m, nn.Linear):
-                raise TypeError(f"{what} must be an nn.Linear, got {type(m).__name__}")
-        if lora_A.bias is not None:
+            if not isinstance(m, nn.Module) or not isinstance(getattr(m, "weight", None), torch.Tensor):
+                raise TypeError(f"{what} must be an nn.Linear (a module with a weight), got {type(m).__name__}")
+        if getattr(lora_A, "bias", None) is not None:
             raise ValueError("lora_A must have no bias (PEFT's lora_bias puts the bias on lora_B)")
         r = lora_A.weight.shape[0]
         if tuple(lora_A.weight.shape) != (r, self.in_features):

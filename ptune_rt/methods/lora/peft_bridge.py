@@ -10,27 +10,28 @@ from torch import nn
 from ptune_rt.methods.lora.adapters import mixed_adapters
 from ptune_rt.methods.lora.groups import enable_projection_groups
 from ptune_rt.methods.lora.inject import (GUARD_MARK, ORIGIN_ATTR, SOURCE_ATTR, _check_backend, _check_weight_dtype,
-                                          _peft_lora_classes, _refuse_already_swapped, _set_submodule,
+                                          _refuse_already_swapped, _set_submodule,
                                           lora_modules, peft_lora_layers)
+from ptune_rt.methods.lora.embedding import LoRAEmbedding, ParameterHolder
 from ptune_rt.methods.lora.layer import LoRALinear
 from ptune_rt.methods.lora.report import lora_rows
 from ptune_rt.methods.lora.swiglu import enable_mlp_recompute
 from ptune_rt.methods.method import PeftBridge
-from ptune_rt.targets import is_linear, linear_shape
+from ptune_rt.targets import is_lora_target, lora_target_shape
 
-_PEFT_LORA_LINEAR = None
+_PEFT_CLASSES: dict = {}  # LoRALinear / LoRAEmbedding -> its PEFT-visible subclass, made on first use
 #: PEFT's MiCA variant: LoRA's forward and merge, B frozen; run as plain LoRA with B kept frozen.
 MICA_VARIANT = "MiCALinearVariant"
 
 
-def _peft_lora_linear_class():
-    """``PeftLoRALinear``: the module ``accelerate_peft`` puts in, defined on first use (imports PEFT)."""
-    global _PEFT_LORA_LINEAR
-    if _PEFT_LORA_LINEAR is not None:
-        return _PEFT_LORA_LINEAR
+def _peft_lora_linear_class(base: type = LoRALinear):
+    """``PeftLoRALinear`` (``base`` LoRAEmbedding: ``PeftLoRAEmbedding``): the module ``accelerate_peft``
+    puts in, defined on first use (imports PEFT)."""
+    if base in _PEFT_CLASSES:
+        return _PEFT_CLASSES[base]
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    class PeftLoRALinear(LoRALinear, BaseTunerLayer):
+    class PeftLayer(base, BaseTunerLayer):
         """A ``LoRALinear`` that PEFT also recognises as one of its tuner layers.
 
         PEFT finds its layers structurally (``isinstance(m, BaseTunerLayer)``): so do its
@@ -44,7 +45,7 @@ def _peft_lora_linear_class():
         call ``ptune_rt.restore(peft_model)`` first, which puts PEFT's own layers back.
         """
 
-        adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+        adapter_layer_names = base.PEFT_ADAPTER_LAYER_NAMES
         other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout_p")
 
         @property
@@ -85,10 +86,10 @@ def _peft_lora_linear_class():
                 raise ValueError(f"adapter_names={adapter_names!r}: this layer holds only the adapter "
                                  f"{self._active_adapter!r}")
             if not self.disabled:
-                LoRALinear.merge(self)
+                base.merge(self)
 
         def unmerge(self) -> None:
-            LoRALinear.unmerge(self)
+            base.unmerge(self)
 
         def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
             names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -110,22 +111,25 @@ def _peft_lora_linear_class():
             raise ValueError("a layer swapped by ptune_rt.accelerate cannot take another adapter; call "
                              "ptune_rt.restore(peft_model) first")
 
-    PeftLoRALinear.__module__ = __name__
-    PeftLoRALinear.__qualname__ = "PeftLoRALinear"
-    _PEFT_LORA_LINEAR = PeftLoRALinear
-    return PeftLoRALinear
+    name = "Peft" + base.__name__
+    PeftLayer.__name__ = PeftLayer.__qualname__ = name
+    PeftLayer.__module__ = __name__
+    _PEFT_CLASSES[base] = PeftLayer
+    return PeftLayer
 
 
 def peft_lora_linear_class_or_none():
-    """The class ``accelerate`` gives PEFT's LoRA layers, or None while no PEFT model was accelerated
-    (no layer can be one then; PEFT is not imported for the question)."""
-    return _PEFT_LORA_LINEAR
+    """The classes ``accelerate`` gives PEFT's LoRA layers (a tuple, empty while no PEFT model was
+    accelerated: no layer can be one then; PEFT is not imported for the question)."""
+    return tuple(_PEFT_CLASSES.values())
 
 
 def __getattr__(name: str):
-    # ``PeftLoRALinear`` of this module exists once PEFT is imported; pickle finds it here too.
+    # ``PeftLoRALinear`` / ``PeftLoRAEmbedding`` exist once PEFT is imported; pickle finds them here too.
     if name == "PeftLoRALinear":
         return _peft_lora_linear_class()
+    if name == "PeftLoRAEmbedding":
+        return _peft_lora_linear_class(LoRAEmbedding)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -150,19 +154,18 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
     For any of these, ``ptune_rt.restore(peft_model)`` first puts PEFT's own layers back.
     """
     _refuse_already_swapped(peft_model)
-    _, PeftLinear = _peft_lora_classes()
     layers = peft_lora_layers(peft_model)
     if not layers:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers; expected a model "
                          "from peft.get_peft_model(model, LoraConfig(...))")
-    plans = {n: _plan_peft_layer(n, m, PeftLinear, backend) for n, m in layers.items()}
-    cls = _peft_lora_linear_class()
+    plans = {n: _plan_peft_layer(n, m, backend) for n, m in layers.items()}
     new = {}
-    for n, (m, adapter, dropout) in plans.items():
+    for n, (m, adapter, dropout, a, b) in plans.items():
         magnitude = getattr(m, "lora_magnitude_vector", {})
-        lora = cls.from_adapter_modules(m.base_layer, m.lora_A[adapter], m.lora_B[adapter],
-                                        scaling=float(m.scaling[adapter]), alpha=m.lora_alpha[adapter],
-                                        dropout=dropout, backend=backend, adapter_name=adapter,
+        cls = _peft_lora_linear_class(LoRAEmbedding if isinstance(m.base_layer, nn.Embedding) else LoRALinear)
+        lora = cls.from_adapter_modules(m.base_layer, a, b, scaling=float(m.scaling[adapter]),
+                                        alpha=m.lora_alpha[adapter], dropout=dropout, backend=backend,
+                                        adapter_name=adapter,
                                         magnitude=magnitude[adapter] if adapter in magnitude else None)
         if type(getattr(m, "lora_variant", {}).get(adapter)).__name__ == MICA_VARIANT:
             lora.frozen_b.add(adapter)  # PEFT froze B already; set_adapter keeps it so
@@ -172,7 +175,7 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
         new[n] = lora
     for n, lora in new.items():  # nothing below can fail on a validated model
         _set_submodule(peft_model, n, lora)
-    install_peft_guards(peft_model, sorted({adapter for _, adapter, _ in plans.values()}))
+    install_peft_guards(peft_model, sorted({plan[1] for plan in plans.values()}))
     enable_mlp_recompute(peft_model)  # SwiGLU MLPs: recompute the gated product in backward
     enable_projection_groups(peft_model)  # q/k/v, gate/up: one shrink, dA and dX per group
     return lora_rows(peft_model)
@@ -258,17 +261,21 @@ for _cls in (_Refusal, _OnlyHeld, _MixedBatchHooks):
     setattr(_cls, GUARD_MARK, True)
 
 
-def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
-    """Validate one PEFT LoRA layer; returns (layer, adapter name, dropout p)."""
+def _plan_peft_layer(name: str, m: nn.Module, backend: str):
+    """Validate one PEFT LoRA layer; returns (layer, adapter name, dropout p, A module, B module)."""
+    from peft.tuners.lora.layer import Embedding as PeftEmbedding
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
     where = f"PEFT LoRA layer {name!r}"
-    if type(m) is not PeftLinear:
+    if type(m) not in (PeftLinear, PeftEmbedding):
         kind = type(m).__name__
         raise TypeError(f"{where} is a {type(m).__module__}.{kind}; ptune_rt.accelerate supports LoRA on "
-                        "nn.Linear and GPT-2 Conv1D layers only (peft.tuners.lora.layer.Linear), not "
-                        "embedding, convolution or quantized LoRA layers")
+                        "nn.Linear, GPT-2 Conv1D and nn.Embedding layers (peft.tuners.lora.layer.Linear / "
+                        "Embedding), not convolution or quantized LoRA layers")
     base = m.base_layer
-    if not is_linear(base):
-        raise TypeError(f"{where} wraps a {type(base).__name__}; expected an nn.Linear or GPT-2 Conv1D base layer")
+    if not is_lora_target(base):
+        raise TypeError(f"{where} wraps a {type(base).__name__}; expected an nn.Linear, GPT-2 Conv1D or "
+                        "nn.Embedding base layer")
     magnitude = getattr(m, "lora_magnitude_vector", {})  # DoRA
     adapters = sorted(set(m.lora_A) | set(m.lora_B) | set(getattr(m, "lora_embedding_A", {})) | set(magnitude))
     active = list(m.active_adapters)
@@ -301,10 +308,8 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
     else:
         raise TypeError(f"{where} has a lora_dropout of type {type(drop).__name__}; expected nn.Dropout or "
                         "nn.Identity")
-    a, b = m.lora_A[adapter], m.lora_B[adapter]
-    in_f, out_f = linear_shape(base)
-    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
-        raise TypeError(f"{where}: lora_A / lora_B must be nn.Linear, got {type(a).__name__} / {type(b).__name__}")
+    a, b = _peft_adapter_modules(where, m, adapter)
+    in_f, out_f = lora_target_shape(base)
     r = a.weight.shape[0]
     if tuple(a.weight.shape) != (r, in_f) or tuple(b.weight.shape) != (out_f, r):
         raise ValueError(f"{where}: lora_A.weight {tuple(a.weight.shape)} / lora_B.weight "
@@ -319,7 +324,18 @@ def _plan_peft_layer(name: str, m: nn.Module, PeftLinear, backend: str):
                          f"weight is on {dev}; expected one device")
     _check_backend(backend, name, base, "backend")
     _check_weight_dtype(name, base, "ptune_rt.accelerate: PEFT LoRA layer", backend)
-    return m, adapter, p
+    return m, adapter, p, a, b
+
+
+def _peft_adapter_modules(where: str, m: nn.Module, adapter: str) -> tuple[nn.Module, nn.Module]:
+    """The modules holding the adapter's A and B as ``weight``: PEFT's lora_A / lora_B Linears, or for an
+    embedding its lora_embedding_A / _B Parameters in holders (the very same Parameter objects)."""
+    if isinstance(m.base_layer, nn.Embedding):
+        return ParameterHolder(m.lora_embedding_A[adapter]), ParameterHolder(m.lora_embedding_B[adapter])
+    a, b = m.lora_A[adapter], m.lora_B[adapter]
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+        raise TypeError(f"{where}: lora_A / lora_B must be nn.Linear, got {type(a).__name__} / {type(b).__name__}")
+    return a, b
 
 
 def claims(peft_model: nn.Module) -> bool:
