@@ -30,13 +30,14 @@ BAD = {
     "alpha_pattern": [["q_proj"], {"q_proj": 0}, {"q_proj": NAN}, {"(": 2.0}],
     "layers": [-1, "0", [1.5], True, [True]],
     "layers_pattern": [5, [""], ["layers", 3]],
+    "token_indices": [[], [-1], [1, 1], {"embed_tokens": []}, {"": [1]}, "1", [True]],
 }
 FIELDS = {
     LoRAConfig: {"r": "int", "alpha": "positive", "dropout": "rate", "target_modules": "targets", "bias": "choice",
                  "use_rslora": "bool", "init": "choice", "backend": "choice", "recompute_mlp": "bool",
                  "group_projections": "bool", "modules_to_save": "names", "use_dora": "bool",
                  "lora_bias": "bool", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-                 "layers_to_transform": "layers",
+                 "layers_to_transform": "layers", "trainable_token_indices": "token_indices",
                  "layers_pattern": "layers_pattern"},
     PrefixConfig: {"num_virtual_tokens": "int", "prefix_projection": "bool", "encoder_hidden_size": "opt_int",
                    "position_mode": "choice", "dropout": "rate", "backend": "choice", "num_tasks": "int",

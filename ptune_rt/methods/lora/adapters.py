@@ -12,7 +12,8 @@ from torch import nn
 from ptune_rt.methods._config import check_bool
 from ptune_rt import state as model_state
 from ptune_rt.methods.lora.groups import disable_projection_groups
-from ptune_rt.methods.lora.inject import SOURCE_ATTR, _require_swapped, _set_submodule, restore_requires_grad
+from ptune_rt.methods.lora.inject import (SOURCE_ATTR, _require_swapped, _set_submodule, _swap_out_tokens,
+                                          restore_requires_grad, token_adapters)
 from ptune_rt.methods.lora.swiglu import disable_mlp_recompute
 from ptune_rt.methods.lora.layer import META_MERGE, LoRALinear
 
@@ -228,6 +229,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for n, m in mods.items():
         m.base_layer.train(m.training)
         _set_submodule(model, n, m.base_layer)
+    _swap_out_tokens(model, fold=True)
     restore_requires_grad(model)
     model_state.forget(model, "lora")
     return model
@@ -241,12 +243,17 @@ def disable(model: nn.Module):
         raise ValueError(f"disable_adapter: LoRA modules {merged[:3]} have their adapter merged into the base weight; "
                          "ptune_rt.unmerge(model) first")
     before = {n: m.disabled for n, m in mods.items()}
+    tokens = {id(t): (t, t.disabled) for t in token_adapters(model)}
     for m in mods.values():
         m.disabled = True
+    for t, _ in tokens.values():
+        t.disabled = True
 
     def enable() -> None:
         for n, m in mods.items():
             m.disabled = before[n]
+        for t, was in tokens.values():
+            t.disabled = was
     return enable
 
 

@@ -6,6 +6,7 @@ files (which add the prefix ``base_model.model.``)::
     model.layers.0.self_attn.q_proj.lora_A.weight   [r, in_features]
     model.layers.0.self_attn.q_proj.lora_B.weight   [out_features, r]
     model.layers.0.self_attn.q_proj.lora_magnitude_vector  [out_features] (DoRA adapters only)
+    model.embed_tokens.token_adapter.trainable_tokens_delta  [n tokens, D] (trainable_token_indices)
     model.layers.0.self_attn.q_proj.base_layer.bias (bias="lora_only" / "all": the target's bias)
     model.norm.bias, ...                            (bias="all": every other bias)
     score.weight, ...                               (modules_to_save: whole heads, e.g. a classifier)
@@ -34,12 +35,16 @@ from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.inits import BASE_MODIFYING, FROZEN_B
 from ptune_rt.methods.lora.inject import DEFAULT_TARGETS, SOURCE_ATTR, restore_lora
 from ptune_rt.methods.lora.layer import LoRALinear
-from ptune_rt.targets import in_layers, is_linear_like, lora_target_shape, match_heads, match_targets, module_view
+from ptune_rt.methods.lora.tokens import TrainableTokensEmbedding
+from ptune_rt.targets import (in_layers, is_linear_like, lora_target_shape, match_heads, match_targets, module_matches,
+                              module_view)
 
 METHOD = "lora"
 PEFT_TYPE = "LORA"
 #: A DoRA magnitude's key after its module path (PEFT's file key: no adapter name, no ".weight").
 MAGNITUDE_KEY = "lora_magnitude_vector"
+#: Trained embedding rows (trainable_token_indices) after the embedding's path.
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +133,19 @@ def _saved_init(cfg0: Optional[LoRAConfig]) -> str:
     return cfg0.init
 
 
+def _trained_token_rows(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> the trained rows of every trainable-token embedding (ptune-rt's, or PEFT's
+    wrapper in an accelerated model: both hold ``token_adapter.trainable_tokens_delta``)."""
+    out = {}
+    for n, m in model.named_modules():
+        adapter = getattr(m, "token_adapter", None)
+        deltas = getattr(adapter, "trainable_tokens_delta", None)
+        if isinstance(deltas, nn.ParameterDict) and len(deltas) and getattr(adapter, "tied_adapter", None) is None:
+            key = n.removeprefix("base_model.model.")
+            out[f"{key}.{TOKENS_KEY}"] = next(iter(deltas.values()))
+    return out
+
+
 def _value_and_pattern(values: dict[str, Any]) -> tuple[Any, Optional[dict]]:
     """(the most common value, PEFT's pattern dict for the modules that differ from it: one key
     per module, its whole name escaped) of per-module ranks or alphas."""
@@ -190,6 +208,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
     try:
         config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets,
                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                            trainable_token_indices=cfg0.trainable_token_indices if cfg0 is not None else None,
                             layers_to_transform=layers[0], layers_pattern=layers[1],
                             bias=cfg0.bias if cfg0 is not None else "none", use_rslora=use_rslora,
                             init=_saved_init(cfg0), backend=backend,
@@ -210,6 +229,7 @@ def collect(model: nn.Module, adapter_name: Optional[str], head_names: list[str]
         if use_dora:
             tensors[f"{n}.{MAGNITUDE_KEY}"] = m.lora_magnitude_vector[a].weight
     tensors.update(_bias_entries(state, mods, config.bias))
+    tensors.update(_trained_token_rows(model))
 
     if not heads_required:  # "auto": the task heads, and the modules the model trains whole
         recorded = model_state.get(model, inject.NAME)
@@ -351,7 +371,7 @@ class LoRALoadPlan:
                 inject.apply_lora(model, self.apply_config)
             if self.add_config is not None:
                 c = self.add_config
-                for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
+                for module in dict.fromkeys(n for n, which, _ in self.lora_copies if which != "T"):
                     m = model.get_submodule(module)
                     m.add_adapter(self.adapter_name, c.rank_for(module), c.alpha_for(module), c.dropout,
                                   c.use_rslora, init="zeros", use_dora=c.use_dora, lora_bias=c.lora_bias)
@@ -361,6 +381,9 @@ class LoRALoadPlan:
             copies = list(self.other_copies)
             for module, which, src in self.lora_copies:
                 m = model.get_submodule(module)
+                if which == "T":
+                    copies.append((m.token_adapter.delta, src))
+                    continue
                 name = self.adapter_name or m.active_adapter
                 holder = {"A": m.lora_A, "B": m.lora_B, "b": m.lora_B, "M": m.lora_magnitude_vector}[which]
                 copies.append((holder[name].bias if which == "b" else holder[name].weight, src))
@@ -393,7 +416,7 @@ class LoRALoadPlan:
         config = self.final_config if self.fresh else self.add_config
         if config is None or config.init not in FROZEN_B:
             return
-        for module in dict.fromkeys(n for n, _, _ in self.lora_copies):
+        for module in dict.fromkeys(n for n, which, _ in self.lora_copies if which != "T"):
             m = self.model.get_submodule(module)
             m.freeze_b(self.adapter_name or m.active_adapter)
 
@@ -437,7 +460,9 @@ def plan_load(model: nn.Module, spec: LoRASpec, tensors: dict[str, torch.Tensor]
     add, more = _check_adapter_name(t, names, adapter_name)
     raise_problems(f"cannot load the adapter of {spec.source} into this {t.cls}:", problems + more)
     lora_keys, destinations, artifacts = _expected_keys(t, names, shapes, tensors)
-    expected = {k: _lora_shape(which, shapes[n], spec.config.rank_for(n)) for k, (n, which) in lora_keys.items()}
+    expected = {k: _lora_shape(which, shapes[n], spec.config.rank_for(n)) for k, (n, which) in lora_keys.items()
+                if which != "T"}
+    expected.update(_token_shapes(t, names, lora_keys))
     expected.update({k: tuple(d.shape) for k, d in destinations.items()})
     problems = _check_tensors(t, names, tensors, expected, artifacts, lora_keys, shapes, file_key)
     raise_problems(f"cannot load {weights_file} into this {t.cls}:", problems)
@@ -571,6 +596,10 @@ def _cannot_add(t: _LoadTarget, adapter_name: str) -> list[str]:
         problems.append(f"adapter_name={adapter_name!r}: this model's LoRA layers come from a PEFT model "
                         f"({peft_layers[:3]} ...), which keeps its own adapter registry; add adapters with "
                         "PEFT's load_adapter before ptune_rt.accelerate, or ptune_rt.restore(model) first")
+    if t.spec.config.trainable_token_indices is not None:
+        problems.append(f"trainable_token_indices: the checkpoint trains embedding rows, which every adapter of this "
+                        f"model shares; an added adapter (adapter_name={adapter_name!r}) cannot replace them (load it "
+                        "into a model of its own)")
     if t.spec.config.bias != "none":
         problems.append(f"bias={t.spec.config.bias!r}: the checkpoint trains the base layers' biases, which every "
                         f"adapter of this model shares; an added adapter (adapter_name={adapter_name!r}) must have "
@@ -595,6 +624,8 @@ def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict
             lora_keys[f"{n}.{MAGNITUDE_KEY}"] = (n, "M")
         if t.spec.config.lora_bias:
             lora_keys[f"{n}.lora_B.bias"] = (n, "b")
+    for name in _token_names(t, names):
+        lora_keys[f"{name}.{TOKENS_KEY}"] = (name, "T")
     state = _swapped_state(t.model, names if t.fresh else [])
     destinations = dict(_bias_entries(state, names, t.spec.config.bias))
     for n in names:  # PEFT saves the table of an embedding it adapts (save_embedding_layers): it loads in
@@ -612,6 +643,31 @@ def _expected_keys(t: _LoadTarget, names: list[str], shapes: dict, tensors: dict
         if t.spec.heads_exact or len(in_file) > len(artifacts & set(in_file)):
             destinations.update({k: v for k, v in state.items() if k.startswith(h + ".")})
     return lora_keys, destinations, artifacts
+
+
+def _token_names(t: _LoadTarget, names: list[str]) -> list[str]:
+    """The embeddings whose trained rows the checkpoint holds (its trainable_token_indices)."""
+    indices = t.spec.config.trainable_token_indices
+    if indices is None:
+        return []
+    if not t.fresh:
+        return [n for n, m in t.view.items() if isinstance(m, TrainableTokensEmbedding)]
+    try:
+        return [name for name, _, _ in inject.token_modules(t.model, indices, names)]
+    except ValueError as e:
+        raise AdapterError(f"{t.spec.source}: {e}") from None
+
+
+def _token_shapes(t: _LoadTarget, names: list[str], lora_keys: dict) -> dict:
+    indices = t.spec.config.trainable_token_indices
+    out = {}
+    for k, (n, which) in lora_keys.items():
+        if which == "T":
+            ids = indices[next(key for key in indices if module_matches(n, [key]))] if isinstance(indices, dict) \
+                else indices
+            out[k] = (len(ids), _base_of(t.view[n]).embedding_dim if not isinstance(t.view[n], nn.Embedding)
+                      else t.view[n].embedding_dim)
+    return out
 
 
 def _check_tensors(t: _LoadTarget, names, tensors, expected, artifacts, lora_keys, shapes, file_key) -> list[str]:
@@ -672,6 +728,8 @@ def _swapped_state(model: nn.Module, to_swap: list[str]) -> dict[str, torch.Tens
 def _shape_reason(key: str, lora_keys, shapes, config: LoRAConfig) -> str:
     if key in lora_keys:
         n, which = lora_keys[key]
+        if which == "T":
+            return f"(the trained rows of {n!r}: one per token of trainable_token_indices)"
         r = config.rank_for(n)
         in_f, out_f = shapes[n]
         return {"A": f"(r={r}, in_features={in_f} of {n!r})", "B": f"(out_features={out_f} of {n!r}, r={r})",

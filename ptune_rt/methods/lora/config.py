@@ -45,6 +45,9 @@ class LoRAConfig(MethodConfig):
         rule: the first number after a dotted component, or after ``layers_pattern``, e.g. "layers").
     lora_bias: PEFT's ``lora_bias``: lora_B gets a trainable bias (zero at init); the layer adds
         ``scale * b`` (folded into the fused op's bias: no extra pass).
+    trainable_token_indices: PEFT's: rows of an embedding table that train next to the adapter (new or
+        rare tokens): a list of token ids (the input embedding, and a tied output layer with it) or
+        ``{module name: [ids]}``; no table-sized copy is made (see ``ptune_rt.methods.lora.tokens``).
     use_dora: DoRA (Liu et al., 2024): each target also gets a trainable magnitude per output row,
         ``y = m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b`` (PEFT's ``use_dora``), the norm
         computed without materializing ``W + s B A`` (see ``ptune_rt.ops.dora_linear``).
@@ -72,6 +75,7 @@ class LoRAConfig(MethodConfig):
     alpha_pattern: Optional[dict] = None
     layers_to_transform: Optional[Union[int, list]] = None
     layers_pattern: Optional[Union[str, list]] = None
+    trainable_token_indices: Optional[Union[list, dict]] = None
 
     METHOD: ClassVar[str] = "lora"
 
@@ -85,6 +89,8 @@ class LoRAConfig(MethodConfig):
                 setattr(self, name, None)  # PEFT writes {} for none
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.trainable_token_indices, tuple):
+            self.trainable_token_indices = list(self.trainable_token_indices)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -133,12 +139,29 @@ class LoRAConfig(MethodConfig):
                                                           for i in layers)):
             raise ValueError(f"LoRAConfig.layers_to_transform must be None, a layer index >= 0 or a list of them, got "
                              f"{layers!r}")
+        self._validate_token_indices()
         lp = self.layers_pattern
         if lp is not None and not (isinstance(lp, str) or isinstance(lp, list) and all(
                 isinstance(p, str) and p for p in lp)):
             raise ValueError(f"LoRAConfig.layers_pattern must be None, a name or a list of names, got {lp!r}")
         if lp and layers is None:
             raise ValueError(f"LoRAConfig.layers_pattern={lp!r} needs layers_to_transform (PEFT's rule)")
+
+    def _validate_token_indices(self) -> None:
+        ti = self.trainable_token_indices
+        if ti is None:
+            return
+
+        def ids_ok(v) -> bool:
+            return isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                     for i in v) and len(set(v)) == len(v)
+        if isinstance(ti, dict):
+            ok = bool(ti) and all(isinstance(k, str) and k and ids_ok(v) for k, v in ti.items())
+        else:
+            ok = ids_ok(ti)
+        if not ok:
+            raise ValueError("LoRAConfig.trainable_token_indices must be None, a non-empty list of distinct token ids "
+                             f">= 0, or a dict of module name -> such a list, got {ti!r}")
 
     def rank_for(self, module: str) -> int:
         """Module ``module``'s rank: its ``rank_pattern`` entry, else ``r``."""

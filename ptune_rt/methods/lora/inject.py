@@ -17,6 +17,7 @@ from ptune_rt.methods.lora.config import LoRAConfig
 from ptune_rt.methods.lora.groups import disable_projection_groups, enable_projection_groups
 from ptune_rt.methods.lora.embedding import LoRAEmbedding
 from ptune_rt.methods.lora.layer import LoRALinear
+from ptune_rt.methods.lora.tokens import TrainableTokensEmbedding, TrainableTokensLinear, fold_into_table
 from ptune_rt.methods.lora.swiglu import disable_mlp_recompute, enable_mlp_recompute
 from ptune_rt.ops.backend import resolve_backend
 from ptune_rt.ops.lora_linear import OP_DTYPES
@@ -64,6 +65,7 @@ class LoRAModelState:
     config: Optional[LoRAConfig]
     requires_grad: Optional[dict] = None
     heads: list = dataclasses.field(default_factory=list)  # modules trained whole (modules_to_save)
+    tokens: dict = dataclasses.field(default_factory=dict)  # trainable-token module name -> the module it replaced
 
 
 def model_config(model: nn.Module) -> Optional[LoRAConfig]:
@@ -261,6 +263,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                              f"out_features={out_f}) of target {n!r}")
         _check_backend(config.backend, n, layer, "LoRAConfig.backend")
         _check_weight_dtype(n, layer, "LoRAConfig.target_modules selects", config.backend)
+    token_plan = token_modules(model, config.trainable_token_indices, names)
     new = _new_modules(model, names, config)
 
     # Nothing below can fail on a validated model.
@@ -279,12 +282,84 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         m.__dict__[SOURCE_ATTR] = "apply"
         m.train(m.base_layer.training)
         _set_submodule(model, n, m)
+    tokens = _swap_in_tokens(model, token_plan)
     if config.recompute_mlp:
         enable_mlp_recompute(model)
     if config.group_projections:
         enable_projection_groups(model)
-    model_state.record(model, NAME, LoRAModelState(config, before, heads))
+    model_state.record(model, NAME, LoRAModelState(config, before, heads, tokens))
     return model
+
+
+def token_modules(model: nn.Module, indices, lora_targets: list[str]) -> list[tuple[str, list[int], Optional[str]]]:
+    """(embedding name, token ids, tied output layer name or None) for ``trainable_token_indices``
+    (PEFT's rule: a list names rows of the input embedding, and of the output layer when it shares
+    the table; a dict maps module names, or name suffixes, to rows). Raises before any change."""
+    if indices is None:
+        return []
+    named = dict(model.named_modules())
+    if isinstance(indices, dict):
+        pairs = []
+        for key, ids in indices.items():
+            hits = [n for n in named if module_matches(n, [key]) and isinstance(named[n], nn.Embedding)]
+            if len(hits) != 1:
+                raise ValueError(f"LoRAConfig.trainable_token_indices key {key!r} must name one nn.Embedding of "
+                                 f"{type(model).__name__}, found {hits or 'none'}")
+            pairs.append((hits[0], ids, None))
+    else:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        name = next((n for n, m in named.items() if m is emb), None)
+        if not isinstance(emb, nn.Embedding) or name is None:
+            raise ValueError(f"LoRAConfig.trainable_token_indices is a list, which names rows of the input "
+                             f"embedding, but {type(model).__name__} has no nn.Embedding input embedding; pass "
+                             "{module_name: [token ids]}")
+        pairs = [(name, indices, _tied_output(model, named, emb))]
+    for name, ids, _ in pairs:
+        size = named[name].num_embeddings
+        bad = [i for i in ids if i >= size]
+        if bad:
+            raise ValueError(f"LoRAConfig.trainable_token_indices: token ids {bad[:5]} are outside {name!r} "
+                             f"(num_embeddings={size})")
+        if name in lora_targets:
+            raise ValueError(f"module {name!r} is both a LoRA target and holds trainable_token_indices; choose one")
+    return pairs
+
+
+def _tied_output(model: nn.Module, named: dict, emb: nn.Embedding) -> Optional[str]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(out, nn.Linear) and out.weight is emb.weight:
+        return next(n for n, m in named.items() if m is out)
+    return None
+
+
+def _swap_in_tokens(model: nn.Module, plan: list) -> dict[str, nn.Module]:
+    """Put the trainable-token modules in; returns {name: the module they replace} for restore."""
+    replaced = {}
+    for name, ids, tied in plan:
+        emb = model.get_submodule(name)
+        wrapper = TrainableTokensEmbedding(emb, ids)
+        replaced[name] = emb
+        _set_submodule(model, name, wrapper)
+        if tied is not None:
+            replaced[tied] = model.get_submodule(tied)
+            _set_submodule(model, tied, TrainableTokensLinear(replaced[tied], wrapper.token_adapter))
+    return replaced
+
+
+def _swap_out_tokens(model: nn.Module, fold: bool = False) -> None:
+    """Put back the modules the trainable-token wrappers replaced; ``fold``: write the trained rows into
+    the table first (merge_and_unload)."""
+    st = model_state.get(model, NAME)
+    for name, original in (st.tokens if st is not None else {}).items():
+        wrapper = model.get_submodule(name)
+        if fold and isinstance(wrapper, TrainableTokensEmbedding):
+            fold_into_table(wrapper)
+        _set_submodule(model, name, original)
+
+
+def token_adapters(model: nn.Module) -> list:
+    """The trainable-token adapters of ``model`` (ptune-rt's)."""
+    return [m.token_adapter for m in model.modules() if isinstance(m, TrainableTokensEmbedding)]
 
 
 def _new_modules(model: nn.Module, names: list[str], config: LoRAConfig) -> dict:
@@ -336,6 +411,7 @@ def restore_lora(model: nn.Module) -> nn.Module:
         if origin is not m.base_layer:  # a PEFT layer: hand back the enabled / disabled state
             origin._disable_adapters = m.disabled
         _set_submodule(model, n, origin)
+    _swap_out_tokens(model)
     restore_requires_grad(model)
     remove_peft_guards(model)
     model_state.forget(model, NAME)

@@ -48,6 +48,7 @@ def lora_to_peft(config: LoRAConfig, model: nn.Module, task_type: Optional[str],
         "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern or {}),
         "alpha_pattern": {k: _number(v) for k, v in (config.alpha_pattern or {}).items()},
+        "trainable_token_indices": config.trainable_token_indices,
         "layer_replication": None,
     }
 
@@ -62,7 +63,6 @@ def _unsupported_features(d: dict) -> list[str]:
 
     set_("layer_replication", lambda v: v is None)
     set_("target_parameters")
-    set_("trainable_token_indices", lambda v: v is None)
     set_("use_qalora")
     set_("alora_invocation_tokens", lambda v: v is None)
     set_("use_bdlora")
@@ -102,7 +102,8 @@ def read_lora_config(d: dict, source: str, backend: str) -> tuple[LoRAConfig, An
                             rank_pattern=d.get("rank_pattern") or None,
                             alpha_pattern=d.get("alpha_pattern") or None,
                             layers_to_transform=d.get("layers_to_transform"),
-                            layers_pattern=d.get("layers_pattern") or None)
+                            layers_pattern=d.get("layers_pattern") or None,
+                            trainable_token_indices=d.get("trainable_token_indices"))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{source}: not a valid LoRA config for ptune_rt: {e}") from e
     return config, (list(exclude) if isinstance(exclude, tuple) else exclude)
