@@ -430,3 +430,131 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, S: torch.Tensor, weight: to
         skinny_matmul(x.t(), G.t(), scale=scale / (1.0 - dropout_p), dropout_p=dropout_p, seed=seed,
                       mask_strides=(1, K), out=da.t())
     return dx, da, db
+
+
+# --------------------------------------------------------------------------------------
+# DoRA with dropout: two products over the frozen weight in one pass
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dora_twin_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, out_ptr, z_ptr, seed_ptr, vec_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_om, stride_on,
+    scale, p, mask_stride_m, mask_stride_n,
+    FORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LR_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile of DoRA's training products with dropout, both from one pass over W.
+
+    The main loop accumulates ``acc = X W^T`` and ``acc2 = X' W^T`` from each loaded X tile, where
+    X' is the dropped input ``keep * X / (1 - p)`` (FORWARD; the keep-mask of X's [M, K] counters, as
+    the shrink uses) or ``X diag(vec)`` (the dX pass: X = dY, vec = m / norm - 1). Epilogue:
+
+    * FORWARD (vec = m / norm per output column): ``z = acc2 + scale * S Bt^T`` is stored to
+      ``z_ptr`` and ``out = acc - acc2 + vec * z + bias``, i.e. PEFT's
+      ``x W^T + b + (vec - 1) x_d W^T + vec * s (x_d A^T) B^T``;
+    * dX: ``out = acc + keep * (acc2 + scale * S Bt^T) / (1 - p)`` with the keep-mask of the output's
+      [M, N] counters (the forward input's), S = G = dY (vec + 1) B.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    col0 = pid_n.to(tl.int64) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_in = rm[:, None] < M - pid_m * BLOCK_M
+    n_in = rn[None, :] < N - pid_n * BLOCK_N
+    seed = tl.load(seed_ptr)
+    keep_scale = 1.0 / (1.0 - p)
+
+    x_ptrs = x_ptr + row0 * stride_xm + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + col0 * stride_wn + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = rk < K - k0
+        a = tl.load(x_ptrs, mask=m_in & k_in[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_in[:, None] & n_in, other=0.0).to(a.dtype)
+        if FORWARD:
+            keep = dropout_keep(seed, pid_m * BLOCK_M + rm, k0 + rk, mask_stride_m, 1, p)
+            a2 = tl.where(keep, a.to(tl.float32) * keep_scale, 0.0).to(a.dtype)
+        else:
+            v = tl.load(vec_ptr + k0 + rk, mask=k_in, other=0.0).to(tl.float32)
+            a2 = (a.to(tl.float32) * v[None, :]).to(a.dtype)
+        acc = mma(a, w, acc, INPUT_PRECISION)
+        acc2 = mma(a2, w, acc2, INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if FORWARD:
+        acc -= acc2
+    rr = tl.arange(0, BLOCK_R)
+    s_ptrs = s_ptr + row0 * stride_sm + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    b_ptrs = b_ptr + col0 * stride_bn + rr[:, None] * stride_br + rn[None, :] * stride_bn
+    for r0 in range(0, R, BLOCK_R):
+        r_in = rr < R - r0
+        s = tl.load(s_ptrs, mask=m_in & r_in[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_ptrs, mask=r_in[:, None] & n_in, other=0.0).to(tl.float32)
+        acc2 = mma(s * scale, bt, acc2, LR_PRECISION)
+        s_ptrs += BLOCK_R * stride_sr
+        b_ptrs += BLOCK_R * stride_br
+    out_offsets = row0 * stride_om + col0 * stride_on + rm[:, None] * stride_om + rn[None, :] * stride_on
+    if FORWARD:
+        tl.store(z_ptr + out_offsets, acc2.to(z_ptr.dtype.element_ty), mask=m_in & n_in)
+        v = tl.load(vec_ptr + col0 + rn, mask=rn < N - pid_n * BLOCK_N, other=0.0).to(tl.float32)
+        acc += v[None, :] * acc2
+    else:
+        keep = dropout_keep(seed, pid_m * BLOCK_M + rm, pid_n * BLOCK_N + rn, mask_stride_m, mask_stride_n, p)
+        acc += tl.where(keep, acc2 * keep_scale, 0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col0 * stride_bias + rn * stride_bias, mask=rn < N - pid_n * BLOCK_N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=m_in & n_in)
+
+
+#: The twin kernel keeps two BM x BN accumulators: tiles half the fused kernel's (compile-report: no spills).
+TWIN_CONFIGS = [KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 3)]
+TWIN_TUNER = ConfigTuner("dora_twin", TWIN_CONFIGS)
+
+
+def dora_twin_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bt: torch.Tensor, vec: torch.Tensor, *,
+                     forward: bool, dropout_p: float, seed, scale: float, bias: torch.Tensor | None = None,
+                     z_out: torch.Tensor | None = None, config: KernelConfig | None = None) -> torch.Tensor:
+    """DoRA's products with dropout (see ``_dora_twin_kernel``): x [M, K], w [N, K] (any strides), s [M, R],
+    bt [N, R], vec contiguous ([N] forward: m / norm; [K] dX: m / norm - 1); ``z_out`` [M, N] (forward)."""
+    _check_backend(x, w, s, bt, vec, bias, z_out)
+    check_in_tile_offsets(MAX_BLOCK, x=x, w=w, s=s, bt=bt, bias=bias, z_out=z_out)
+    M, K = x.shape
+    N = w.shape[0]
+    R = s.shape[1]
+    assert w.shape[1] == K and tuple(bt.shape) == (N, R) and s.shape[0] == M and vec.is_contiguous()
+    assert vec.shape == ((N,) if forward else (K,)) and (z_out is not None) == forward
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    seed_t = seed_tensor(seed, x.device)
+    args = (x, w, bias if bias is not None else out, s, bt, out, z_out if z_out is not None else out, seed_t, vec,
+            M, N, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
+            s.stride(0), s.stride(1), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
+            float(scale), float(dropout_p), K if forward else N, 1)
+    flags = dict(FORWARD=forward, HAS_BIAS=bias is not None, INPUT_PRECISION=fp32_input_precision(),
+                 LR_PRECISION=_fp32_dot_precision(x.dtype, s.dtype), BLOCK_R=fused_block_r(R))
+
+    def run(cfg: KernelConfig):
+        grid = (triton.cdiv(M, cfg.meta["BLOCK_M"]) * triton.cdiv(N, cfg.meta["BLOCK_N"]),)
+        launch(_dora_twin_kernel, grid, cfg, *args, **flags)
+
+    key = (pow2_bucket(M), N, K, w.stride(0) == 1, x.dtype, w.dtype, s.dtype, tuple(sorted(flags.items())))
+    run(config or _choose(x.device, M, INTERPRET_FUSED_CONFIG, TWIN_CONFIGS[0], TWIN_TUNER, key, run))
+    return out

@@ -36,7 +36,8 @@ What is covered, on sm_80 and sm_90:
 
 DoRA (``ptune_rt.ops.dora_linear``) reuses these kernels with the fused kernel's channel scales: its
 forward (``COL_SCALE``, ``Z_OUT``) and its dX (``IN_SCALE``) launches are compiled for fp16 and bf16
-activations at rank 8 without bias or dropout (:func:`_record_dora`), with every shipped fused config.
+activations at rank 8 without bias (:func:`_record_dora`), with every shipped fused config; with
+dropout 0.1 its forward and dX run ``_dora_twin_kernel`` (two accumulators), compiled with ``TWIN_CONFIGS``.
 
 Launches whose specialization is identical (the fused kernel at ranks 32, 64 and 128 differs
 only in values Triton does not specialize on) are compiled once, labelled with all their ranks.
@@ -119,11 +120,13 @@ def _record_step(act: torch.dtype, rank: int, bias: bool, p: float):
 
 
 _DORA_LAUNCHES = ("dora fwd y", "dora bwd dX")
+_DORA_TWIN_LAUNCHES = ("dora fwd y +dropout", "dora bwd dX +dropout")
 
 
-def _record_dora(act: torch.dtype, rank: int):
+def _record_dora(act: torch.dtype, rank: int, p: float = 0.0):
     """The fused-kernel launches of one DoRA training step (forward y with the row rescale and the
-    pre-scale output; dX with the rescale as dY's input-channel scale), as (name, kernel, args, flags)."""
+    pre-scale output; dX with the rescale as dY's input-channel scale; with dropout ``p`` the twin
+    kernel's), as (name, kernel, args, flags)."""
     from ptune_rt.ops import dora_linear as D
 
     meta = dict(device="meta")
@@ -133,16 +136,19 @@ def _record_dora(act: torch.dtype, rank: int):
     a = torch.empty((rank, K), dtype=ADAPTER_DTYPE, **meta)
     b = torch.empty((N, rank), dtype=ADAPTER_DTYPE, **meta)
     mns = torch.empty((N,), dtype=torch.float32, **meta)
+    seed = SEED if p > 0 else 0
     with recorded_launches(L, "_check_backend") as fwd:
-        _, S, z = D._forward(x, weight, None, a, b, SCALE, mns, True, "triton")
+        _, S, z = D._forward(x, weight, None, a, b, SCALE, mns, True, "triton", p, seed)
     dy = torch.empty((M, N), dtype=act, **meta)
     with recorded_launches(L, "_check_backend") as bwd:
-        D._backward(dy, x, S, z, weight, a, b, SCALE, mns, mns, "triton", True)
-    fused = [launch for launch in fwd + bwd if launch[0] is L._fused_lowrank_matmul_kernel]
-    if len(fused) != len(_DORA_LAUNCHES):
-        raise RuntimeError(f"the DoRA op launched the fused kernel {len(fused)} times, kernels/lora_aot.py expects "
-                           f"{len(_DORA_LAUNCHES)} ({', '.join(_DORA_LAUNCHES)})")
-    return [(name, *launch) for name, launch in zip(_DORA_LAUNCHES, fused)]
+        D._backward(dy, x, S, z, weight, a, b, SCALE, mns, mns, "triton", True, p, seed)
+    kernel, names = ((L._dora_twin_kernel, _DORA_TWIN_LAUNCHES) if p > 0
+                     else (L._fused_lowrank_matmul_kernel, _DORA_LAUNCHES))
+    fused = [launch for launch in fwd + bwd if launch[0] is kernel]
+    if len(fused) != len(names):
+        raise RuntimeError(f"the DoRA op launched {kernel.fn.__name__} {len(fused)} times, kernels/lora_aot.py "
+                           f"expects {len(names)} ({', '.join(names)})")
+    return [(name, *launch) for name, launch in zip(names, fused)]
 
 
 def _expected_mma(kernel, act: torch.dtype, flags: dict) -> tuple:
@@ -153,7 +159,7 @@ def _expected_mma(kernel, act: torch.dtype, flags: dict) -> tuple:
     precision flag asks for TF32 or 3xTF32, and on CUDA cores ("ieee") otherwise.
     """
     need = []
-    if kernel is L._fused_lowrank_matmul_kernel:
+    if kernel in (L._fused_lowrank_matmul_kernel, L._dora_twin_kernel):
         if act != torch.float32:
             need.append(_PTX_TYPE[act])
         elif flags.get("INPUT_PRECISION") in _TF32:
@@ -179,7 +185,8 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
     every fp32 launch, instead of the subsets described there.
     """
     shipped = {L._fused_lowrank_matmul_kernel: (L.FUSED_CONFIGS, L.FUSED_BLOCK_R),
-               L._skinny_matmul_kernel: (L.SKINNY_CONFIGS, L.SKINNY_BLOCK_R)}
+               L._skinny_matmul_kernel: (L.SKINNY_CONFIGS, L.SKINNY_BLOCK_R),
+               L._dora_twin_kernel: (L.TWIN_CONFIGS, (L.fused_block_r(RANKS[0]),))}
     decode_configs = {L._fused_lowrank_matmul_kernel: L.FUSED_DECODE_CONFIG,
                       L._skinny_matmul_kernel: L.SKINNY_DECODE_CONFIG}
     # (kernel, launch name, dtype, specialization) -> [ranks], first recorded launch
@@ -191,7 +198,7 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
                 for p in (0.0, DROPOUT_P):
                     launches += _record_step(act, rank, bias, p)
                 if act != torch.float32 and rank == RANKS[0] and not bias:
-                    launches += _record_dora(act, rank)
+                    launches += _record_dora(act, rank) + _record_dora(act, rank, DROPOUT_P)
                 for name, kernel, args, flags in launches:
                     if kernel not in shipped:
                         raise RuntimeError(f"the LoRA wrappers launched {kernel}, which has no "
@@ -219,14 +226,14 @@ def aot_variants(full: bool = False) -> list[AotVariant]:
         launch = f"{name}{' ' + on if on else ''}"
         if name.startswith("dora"):
             on = " ".join(f for f in ("IN_SCALE", "COL_SCALE", "Z_OUT") if flags.get(f))
-            launch = f"{name} {on}"
+            launch = f"{name} {on}".strip()
         if act == torch.float32 and not full and launch not in FP32_SUBSET and not name.startswith("decode"):
             continue
         for config in configs:
             label = f"{_SHORT[act]} {launch} r={'/'.join(map(str, ranks))}"
             # A half-precision main loop is a GEMM sm_90 must run on wgmma when the tile allows it
             # (warpgroups of 4 warps, 64 rows each).
-            wgmma = (kernel is L._fused_lowrank_matmul_kernel and act != torch.float32
+            wgmma = (kernel in (L._fused_lowrank_matmul_kernel, L._dora_twin_kernel) and act != torch.float32
                      and config.meta["BLOCK_M"] >= 64 and config.num_warps % 4 == 0)
             fallback = full or (act == FALLBACK_DTYPE and launch in FALLBACK_SUBSET)
             variants.append(launch_variant(

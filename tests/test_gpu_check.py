@@ -18,7 +18,8 @@ TINY_ATTN = C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "float32")
 TINY = [TINY_LORA, C.LoraCase(33, 40, 24, 8, "bfloat16", 0.3), C.LoraCase(1, 40, 24, 8, "float16"), TINY_ATTN,
         C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "bfloat16", padding="right"),
         C.AttentionCase(3, 4, 2, 1, 12, 3, 32, "float16", padding="left"), C.GatherCase(2, 5, 3, 50, 32, 2, "float32"),
-        C.DoraCase(19, 40, 24, 8, "float32"), C.DoraCase(17, 40, 24, 8, "bfloat16")]
+        C.DoraCase(19, 40, 24, 8, "float32"), C.DoraCase(17, 40, 24, 8, "bfloat16"),
+        C.DoraCase(21, 40, 24, 8, "float16", 0.3)]
 
 
 # ----------------------------------------------------------------------------------------

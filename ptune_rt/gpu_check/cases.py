@@ -42,12 +42,13 @@ class LoraCase:
 @dataclasses.dataclass(frozen=True)
 class DoraCase(LoraCase):
     """One DoRA linear (``ptune_rt.ops.dora_linear``): a LoRA case's operands plus a trainable
-    magnitude [N], no dropout."""
+    magnitude [N]; with dropout the twin kernel's path."""
     kind: ClassVar[str] = "dora"
 
     @property
     def id(self) -> str:
-        return f"dora {_SHORT[self.dtype]} M{self.M} K{self.K} N{self.N} r{self.r}"
+        drop = f" p{self.dropout:g}" if self.dropout else ""
+        return f"dora {_SHORT[self.dtype]} M{self.M} K{self.K} N{self.N} r{self.r}{drop}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _dora_numerics() -> list[DoraCase]:
     """Every dtype on the q/k/v-sized linear at 4096 tokens, then bf16 decode-sized and the down projection."""
     qkv, _, down = ((K, N) for _, K, N in LORA_LINEARS)
     return ([DoraCase(4096, *qkv, 16, dt) for dt in DTYPES] + [DoraCase(16, *qkv, 16, "bfloat16")]
-            + [DoraCase(4096, *down, 16, "bfloat16")])
+            + [DoraCase(4096, *qkv, 16, "bfloat16", DROPOUT_P)] + [DoraCase(4096, *down, 16, "bfloat16")])
 
 
 def _attention_numerics() -> list[AttentionCase]:
@@ -149,6 +150,7 @@ def _pytest_numerics() -> list[Case]:
     lora += [LoraCase(16, 4096, 11008, r, "bfloat16") for r in (8, 64)]
     lora.append(LoraCase(4096, 4096, 4096, 16, "bfloat16", DROPOUT_P))
     lora += [DoraCase(1024, 4096, 4096, 16, dt) for dt in ("bfloat16", "float32")]
+    lora.append(DoraCase(1024, 4096, 4096, 16, "bfloat16", DROPOUT_P))
     attn = [AttentionCase(1, a["Hq"], a["Hkv"], 1024, 1024, a["P"], a["D"], dt) for dt in DTYPES]
     attn.append(AttentionCase(4, a["Hq"], a["Hkv"], 1, a["L"], a["P"], a["D"], "bfloat16", padding="left"))
     gather = [GatherCase(2, 128, 16, e["V"], e["H"], 2, dt) for dt in ("bfloat16", "float32")]

@@ -138,11 +138,11 @@ def check_lora(c: C.LoraCase, device, perturb: Perturb = None) -> dict:
     return {"gold": str(gold_dt).replace("torch.", ""), "rows": rows}
 
 
-def _dora_reference(x, w, a, b, m, dy, to=None) -> dict:
+def _dora_reference(x, w, a, b, m, dy, keep, p, to=None) -> dict:
     from ptune_rt.reference import dora_linear_reference
 
     xs, As, Bs, ms = _leaf(x, to), _leaf(a, to), _leaf(b, to), _leaf(m, to)
-    y = dora_linear_reference(xs, w.to(to or w.dtype), None, As, Bs, ms, LORA_SCALE)
+    y = dora_linear_reference(xs, w.to(to or w.dtype), None, As, Bs, ms, LORA_SCALE, keep, p)
     y.backward(dy.to(to or dy.dtype))
     return {"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad, "dm": ms.grad}
 
@@ -160,13 +160,18 @@ def check_dora(c: C.DoraCase, device, perturb: Perturb = None) -> dict:
                                                                                           device=device))
     dy = _randn(g, c.M, c.N, device=device, dtype=dt)
     xs, As, Bs, ms = _leaf(x), _leaf(a), _leaf(b), _leaf(m)
-    y = dora_linear(xs, w, None, As, Bs, ms, LORA_SCALE, backend="triton")
+    y = dora_linear(xs, w, None, As, Bs, ms, LORA_SCALE, c.dropout, backend="triton",
+                    seed=DROPOUT_SEED if c.dropout else None)
     y.backward(dy)
     outs = {"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad, "dm": ms.grad}
     del y, xs, As, Bs, ms
+    keep = None
+    if c.dropout:
+        from ptune_rt.kernels._triton_utils import dropout_mask
+        keep = dropout_mask((c.M, c.K), c.dropout, DROPOUT_SEED, device)
     gold_dt = gold_dtype(c, device)
-    refs = _dora_reference(x, w, a, b, m, dy)
-    golds = _dora_reference(x, w, a, b, m, dy, to=gold_dt)
+    refs = _dora_reference(x, w, a, b, m, dy, keep, c.dropout)
+    golds = _dora_reference(x, w, a, b, m, dy, keep, c.dropout, to=gold_dt)
     outs = _perturbed(outs, perturb)
     # dm reduces dY * (pre-scale output) over the tokens, that output rounded to the activation
     # dtype in both the op and PEFT's formula: it follows the activation dtype's rule.

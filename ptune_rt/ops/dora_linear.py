@@ -24,9 +24,11 @@ the gradient of ``m`` needs. **Backward** (``dY' = dY mns``, never materialized 
     dA = s G^T x                       [r, K]
     dm = colsum(dY * z) / norm         [N]
 
-Dropout (rate p > 0, training): PEFT's formula is then ``x W^T + b + (mns - 1) x_d W^T + mns s
-(x_d A^T) B^T`` with ``x_d`` the dropped input, a second GEMM over W; it runs as these torch ops under
-autograd (the norm still by the expansion).
+**Dropout** (rate p > 0, training): PEFT's formula is then ``x W^T + b + (mns - 1) x_d W^T + mns s
+(x_d A^T) B^T`` with ``x_d`` the dropped input: a second product over W. The Triton path computes both
+products from one pass over W (``kernels.lora.dora_twin_matmul``, the mask regenerated from a seed in
+every kernel), and dX likewise (``dY W + keep / (1 - p) * (dY (mns - 1) W + s G A)``); x_d is never
+stored.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ptune_rt.ops.backend import resolve_backend
+from ptune_rt.ops.lora_linear import _seed_tensor, _torch_keep
 
 #: Rows of W upcast to fp32 at a time when its squared row norms or W A^T run on the torch path:
 #: bounds the temporary to ROW_CHUNK x K.
@@ -91,46 +94,60 @@ def materialized_weight_norm(w_nk: Tensor, a: Tensor, b: Tensor, scale: float,
 # ----------------------------------------------------------------------------------------
 
 
-def _forward(x, weight, bias, a, b, scale, mns, keep_z: bool, backend: str):
-    """(y, S, z or None) for 2D x: y = mns * (x W^T + s S B^T) + b, S = x A^T (fp32)."""
+def _forward(x, weight, bias, a, b, scale, mns, keep_z: bool, backend: str, p: float = 0.0, seed=0):
+    """(y, S, z or None) for 2D x. Without dropout y = mns * z + b, z = x W^T + s S B^T, S = x A^T;
+    with dropout (rate ``p``, mask from ``seed``) PEFT's ``y = x W^T + b + (mns - 1) x_d W^T + mns s S B^T``
+    with ``S = x_d A^T`` and ``z = x_d W^T + s S B^T``. S is fp32, z in x's dtype."""
     if backend == "triton":
-        from ptune_rt.kernels import lora as K
-        S = K.skinny_matmul(x, a)
-        z = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if keep_z else None
-        y = K.fused_lowrank_matmul(x, weight, S, b, bias=bias, scale=scale, col_scale=mns, z_out=z)
-        return y, S, z
+        return _triton_forward(x, weight, bias, a, b, scale, mns, keep_z, p, seed)
     xa = x if x.dtype == a.dtype else x.to(a.dtype)
+    keep = _torch_keep(x.shape, p, seed, x.device, x.dtype) if p > 0 else None
+    if keep is not None:
+        xa = xa * keep.to(xa.dtype)
     S = xa @ a.t()
-    z = (x @ weight.t()).to(b.dtype).addmm_(S, b.t(), alpha=scale)  # in the adapter dtype, like PEFT
-    y = z * mns.to(z.dtype)
+    base = x @ weight.t()
+    if keep is None:
+        z = base.to(b.dtype).addmm_(S, b.t(), alpha=scale)  # in the adapter dtype, like PEFT
+        y = z * mns.to(z.dtype)
+    else:
+        S.mul_(1.0 / (1.0 - p))
+        dropped = ((x * keep) @ weight.t()).mul_(1.0 / (1.0 - p))  # x_d W^T, never a saved x_d
+        z = torch.addmm(dropped.to(b.dtype), S, b.t(), alpha=scale)  # out of place: dropped is used below
+        y = base.to(z.dtype) - dropped.to(z.dtype) + z * mns.to(z.dtype)
     if bias is not None:
         y += bias
     return y.to(x.dtype), S.float(), (z.to(x.dtype) if keep_z else None)
 
 
-def _backward(dy, x, S, z, weight, a, b, scale, mns, norm, backend, need_dx: bool):
-    """(dx or None, dA, dB, dm or None) of :func:`_forward` (see the module docstring)."""
+def _triton_forward(x, weight, bias, a, b, scale, mns, keep_z, p, seed):
+    from ptune_rt.kernels import lora as K
+    z = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if (keep_z or p > 0) else None
+    if p == 0:
+        S = K.skinny_matmul(x, a)
+        y = K.fused_lowrank_matmul(x, weight, S, b, bias=bias, scale=scale, col_scale=mns, z_out=z)
+        return y, S, z
+    S = K.skinny_matmul(x, a, scale=1.0 / (1.0 - p), dropout_p=p, seed=seed)
+    y = K.dora_twin_matmul(x, weight, S, b, mns, forward=True, dropout_p=p, seed=seed, scale=scale, bias=bias,
+                           z_out=z)
+    return y, S, (z if keep_z else None)
+
+
+def _backward(dy, x, S, z, weight, a, b, scale, mns, norm, backend, need_dx: bool, p: float = 0.0, seed=0):
+    """(dx or None, dA, dB, dm or None) of :func:`_forward` (see the module docstring; with dropout
+    ``dX = dY W + keep / (1 - p) * (dY (mns - 1) W + s G A)`` and ``dA = s G^T x_d``)."""
     b_scaled = b * mns.to(b.dtype)[:, None]  # [N, r]
     if backend == "triton":
-        from ptune_rt.kernels import lora as K
-        G = K.skinny_matmul(dy, b_scaled.t())  # [M, r] fp32
-        dx = K.fused_lowrank_matmul(dy, weight.t(), G, a.t(), scale=scale, in_scale=mns) if need_dx else None
-        db = K.skinny_matmul(dy.t(), S.t(), scale=scale)
-        da = torch.empty_like(a, dtype=torch.float32)
-        K.skinny_matmul(x.t(), G.t(), scale=scale, out=da.t())
+        dx, da, db = _triton_backward(dy, x, S, weight, a, b_scaled, scale, mns, need_dx, p, seed)
     else:
         dya = dy if dy.dtype == b.dtype else dy.to(b.dtype)
         G = dya @ b_scaled
         db = (S.to(b.dtype).t() @ dya).mul_(scale).t()
         xa = x if x.dtype == a.dtype else x.to(a.dtype)
-        da = (G.t() @ xa).mul_(scale)
-        dx = None
-        if need_dx:  # dY' W in the weight's dtype (no upcast copy of W), the low-rank term in A's
-            dx = (dy * mns.to(dy.dtype)) @ weight
-            if dx.dtype == a.dtype:
-                dx.addmm_(G, a, alpha=scale)
-            else:
-                dx = dx.to(a.dtype).addmm_(G, a, alpha=scale).to(dy.dtype)
+        keep = _torch_keep(x.shape, p, seed, x.device, xa.dtype) if p > 0 else None
+        if keep is not None:
+            xa = xa * keep
+        da = (G.t() @ xa).mul_(scale / (1.0 - p))
+        dx = _torch_dx(dy, weight, a, G, scale, mns, keep, p) if need_dx else None
     db = db.mul_(mns.to(db.dtype)[:, None])
     dm = None
     if z is not None:
@@ -138,30 +155,59 @@ def _backward(dy, x, S, z, weight, a, b, scale, mns, norm, backend, need_dx: boo
     return dx, da.to(a.dtype), db.to(b.dtype).contiguous(), dm
 
 
+def _torch_dx(dy, weight, a, G, scale, mns, keep, p):
+    """dX on the torch path: dY' W in the weight's dtype (no upcast copy of W), the rest in A's dtype."""
+    if keep is None:
+        dx = (dy * mns.to(dy.dtype)) @ weight
+        if dx.dtype == a.dtype:
+            return dx.addmm_(G, a, alpha=scale)
+        return dx.to(a.dtype).addmm_(G, a, alpha=scale).to(dy.dtype)
+    inner = ((dy * (mns - 1).to(dy.dtype)) @ weight).to(a.dtype).addmm_(G, a, alpha=scale)
+    return ((dy @ weight).to(a.dtype) + inner.mul_(keep.to(a.dtype)).mul_(1.0 / (1.0 - p))).to(dy.dtype)
+
+
+def _triton_backward(dy, x, S, weight, a, b_scaled, scale, mns, need_dx, p, seed):
+    from ptune_rt.kernels import lora as K
+    G = K.skinny_matmul(dy, b_scaled.t())  # [M, r] fp32
+    dx = None
+    if need_dx and p == 0:
+        dx = K.fused_lowrank_matmul(dy, weight.t(), G, a.t(), scale=scale, in_scale=mns)
+    elif need_dx:
+        dx = K.dora_twin_matmul(dy, weight.t(), G, a.t(), (mns - 1).contiguous(), forward=False, dropout_p=p,
+                                seed=seed, scale=scale)
+    db = K.skinny_matmul(dy.t(), S.t(), scale=scale)
+    da = torch.empty_like(a, dtype=torch.float32)
+    K.skinny_matmul(x.t(), G.t(), scale=scale / (1.0 - p), dropout_p=p, seed=seed, mask_strides=(1, x.shape[1]),
+                    out=da.t())
+    return dx, da, db
+
+
 class _DoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, magnitude, scale, norm, backend):
+    def forward(ctx, x, weight, bias, a, b, magnitude, scale, norm, backend, p, seed_t):
         mns = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for an fp64 layer), contiguous
-        y, S, z = _forward(x, weight, bias, a, b, scale, mns, ctx.needs_input_grad[5], backend)
-        ctx.save_for_backward(x, S, z, weight, a, b, mns, norm)
-        ctx.args = (scale, backend, bias is not None, magnitude.dtype)
+        seed = (seed_t if backend == "triton" else int(seed_t.item())) if p > 0 else 0
+        y, S, z = _forward(x, weight, bias, a, b, scale, mns, ctx.needs_input_grad[5], backend, p, seed)
+        ctx.save_for_backward(x, S, z, weight, a, b, mns, norm, seed_t)
+        ctx.args = (scale, backend, bias is not None, magnitude.dtype, p, seed if backend != "triton" else 0)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, S, z, weight, a, b, mns, norm = ctx.saved_tensors
-        scale, backend, has_bias, m_dtype = ctx.args
+        x, S, z, weight, a, b, mns, norm, seed_t = ctx.saved_tensors
+        scale, backend, has_bias, m_dtype, p, seed = ctx.args
+        if backend == "triton" and p > 0:
+            seed = seed_t
         need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         dy = dy.contiguous()
-        dx, da, db, dm = _backward(dy, x, S, z, weight, a, b, scale, mns, norm, backend, need_x)
+        dx, da, db, dm = _backward(dy, x, S, z, weight, a, b, scale, mns, norm, backend, need_x, p, seed)
         dbias = dy.sum(0) if (has_bias and need_bias) else None
         return (dx, None, dbias, da if need_a else None, db if need_b else None,
-                dm.to(m_dtype) if (need_m and dm is not None) else None, None, None, None)
+                dm.to(m_dtype) if (need_m and dm is not None) else None, None, None, None, None, None)
 
 
 def _peft_formula(x, weight, bias, a, b, magnitude, scale, norm, p):
-    """PEFT's DoRA formula as torch ops under autograd: with dropout (see the module docstring), and
-    for float64 layers (a reference run)."""
+    """PEFT's DoRA formula as torch ops under autograd: the float64 reference run."""
     mns = magnitude / norm.to(magnitude.dtype)
     xd = torch.nn.functional.dropout(x, p) if p else x
     base = torch.nn.functional.linear(x, weight, bias)
@@ -184,10 +230,11 @@ def check_inputs(x, weight, bias, a, b, magnitude, scale, dropout_p) -> None:
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 magnitude: Tensor, scale: float, dropout_p: float = 0.0, backend: str = "auto",
-                norm: Optional[Tensor] = None, w_sq: Optional[Tensor] = None) -> Tensor:
+                norm: Optional[Tensor] = None, w_sq: Optional[Tensor] = None, seed: Optional[int] = None) -> Tensor:
     """DoRA linear on x [..., K] with a frozen weight [N, K] (any strides). ``norm``: the rows'
     ``||W + s B A||`` if the caller has it (e.g. cached in eval), else computed by the expansion
-    (``w_sq``: cached ``||W_n||^2``). Dropout (``dropout_p``, pass 0 in eval) as in PEFT."""
+    (``w_sq``: cached ``||W_n||^2``). Dropout (``dropout_p``, pass 0 in eval) as in PEFT's formula, its
+    mask drawn from ``seed`` (torch's RNG when None) as the LoRA op's: regenerated in backward, never stored."""
     reference = isinstance(x, Tensor) and x.dtype == torch.float64 == weight.dtype
     check_inputs(x.float() if reference else x, weight.float() if reference else weight, bias, lora_a, lora_b,
                  magnitude, scale, dropout_p)
@@ -196,8 +243,10 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         norm = weight_norm(weight, lora_a, lora_b, scale, w_sq)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if dropout_p > 0 or reference:
+    if reference:
         y = _peft_formula(x2, weight, bias, lora_a, lora_b, magnitude, scale, norm, dropout_p)
     else:
-        y = _DoRA.apply(x2, weight, bias, lora_a, lora_b, magnitude, float(scale), norm, chosen)
+        seed_t = _seed_tensor(dropout_p, seed, x.device if chosen == "triton" else None)
+        y = _DoRA.apply(x2, weight, bias, lora_a, lora_b, magnitude, float(scale), norm, chosen, float(dropout_p),
+                        seed_t)
     return y.reshape(*lead, weight.shape[0])
