@@ -21,7 +21,7 @@ from ptune_rt.adapter_tools import (disable_adapter, merge_and_unload, print_tra
 
 _adapters.register_handlers(*_registry.checkpoint_handlers())
 
-__version__ = "0.1.0"
+from ptune_rt._version import __version__
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "accelerate", "format_report", "merge", "report", "restore",

@@ -152,7 +152,7 @@ def save_adapter(model: nn.Module, path: PathLike, format: str = "peft", *, adap
         config, tensors = _METHODS[method].to_peft(state, model, task_type)
         metadata = {"format": "pt"}
     else:
-        from ptune_rt import __version__
+        from ptune_rt._version import __version__
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "ptune_rt_version": __version__,
                   "method": method, "config": state.config.to_dict(), **state.fingerprint(model)}
         tensors = dict(state.tensors)
