@@ -15,11 +15,18 @@ from ptune_rt.gpu_check.run import EXIT_FAIL, EXIT_INCOMPLETE, EXIT_OK, execute,
 
 TINY_LORA = C.LoraCase(19, 40, 24, 8, "float32")
 TINY_ATTN = C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "float32")
+TINY_IA3 = C.IA3Case(19, 40, 24, "float32")
+TINY_EMBEDDING = C.LoraEmbeddingCase(23, 50, 40, 4, "float32")
+TINY_CHILD = C.ChildAdamwCase(37, 45, "float32", "F", 0.5)
 TINY = [TINY_LORA, C.LoraCase(33, 40, 24, 8, "bfloat16", 0.3), C.LoraCase(1, 40, 24, 8, "float16"), TINY_ATTN,
         C.AttentionCase(2, 4, 2, 9, 9, 3, 32, "bfloat16", padding="right"),
         C.AttentionCase(3, 4, 2, 1, 12, 3, 32, "float16", padding="left"), C.GatherCase(2, 5, 3, 50, 32, 2, "float32"),
         C.DoraCase(19, 40, 24, 8, "float32"), C.DoraCase(17, 40, 24, 8, "bfloat16"),
-        C.DoraCase(21, 40, 24, 8, "float16", 0.3)]
+        C.DoraCase(21, 40, 24, 8, "float16", 0.3), TINY_IA3, C.IA3Case(17, 40, 24, "bfloat16", True),
+        C.IA3Case(1, 40, 24, "float16"), TINY_EMBEDDING, C.LoraEmbeddingCase(23, 50, 40, 4, "bfloat16"), TINY_CHILD,
+        C.ChildAdamwCase(37, 45, "bfloat16", "D", 0.5), C.ChildAdamwCase(37, 45, "float32", "D", 0.5)]
+#: outputs of a check that are not a tensor compared with the rule (mask rates, untouched entries)
+MASK_ROWS = {"dropout rate", "dropped share", "outside the child"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -55,6 +62,15 @@ def test_dry_run_writes_every_planned_case(tmp_path):
     assert {c["dtype"] for c in seven_b if c["L"] == 1 and c["S"] == 4096} == {"bfloat16", "float16", "float32"}
     gather = [c for c in _planned(res, "numerics") if c["kind"] == "gather"]
     assert gather and all((c["V"], c["H"]) == (32000, 4096) for c in gather)
+    ia3 = [c for c in _planned(res, "numerics") if c["kind"] == "ia3"]
+    assert {(c["dtype"], c["feedforward"]) for c in ia3} == {(dt, ff) for dt in C.DTYPES for ff in (False, True)}
+    assert {(c["K"], c["N"]) for c in ia3 if c["feedforward"]} == {(11008, 4096)}
+    embedding = [c for c in _planned(res, "numerics") if c["kind"] == "lora_embedding"]
+    assert {c["dtype"] for c in embedding} == set(C.DTYPES)
+    assert all((c["M"], c["V"], c["H"], c["r"]) == (4096, 32000, 4096, 16) for c in embedding)
+    child = [c for c in _planned(res, "numerics") if c["kind"] == "child_adamw"]
+    assert {(c["dtype"], c["mode"]) for c in child} == {(dt, m) for dt in ("float32", "bfloat16") for m in "FD"}
+    assert all((c["N"], c["K"]) == (11008, 4096) for c in child)
 
     timed = _planned(res, "timing")
     assert {(c["K"], c["N"], c["M"]) for c in timed if c["kind"] == "lora"} >= {
@@ -111,15 +127,23 @@ def test_checker_passes_the_kernels_on_tiny_cases(case):
     assert res["ok"], res["rows"]
     assert res["gold"] == "float64"
     grads = {"dq", "dk", "dv", "dprefix_k", "dprefix_v"} if getattr(case, "L", 1) > 1 else set()
-    expected = {"lora": {"y", "dx", "dA", "dB"}, "dora": {"y", "dx", "dA", "dB", "dm"}, "gather": {"out", "dprompts"}, "attention": {"out"} | grads}
-    names = {r["output"] for r in res["rows"]} - {"dropout rate"}
+    expected = {"lora": {"y", "dx", "dA", "dB"}, "dora": {"y", "dx", "dA", "dB", "dm"}, "gather": {"out", "dprompts"},
+                "attention": {"out"} | grads, "ia3": {"y", "dx", "dl"}, "lora_embedding": {"y", "dA", "dB"},
+                "child_adamw": {"param", "exp_avg", "exp_avg_sq"}}
+    names = {r["output"] for r in res["rows"]} - MASK_ROWS
     assert names == expected[case.kind]
+    if case.kind == "child_adamw":  # mode F checks its mask's drop rate, mode D the entries it leaves alone
+        assert {r["output"] for r in res["rows"]} & MASK_ROWS == {"dropped share" if case.mode == "F"
+                                                                  else "outside the child"}
 
 
 @pytest.mark.parametrize("case,name", [(TINY_LORA, "y"), (TINY_LORA, "dA"), (TINY_ATTN, "out"),
                                        (C.DoraCase(19, 40, 24, 8, "float32"), "dm"),
                                        (TINY_ATTN, "dprefix_v"), (C.GatherCase(2, 5, 3, 50, 32, 2, "float32"),
-                                                                  "dprompts")])
+                                                                  "dprompts"),
+                                       (TINY_IA3, "dl"), (C.IA3Case(19, 40, 24, "float32", True), "y"),
+                                       (TINY_EMBEDDING, "y"), (TINY_EMBEDDING, "dA"), (TINY_CHILD, "param"),
+                                       (C.ChildAdamwCase(37, 45, "float32", "D", 0.5), "exp_avg_sq")])
 def test_checker_flags_an_output_off_by_one_percent(case, name):
     res = numerics.check(case, "cpu", perturb=lambda n, t: t * 1.01 if n == name else t)
     assert not res["ok"]

@@ -18,6 +18,9 @@ DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION = dict(Hq=32, Hkv=8, D=128, P=128, L=4096)
 #: The embedding table the prompt-input gather reads (Llama-2's vocabulary x hidden size).
 EMBEDDING = dict(V=32000, H=4096)
+#: A 7B-class MLP weight (gate/up projection, [11008, 4096]): what one Child-tuning AdamW step updates.
+MLP_WEIGHT = (11008, 4096)
+CHILD_RESERVE_P = 0.3  # the share of entries in the child network (the paper's default)
 DROPOUT_P = 0.1
 _SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -96,9 +99,59 @@ class GatherCase:
         return f"gather {_SHORT[self.dtype]} B{self.B} L{self.L} P{self.P} V{self.V} H{self.H} T{self.T}"
 
 
-Case = Union[LoraCase, DoraCase, AttentionCase, GatherCase]
+@dataclasses.dataclass(frozen=True)
+class IA3Case:
+    """One IA3 linear (``ptune_rt.ops.ia3_linear``): x [M, K], frozen W [N, K] (no bias), an fp32
+    vector l; ``feedforward``: the input scale ``(x * l) W^T`` (l [K], the FFN's down projection),
+    else the output scale ``(x W^T) * l`` (l [N], keys and values)."""
+    M: int
+    K: int
+    N: int
+    dtype: str
+    feedforward: bool = False
+    kind: ClassVar[str] = "ia3"
+
+    @property
+    def id(self) -> str:
+        scale = "input-scale" if self.feedforward else "output-scale"
+        return f"ia3 {_SHORT[self.dtype]} M{self.M} K{self.K} N{self.N} {scale}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraEmbeddingCase:
+    """LoRA on an embedding table (``ptune_rt.ops.lora_embedding``): M token ids into a frozen [V, H]
+    table, fp32 adapters A [r, V] and B [H, r] (PEFT's default)."""
+    M: int
+    V: int
+    H: int
+    r: int
+    dtype: str
+    kind: ClassVar[str] = "lora_embedding"
+
+    @property
+    def id(self) -> str:
+        return f"lora_embedding {_SHORT[self.dtype]} M{self.M} V{self.V} H{self.H} r{self.r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildAdamwCase:
+    """The fused Child-tuning AdamW step (``ChildTuningAdamW``) on one [N, K] parameter with fp32
+    moments; mode "F" (a fresh Bernoulli(reserve_p) gradient mask each step) or "D" (a fixed child)."""
+    N: int
+    K: int
+    dtype: str
+    mode: str
+    reserve_p: float = CHILD_RESERVE_P
+    kind: ClassVar[str] = "child_adamw"
+
+    @property
+    def id(self) -> str:
+        return f"child_adamw {_SHORT[self.dtype]} {self.N}x{self.K} mode {self.mode} p{self.reserve_p:g}"
+
+
+Case = Union[LoraCase, DoraCase, AttentionCase, GatherCase, IA3Case, LoraEmbeddingCase, ChildAdamwCase]
 #: Case kinds in report order.
-KINDS = ("lora", "dora", "attention", "gather")
+KINDS = ("lora", "dora", "attention", "gather", "ia3", "lora_embedding", "child_adamw")
 
 
 def describe(case: Case) -> dict:
@@ -143,6 +196,22 @@ def _gather_numerics() -> list[GatherCase]:
         [GatherCase(4, 512, 32, e["V"], e["H"], 1, "bfloat16")]
 
 
+def _ia3_numerics() -> list[IA3Case]:
+    """Both scales in every dtype at 4096 tokens: the output scale on the q/k/v-sized linear (keys,
+    values), the input scale on the down projection (11008 -> 4096)."""
+    qkv, _, down = ((K, N) for _, K, N in LORA_LINEARS)
+    return ([IA3Case(4096, *qkv, dt) for dt in DTYPES] + [IA3Case(4096, *down, dt, True) for dt in DTYPES])
+
+
+def _lora_embedding_numerics() -> list[LoraEmbeddingCase]:
+    e = EMBEDDING
+    return [LoraEmbeddingCase(4096, e["V"], e["H"], 16, dt) for dt in DTYPES]
+
+
+def _child_adamw_numerics() -> list[ChildAdamwCase]:
+    return [ChildAdamwCase(*MLP_WEIGHT, dt, mode) for dt in ("float32", "bfloat16") for mode in ("F", "D")]
+
+
 def _pytest_numerics() -> list[Case]:
     """A smaller subset for ``pytest -m gpu``: the same checker at fewer, smaller shapes."""
     a, e = ATTENTION, EMBEDDING
@@ -154,7 +223,10 @@ def _pytest_numerics() -> list[Case]:
     attn = [AttentionCase(1, a["Hq"], a["Hkv"], 1024, 1024, a["P"], a["D"], dt) for dt in DTYPES]
     attn.append(AttentionCase(4, a["Hq"], a["Hkv"], 1, a["L"], a["P"], a["D"], "bfloat16", padding="left"))
     gather = [GatherCase(2, 128, 16, e["V"], e["H"], 2, dt) for dt in ("bfloat16", "float32")]
-    return lora + attn + gather
+    ia3 = [IA3Case(1024, 4096, 4096, "bfloat16"), IA3Case(1024, 11008, 4096, "float16", True)]
+    embedding = [LoraEmbeddingCase(1024, e["V"], e["H"], 16, "bfloat16")]
+    child = [ChildAdamwCase(4096, 4096, "bfloat16", "F"), ChildAdamwCase(4096, 4096, "float32", "D")]
+    return lora + attn + gather + ia3 + embedding + child
 
 
 def numerics_cases(subset: str = "full") -> dict[str, list[Case]]:
@@ -163,7 +235,9 @@ def numerics_cases(subset: str = "full") -> dict[str, list[Case]]:
         cases = _pytest_numerics()
         return {f"numerics_{k}": [c for c in cases if c.kind == k] for k in KINDS}
     return {"numerics_lora": _lora_numerics(), "numerics_dora": _dora_numerics(),
-            "numerics_attention": _attention_numerics(), "numerics_gather": _gather_numerics()}
+            "numerics_attention": _attention_numerics(), "numerics_gather": _gather_numerics(),
+            "numerics_ia3": _ia3_numerics(), "numerics_lora_embedding": _lora_embedding_numerics(),
+            "numerics_child_adamw": _child_adamw_numerics()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,6 +268,9 @@ SECTION_TITLES = {
     "numerics_dora": "numerics: DoRA linear",
     "numerics_attention": "numerics: prefix attention",
     "numerics_gather": "numerics: prompt-input gather",
+    "numerics_ia3": "numerics: IA3 linear",
+    "numerics_lora_embedding": "numerics: LoRA embedding",
+    "numerics_child_adamw": "numerics: Child-tuning AdamW step",
     "timing_lora": "timing: LoRA linear vs PEFT vs eager",
     "timing_dora": "timing: DoRA linear vs PEFT DoRA vs eager",
     "timing_attention": "timing: prefix attention vs PEFT vs eager",

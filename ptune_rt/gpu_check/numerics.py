@@ -21,6 +21,11 @@ from ptune_rt.testing import assert_close_to_reference, error_report
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_SCALE = 2.0      # alpha / r with PEFT's common alpha = 2r
 DROPOUT_SEED = 1234
+#: Child-tuning AdamW: torch AdamW's hyperparameters at a fine-tuning learning rate, steps per check
+#: (the second step reads the moments the first wrote) and the optimizer's mask seed.
+CHILD_HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+CHILD_STEPS = 2
+CHILD_SEED = 1234
 #: The float64 gold may take at most this share of the free GPU memory; beyond it a bf16/fp16 case
 #: takes an fp32 (IEEE) gold, whose own error is ~1000x below half precision's.
 GOLD_MEMORY_SHARE = 0.5
@@ -77,8 +82,12 @@ def gold_dtype(case: C.Case, device) -> torch.dtype:
     (then fp32 for half-precision cases)."""
     if torch.device(device).type != "cuda" or case.dtype == "float32":
         return torch.float64
-    if case.kind in ("lora", "dora"):
+    if case.kind in ("lora", "dora", "ia3"):
         need = (3 * case.M * (case.K + case.N) + case.N * case.K) * 8
+    elif case.kind == "lora_embedding":  # the table cast, its gathered rows, dY and the adapters
+        need = (case.V * case.H + 3 * case.M * case.H + 2 * case.r * (case.V + case.H)) * 8
+    elif case.kind == "child_adamw":  # parameter, gradient, moments and the step's temporaries
+        need = 6 * case.N * case.K * 8
     elif case.kind == "attention":  # one KV head at a time: its scores, probabilities and gradients
         need = 6 * case.B * (case.Hq // case.Hkv) * case.L * (case.P + case.S) * 8
     else:
@@ -101,11 +110,11 @@ def _lora_reference(x, w, a, b, keep, p, dy, to=None) -> dict:
     return {"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad}
 
 
-def _lora_mask_row(keep: torch.Tensor, p: float) -> dict:
+def _lora_mask_row(keep: torch.Tensor, p: float, name: str = "dropout rate") -> dict:
     """The dropout mask must drop about p of x (else the dropout check would check nothing)."""
     rate = 1.0 - keep.float().mean().item()
     slack = max(p / 2, 4 * math.sqrt(p * (1 - p) / keep.numel()))
-    return {"output": "dropout rate", "err": abs(rate - p), "ref_err": rate, "bound": slack,
+    return {"output": name, "err": abs(rate - p), "ref_err": rate, "bound": slack,
             "ok": abs(rate - p) <= slack}
 
 
@@ -294,7 +303,153 @@ def check_gather(c: C.GatherCase, device, perturb: Perturb = None) -> dict:
     return {"gold": str(gold_dt).replace("torch.", ""), "rows": compare(outs, refs, golds, dict.fromkeys(outs, dt))}
 
 
-CHECKS = {"lora": check_lora, "dora": check_dora, "attention": check_attention, "gather": check_gather}
+# ----------------------------------------------------------------------------------------
+# IA3 linear
+# ----------------------------------------------------------------------------------------
+
+
+def _ia3_reference(x, w, l, feedforward, dy, to=None) -> dict:
+    """PEFT's IA3 formulas in eager torch: the vector's product in its dtype (fp32 beside half
+    activations), cast back to the activation dtype."""
+    xs, ls = _leaf(x, to), _leaf(l, to)
+    w = w.to(to or w.dtype)
+    if feedforward:
+        y = (xs.to(ls.dtype) * ls).to(xs.dtype) @ w.t()
+    else:
+        y = ((xs @ w.t()).to(ls.dtype) * ls).to(xs.dtype)
+    y.backward(dy.to(to or dy.dtype))
+    return {"y": y.detach(), "dx": xs.grad, "dl": ls.grad}
+
+
+def check_ia3(c: C.IA3Case, device, perturb: Perturb = None) -> dict:
+    """The IA3 op (the scale fused into the GEMM's loads or epilogue) vs PEFT's formula."""
+    from ptune_rt.ops.ia3_linear import ia3_linear
+
+    dt, g = DTYPES[c.dtype], _generator(device, c)
+    x = _randn(g, c.M, c.K, device=device, dtype=dt)
+    w = _randn(g, c.N, c.K, device=device, dtype=dt, scale=c.K ** -0.5)
+    l = 0.5 + torch.rand(c.K if c.feedforward else c.N, generator=g, device=device)  # fp32 vector
+    dy = _randn(g, c.M, c.N, device=device, dtype=dt)
+    xs, ls = _leaf(x), _leaf(l)
+    y = ia3_linear(xs, w, None, ls, c.feedforward, backend="triton")
+    y.backward(dy)
+    outs = {"y": y.detach(), "dx": xs.grad, "dl": ls.grad}
+    del y, xs, ls
+    gold_dt = gold_dtype(c, device)
+    refs = _ia3_reference(x, w, l, c.feedforward, dy)
+    golds = _ia3_reference(x, w, l, c.feedforward, dy, to=gold_dt)
+    outs = _perturbed(outs, perturb)
+    # dl reduces over the tokens a product with a tensor rounded to the activation dtype in both the
+    # op and PEFT's formula (x W^T, or dY W): it follows the activation dtype's rule
+    return {"gold": str(gold_dt).replace("torch.", ""), "rows": compare(outs, refs, golds, dict.fromkeys(outs, dt))}
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA embedding
+# ----------------------------------------------------------------------------------------
+
+
+def _lora_embedding_reference(ids, table, a, b, dy, to=None) -> dict:
+    from ptune_rt.reference import lora_embedding_reference
+
+    As, Bs = _leaf(a, to), _leaf(b, to)
+    y = lora_embedding_reference(ids, table.to(to or table.dtype), As, Bs, LORA_SCALE)
+    y.backward(dy.to(to or dy.dtype))
+    return {"y": y.detach(), "dA": As.grad, "dB": Bs.grad}
+
+
+def check_lora_embedding(c: C.LoraEmbeddingCase, device, perturb: Perturb = None) -> dict:
+    """The fused gather + low-rank gather vs PEFT's LoRA Embedding formula (frozen table)."""
+    from ptune_rt.ops.lora_embedding import lora_embedding
+
+    dt, g = DTYPES[c.dtype], _generator(device, c)
+    table = _randn(g, c.V, c.H, device=device, dtype=dt)
+    ids = torch.randint(0, c.V, (c.M,), generator=g, device=device)
+    a = _randn(g, c.r, c.V, device=device)  # fp32 adapters: PEFT's default
+    b = _randn(g, c.H, c.r, device=device, scale=c.r ** -0.5)
+    dy = _randn(g, c.M, c.H, device=device, dtype=dt)
+    As, Bs = _leaf(a), _leaf(b)
+    y = lora_embedding(ids, table, As, Bs, LORA_SCALE, backend="triton")
+    y.backward(dy)
+    outs = {"y": y.detach(), "dA": As.grad, "dB": Bs.grad}
+    del y, As, Bs
+    gold_dt = gold_dtype(c, device)
+    refs = _lora_embedding_reference(ids, table, a, b, dy)
+    golds = _lora_embedding_reference(ids, table, a, b, dy, to=gold_dt)
+    outs = _perturbed(outs, perturb)
+    return {"gold": str(gold_dt).replace("torch.", ""),
+            "rows": compare(outs, refs, golds, {"y": dt, "dA": torch.float32, "dB": torch.float32})}
+
+
+# ----------------------------------------------------------------------------------------
+# Child-tuning AdamW step
+# ----------------------------------------------------------------------------------------
+
+
+def _child_keep(c: C.ChildAdamwCase, step: int, child, device) -> torch.Tensor:
+    """The entries step ``step`` trains: mode D's child, or mode F's Philox mask of the parameter
+    (stream 0: the optimizer's only parameter) under the step's key."""
+    from ptune_rt.reference.child_tuning import keep_mask, step_seed
+
+    if c.mode == "D":
+        return child
+    return keep_mask((c.N, c.K), c.reserve_p, step_seed(CHILD_SEED, step), 0, device)
+
+
+def _child_outside_row(param: torch.Tensor, start: torch.Tensor, outs: dict, child: torch.Tensor) -> dict:
+    """Mode D: entries outside the child keep their parameter bit for bit and their moments at zero."""
+    outside = ~child
+    err = max((param[outside] != start[outside]).float().sum().item(),
+              outs["exp_avg"][outside].abs().max().item(), outs["exp_avg_sq"][outside].abs().max().item())
+    return {"output": "outside the child", "err": err, "ref_err": 0.0, "bound": 0.0, "ok": err == 0.0}
+
+
+def check_child_adamw(c: C.ChildAdamwCase, device, perturb: Perturb = None) -> dict:
+    """``CHILD_STEPS`` steps of ``ChildTuningAdamW`` (the fused kernel) vs the eager masked AdamW
+    step with the same masks (mode F: the Philox mask the kernel draws, materialized)."""
+    from ptune_rt.methods.child_tuning.config import ChildTuningConfig
+    from ptune_rt.methods.child_tuning.mask import ChildMask, pack_bits
+    from ptune_rt.methods.child_tuning.optim import ChildTuningAdamW
+    from ptune_rt.reference.child_tuning import child_adamw_reference
+
+    dt, g = DTYPES[c.dtype], _generator(device, c)
+    start = _randn(g, c.N, c.K, device=device, dtype=dt)
+    grads = [_randn(g, c.N, c.K, device=device, dtype=dt) for _ in range(CHILD_STEPS)]
+    child = torch.rand(c.N, c.K, generator=g, device=device) < c.reserve_p if c.mode == "D" else None
+    param = start.clone().requires_grad_()
+    mask = ChildMask({param: pack_bits(child)}, c.reserve_p) if child is not None else None
+    opt = ChildTuningAdamW([param], ChildTuningConfig(mode=c.mode, reserve_p=c.reserve_p), **CHILD_HYPER,
+                           mask=mask, seed=CHILD_SEED)
+    for grad in grads:
+        param.grad = grad
+        opt.step()
+    state = opt.state[param]
+    outs = {"param": param.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+    del opt, mask
+    gold_dt = gold_dtype(c, device)
+    ref = [start.clone(), torch.zeros(c.N, c.K, device=device), torch.zeros(c.N, c.K, device=device)]
+    gold = [start.to(gold_dt), *(torch.zeros(c.N, c.K, device=device, dtype=gold_dt) for _ in range(2))]
+    beta1, beta2 = CHILD_HYPER["betas"]
+    hyper = dict(lr=CHILD_HYPER["lr"], beta1=beta1, beta2=beta2, eps=CHILD_HYPER["eps"],
+                 weight_decay=CHILD_HYPER["weight_decay"], mode=c.mode, reserve_p=c.reserve_p)
+    extra = []
+    for step, grad in enumerate(grads, 1):
+        keep = _child_keep(c, step, child, device)
+        child_adamw_reference(ref[0], grad, ref[1], ref[2], step=step, **hyper, keep=keep)
+        child_adamw_reference(gold[0], grad.to(gold_dt), gold[1], gold[2], step=step, **hyper, keep=keep)
+        if c.mode == "F" and step == 1:
+            extra.append(_lora_mask_row(keep, 1.0 - c.reserve_p, "dropped share"))
+    if c.mode == "D":
+        extra.append(_child_outside_row(outs["param"], start, outs, child))
+    outs = _perturbed(outs, perturb)
+    names = ("param", "exp_avg", "exp_avg_sq")
+    rows = compare(outs, dict(zip(names, ref)), dict(zip(names, gold)),
+                   {"param": dt, "exp_avg": torch.float32, "exp_avg_sq": torch.float32})
+    return {"gold": str(gold_dt).replace("torch.", ""), "rows": rows + extra}
+
+
+CHECKS = {"lora": check_lora, "dora": check_dora, "attention": check_attention, "gather": check_gather,
+          "ia3": check_ia3, "lora_embedding": check_lora_embedding, "child_adamw": check_child_adamw}
 
 
 def check(case: C.Case, device="cuda", perturb: Perturb = None) -> dict:

@@ -7,6 +7,9 @@ Cost model (seconds on one H100/H200-class GPU, the first run, with an empty Tri
   kernels' shipped lists, read from ``ptune_rt.kernels``) compiles once per specialization: dtype,
   rank (R = 8 is not a multiple of 16, 16 and 64 are), M == 1 (Triton specializes integer
   arguments equal to 1), flags such as dropout; decode-sized LoRA launches take one fixed config;
+  IA3 runs the LoRA GEMM at rank 0 (one launch forward, one for dX), the LoRA embedding its own
+  gather kernel plus two of the LoRA linear's skinny launches (compiled by the LoRA cases, tuned
+  anew), the Child-tuning step one fixed config (and its mask kernel), untuned;
 * choosing a config benchmarks each candidate once per tuning key: ``TUNE_CONFIG_S`` each (what
   ``triton.autotune``'s 25 ms warmup + 100 ms cost; the kernels' own tuner is quicker);
 * the checks themselves run at conservative effective rates (``RATES``) plus ``CASE_OVERHEAD_S``;
@@ -82,13 +85,18 @@ def _config_counts() -> dict:
         from ptune_rt.kernels import prefix_attention as KA
         dts = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
         fused = getattr(KL, "fused_configs", lambda dt: KL.FUSED_CONFIGS)
+        from ptune_rt.kernels import lora_embedding as KE
         return {"lora": {n: 2 * len(fused(dt)) + 4 * len(KL.SKINNY_CONFIGS) for n, dt in dts.items()},
+                "ia3": {n: 2 * len(fused(dt)) for n, dt in dts.items()},
+                "lora_embedding": {"gather": len(KE.FWD_CONFIGS), "skinny": 2 * len(KL.SKINNY_CONFIGS)},
                 "lora_decode_rows": getattr(KL, "DECODE_ROWS", 0),
                 "attention": {n: {k: len(_shipped(KA, k, dt, 128)) for k in ("fwd", "dq", "dkdv")}
                               for n, dt in dts.items()}}
     except Exception:  # noqa: BLE001 - the plan must build anywhere; these are the lists at writing
         half = {"fwd": 3, "dq": 1, "dkdv": 3}
         return {"lora": {"bfloat16": 16, "float16": 16, "float32": 14}, "lora_decode_rows": 16,
+                "ia3": {"bfloat16": 4, "float16": 4, "float32": 2},
+                "lora_embedding": {"gather": 3, "skinny": 6},
                 "attention": {"bfloat16": half, "float16": half, "float32": {"fwd": 1, "dq": 1, "dkdv": 1}}}
 
 
@@ -118,6 +126,18 @@ class CostModel:
             return self._compile_and_tune((c.kind, c.dtype, c.r, c.dropout > 0),
                                           (c.kind, c.dtype, c.M, c.K, c.N, c.r, c.dropout > 0),
                                           self.configs["lora"][c.dtype])
+        if c.kind == "ia3" and c.M <= self.configs["lora_decode_rows"]:
+            return self._first(self.compiled, ("ia3", c.dtype, c.feedforward, c.M == 1, "decode"), 2 * COMPILE_S)
+        if c.kind == "ia3":  # the LoRA GEMM at rank 0 with the scale's flags: forward and dX
+            return self._compile_and_tune(("ia3", c.dtype, c.feedforward), ("ia3", c.dtype, c.M, c.K, c.N, c.feedforward),
+                                          self.configs["ia3"][c.dtype])
+        if c.kind == "lora_embedding":  # its skinny launches are the LoRA linear's, compiled by the r = 16 cases
+            n = self.configs["lora_embedding"]
+            return (self._first(self.compiled, ("lora_embedding", c.dtype), n["gather"] * COMPILE_S)
+                    + self._first(self.tuned, ("lora_embedding", c.dtype, c.M, c.V, c.H, c.r),
+                                  (n["gather"] + n["skinny"]) * TUNE_CONFIG_S))
+        if c.kind == "child_adamw":  # one fixed config, untuned; mode F also compiles the mask kernel
+            return self._first(self.compiled, ("child_adamw", c.dtype, c.mode), (1 + (c.mode == "F")) * COMPILE_S)
         if c.kind == "attention":
             return self._compile_and_tune(("attn", c.dtype, c.mode, c.padding is not None),
                                           ("attn", c.dtype, c.mode, c.L, c.S, c.P, c.padding is not None),
@@ -135,7 +155,15 @@ class CostModel:
         """The check itself: the op, the eager reference in its dtype and the float64 gold."""
         if c.kind == "gather":
             return 2 * c.B * (c.L + c.P) * 120e-6 + CASE_OVERHEAD_S  # the per-row Python reference, twice
-        if c.kind in ("lora", "dora"):
+        if c.kind == "lora_embedding":  # memory-bound: the table's float64 cast, gathers, the skinny products
+            traffic = (c.V * c.H * (_ELEM[c.dtype] + _ELEM["float64"]) * 2
+                       + c.M * c.H * (_ELEM[c.dtype] + _ELEM["float64"]) * 8)
+            return traffic / RATES["hbm"] + CASE_OVERHEAD_S
+        if c.kind == "child_adamw":  # elementwise: about 30 passes over the tensor per step and run
+            from ptune_rt.gpu_check.numerics import CHILD_STEPS
+            traffic = c.N * c.K * (_ELEM[c.dtype] + 4 + _ELEM["float64"]) * 30 * CHILD_STEPS
+            return traffic / RATES["hbm"] + CASE_OVERHEAD_S
+        if c.kind in ("lora", "dora", "ia3"):
             flops = 2 * (2 * c.M * c.N * c.K)  # y and dX: the two big products
             traffic = (c.M * (c.K + c.N) + c.N * c.K) * (_ELEM[c.dtype] + _ELEM["float64"]) * 8
             extra = 0.0
