@@ -29,6 +29,12 @@ def _cases():
     for dtype in DTYPES:
         for case in CASES:
             yield "prefix", dtype, case, {}
+    for dtype in DTYPES:  # (M, K, N): both IA3 scales on one odd-sized linear
+        yield "ia3", dtype, (45, 70, 50), {"scale": "output"}
+        yield "ia3", dtype, (45, 70, 50), {"scale": "input"}
+    for dtype in DTYPES:  # (tokens, V, D, r): more tokens than ids (repeats), a rank above one tile
+        yield "lora_embedding", dtype, (39, 37, 48, 4), {}
+        yield "lora_embedding", dtype, (16, 37, 48, 20), {}
     del torch
 
 
@@ -78,10 +84,32 @@ def _run_lora(dtype, shape, opts, device):
     return rows
 
 
+def _run_small_op(kernel, dtype, shape, opts, device):
+    """The IA3 and LoRA-embedding ops (Triton backend) through gpu-check's checker at a small shape."""
+    from ptune_rt.gpu_check import cases as C
+    from ptune_rt.gpu_check import numerics
+
+    dt = str(dtype).replace("torch.", "")
+    if kernel == "ia3":
+        case = C.IA3Case(*shape, dt, feedforward=opts["scale"] == "input")
+    else:
+        case = C.LoraEmbeddingCase(*shape, dt)
+    return numerics.CHECKS[case.kind](case, device)["rows"]
+
+
+def _run(kernel, dtype, case, opts, device):
+    if kernel == "lora":
+        return _run_lora(dtype, case, opts, device)
+    if kernel == "prefix":
+        return _run_prefix(dtype, case, device)
+    return _run_small_op(kernel, dtype, case, opts, device)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ptune-rt check", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the report as JSON to this path")
-    parser.add_argument("--kernel", choices=("lora", "prefix"), help="check only this kernel family")
+    parser.add_argument("--kernel", choices=("lora", "prefix", "ia3", "lora_embedding"),
+                        help="check only this kernel family")
     parser.add_argument("--quick", action="store_true", help="only the first two cases per kernel and dtype")
     args = parser.parse_args(argv)
 
@@ -100,7 +128,7 @@ def main(argv=None) -> int:
     print("rule: max|kernel - fp64| <= factor * max|eager - fp64| + floor * max(1, max|fp64|); "
           + ", ".join(f"{str(d).replace('torch.', '')}: factor {t.factor}, floor {t.floor:g}"
                       for d, t in TOLERANCES.items()))
-    header = f"{'kernel':<8}{'dtype':<10}{'M x K x N x r':<18}{'variant':<34}{'out':<5}{'kernel err':>12}" \
+    header = f"{'kernel':<16}{'dtype':<10}{'M x K x N x r':<18}{'variant':<34}{'out':<5}{'kernel err':>12}" \
              f"{'eager err':>12}{'bound':>12}  ok"
     print(header)
     print("-" * len(header))
@@ -118,13 +146,13 @@ def main(argv=None) -> int:
             from ptune_rt.testing.attention_cases import case_id
             variant, shape = case_id(shape), ()
         try:
-            rows = _run_lora(dtype, shape, opts, device) if kernel == "lora" else _run_prefix(dtype, case, device)
+            rows = _run(kernel, dtype, case, opts, device)
         except Exception as exc:  # report and continue: one broken case must not hide the others
             rows = [{"output": "all", "err": float("nan"), "ref_err": float("nan"), "bound": float("nan"),
                      "ok": False, "error": f"{type(exc).__name__}: {exc}"}]
         for row in rows:
             failures += not row["ok"]
-            print(f"{kernel:<8}{str(dtype).replace('torch.', ''):<10}{'x'.join(map(str, shape)):<18}"
+            print(f"{kernel:<16}{str(dtype).replace('torch.', ''):<10}{'x'.join(map(str, shape)):<18}"
                   f"{variant:<34}{row['output']:<5}{row['err']:>12.3e}{row['ref_err']:>12.3e}"
                   f"{row['bound']:>12.3e}  {'yes' if row['ok'] else 'NO ' + row.get('error', '')}")
             report.append({"kernel": kernel, "dtype": str(dtype), "shape": list(shape), "variant": variant, **row})

@@ -11,11 +11,14 @@ def test_check_command_reports_kernel_cases_and_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     passed, failed = int(last.split()[0]), int(last.split()[2])
-    # --quick: 2 cases x 3 dtypes per kernel; LoRA checks 4 outputs, attention 7.
-    assert failed == 0 and passed == 2 * 3 * 4 + 2 * 3 * 7, last
+    # --quick: 2 cases x 3 dtypes per kernel; LoRA checks 4 outputs, attention 7, IA3 and the LoRA
+    # embedding 3 each.
+    assert failed == 0 and passed == 2 * 3 * 4 + 2 * 3 * 7 + 2 * 3 * 3 + 2 * 3 * 3, last
     assert "Triton interpreter on CPU" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"lora", "prefix"} and all(r["ok"] for r in rows)
+    assert {r["kernel"] for r in rows} == {"lora", "prefix", "ia3", "lora_embedding"} and all(r["ok"] for r in rows)
+    assert {r["output"] for r in rows if r["kernel"] == "ia3"} == {"y", "dx", "dl"}
+    assert {r["output"] for r in rows if r["kernel"] == "lora_embedding"} == {"y", "dA", "dB"}
     assert all(r["err"] <= r["bound"] for r in rows)
 
 
