@@ -426,3 +426,24 @@ def test_classifier_head_trains_and_saves_with_the_vectors_both_ways(tmp_path):
     pm.save_pretrained(str(tmp_path / "peft"))
     loaded = ptune_rt.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     assert_fp32_end_to_end_close(logits_of(loaded, ids), logits_of(pm.eval(), ids), "head: PEFT -> ptune-rt")
+
+
+def test_peft_adapter_management_after_accelerate_is_guarded():
+    """After accelerate, PEFT's add_adapter / set_adapter(other) raise (PEFT would wrap the swapped layers
+    and run two adapters at once); the held adapter passes; the model still pickles; restore gives PEFT
+    its own methods back."""
+    import pickle
+
+    from peft import IA3Config as PeftIA3Config
+
+    _, pm, _ = build("llama")
+    ptune_rt.accelerate(pm)
+    with pytest.raises(ValueError, match="PeftModel.add_adapter after ptune_rt.accelerate"):
+        pm.add_adapter("other", PeftIA3Config())
+    with pytest.raises(ValueError, match=r"set_adapter\('other'\) after ptune_rt.accelerate"):
+        pm.set_adapter("other")
+    pm.set_adapter("default")
+    pickle.loads(pickle.dumps(pm))
+    ptune_rt.restore(pm)
+    pm.add_adapter("other", PeftIA3Config())
+    assert "other" in pm.peft_config

@@ -17,6 +17,7 @@ from ptune_rt.methods.ia3.config import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, IA
 from ptune_rt.methods.ia3.layer import IA3Linear
 from ptune_rt.ops.backend import resolve_backend
 from ptune_rt.ops.ia3_linear import OP_DTYPES
+from ptune_rt.peft_layers import remove_peft_guards
 from ptune_rt.targets import is_linear, match_targets
 
 NAME = IA3Config.METHOD
@@ -203,5 +204,6 @@ def restore_ia3(model: nn.Module) -> nn.Module:
             origin._disable_adapters = m.disabled
         set_submodule(model, n, origin)
     restore_requires_grad(model)
+    remove_peft_guards(model)
     model_state.forget(model, NAME)
     return model

@@ -167,6 +167,14 @@ class IA3Linear(nn.Module):
         flat = scale.reshape(-1)
         return flat[:, None] if rows else flat[None, :]
 
+    def held_adapters(self) -> list[str]:
+        """The names of the adapters this module holds."""
+        return list(self.ia3_l)
+
+    def set_adapters_trainable(self, flag: bool) -> None:
+        for p in self.ia3_l.values():
+            p.requires_grad_(flag)
+
     def merge(self) -> None:
         """Fold the active vector into the base weight: ``W <- cast(diag(l) W)`` and
         ``b <- cast(b * l)`` for an output scale, ``W <- cast(W diag(l))`` for an input scale

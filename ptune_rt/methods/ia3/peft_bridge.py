@@ -9,89 +9,15 @@ from ptune_rt.methods.ia3.inject import (ORIGIN_ATTR, SOURCE_ATTR, check_layer, 
                                          set_submodule)
 from ptune_rt.methods.ia3.layer import IA3Linear
 from ptune_rt.methods.ia3.report import ia3_rows
+from ptune_rt.methods.ia3.adapters import mixed_adapters
 from ptune_rt.methods.method import PeftBridge
+from ptune_rt.peft_layers import install_peft_guards, peft_tuner_class
 from ptune_rt.targets import is_linear
 
-_PEFT_IA3_LINEAR = None
-
-
 def _peft_ia3_linear_class():
-    """``PeftIA3Linear``: the module ``accelerate_peft`` puts in, defined on first use (imports PEFT)."""
-    global _PEFT_IA3_LINEAR
-    if _PEFT_IA3_LINEAR is not None:
-        return _PEFT_IA3_LINEAR
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    class PeftIA3Linear(IA3Linear, BaseTunerLayer):
-        """An ``IA3Linear`` that PEFT also recognises as one of its tuner layers, so its
-        ``save_pretrained``, ``merge_adapter`` / ``unmerge_adapter`` and ``disable_adapter()``
-        keep working: ``active_adapter``, ``merged`` and ``disabled`` are PEFT's own state
-        (``_active_adapter``, ``merged_adapters``, ``_disable_adapters``). It runs one adapter;
-        switching, adding or deleting adapters raises: ``ptune_rt.restore(peft_model)`` first."""
-
-        adapter_layer_names = ("ia3_l",)
-
-        @property
-        def active_adapter(self) -> str:
-            return self._active_adapter
-
-        @active_adapter.setter
-        def active_adapter(self, name: str) -> None:
-            self._active_adapter = name
-
-        @property
-        def merged(self) -> bool:
-            return bool(self.merged_adapters)
-
-        @merged.setter
-        def merged(self, value: bool) -> None:
-            self.merged_adapters = [self._active_adapter] if value else []
-
-        @property
-        def disabled(self) -> bool:
-            return self._disable_adapters
-
-        @disabled.setter
-        def disabled(self, value: bool) -> None:
-            self._disable_adapters = bool(value)
-
-        def forward(self, x, *args, **kwargs):
-            if args or kwargs:
-                raise TypeError(f"{type(self).__name__} takes only the input tensor; got extra arguments "
-                                f"{sorted(kwargs) or len(args)}: call ptune_rt.restore(peft_model) first")
-            if self.disabled and self.merged:
-                self.unmerge()
-            return super().forward(x)
-
-        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-            if adapter_names is not None and list(adapter_names) != [self._active_adapter]:
-                raise ValueError(f"adapter_names={adapter_names!r}: this layer runs only the adapter "
-                                 f"{self._active_adapter!r}")
-            if not self.disabled:
-                IA3Linear.merge(self)
-
-        def unmerge(self) -> None:
-            IA3Linear.unmerge(self)
-
-        def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-            if names != [self._active_adapter]:
-                raise ValueError(f"adapter_names={adapter_names!r}: a layer swapped by ptune_rt.accelerate runs only "
-                                 f"the adapter {self._active_adapter!r}; call ptune_rt.restore(peft_model) to switch")
-            self.ia3_l[names[0]].requires_grad_(not inference_mode)
-
-        def delete_adapter(self, adapter_name: str, *args, **kwargs) -> None:
-            raise ValueError("a layer swapped by ptune_rt.accelerate cannot delete its adapter; call "
-                             "ptune_rt.restore(peft_model) first")
-
-        def update_layer(self, *args, **kwargs) -> None:
-            raise ValueError("a layer swapped by ptune_rt.accelerate cannot take another adapter; call "
-                             "ptune_rt.restore(peft_model) first")
-
-    PeftIA3Linear.__module__ = __name__
-    PeftIA3Linear.__qualname__ = "PeftIA3Linear"
-    _PEFT_IA3_LINEAR = PeftIA3Linear
-    return PeftIA3Linear
+    """``PeftIA3Linear``: the module ``accelerate_peft`` puts in, an ``IA3Linear`` that PEFT also sees as
+    one of its tuner layers (see ``ptune_rt.peft_layers.peft_tuner_class``)."""
+    return peft_tuner_class(IA3Linear, ("ia3_l",), __name__)
 
 
 def __getattr__(name: str):
@@ -130,6 +56,7 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
         new[n] = layer
     for n, layer in new.items():  # nothing below can fail on a validated model
         set_submodule(peft_model, n, layer)
+    install_peft_guards(peft_model, sorted({adapter for _, adapter in plans.values()}), mixed_adapters)
     return ia3_rows(peft_model)
 
 

@@ -21,6 +21,7 @@ from ptune_rt.methods.lora.tokens import TrainableTokensEmbedding, TrainableToke
 from ptune_rt.methods.lora.swiglu import disable_mlp_recompute, enable_mlp_recompute
 from ptune_rt.ops.backend import resolve_backend
 from ptune_rt.ops.lora_linear import OP_DTYPES
+from ptune_rt.peft_layers import remove_peft_guards
 from ptune_rt.targets import (in_layers, is_linear, is_lora_target, lora_target_shape, module_matches,
                               output_layer_names)
 
@@ -40,20 +41,6 @@ OWN_MODULES = ("prompt_encoder",)
 ORIGIN_ATTR = "_ptune_rt_origin"
 #: LoRALinear attribute: "apply" or "peft", how the module got into the model.
 SOURCE_ATTR = "_ptune_rt_source"
-
-
-#: Methods of a PEFT model (``PeftModel``, its tuner ``LoraModel``) that ``accelerate`` answers on the
-#: instance while its layers are swapped (see ``peft_bridge.install_peft_guards``); ``restore`` removes them.
-PEFT_GUARDED = ("add_adapter", "load_adapter", "set_adapter", "inject_adapter", "_enable_peft_forward_hooks")
-#: The mark of such an instance attribute (only marked ones are removed).
-GUARD_MARK = "_ptune_rt_guard"
-
-
-def remove_peft_guards(model: nn.Module) -> None:
-    for m in model.modules():
-        for name in PEFT_GUARDED:
-            if getattr(m.__dict__.get(name), GUARD_MARK, False):
-                del m.__dict__[name]
 
 
 @dataclasses.dataclass

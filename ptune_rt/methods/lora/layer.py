@@ -237,6 +237,17 @@ class LoRALinear(nn.Module):
             self._base_before_init = None
             self._init_offsets.clear()
 
+    def held_adapters(self) -> list[str]:
+        """The names of the adapters this module holds."""
+        return list(self.lora_A)
+
+    def set_adapters_trainable(self, flag: bool) -> None:
+        """Make every adapter's parameters trainable (``flag``) or frozen; a frozen B (MiCA) stays frozen."""
+        for name in self.held_adapters():
+            for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+                if name in d:
+                    d[name].requires_grad_(flag and not (d is self.lora_B and name in self.frozen_b))
+
     def is_dora(self, name: Optional[str] = None) -> bool:
         """Whether adapter ``name`` (default: the active one) is a DoRA adapter."""
         return (name or self.active_adapter) in self.lora_magnitude_vector

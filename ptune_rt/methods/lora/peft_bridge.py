@@ -3,13 +3,11 @@
 same Parameter objects under the same names."""
 from __future__ import annotations
 
-import contextlib
-
 from torch import nn
 
 from ptune_rt.methods.lora.adapters import mixed_adapters
 from ptune_rt.methods.lora.groups import enable_projection_groups
-from ptune_rt.methods.lora.inject import (GUARD_MARK, ORIGIN_ATTR, SOURCE_ATTR, _check_backend, _check_weight_dtype,
+from ptune_rt.methods.lora.inject import (ORIGIN_ATTR, SOURCE_ATTR, _check_backend, _check_weight_dtype,
                                           _refuse_already_swapped, _set_submodule,
                                           lora_modules, peft_lora_layers)
 from ptune_rt.methods.lora.embedding import LoRAEmbedding, ParameterHolder
@@ -17,111 +15,20 @@ from ptune_rt.methods.lora.layer import LoRALinear
 from ptune_rt.methods.lora.report import lora_rows
 from ptune_rt.methods.lora.swiglu import enable_mlp_recompute
 from ptune_rt.methods.method import PeftBridge
+from ptune_rt.peft_layers import install_peft_guards, peft_tuner_class
 from ptune_rt.targets import is_lora_target, lora_target_shape
 
-_PEFT_CLASSES: dict = {}  # LoRALinear / LoRAEmbedding -> its PEFT-visible subclass, made on first use
 #: PEFT's MiCA variant: LoRA's forward and merge, B frozen; run as plain LoRA with B kept frozen.
 MICA_VARIANT = "MiCALinearVariant"
 
 
 def _peft_lora_linear_class(base: type = LoRALinear):
     """``PeftLoRALinear`` (``base`` LoRAEmbedding: ``PeftLoRAEmbedding``): the module ``accelerate_peft``
-    puts in, defined on first use (imports PEFT)."""
-    if base in _PEFT_CLASSES:
-        return _PEFT_CLASSES[base]
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    class PeftLayer(base, BaseTunerLayer):
-        """A ``LoRALinear`` that PEFT also recognises as one of its tuner layers.
-
-        PEFT finds its layers structurally (``isinstance(m, BaseTunerLayer)``): so do its
-        ``save_pretrained`` / ``get_peft_model_state_dict``, ``merge_adapter`` / ``unmerge_adapter``
-        and the ``disable_adapter()`` context. Those keep working on this module: its
-        ``active_adapter``, ``merged`` and ``disabled`` state is PEFT's own (``_active_adapter``,
-        ``merged_adapters``, ``_disable_adapters``), ``merge`` accepts PEFT's arguments, and a
-        disabled, merged layer unmerges before running, as PEFT's does. It holds one adapter:
-        switching to or deleting other adapters raises. PEFT's ``add_adapter`` / ``load_adapter``
-        under a new name would wrap this layer in a new PEFT layer (renaming its parameters):
-        call ``ptune_rt.restore(peft_model)`` first, which puts PEFT's own layers back.
-        """
-
-        adapter_layer_names = base.PEFT_ADAPTER_LAYER_NAMES
-        other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout_p")
-
-        @property
-        def active_adapter(self) -> str:
-            return self._active_adapter
-
-        @active_adapter.setter
-        def active_adapter(self, name: str) -> None:
-            self._active_adapter = name
-
-        @property
-        def merged(self) -> bool:
-            return bool(self.merged_adapters)
-
-        @merged.setter
-        def merged(self, value: bool) -> None:
-            self.merged_adapters = [self._active_adapter] if value else []
-
-        @property
-        def disabled(self) -> bool:
-            return self._disable_adapters
-
-        @disabled.setter
-        def disabled(self, value: bool) -> None:
-            self._disable_adapters = bool(value)
-
-        def forward(self, x, *args, **kwargs):
-            if args or kwargs:
-                raise TypeError(f"{type(self).__name__} takes only the input tensor; got extra arguments "
-                                f"{sorted(kwargs) or len(args)} (a mixed batch runs through the PEFT model's "
-                                "forward(adapter_names=...) or ptune_rt.mixed_adapters)")
-            if self.disabled and self.merged:
-                self.unmerge()
-            return super().forward(x)
-
-        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-            if adapter_names is not None and list(adapter_names) != [self._active_adapter]:
-                raise ValueError(f"adapter_names={adapter_names!r}: this layer holds only the adapter "
-                                 f"{self._active_adapter!r}")
-            if not self.disabled:
-                base.merge(self)
-
-        def unmerge(self) -> None:
-            base.unmerge(self)
-
-        def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-            if names != list(self.lora_A):
-                raise ValueError(f"adapter_names={adapter_names!r}: a layer swapped by ptune_rt.accelerate holds "
-                                 f"only the adapter {list(self.lora_A)}; call ptune_rt.restore(peft_model) to "
-                                 "switch adapters")
-            for layer in (*self.lora_A.values(), *self.lora_B.values(), *self.lora_magnitude_vector.values()):
-                layer.requires_grad_(not inference_mode)
-            for name in self.frozen_b:
-                self.lora_B[name].requires_grad_(False)
-            self._active_adapter = names[0]
-
-        def delete_adapter(self, adapter_name: str, *args, **kwargs) -> None:
-            raise ValueError("a layer swapped by ptune_rt.accelerate cannot delete its adapter; call "
-                             "ptune_rt.restore(peft_model) first")
-
-        def update_layer(self, *args, **kwargs) -> None:
-            raise ValueError("a layer swapped by ptune_rt.accelerate cannot take another adapter; call "
-                             "ptune_rt.restore(peft_model) first")
-
-    name = "Peft" + base.__name__
-    PeftLayer.__name__ = PeftLayer.__qualname__ = name
-    PeftLayer.__module__ = __name__
-    _PEFT_CLASSES[base] = PeftLayer
-    return PeftLayer
-
-
-def peft_lora_linear_class_or_none():
-    """The classes ``accelerate`` gives PEFT's LoRA layers (a tuple, empty while no PEFT model was
-    accelerated: no layer can be one then; PEFT is not imported for the question)."""
-    return tuple(_PEFT_CLASSES.values())
+    puts in, a ``LoRALinear`` that PEFT also sees as one of its tuner layers (see
+    ``ptune_rt.peft_layers.peft_tuner_class``). It holds one adapter. PEFT's ``add_adapter`` /
+    ``load_adapter`` under a new name would wrap it in a new PEFT layer (renaming its parameters):
+    ``install_peft_guards`` refuses them; ``ptune_rt.restore(peft_model)`` puts PEFT's own layers back."""
+    return peft_tuner_class(base, base.PEFT_ADAPTER_LAYER_NAMES, __name__)
 
 
 def __getattr__(name: str):
@@ -175,90 +82,10 @@ def accelerate_peft(peft_model: nn.Module, backend: str = "auto") -> list[dict]:
         new[n] = lora
     for n, lora in new.items():  # nothing below can fail on a validated model
         _set_submodule(peft_model, n, lora)
-    install_peft_guards(peft_model, sorted({plan[1] for plan in plans.values()}))
+    install_peft_guards(peft_model, sorted({plan[1] for plan in plans.values()}), mixed_adapters)
     enable_mlp_recompute(peft_model)  # SwiGLU MLPs: recompute the gated product in backward
     enable_projection_groups(peft_model)  # q/k/v, gate/up: one shrink, dA and dX per group
     return lora_rows(peft_model)
-
-
-# ----------------------------------------------------------------------------------------
-# PEFT's adapter management on an accelerated model
-# ----------------------------------------------------------------------------------------
-
-
-def install_peft_guards(peft_model: nn.Module, adapters: list[str]) -> None:
-    """Answer PEFT's adapter management on the instance while the layers are swapped (``restore``
-    removes these; see ``inject.PEFT_GUARDED``):
-
-    * ``add_adapter`` / ``load_adapter`` (``PeftModel``) and ``inject_adapter`` (its tuner) raise: PEFT
-      would wrap the swapped layers in new PEFT layers, run both adapters at once and rename the
-      saved keys;
-    * ``set_adapter`` passes the adapter the layers hold to PEFT and raises for any other;
-    * ``forward(adapter_names=[...])`` / ``generate(adapter_names=[...])`` (a batch whose rows use
-      different adapters or ``"__base__"``) runs as :class:`~ptune_rt.methods.lora.adapters.mixed_adapters`.
-    """
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    for obj in peft_model.modules():
-        if isinstance(obj, PeftModel):
-            _guard(obj, "add_adapter", _Refusal(type(obj).__name__, "add_adapter", adapters))
-            _guard(obj, "load_adapter", _Refusal(type(obj).__name__, "load_adapter", adapters))
-            _guard(obj, "set_adapter", _OnlyHeld(obj, adapters))
-        elif isinstance(obj, BaseTuner):
-            _guard(obj, "inject_adapter", _Refusal(type(obj).__name__, "inject_adapter", adapters))
-            _guard(obj, "set_adapter", _OnlyHeld(obj, adapters))
-            _guard(obj, "_enable_peft_forward_hooks", _MixedBatchHooks(peft_model, obj))
-
-
-def _guard(obj: nn.Module, name: str, fn) -> None:
-    obj.__dict__[name] = fn
-
-
-# The guards are plain objects (not closures) so that an accelerated model still pickles; they call
-# the class's own method, never an attribute of the instance (which is the guard itself).
-
-class _Refusal:
-    def __init__(self, owner: str, name: str, adapters: list[str]):
-        self.owner, self.name, self.adapters = owner, name, adapters
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError(f"{self.owner}.{self.name} after ptune_rt.accelerate: the swapped layers hold one adapter "
-                         f"each ({self.adapters}); PEFT would wrap them in new layers that run both adapters at once. "
-                         "Call ptune_rt.restore(peft_model), add or load the adapter with PEFT, then "
-                         "ptune_rt.accelerate again (or ptune_rt.load_adapter(model, path, adapter_name=...) on a "
-                         "ptune-rt model)")
-
-
-class _OnlyHeld:
-    def __init__(self, owner: nn.Module, adapters: list[str]):
-        self.owner, self.adapters = owner, adapters
-
-    def __call__(self, adapter_name, *args, **kwargs):
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if names != self.adapters:
-            raise ValueError(f"set_adapter({adapter_name!r}) after ptune_rt.accelerate: the swapped layers hold only "
-                             f"{self.adapters}; call ptune_rt.restore(peft_model) to switch PEFT's adapters")
-        return type(self.owner).set_adapter(self.owner, adapter_name, *args, **kwargs)
-
-
-class _MixedBatchHooks:
-    def __init__(self, peft_model: nn.Module, owner: nn.Module):
-        self.peft_model, self.owner = peft_model, owner
-
-    @contextlib.contextmanager
-    def __call__(self, *args, **kwargs):
-        names = kwargs.pop("adapter_names", None)
-        with type(self.owner)._enable_peft_forward_hooks(self.owner, *args, **kwargs):
-            if names is None:
-                yield
-            else:
-                with mixed_adapters(self.peft_model, list(names)):
-                    yield
-
-
-for _cls in (_Refusal, _OnlyHeld, _MixedBatchHooks):
-    setattr(_cls, GUARD_MARK, True)
 
 
 def _plan_peft_layer(name: str, m: nn.Module, backend: str):
