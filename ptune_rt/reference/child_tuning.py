@@ -58,7 +58,7 @@ def keep_mask(shape, reserve_p: float, seed: int, stream: int, device) -> torch.
     return torch.rand(shape, generator=gen, device=device) < reserve_p
 
 
-def _adamw_in_place(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
+def adamw_in_place(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """torch's single-tensor AdamW step, op for op, on ``p``, ``m``, ``v`` in place."""
     p.mul_(1.0 - lr * weight_decay)
     m.lerp_(g, 1.0 - beta1)
@@ -91,6 +91,6 @@ def child_adamw_reference(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
         torch.where(keep, v, exp_avg_sq, out=exp_avg_sq)
         return
     p = param if param.dtype == work else param.to(work)
-    _adamw_in_place(p, g, exp_avg, exp_avg_sq, **hyper)
+    adamw_in_place(p, g, exp_avg, exp_avg_sq, **hyper)
     if p is not param:
         param.copy_(p)

@@ -9,7 +9,7 @@ import torch
 from ptune_rt.methods._config import check_number
 from ptune_rt.methods.child_tuning.config import ChildTuningConfig
 from ptune_rt.methods.child_tuning.mask import ChildMask, keep_mask, step_seed, unpack_bits
-from ptune_rt.reference.child_tuning import child_adamw_reference
+from ptune_rt.reference.child_tuning import adamw_in_place, child_adamw_reference
 
 #: The key of the Child-tuning selection (seed, steps taken, mode D's bits) in an optimizer's state_dict.
 STATE_KEY = "child_tuning"
@@ -278,6 +278,9 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
                 child_adamw_step(p, grad, state["exp_avg"], state["exp_avg_sq"], **hyper, seed=seeds[p.device],
                                  stream=stream, child_bits=sel.bits.get(p))
+            elif hyper["mode"] == "D" and _all_contiguous(p, p.grad, state["exp_avg"], state["exp_avg_sq"]):
+                _child_entries_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], self._keep(p, "D", key, stream),
+                                    hyper)
             else:
                 child_adamw_reference(p, p.grad, state["exp_avg"], state["exp_avg_sq"], **hyper,
                                       keep=self._keep(p, hyper["mode"], key, stream))
@@ -310,6 +313,28 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                     self.state[p][key] = saved[i][key].to(device=p.device, dtype=torch.float32).clone()
         if selection is not None:
             self.selection.load_state_dict(selection)
+
+
+def _all_contiguous(*tensors) -> bool:
+    return all(t.is_contiguous() for t in tensors)
+
+
+@torch.no_grad()
+def _child_entries_step(p, grad, exp_avg, exp_avg_sq, keep, hyper: dict) -> None:
+    """Mode D on the torch path: AdamW on the child's entries alone (gathered, stepped, written back), the
+    same ops as ``child_adamw_reference`` on each entry, so the same bits; entries outside the child are
+    never read or written, where the reference steps every entry and selects with three where passes."""
+    idx = keep.reshape(-1).nonzero().squeeze(1)
+    flat = {name: t.view(-1) for name, t in (("p", p), ("g", grad), ("m", exp_avg), ("v", exp_avg_sq))}
+    work = exp_avg.dtype
+    ps = flat["p"].index_select(0, idx).to(work)
+    gs = flat["g"].index_select(0, idx).to(work)
+    ms = flat["m"].index_select(0, idx)
+    vs = flat["v"].index_select(0, idx)
+    adamw_in_place(ps, gs, ms, vs, **{k: hyper[k] for k in ("step", "lr", "beta1", "beta2", "eps", "weight_decay")})
+    flat["p"].index_copy_(0, idx, ps.to(p.dtype))
+    flat["m"].index_copy_(0, idx, ms)
+    flat["v"].index_copy_(0, idx, vs)
 
 
 def _fused(p: torch.Tensor) -> bool:
