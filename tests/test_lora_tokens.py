@@ -129,3 +129,15 @@ def test_bad_token_indices_are_refused_before_any_change():
     assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="trainable_token_indices must be None, a non-empty list of distinct"):
         LoRAConfig(trainable_token_indices=[1, 1])
+
+
+def test_checkpoint_loads_into_a_model_that_already_carries_the_tokens(tmp_path):
+    """The load that copies into existing trainable-token modules (not a fresh apply) checks and fills
+    their rows too."""
+    base, _, mine = _pair("llama")
+    want = mine(input_ids=IDS).logits.detach()
+    ptune_rt.save_adapter(mine, tmp_path)
+    target = ptune_rt.apply(copy.deepcopy(base), LoRAConfig(r=4, target_modules=["q_proj"],
+                                                            trainable_token_indices=TOKENS))
+    ptune_rt.load_adapter(target, tmp_path)
+    torch.testing.assert_close(target(input_ids=IDS).logits, want, rtol=0, atol=1e-5)

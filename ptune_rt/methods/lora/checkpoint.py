@@ -665,8 +665,8 @@ def _token_shapes(t: _LoadTarget, names: list[str], lora_keys: dict) -> dict:
         if which == "T":
             ids = indices[next(key for key in indices if module_matches(n, [key]))] if isinstance(indices, dict) \
                 else indices
-            out[k] = (len(ids), _base_of(t.view[n]).embedding_dim if not isinstance(t.view[n], nn.Embedding)
-                      else t.view[n].embedding_dim)
+            table = getattr(t.view[n], "base_layer", t.view[n])  # the embedding, or the trainable-token wrapper's
+            out[k] = (len(ids), table.embedding_dim)
     return out
 
 
