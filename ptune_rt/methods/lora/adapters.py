@@ -137,11 +137,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
                          f"before switching to {adapter_name!r}")
     for m in mods.values():
         m.active_adapter = adapter_name
-        for name in m.lora_A:
-            for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector):
-                if name in d:
-                    frozen = d is m.lora_B and name in m.frozen_b
-                    d[name].requires_grad_(name == adapter_name and not frozen)
+        m.set_adapters_trainable(False)
+        m.set_adapters_trainable(True, [adapter_name])
     return model
 
 

@@ -12,7 +12,6 @@ embedding.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -108,17 +107,6 @@ class LoRAEmbedding(LoRALinear):
     def lora_B(self) -> _AdapterParameters:
         return self.__dict__["_adapter_views"][1]
 
-    @classmethod
-    def from_peft_parameters(cls, base_layer: nn.Embedding, lora_a: nn.Parameter, lora_b: nn.Parameter, *,
-                             scaling: float, alpha: Optional[float] = None, backend: str = "auto",
-                             adapter_name: str = "default") -> "LoRAEmbedding":
-        """Wrap PEFT's ``lora_embedding_A[name]`` / ``lora_embedding_B[name]`` Parameters, the very same
-        objects (an optimizer holding them carries over)."""
-        if lora_a.dim() != 2 or lora_b.dim() != 2:
-            raise ValueError(f"lora_embedding_A / _B must be 2D, got {tuple(lora_a.shape)} / {tuple(lora_b.shape)}")
-        return cls.from_adapter_modules(base_layer, ParameterHolder(lora_a), ParameterHolder(lora_b), scaling=scaling,
-                                        alpha=alpha, backend=backend, adapter_name=adapter_name)
-
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "default", use_dora: bool = False, lora_bias: bool = False) -> None:
         if use_dora or lora_bias:
@@ -143,7 +131,4 @@ class LoRAEmbedding(LoRALinear):
         return lora_embedding(x, emb.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                               emb.padding_idx, self.backend, max_norm=emb.max_norm, norm_type=emb.norm_type,
                               scale_grad_by_freq=emb.scale_grad_by_freq, sparse=emb.sparse)
-
-    def forward_swiglu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never a down_proj
-        raise TypeError("an embedding is not a SwiGLU MLP's down projection")
 

@@ -241,9 +241,10 @@ class LoRALinear(nn.Module):
         """The names of the adapters this module holds."""
         return list(self.lora_A)
 
-    def set_adapters_trainable(self, flag: bool) -> None:
-        """Make every adapter's parameters trainable (``flag``) or frozen; a frozen B (MiCA) stays frozen."""
-        for name in self.held_adapters():
+    def set_adapters_trainable(self, flag: bool, names: Optional[list] = None) -> None:
+        """Make the parameters of adapters ``names`` (default: all) trainable (``flag``) or frozen; a frozen
+        B (MiCA) stays frozen."""
+        for name in self.held_adapters() if names is None else names:
             for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
                 if name in d:
                     d[name].requires_grad_(flag and not (d is self.lora_B and name in self.frozen_b))
